@@ -1,0 +1,159 @@
+"""The drop-in `nanoBragg` command: flags in, images and the original's report out.
+
+torch is imported only once a render is certain, so `-h` and argument errors
+answer at once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import InputError
+
+RTD = 180.0 / 3.141592653589793
+
+
+def _g(x) -> str:
+    return "%g" % x
+
+
+def _vec(v) -> str:
+    return " ".join(_g(float(x)) for x in v)
+
+
+def geometry_report(sim, info) -> list[str]:
+    """The derived-geometry lines of the original's report, same words and
+    numbers, plus the detector origin (pix0) which it leaves implicit."""
+    import torch
+
+    from .physics import cross
+
+    det, beam, xtal = sim.detector, sim.beam, sim.crystal
+    cfg = info.config
+    lines = []
+    with torch.no_grad():
+        g = {k: v.cpu() for k, v in det.geometry(beam.beam_direction, torch.float64).items()}
+        lines.append(f"{det.convention.lower()} convention selected.")
+        lines.append("pivoting detector around sample" if det.pivot == "SAMPLE"
+                     else "pivoting detector around direct beam spot")
+        b = g["beam"]
+        lines.append("XDS incident beam: " + _vec([float(b @ g["fdet"]), float(b @ g["sdet"]), float(b @ g["odet"])]))
+        if xtal.auto_interpolate:
+            lines.append("auto-selected tricubic interpolation of structure factors" if min(cfg.crystal.N) <= 2
+                         else "auto-selected no interpolation")
+        real = xtal.real_vectors().double().cpu()
+        recip = xtal.reciprocal_vectors().double().cpu()
+        lengths = torch.linalg.norm(real, dim=-1)
+        rl = torch.linalg.norm(recip, dim=-1)
+
+        def angle(u, v):
+            return float(torch.rad2deg(torch.arccos(torch.clamp(u @ v / torch.linalg.norm(u) / torch.linalg.norm(v), -1, 1))))
+
+        lines.append("Unit Cell: " + _vec([*lengths.tolist(), angle(real[1], real[2]), angle(real[0], real[2]),
+                                            angle(real[0], real[1])]))
+        lines.append("Recp Cell: " + _vec([*rl.tolist(), angle(recip[1], recip[2]), angle(recip[0], recip[2]),
+                                            angle(recip[0], recip[1])]))
+        lines.append("volume = %g A^3" % float(real[0] @ torch.linalg.cross(real[1], real[2])))
+        lines.append("real-space cell vectors (Angstrom):")
+        lines.append("     %-10s  %-10s  %-10s" % ("a", "b", "c"))
+        for i, ax in enumerate("XYZ"):
+            lines.append("%s: %11.8f %11.8f %11.8f" % (ax, real[0, i], real[1, i], real[2, i]))
+        lines.append("reciprocal-space cell vectors (Angstrom^-1):")
+        lines.append("     %-10s  %-10s  %-10s" % ("a_star", "b_star", "c_star"))
+        for i, ax in enumerate("XYZ"):
+            lines.append("%s: %11.8f %11.8f %11.8f" % (ax, recip[0, i], recip[1, i], recip[2, i]))
+        n = xtal.N.double().cpu()
+        lines.append("crystal is %g x %g x %g microns" % tuple((lengths * n * 1e-4).tolist()))
+        if sim.oversample_auto:
+            lines.append("auto-selected %d-fold oversampling" % det.oversample)
+        incident, lam = beam.sources()
+        lines.append("  created a total of %d sources:" % lam.numel())
+        lines.append("  created a total of %d mosaic domains" % xtal.mosaic_domains)
+        lines.append("  %d initialized hkls (all others =%g)" % (info.hkl_count, cfg.crystal.default_F))
+        lines.append("  wave=%g meters +/- %g%% in %d steps" % (float(beam.wavelength) * 1e-10,
+                                                              float(beam.dispersion) * 100, beam.dispsteps))
+        lines.append("  polarization effect disabled" if beam.nopolar
+                     else "  Kahn polarization factor: %f" % float(beam.polarization))
+        lines.append("  incident fluence: %g photons/m^2" % float(beam.effective_fluence()))
+        px = float(det.pixel_size) * 1e-3
+        lines.append("  distance=%g detsize=%gx%g  pixel=%g meters (%dx%d pixels)"
+                     % (float(g["distance"]), det.detsize_f * 1e-3, det.detsize_s * 1e-3, px, det.fpixels, det.spixels))
+        lines.append("  sensor is %g m thick in %d layers with mu= %g"
+                     % (float(det.thickness), det.thicksteps, det.mu_reported))
+        bc = det.beam_center.double().cpu() * 1e-3
+        lines.append("  Xbeam=%g Ybeam=%g" % (float(bc[0]), float(bc[1])))
+        lines.append("  Fbeam=%g Sbeam=%g" % (float(g["Fbeam"]), float(g["Sbeam"])))
+        lines.append("  Xclose=%g Yclose=%g" % (det.Xclose * 1e-3, det.Yclose * 1e-3))
+        lines.append("  Fclose=%g Sclose=%g" % (float(g["Fclose"]), float(g["Sclose"])))
+        lines.append("  DIRECTION_OF_DETECTOR_X-AXIS= " + _vec(g["fdet"]))
+        lines.append("  DIRECTION_OF_DETECTOR_Y-AXIS= " + _vec(g["sdet"]))
+        lines.append("  DIRECTION_OF_DETECTOR_Z-AXIS= " + _vec(g["odet"]))
+        lines.append("  INCIDENT_BEAM_DIRECTION= " + _vec(g["beam"]))
+        lines.append("  spindle ROTATION_AXIS= " + _vec(xtal.spindle_axis))
+        pol = torch.as_tensor(beam.polar_direction, dtype=torch.float64)
+        lines.append("  POLARIZATION_PLANE_NORMAL= " + _vec(cross(g["beam"], pol)))
+        p0 = g["pix0"]
+        lines.append("  dials origin= " + _vec([1000 * float(p0[2]), 1000 * float(p0[1]), -1000 * float(p0[0])]))
+        lines.append("  pix0_vector= " + _vec(p0))
+        lines.append("  XDS ORGX=%g ORGY=%g" % (float(g["Fclose"]) / px + 0.5, float(g["Sclose"]) / px + 0.5))
+        lines.append("  roi: %d < x < %d && %d < y < %d" % det.roi)
+        lines.append("  hdivrange=%g hdivstep=%g  radians" % (beam.div["h"]["range"], beam.div["h"]["step"]))
+        lines.append("  vdivrange=%g vdivstep=%g  radians" % (beam.div["v"]["range"], beam.div["v"]["step"]))
+        lines.append("  %d divergence steps" % beam.n_divergence)
+        lines.append("  %d sources" % lam.numel())
+        lines.append("  %d mosaic domains over mosaic spread of %g degrees"
+                     % (xtal.mosaic_domains, float(xtal.mosaic_spread)))
+        phi0, osc = float(xtal.phi0), float(xtal.osc)
+        lines.append("  %d phi steps from %g to %g degrees" % (xtal.phisteps, phi0, phi0 + osc))
+        extra = "".join(s for s, on in ((" +thick", det.oversample_thick), (" +polar", det.oversample_polar),
+                                        (" +omega", det.oversample_omega)) if on)
+        lines.append("  %dx%d pixel oversample steps%s" % (det.oversample, det.oversample, extra))
+    return lines
+
+
+def run(argv: list[str], out=None) -> int:
+    """Parse, render, write the outputs and print the report. Raises InputError."""
+    out = out or sys.stdout
+    from .flags import parse_args
+    parse_args(argv)  # fail fast on bad flags before importing torch
+
+    import torch
+
+    from . import outputs
+    from .build import build_from_args
+
+    sim, info = build_from_args(argv, write_dump=True)
+    cfg = info.config
+    outputs.check_writable(cfg)
+    for line in info.messages:
+        print(line, file=out)
+    for line in geometry_report(sim, info):
+        print(line, file=out)
+    with torch.no_grad():
+        image = sim.render()
+    outputs.write_all(sim, info, image, out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or any(a in ("-h", "--help", "-help") for a in argv):
+        from .flags import help_text
+        print(help_text())
+        return 0 if argv else 2
+    try:
+        return run(argv)
+    except InputError as exc:
+        print(f"nanoBragg: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("nanoBragg: error: not enough memory for this detector; try a smaller -roi or fewer pixels",
+              file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("nanoBragg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""The nanoBragg command line: every flag, its values, units and default, and
+how it lands in a SimulationConfig. Flags are matched by exact name (plus the
+original's documented synonyms); anything else is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import SimulationConfig
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Flag:
+    names: tuple[str, ...]
+    nargs: int  # number of values; -1: the -cell rule (1 to 6 numbers)
+    kind: str  # "float", "int", "str", "switch", "misset"
+    apply: Callable
+    help: str
+    group: str
+
+
+FLAGS: list[Flag] = []
+
+
+def flag(names, nargs, kind, group, help):
+    def register(fn):
+        FLAGS.append(Flag(tuple(names.split()), nargs, kind, fn, help, group))
+        return fn
+    return register
+
+
+def _set(section, attr, scale=1.0):
+    def fn(cfg, v):
+        obj = getattr(cfg, section)
+        setattr(obj, attr, v * scale if scale != 1.0 else v)
+    return fn
+
+
+def simple(names, nargs, kind, group, help, section, attr, scale=1.0):
+    FLAGS.append(Flag(tuple(names.split()), nargs, kind, _set(section, attr, scale), help, group))
+
+
+def _custom(cfg, obj, attr, v):
+    """Any user vector switches the original to its CUSTOM convention."""
+    setattr(obj, attr, tuple(v))
+    cfg.detector.convention = "CUSTOM"
+
+
+# ---------------- crystal ----------------
+G = "crystal"
+
+
+@flag("-cell", -1, "float", G, "unit cell a b c (A) alpha beta gamma (deg); missing values: b=c=a, angles 90")
+def _cell(cfg, v):
+    a = v[0]
+    b = v[1] if len(v) > 1 and v[1] > 0 else a
+    c = v[2] if len(v) > 2 and v[2] > 0 else a
+    ang = [v[i] if len(v) > i and v[i] > 0 else 90.0 for i in (3, 4, 5)]
+    cfg.crystal.cell = (a, b, c, *ang)
+
+
+simple("-mat", 1, "str", G, "MOSFLM-style A matrix file (reciprocal vectors times wavelength)", "crystal", "mat_file")
+
+
+@flag("-misset", -2, "misset", G, "crystal rotations about x, y, z (deg), or 'random'")
+def _misset(cfg, v):
+    if v == "random":
+        cfg.crystal.misset_random = True
+        cfg.crystal.misset = None
+    else:
+        cfg.crystal.misset_random = False
+        cfg.crystal.misset = tuple(v)
+
+
+simple("-misset_seed", 1, "int", G, "seed for -misset random (default: the noise seed)", "crystal", "misset_seed")
+simple("-hkl", 1, "str", G, "text file of h k l F (P1)", "crystal", "hkl_file")
+simple("-default_F", 1, "float", G, "structure factor of reflections not in the HKL file (default 0)", "crystal", "default_F")
+simple("-dump -dumpfile", 1, "str", G, "binary structure-factor cache (default Fdump.bin)", "crystal", "dump_file")
+
+
+@flag("-N", 1, "int", G, "number of unit cells along every axis (default 1)")
+def _n(cfg, v):
+    cfg.crystal.N = (float(v), float(v), float(v))
+
+
+def _n_axis(i):
+    def fn(cfg, v):
+        n = list(cfg.crystal.N)
+        n[i] = float(v)
+        cfg.crystal.N = tuple(n)
+    return fn
+
+
+FLAGS.append(Flag(("-Na",), 1, "int", _n_axis(0), "unit cells along a", G))
+FLAGS.append(Flag(("-Nb",), 1, "int", _n_axis(1), "unit cells along b", G))
+FLAGS.append(Flag(("-Nc",), 1, "int", _n_axis(2), "unit cells along c", G))
+
+
+def _size(axes):
+    def fn(cfg, v):
+        s = list(cfg.crystal.sample_size)
+        for i in axes:
+            s[i] = v
+        cfg.crystal.sample_size = tuple(s)
+    return fn
+
+
+FLAGS.append(Flag(("-xtalsize", "-xtal_size", "-samplesize", "-sample_size"), 1, "float", _size((0, 1, 2)),
+                  "crystal full width (mm), alternative to -N", G))
+FLAGS.append(Flag(("-xtal_thick", "-xtal_x", "-sample_thick", "-sample_x"), 1, "float", _size((0,)),
+                  "crystal size along x (mm)", G))
+FLAGS.append(Flag(("-xtal_width", "-xtal_y", "-sample_width", "-sample_y", "-width"), 1, "float", _size((1,)),
+                  "crystal size along y (mm)", G))
+FLAGS.append(Flag(("-xtal_height", "-xtal_z", "-sample_height", "-sample_z", "-height"), 1, "float", _size((2,)),
+                  "crystal size along z (mm)", G))
+for _names, _help in (("-density -sample_density", "sample density (g/cm^3; reported only)"),
+                      ("-MW -molecular_weight", "molecular weight (g/mol; reported only)")):
+    FLAGS.append(Flag(tuple(_names.split()), 1, "float", lambda cfg, v: None, _help, G))
+
+for _names, _shape, _help in (("-square_xtal", "square", "parallelepiped crystal: sincg lattice transform (default)"),
+                              ("-round_xtal", "round", "ellipsoidal crystal: sinc3 lattice transform"),
+                              ("-gauss_xtal", "gauss", "Gaussian spots, no inter-Bragg maxima"),
+                              ("-tophat_spots -binary_spots", "tophat", "flat-top spots clipped at the FWHM")):
+    FLAGS.append(Flag(tuple(_names.split()), 0, "switch",
+                      (lambda s: lambda cfg, v: setattr(cfg.crystal, "shape", s))(_shape), _help, G))
+simple("-fudge", 1, "float", G, "scale of the spot-shape radius (default 1)", "crystal", "fudge")
+FLAGS.append(Flag(("-interpolate",), 0, "switch", lambda cfg, v: setattr(cfg.crystal, "interpolate", True),
+                  "tricubic structure-factor interpolation (default: on when any N <= 2)", G))
+FLAGS.append(Flag(("-nointerpolate",), 0, "switch", lambda cfg, v: setattr(cfg.crystal, "interpolate", False),
+                  "nearest-neighbour structure factors", G))
+simple("-phi", 1, "float", G, "spindle angle at the start (deg, default 0)", "crystal", "phi0")
+simple("-osc", 1, "float", G, "spindle rotation range (deg)", "crystal", "osc")
+simple("-phistep", 1, "float", G, "spindle step (deg)", "crystal", "phistep")
+simple("-phisteps", 1, "int", G, "number of spindle steps", "crystal", "phisteps")
+FLAGS.append(Flag(("-spindle_axis",), 3, "float", lambda cfg, v: _custom(cfg, cfg.crystal, "spindle_axis", v),
+                  "unit vector of the right-handed spindle axis (switches to CUSTOM)", G))
+simple("-mosaic -mosaicity -mosaic_spread", 1, "float", G, "isotropic mosaic spread (deg)", "crystal", "mosaic_spread")
+simple("-mosaic_domains -mosaic_dom", 1, "int", G, "number of mosaic domains (default 10 when spread > 0)",
+       "crystal", "mosaic_domains")
+simple("-mosaic_seed", 1, "int", G, "seed for the mosaic domains (default 12345678)", "crystal", "mosaic_seed")
+
+# ---------------- beam ----------------
+G = "beam"
+simple("-lambda -wave -wavelength", 1, "float", G, "wavelength (A, default 1)", "beam", "wavelength")
+
+
+@flag("-energy", 1, "float", G, "photon energy (eV), alternative to -lambda")
+def _energy(cfg, v):
+    if v <= 0:
+        raise InputError(f"-energy must be positive, got {v:g}")
+    cfg.beam.wavelength = 12398.42 / v
+
+
+simple("-dispersion", 1, "float", G, "spectral width delta-lambda/lambda (percent)", "beam", "dispersion")
+simple("-dispsteps", 1, "int", G, "number of wavelengths", "beam", "dispsteps")
+
+
+@flag("-divergence", 1, "float", G, "horizontal and vertical divergence range (mrad)")
+def _div(cfg, v):
+    cfg.beam.hdivrange = cfg.beam.vdivrange = v
+
+
+simple("-hdivrange", 1, "float", G, "horizontal divergence range (mrad)", "beam", "hdivrange")
+simple("-vdivrange", 1, "float", G, "vertical divergence range (mrad)", "beam", "vdivrange")
+simple("-hdivstep", 1, "float", G, "horizontal divergence step (mrad)", "beam", "hdivstep")
+simple("-vdivstep", 1, "float", G, "vertical divergence step (mrad)", "beam", "vdivstep")
+simple("-hdivsteps", 1, "int", G, "number of horizontal divergence steps", "beam", "hdivsteps")
+simple("-vdivsteps", 1, "int", G, "number of vertical divergence steps", "beam", "vdivsteps")
+
+
+@flag("-divsteps", 1, "int", G, "number of divergence steps in both directions")
+def _divsteps(cfg, v):
+    cfg.beam.hdivsteps = cfg.beam.vdivsteps = v
+
+
+FLAGS.append(Flag(("-round_div",), 0, "switch", lambda cfg, v: setattr(cfg.beam, "round_div", True),
+                  "trim the divergence grid to an ellipse (default)", G))
+FLAGS.append(Flag(("-square_div",), 0, "switch", lambda cfg, v: setattr(cfg.beam, "round_div", False),
+                  "full rectangular divergence grid", G))
+simple("-sourcefile", 1, "str", G, "text file of sources: X Y Z weight lambda(m)", "beam", "source_file")
+
+
+@flag("-polar", 1, "float", G, "Kahn polarization factor (default 0: unpolarized)")
+def _polar(cfg, v):
+    cfg.beam.polarization = v
+    cfg.beam.nopolar = False
+
+
+FLAGS.append(Flag(("-nopolar",), 0, "switch", lambda cfg, v: setattr(cfg.beam, "nopolar", True),
+                  "turn off the polarization correction", G))
+simple("-fluence", 1, "float", G, "photons per m^2 (default 1.26e29)", "beam", "fluence")
+simple("-flux", 1, "float", G, "photons per second, with -exposure and -beamsize", "beam", "flux")
+simple("-exposure", 1, "float", G, "exposure time (s, default 1)", "beam", "exposure")
+simple("-beamsize", 1, "float", G, "beam size (mm, default 0.1)", "beam", "beamsize")
+simple("-water", 1, "float", G, "size of the water droplet around the crystal (um)", "beam", "water_size")
+FLAGS.append(Flag(("-beam_vector",), 3, "float", lambda cfg, v: _custom(cfg, cfg.beam, "beam_vector", v),
+                  "unit vector of the beam direction (switches to CUSTOM)", G))
+FLAGS.append(Flag(("-polar_vector",), 3, "float", lambda cfg, v: _custom(cfg, cfg.beam, "polar_vector", v),
+                  "unit E-vector of the beam (switches to CUSTOM)", G))
+for _names, _help in (("-stol -4stol -Q", "amorphous structure-factor file (read, no effect on the image)"),
+                      ("-stolout", "amorphous structure-factor output (no effect)")):
+    FLAGS.append(Flag(tuple(_names.split()), 1, "str", lambda cfg, v: None, _help, G))
+FLAGS.append(Flag(("-coherent",), 0, "switch", lambda cfg, v: None, "accepted; no effect (as in the original)", G))
+
+# ---------------- detector ----------------
+G = "detector"
+simple("-pixel", 1, "float", G, "pixel size (mm, default 0.1)", "detector", "pixel_size")
+
+
+@flag("-detpixels", 1, "int", G, "detector size in pixels (both axes)")
+def _detpix(cfg, v):
+    cfg.detector.fpixels = cfg.detector.spixels = v
+
+
+simple("-detpixels_f -detpixels_x", 1, "int", G, "pixels along the fast axis", "detector", "fpixels")
+simple("-detpixels_s -detpixels_y", 1, "int", G, "pixels along the slow axis", "detector", "spixels")
+
+
+@flag("-detsize", 1, "float", G, "detector size (mm, default 102.4)")
+def _detsize(cfg, v):
+    cfg.detector.detsize_f = cfg.detector.detsize_s = v
+
+
+simple("-detsize_f", 1, "float", G, "detector size along fast (mm)", "detector", "detsize_f")
+simple("-detsize_s", 1, "float", G, "detector size along slow (mm)", "detector", "detsize_s")
+
+
+def _with_pivot(attr, pivot, help, names, nargs=1):
+    def fn(cfg, v):
+        setattr(cfg.detector, attr, v)
+        cfg.detector.pivot = pivot
+    FLAGS.append(Flag(tuple(names.split()), nargs, "float", fn, help, G))
+
+
+_with_pivot("distance", "BEAM", "sample to beam spot distance (mm, default 100)", "-distance")
+_with_pivot("close_distance", "SAMPLE", "sample to nearest detector point (mm)", "-close_distance")
+_with_pivot("Xbeam", "BEAM", "fast-ish beam centre in the convention's terms (mm)", "-Xbeam")
+_with_pivot("Ybeam", "BEAM", "slow-ish beam centre in the convention's terms (mm)", "-Ybeam")
+_with_pivot("Xclose", "SAMPLE", "nearest point, fast (mm)", "-Xclose")
+_with_pivot("Yclose", "SAMPLE", "nearest point, slow (mm)", "-Yclose")
+_with_pivot("ORGX", "SAMPLE", "XDS origin, fast (pixels)", "-ORGX")
+_with_pivot("ORGY", "SAMPLE", "XDS origin, slow (pixels)", "-ORGY")
+
+
+@flag("-pivot", 1, "str", G, "detector rotation pivot: beam or sample")
+def _pivot(cfg, v):
+    if v not in ("beam", "sample"):
+        raise InputError(f"-pivot takes 'beam' or 'sample', got '{v}'")
+    cfg.detector.pivot = v.upper()
+
+
+for _conv, _piv in (("MOSFLM", "BEAM"), ("XDS", "SAMPLE"), ("ADXV", "BEAM"), ("DENZO", "BEAM"), ("DIALS", "BEAM")):
+    def _conv_fn(cfg, v, c=_conv, p=_piv):
+        cfg.detector.convention = c
+        cfg.detector.pivot = p
+    FLAGS.append(Flag((f"-{_conv.lower()}",), 0, "switch", _conv_fn,
+                      f"{_conv} beam-centre convention" + (" (default)" if _conv == "MOSFLM" else ""), G))
+
+
+def _custom_vector(section, attr, help, name):
+    FLAGS.append(Flag((name,), 3, "float", lambda cfg, v: _custom(cfg, getattr(cfg, section), attr, v), help, G))
+
+
+_custom_vector("detector", "fdet_vector", "fast-axis unit vector (switches to CUSTOM)", "-fdet_vector")
+_custom_vector("detector", "sdet_vector", "slow-axis unit vector (switches to CUSTOM)", "-sdet_vector")
+_custom_vector("detector", "odet_vector", "detector normal (switches to CUSTOM)", "-odet_vector")
+_custom_vector("detector", "twotheta_axis", "two-theta rotation axis (switches to CUSTOM)", "-twotheta_axis")
+_custom_vector("detector", "pix0_vector", "vector to the first pixel (m; switches to CUSTOM)", "-pix0_vector")
+
+
+@flag("-twotheta", 1, "float", G, "detector two-theta swing (deg)")
+def _tt(cfg, v):
+    cfg.detector.twotheta = v
+    cfg.detector.pivot = "SAMPLE"
+
+
+def _rot(i):
+    def fn(cfg, v):
+        r = list(cfg.detector.rotation)
+        r[i] = v
+        cfg.detector.rotation = tuple(r)
+    return fn
+
+
+for _i, _ax in enumerate("xyz"):
+    FLAGS.append(Flag((f"-detector_rot{_ax}",), 1, "float", _rot(_i), f"detector rotation about {_ax} (deg)", G))
+FLAGS.append(Flag(("-curved_det", "-curved_detector"), 0, "switch", lambda cfg, v: setattr(cfg.detector, "curved", True),
+                  "spherical detector: every pixel at the same distance", G))
+FLAGS.append(Flag(("-point_pixel",), 0, "switch", lambda cfg, v: setattr(cfg.detector, "point_pixel", True),
+                  "inverse-square solid angle only, no obliquity", G))
+
+
+@flag("-detector_abs -detector_absorb -detector_absorption", 1, "str", G,
+      "sensor attenuation depth (um); 'inf' or 0: no absorption")
+def _abs(cfg, v):
+    if v.startswith("inf"):
+        val = 0.0
+    else:
+        try:
+            val = float(v)
+        except ValueError:
+            raise InputError(f"-detector_abs expects a number of um or 'inf', got '{v}'") from None
+    if val == 0.0:
+        # infinite depth: the original also drops any thickness given so far
+        cfg.detector.attenuation_depth = 0.0
+        cfg.detector.thickness = 0.0
+        return
+    cfg.detector.attenuation_depth = val
+
+
+simple("-detector_thick", 1, "float", G, "sensor thickness (um)", "detector", "thickness")
+simple("-detector_thicksteps -thicksteps", 1, "int", G, "number of sensor layers", "detector", "thicksteps")
+simple("-oversample", 1, "int", G, "sub-pixels per pixel edge (default: automatic)", "detector", "oversample")
+for _what in ("thick", "polar", "omega"):
+    FLAGS.append(Flag((f"-oversample_{_what}",), 0, "switch",
+                      (lambda w: lambda cfg, v: setattr(cfg.detector, f"oversample_{w}", True))(_what),
+                      f"recompute the {_what} factor for every sub-pixel", G))
+
+
+@flag("-roi", 4, "int", G, "render only xmin xmax ymin ymax (pixels, inclusive)")
+def _roi(cfg, v):
+    cfg.detector.roi = tuple(v)
+
+
+simple("-mask", 1, "str", G, "SMV image: pixels that are 0 are skipped (header sets the geometry)", "detector", "mask_file")
+simple("-img", 1, "str", G, "SMV image whose header sets the geometry", "detector", "img_file")
+simple("-dmin", 1, "float", G, "skip scattering beyond this resolution (A)", "detector", "dmin")
+
+# ---------------- output ----------------
+G = "output"
+simple("-floatfile -floatimage", 1, "str", G, "raw float32 image output", "output", "floatfile")
+simple("-intfile -intimage", 1, "str", G, "noiseless SMV image output", "output", "intfile")
+simple("-noisefile -noiseimage", 1, "str", G, "SMV image with Poisson noise", "output", "noisefile")
+
+
+@flag("-pgmfile -pgmimage", 1, "str", G, "8-bit PGM preview output")
+def _pgm(cfg, v):
+    cfg.output.pgmfile = v
+    cfg.output.write_pgm = True
+
+
+FLAGS.append(Flag(("-nopgm",), 0, "switch", lambda cfg, v: setattr(cfg.output, "write_pgm", False),
+                  "do not write the PGM", G))
+FLAGS.append(Flag(("-nonoise",), 0, "switch", lambda cfg, v: setattr(cfg.output, "calculate_noise", False),
+                  "do not write the noise image", G))
+
+
+@flag("-pgmscale", 1, "float", G, "PGM scale (default: automatic)")
+def _pgms(cfg, v):
+    cfg.output.pgm_scale = v
+    cfg.output.write_pgm = True
+
+
+simple("-scale", 1, "float", G, "intfile scale (default: automatic)", "output", "int_scale")
+simple("-adc", 1, "float", G, "offset added to SMV pixels (default 40)", "output", "adc_offset")
+simple("-seed", 1, "int", G, "noise seed (default: from the clock)", "output", "seed")
+FLAGS.append(Flag(("-printout",), 0, "switch", lambda cfg, v: setattr(cfg.output, "printout", True),
+                  "print pixel details", G))
+simple("-printout_pixel", 2, "int", G, "print details of one pixel: fast slow", "output", "printout_pixel")
+FLAGS.append(Flag(("-noprogress",), 0, "switch", lambda cfg, v: setattr(cfg.output, "progress", False),
+                  "no progress meter (default)", G))
+FLAGS.append(Flag(("-progress",), 0, "switch", lambda cfg, v: setattr(cfg.output, "progress", True),
+                  "show a progress meter", G))
+
+
+@flag("-dtype", 1, "str", G, "float32 (default) or float64")
+def _dtype(cfg, v):
+    if v not in ("float32", "float64"):
+        raise InputError(f"-dtype takes float32 or float64, got '{v}'")
+    cfg.dtype = v
+
+
+@flag("-device", 1, "str", G, "torch device: cpu (default), cuda, cuda:N")
+def _device(cfg, v):
+    cfg.device = v
+
+
+FLAG_BY_NAME: dict[str, Flag] = {n: f for f in FLAGS for n in f.names}
+
+
+def _number(text: str, kind: str, name: str):
+    try:
+        if kind == "int":
+            val = float(text)
+            if not math.isfinite(val) or val != int(val):
+                raise ValueError
+            return int(val)
+        val = float(text)
+        if math.isnan(val):
+            raise ValueError
+        return val
+    except ValueError:
+        what = "an integer" if kind == "int" else "a number"
+        raise InputError(f"{name} expects {what}, got '{text}'") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_args(argv: list[str], cfg: SimulationConfig | None = None) -> SimulationConfig:
+    """Translate nanoBragg flags into a SimulationConfig (on top of `cfg` when
+    given); raise InputError on the first unknown flag, missing value or
+    malformed number."""
+    cfg = cfg if cfg is not None else SimulationConfig()
+    i = 0
+    while i < len(argv):
+        name = argv[i]
+        spec = FLAG_BY_NAME.get(name)
+        if spec is None:
+            if name.startswith("-") and not _is_number(name):
+                raise InputError(f"unknown flag '{name}' (see nanoBragg -h)")
+            raise InputError(f"unexpected argument '{name}' (values follow their flag)")
+        values = argv[i + 1:]
+        if spec.kind == "misset":
+            if values and values[0].startswith("rand"):
+                spec.apply(cfg, "random")
+                i += 2
+                continue
+            if len(values) < 3:
+                raise InputError(f"{name} expects three angles (deg) or 'random'")
+            spec.apply(cfg, tuple(_number(t, "float", name) for t in values[:3]))
+            i += 4
+            continue
+        if spec.nargs == -1:
+            taken = []
+            while len(taken) < 6 and len(values) > len(taken) and _is_number(values[len(taken)]):
+                taken.append(_number(values[len(taken)], "float", name))
+            if not taken:
+                raise InputError(f"{name} expects 1 to 6 numbers")
+            spec.apply(cfg, taken)
+            i += 1 + len(taken)
+            continue
+        if spec.nargs == 0:
+            spec.apply(cfg, None)
+            i += 1
+            continue
+        if len(values) < spec.nargs:
+            raise InputError(f"{name} expects {spec.nargs} value{'s' if spec.nargs > 1 else ''}")
+        raw = values[:spec.nargs]
+        if spec.kind == "str":
+            if raw[0].startswith("-") and not _is_number(raw[0]) and raw[0] in FLAG_BY_NAME:
+                raise InputError(f"{name} expects a value, got the flag '{raw[0]}'")
+            parsed = raw[0] if spec.nargs == 1 else tuple(raw)
+        else:
+            nums = tuple(_number(t, spec.kind, name) for t in raw)
+            parsed = nums[0] if spec.nargs == 1 else nums
+        spec.apply(cfg, parsed)
+        i += 1 + spec.nargs
+    return cfg
+
+
+def help_text() -> str:
+    lines = ["usage: nanoBragg [flags]   (single-dash flags, as the original nanoBragg)",
+             "  torchbragg renders the expected photons per pixel of a small crystal.",
+             "  Needs a cell (-cell or -mat) and structure factors (-hkl, Fdump.bin or -default_F).", ""]
+    for group in ("crystal", "beam", "detector", "output"):
+        lines.append(f"{group}:")
+        for f in FLAGS:
+            if f.group != group:
+                continue
+            arg = {0: "", 1: " v", 2: " v v", 3: " x y z", 4: " a b c d", -1: " a b c al be ga", -2: " x y z|random"}[f.nargs]
+            label = " ".join(f.names) + arg
+            lines.append(f"  {label:<42s} {f.help}")
+        lines.append("")
+    lines.append("  -h, --help                                 this text")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""scripts/bench.py: options and case list only (no timing runs here)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("tb_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_help():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0
+    for opt in ("--cases", "--repeat", "--dtype", "--json"):
+        assert opt in r.stdout
+
+
+def test_list_cases():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--list", "--cases", "1,3"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    assert "-detpixels 1024" in r.stdout and "-mosaic_dom 5" in r.stdout
+    assert "2463" not in r.stdout
+
+
+def test_case_list_parses(tmp_path):
+    bench = load()
+    assert sorted(bench.CASES) == [1, 2, 3, 4]
+    assert bench.parse_cases("1,3") == [1, 3]
+    assert bench.parse_cases("2-4") == [2, 3, 4]
+    with pytest.raises(ValueError):
+        bench.parse_cases("5")
+    for case in bench.CASES:
+        argv = bench.case_argv(case, str(tmp_path / "P1.hkl"))
+        assert argv and all(isinstance(a, str) and a for a in argv)
+        assert "{hkl}" not in argv
+        assert "-floatfile" not in argv  # the script adds its own
+        for flag in ("-cell",):
+            i = argv.index(flag)
+            assert [float(x) for x in argv[i + 1:i + 7]]
+    pilatus = bench.case_argv(4, "t.hkl")
+    assert pilatus[pilatus.index("-detpixels_x") + 1] == "2463"
+    assert pilatus[pilatus.index("-detpixels_y") + 1] == "2527"
+    assert pilatus[pilatus.index("-hkl") + 1] == "t.hkl"
+
+
+def test_hkl_table(tmp_path):
+    bench = load()
+    path = tmp_path / "P1.hkl"
+    bench.write_hkl(path, hmax=2)
+    rows = [line.split() for line in path.read_text().splitlines()]
+    assert len(rows) == 5 ** 3
+    assert all(len(r) == 4 and float(r[3]) > 0 for r in rows)
