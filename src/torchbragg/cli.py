@@ -53,7 +53,7 @@ def geometry_report(sim, info) -> list[str]:
                                             angle(real[0], real[1])]))
         lines.append("Recp Cell: " + _vec([*rl.tolist(), angle(recip[1], recip[2]), angle(recip[0], recip[2]),
                                             angle(recip[0], recip[1])]))
-        lines.append("volume = %g A^3" % float(real[0] @ torch.linalg.cross(real[1], real[2])))
+        lines.append("volume = %g A^3" % float(xtal.volume()))
         lines.append("real-space cell vectors (Angstrom):")
         lines.append("     %-10s  %-10s  %-10s" % ("a", "b", "c"))
         for i, ax in enumerate("XYZ"):

@@ -240,8 +240,8 @@ class Crystal(_Model):
         self.auto_interpolate = cfg.interpolate is None
 
     # -- orientation
-    def _cell_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real, reciprocal) cell vectors as rows, after misset and before the
+    def _cell_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(real, reciprocal, volume) cell vectors as rows, after misset and before the
         spindle, in float64 (Angstrom, 1/Angstrom), built the original's way:
         for a -cell the real vectors get exactly the given lengths and the
         reciprocal ones follow from the cell-formula volume."""
@@ -252,7 +252,7 @@ class Crystal(_Model):
             v_star = ph.dot(recip[0], ph.cross(recip[1], recip[2]))
             recip = torch.stack([ph.cross(real[1], real[2]), ph.cross(real[2], real[0]),
                                  ph.cross(real[0], real[1])]) * v_star
-            return real, recip
+            return real, recip, 1.0 / v_star
         lengths = torch.stack([self.cell_a, self.cell_b, self.cell_c]).double()
         angles = torch.stack([self.cell_alpha, self.cell_beta, self.cell_gamma]).double() * DEG
         recip, volume = ph.reciprocal_cell(lengths[0], lengths[1], lengths[2], angles[0], angles[1], angles[2])
@@ -262,7 +262,11 @@ class Crystal(_Model):
         real = crosses / ph.norm(crosses).unsqueeze(-1) * lengths.unsqueeze(-1)
         recip = torch.stack([ph.cross(real[1], real[2]), ph.cross(real[2], real[0]),
                              ph.cross(real[0], real[1])]) / volume
-        return real, recip
+        return real, recip, volume
+
+    def volume(self) -> torch.Tensor:
+        """Cell volume (A^3) the original uses: from the cell formula for -cell."""
+        return self._cell_vectors()[2]
 
     def reciprocal_vectors(self) -> torch.Tensor:
         """a*, b*, c* (rows, 1/Angstrom, float64) after misset, before the spindle."""
