@@ -38,7 +38,7 @@ def _to_ushort(v: float) -> int:
 
 
 def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
-                roi=None, prior: Optional[Ran1] = None):
+                roi=None, prior: Optional[Ran1] = None, fma: bool = True):
     """Poisson-noise version of ``float_image`` as the C's noise file.
 
     float_image: (spixels, fpixels) photons per pixel (cast to float32).
@@ -47,6 +47,8 @@ def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
     roi: (xmin, xmax, ymin, ymax), inclusive pixel indices; None = whole image.
     prior: the stream that ran before (only used when ``seed`` > 0, see
         ``rng.Ran1``).
+    fma: reproduce the fused multiply-adds of the reference build (only
+        changes pixels with means of 12 or more; see ``rng``).
 
     Returns (uint16 image, total photons, overload count).
     """
@@ -98,7 +100,7 @@ def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
                 stream.pos = pos
                 stream.poi_oldm = oldm
                 stream.poi_g = g
-                em = _rng.poidev(xm, stream)
+                em = _rng.poidev(xm, stream, fma)
                 buf = stream.buf
                 pos = stream.pos
                 oldm = stream.poi_oldm
@@ -116,7 +118,7 @@ def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
     return out, total, overloads
 
 
-def _noise_image_reference(float_image, seed, adc_offset=40.0, roi=None, prior=None):
+def _noise_image_reference(float_image, seed, adc_offset=40.0, roi=None, prior=None, fma=True):
     """Unoptimised loop over ``rng.poidev``; used by the tests as a cross-check."""
     img = np.asarray(float_image, dtype=np.float32)
     spixels, fpixels = img.shape
@@ -126,7 +128,7 @@ def _noise_image_reference(float_image, seed, adc_offset=40.0, roi=None, prior=N
     total, overloads = 0.0, 0
     for s in range(ymin, ymax + 1):
         for f in range(xmin, xmax + 1):
-            test = _rng.poidev(float(img[s, f]), r)
+            test = _rng.poidev(float(img[s, f]), r, fma)
             total += test
             test += adc_offset
             if test > 65535.0:
