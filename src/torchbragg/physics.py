@@ -155,7 +155,8 @@ def sincg_sq(frac: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     small = torch.abs(frac) < 1e-6
     den = torch.where(small, torch.ones_like(x), torch.sin(x))
     ratio = torch.sin(n * x) / den
-    return torch.where(small, n * n, ratio * ratio)
+    # second-order Taylor term: keeps the curvature (and gradgrad) right at exact peaks
+    return torch.where(small, n * n * (1 - (n * n - 1) * x * x / 3), ratio * ratio)
 
 
 def sinc3(x: torch.Tensor) -> torch.Tensor:

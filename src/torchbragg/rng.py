@@ -45,6 +45,7 @@ _IQ = 127773
 _IR = 2836
 _NTAB = 32
 _NDIV = 1 + (_IM - 1) // _NTAB
+assert _NDIV == 1 << 26
 _RNMX = 1.0 - 1.2e-7
 
 _F32 = struct.Struct("f")
@@ -184,23 +185,27 @@ class Ran1:
         return _RNMX_F if temp > _RNMX else temp
 
     def raw_block(self, n: int) -> list:
-        """The next ``n`` deviates, generated in one tight loop."""
+        """The next ``n`` deviates (a list of float32 values), generated in bulk.
+
+        The Park-Miller step is a multiplication modulo 2^31-1, so a block of
+        seeds is ``IA^k * idum mod IM`` (vectorised); only the shuffle table
+        walk stays a Python loop.
+        """
         if n <= 0:
             return []
         if self.idum <= 0 or not self.iy:
             self._init_table()
-        idum, iy, iv = self.idum, self.iy, self.iv
+        seeds = (_ia_powers(n) * np.uint64(self.idum)) % np.uint64(_IM)
+        iy, iv = self.iy, self.iv
         out = [0] * n
-        for i in range(n):
-            k = idum // _IQ
-            idum = _IA * (idum - k * _IQ) - _IR * k
-            if idum < 0:
-                idum += _IM
-            j = iy // _NDIV
+        i = 0
+        for x in seeds.tolist():
+            j = iy >> 26  # iy // NDIV, NDIV == 2**26
             iy = iv[j]
-            iv[j] = idum
+            iv[j] = x
             out[i] = iy
-        self.idum, self.iy = idum, iy
+            i += 1
+        self.idum, self.iy = int(seeds[-1]), iy
         vals = (np.asarray(out, dtype=np.float64) * _AM).astype(np.float32)
         vals = np.where(vals > _RNMX, np.float32(_RNMX_F), vals)
         return vals.astype(np.float64).tolist()
@@ -211,6 +216,25 @@ class Ran1:
         new.poi_oldm, new.poi_g = self.poi_oldm, self.poi_g
         new.poi_sq, new.poi_alxm = self.poi_sq, self.poi_alxm
         return new
+
+
+_IA_POW_CACHE: dict = {}
+
+
+def _ia_powers(n: int) -> np.ndarray:
+    """IA^k mod IM for k = 1..n as uint64 (products with a seed stay below 2^62)."""
+    arr = _IA_POW_CACHE.get(n)
+    if arr is None:
+        vals = [0] * n
+        v = 1
+        for k in range(n):
+            v = (v * _IA) % _IM
+            vals[k] = v
+        arr = np.asarray(vals, dtype=np.uint64)
+        if len(_IA_POW_CACHE) > 8:
+            _IA_POW_CACHE.clear()
+        _IA_POW_CACHE[n] = arr
+    return arr
 
 
 class BufferedRan1(Ran1):

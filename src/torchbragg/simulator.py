@@ -257,14 +257,17 @@ class Simulator:
             x = math.pi * frac
             small = torch.abs(frac) < 1e-6
             ratio = torch.sin(n * x) / torch.where(small, torch.ones_like(x), torch.sin(x))
-            sq = torch.where(small, n * n, ratio * ratio)
+            # second-order Taylor term: keeps the curvature (and gradgrad) right at exact peaks
+            sq = torch.where(small, n * n * (1 - (n * n - 1) * x * x / 3), ratio * ratio)
             return sq[..., 0] * sq[..., 1] * sq[..., 2]
         delta = hkl - torch.ceil(hkl - 0.5)
         nnn = n[0] * n[1] * n[2]
         if xtal.shape == "round":
             hrad_sq = (delta * delta * n * n).sum(-1)
-            arg = math.pi * torch.sqrt(torch.clamp(hrad_sq * xtal.fudge, min=1e-30))
-            f = nnn * ph.ROUND_XTAL_SCALE * ph.sinc3(arg)
+            rs = hrad_sq * xtal.fudge
+            arg = math.pi * torch.sqrt(torch.clamp(rs, min=1e-30))
+            # at the peak the clamp would zero the curvature: use the series in rs itself
+            f = nnn * ph.ROUND_XTAL_SCALE * torch.where(rs < 1e-12, 1.0 - math.pi ** 2 * rs / 10.0, ph.sinc3(arg))
             return f * f
         dstar = delta @ recip  # 1/Angstrom
         rad_sq = (dstar * dstar).sum(-1) * nnn * nnn
