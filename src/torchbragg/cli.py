@@ -108,6 +108,11 @@ def geometry_report(sim, info) -> list[str]:
         extra = "".join(s for s, on in ((" +thick", det.oversample_thick), (" +polar", det.oversample_polar),
                                         (" +omega", det.oversample_omega)) if on)
         lines.append("  %dx%d pixel oversample steps%s" % (det.oversample, det.oversample, extra))
+        if det.mask is not None:
+            lines.append("  skipping zero-flagged pixels in %s" % cfg.detector.mask_file)
+        if cfg.output.calculate_noise:
+            lines += ["", "  noise image paramters:", "  seed: %d" % info.noise_seed,
+                      "  water droplet size: %g m" % float(beam.water_size)]
     return lines
 
 

@@ -70,9 +70,12 @@ NOT_DIFFERENTIABLE = [
     ("-sourcefile positions and weights", "constants read from the file"),
 ]
 
-KNOWN_WARNINGS = {
-    "gradcheck": "raised by torch.autograd.gradcheck itself; inputs are float64, so it does not apply",
-    "Fdump": "the tests run in a temporary directory, so no Fdump.bin is read or written in the checkout",
+# What the report says was done about a warning, by category.
+WARNING_ACTIONS = {
+    "ResourceWarning": "a file handle left open; no value the checks compare depends on it. Not filtered, "
+                       "so it stays visible until the code at that location closes the file",
+    "DeprecationWarning": "an API that will change; results are unaffected today. Not filtered, left for follow-up",
+    "FutureWarning": "an API that will change; results are unaffected today. Not filtered, left for follow-up",
 }
 
 
@@ -114,7 +117,7 @@ class _Recorder:
     """Runs commands in the checkout and appends each to commands.txt."""
 
     def __init__(self, bundle: Path, root: Path):
-        self.bundle, self.root, self.commit, self.n = bundle, root, "unknown", 0
+        self.bundle, self.root, self.commit, self.n = bundle, root, "(not yet read)", 0
 
     def run(self, cmd: list[str], log: str | None = None, env: dict | None = None) -> tuple[int, str]:
         self.n += 1
@@ -138,7 +141,7 @@ class _Recorder:
             fh.write(text.rstrip() + "\n")
 
 
-def _environment(root: Path, commit: str, dirty: bool | None, device: str) -> dict:
+def _environment(root: Path, commit: str, dirty: bool | None, device: str, child_env: dict) -> dict:
     import numpy
     import torch
 
@@ -162,10 +165,12 @@ def _environment(root: Path, commit: str, dirty: bool | None, device: str) -> di
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "checked_device": device,
         "dtype": "float64 (gradcheck, gradgradcheck); float32 (end-to-end loss check)",
-        "compile": {"env": COMPILE_ENV, "value": os.environ.get(COMPILE_ENV),
+        "compile": {"env": COMPILE_ENV, "value": child_env.get(COMPILE_ENV),
                     "torch_compile_used": False,
                     "note": "the simulator runs eagerly; the switch is off by default"},
-        "env": {k: os.environ.get(k) for k in RELEVANT_ENV},
+        # as the test run saw them
+        "env": {**{k: child_env.get(k) for k in RELEVANT_ENV},
+                **{k: v for k, v in sorted(child_env.items()) if k.startswith("TORCHBRAGG_")}},
         "checkout": str(root),
     }
 
@@ -212,9 +217,26 @@ def _param_of(nodeid: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _warnings(log: str) -> list[str]:
-    m = re.search(r"=+ warnings summary =+\n(.*?)(?:\n-- Docs:.*?)?\n=+ ", log, re.S)
-    return [b.strip() for b in re.split(r"\n\n", m.group(1)) if b.strip()] if m else []
+def _warnings(log: str) -> list[dict]:
+    """Distinct warnings from pytest's summary: category, location, message and the tests that raised them."""
+    m = re.search(r"=+ warnings summary =+\n(.*?)\n(?:-- Docs:[^\n]*\n)?=+ ", log, re.S)
+    if not m:
+        return []
+    seen: dict[tuple, dict] = {}
+    for block in re.split(r"\n\s*\n", m.group(1)):
+        tests = [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.startswith(" ")]
+        where = re.search(r"^\s+(\S+?):(\d+): (\w+): (.*)$", block, re.M)
+        if where:
+            # temporary paths differ between tests: compare messages without them
+            message = re.sub(r"/tmp/\S+", "<tmp>", where.group(4))
+            key = (where.group(1), where.group(2), where.group(3), message)
+        elif block.strip():
+            key = ("?", "?", "Warning", block.strip().splitlines()[-1])
+        else:
+            continue
+        entry = seen.setdefault(key, dict(location=f"{key[0]}:{key[1]}", category=key[2], message=key[3], tests=[]))
+        entry["tests"] += tests
+    return list(seen.values())
 
 
 def _fmt(x, spec=".2e"):
@@ -316,11 +338,12 @@ def _write_report(bundle: Path, ctx: dict) -> None:
 
     add("## Warnings\n")
     if ctx["warnings"]:
+        add("Distinct warnings (verbatim text in gradcheck.log):\n")
         for w in ctx["warnings"]:
-            action = next((v for k, v in KNOWN_WARNINGS.items() if k in w), "not expected: kept verbatim in "
-                          "gradcheck.log for review; the checks' results do not depend on it")
-            add("```\n" + w + "\n```")
-            add(f"What was done: {action}.\n")
+            action = WARNING_ACTIONS.get(w["category"], "not expected; not filtered, left visible for review")
+            tests = ", ".join(f"`{t}`" for t in w["tests"][:3]) + (" ..." if len(w["tests"]) > 3 else "")
+            add(f"- {w['category']} at `{w['location']}`: {w['message']}  \n"
+                f"  raised in {len(w['tests'])} test(s): {tests}  \n  what was done: {action}.")
     else:
         add("None seen (pytest ran with `-W default`, so every warning would be listed in gradcheck.log).")
     add("")
@@ -446,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no results"
     summary += f"; pytest exit status {prc}"
 
-    environment = _environment(root, commit, dirty, args.device)
+    environment = _environment(root, commit, dirty, args.device, env)
     seconds = time.monotonic() - t_start
     environment["audit_seconds"] = round(seconds, 2)
     (bundle / "env.json").write_text(json.dumps(environment, indent=2) + "\n")

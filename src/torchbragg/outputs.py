@@ -1,40 +1,100 @@
-"""Writing what a run produces: the float image, SMV and PGM files, the
-noise image and the end-of-run report. Every file is written whole or not
-at all."""
+"""What a run writes: the float image, the SMV and PGM images, the noise image
+and the original's end-of-run report. Like the original, a run writes
+floatimage.bin, intimage.img, image.pgm and noiseimage.img unless told
+otherwise (-nopgm, -nonoise); every file is written whole or not at all."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
+import torch
 
+from . import stats
 from .errors import InputError
+from .io.atomic import atomic_write
+from .io.smv import SMVGeometry, header_text, smv_bytes
+
+DEFAULT_NAMES = dict(floatfile="floatimage.bin", intfile="intimage.img", noisefile="noiseimage.img",
+                     pgmfile="image.pgm")
+DEG = math.pi / 180.0
+
+
+def output_paths(cfg) -> dict[str, str]:
+    """The files this run will write."""
+    o = cfg.output
+    paths = {"floatfile": o.floatfile or DEFAULT_NAMES["floatfile"],
+             "intfile": o.intfile or DEFAULT_NAMES["intfile"]}
+    if o.write_pgm:
+        paths["pgmfile"] = o.pgmfile or DEFAULT_NAMES["pgmfile"]
+    if o.calculate_noise:
+        paths["noisefile"] = o.noisefile or DEFAULT_NAMES["noisefile"]
+    return paths
 
 
 def check_writable(cfg) -> None:
-    o = cfg.output
-    for path in (o.floatfile, o.intfile, o.noisefile, o.pgmfile):
-        if path:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise InputError(f"cannot write {path}: folder {folder} does not exist")
+    """Refuse before rendering when an output could not be written."""
+    for path in output_paths(cfg).values():
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise InputError(f"cannot write {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise InputError(f"cannot write {path}: folder {folder} is not writable")
+        if os.path.isdir(path):
+            raise InputError(f"cannot write {path}: it is a folder")
 
 
-def _atomic_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def smv_geometry(sim, cfg) -> SMVGeometry:
+    det, beam, xtal = sim.detector, sim.beam, sim.crystal
+    with torch.no_grad():
+        g = {k: float(v) if v.dim() == 0 else v.cpu().tolist()
+             for k, v in det.geometry(beam.beam_direction, torch.float64).items()}
+    px = float(det.pixel_size) / 1000.0
+    pix0 = g["pix0"]
+    return SMVGeometry(
+        fpixels=det.fpixels, spixels=det.spixels, pixel_size=px, distance=g["distance"],
+        wavelength=float(beam.wavelength) / 1e10, Xbeam=float(det.beam_center[0]) / 1000.0,
+        Ybeam=float(det.beam_center[1]) / 1000.0, Fbeam=g["Fbeam"], Sbeam=g["Sbeam"],
+        detsize_s=det.detsize_s / 1000.0,
+        dials_origin=(1000.0 * pix0[2], 1000.0 * pix0[1], -1000.0 * pix0[0]),
+        ORGX=g["Fclose"] / px + 0.5, ORGY=g["Sclose"] / px + 0.5, close_distance=g["close_distance"],
+        phi0=float(xtal.phi0) * DEG, osc=float(xtal.osc) * DEG, twotheta=float(det.twotheta) * DEG)
 
 
 def write_all(sim, info, image, out) -> None:
-    o = info.config.output
-    img = image.detach().to("cpu").float().numpy()
-    if o.floatfile:
-        print(f"writing {o.floatfile} as {img.size} 4-byte floats", file=out)
-        _atomic_bytes(o.floatfile, img.astype("<f4").tobytes())
+    cfg = info.config
+    o = cfg.output
+    det = sim.detector
+    paths = output_paths(cfg)
+    img = np.ascontiguousarray(image.detach().to("cpu", torch.float32).numpy())
+
+    print(f"writing {paths['floatfile']} as {img.size} 4-byte floats", file=out)
+    atomic_write(paths["floatfile"], img.astype("<f4").tobytes())
+
+    mask = None if det.mask is None else det.mask.reshape(det.spixels, det.fpixels)
+    st = stats.image_statistics(img, roi=det.roi, mask=mask, pixel_size_m=float(det.pixel_size) / 1000.0,
+                                oversample=det.oversample)
+    scale = stats.intfile_scale(o.int_scale, st.max_I)
+    for line in stats.format_report(st, scale):
+        print(line, file=out)
+    geometry = smv_geometry(sim, cfg)
+    ints = stats.int_image(img, scale, o.adc_offset, roi=det.roi, max_I=st.max_I)
+    print(f"writing {paths['intfile']} as 2-byte integers", file=out)
+    atomic_write(paths["intfile"], smv_bytes(ints, header_text(geometry, denzo_sign=-1.0)))
+
+    if "pgmfile" in paths:
+        from .io.pgm import pgm_file_bytes
+        pscale = stats.pgm_scale(o.pgm_scale, scale, st.rmsd)
+        for line in stats.format_report(pgm_scale_value=pscale):
+            print(line, file=out)
+        print(f"writing {paths['pgmfile']} as 1-byte integers", file=out)
+        atomic_write(paths["pgmfile"], pgm_file_bytes(stats.pgm_bytes(img, pscale, roi=det.roi), pscale))
+
+    if "noisefile" in paths:
+        from .noise import noise_image
+        noisy, photons, overloads = noise_image(img, info.noise_seed, o.adc_offset, roi=det.roi)
+        for line in stats.format_report(photons=photons, overloads=overloads):
+            print(line, file=out)
+        print(f"writing {paths['noisefile']} as 2-byte integers", file=out)
+        atomic_write(paths["noisefile"], smv_bytes(noisy, header_text(geometry, denzo_sign=1.0)))

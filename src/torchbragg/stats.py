@@ -56,8 +56,20 @@ def _seq_sum(values: np.ndarray) -> float:
     return float(np.add.accumulate(values, dtype=np.float64)[-1])
 
 
+def _omp_chunks(n: int, threads: int) -> list[tuple[int, int]]:
+    """Row ranges of an OpenMP static schedule (libgomp: the first n % T threads get one more)."""
+    threads = max(1, min(int(threads), max(n, 1)))
+    q, r = divmod(n, threads)
+    out, start = [], 0
+    for i in range(threads):
+        size = q + (1 if i < r else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
 def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
-                     oversample: int = 1) -> ImageStats:
+                     oversample: int = 1, omp_threads: int = 1) -> ImageStats:
     """The C's max_I (and where), mean, rms and rmsd of a float image.
 
     image: (spixels, fpixels) float32 photons.
@@ -69,6 +81,13 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
 
     mean and rms cover unmasked ROI pixels; rmsd (deviation from that mean)
     covers every ROI pixel, masked or not, as in the C.
+
+    omp_threads: the C renders rows in parallel (OpenMP, static schedule)
+        and keeps the maximum in a shared variable, so when several pixels
+        share the maximum the one reported depends on timing.  With T > 1
+        the pixel chosen is the one a lockstep run of T threads meets first,
+        and the sums are per-thread partial sums; the reference outputs were
+        made with 2 threads.  1 gives the serial program.
     """
     img = np.asarray(image, dtype=np.float32)
     spixels, fpixels = img.shape
@@ -80,23 +99,38 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
     vals = sub[sel]  # row-major order
     n = int(vals.size)
 
+    rows, cols = np.nonzero(sel)
+    rows = rows + (sy.start or 0)
+    cols = cols + (sx.start or 0)
+    chunks = _omp_chunks(spixels, omp_threads)
+
     max_I, max_x, max_y = 0.0, 0.0, 0.0
     if n:
         finite = np.where(np.isnan(vals), -np.inf, vals)
-        k = int(np.argmax(finite))
-        if float(finite[k]) > 0.0:
-            max_I = float(finite[k])
-            rows, cols = np.nonzero(sel)
-            spixel = int(rows[k]) + (sy.start or 0)
-            fpixel = int(cols[k]) + (sx.start or 0)
+        top = float(finite.max())
+        if top > 0.0:
+            max_I = top
+            hits = np.nonzero(finite == top)[0]
+            hr, hc = rows[hits], cols[hits]
+            starts = np.array([lo for lo, _ in chunks])
+            thread = np.searchsorted(starts, hr, side="right") - 1
+            # earliest in a lockstep run: local row, then column, then thread
+            order = np.lexsort((thread, hc, hr - starts[thread]))
+            spixel, fpixel = int(hr[order[0]]), int(hc[order[0]])
             sub_size = pixel_size_m / oversample
             last = oversample - 1
             max_x = sub_size * (fpixel * oversample + last) + sub_size / 2.0
             max_y = sub_size * (spixel * oversample + last) + sub_size / 2.0
 
-    total = _seq_sum(vals.astype(np.float64))
     # float * float is rounded to float before the double accumulation
-    sumsqr = _seq_sum((vals * vals).astype(np.float64))
+    sq = (vals * vals).astype(np.float64)
+    v64 = vals.astype(np.float64)
+    total = 0.0
+    sumsqr = 0.0
+    for lo, hi in chunks:
+        part = (rows >= lo) & (rows < hi)
+        total += _seq_sum(v64[part])
+        sumsqr += _seq_sum(sq[part])
     sumn = n if n > 0 else 1
     avg = total / sumn
     if sumn <= 1:

@@ -1,0 +1,62 @@
+"""Files and report of a whole run against the original's, byte for byte."""
+
+import gzip
+
+import numpy as np
+import pytest
+
+import golden
+
+OUTPUT_CASES = ["outputs_int_noise_pgm", "outputs_scaled", "noise_high_counts"]
+REPORT_PREFIXES = ("max_I =", "mean=", "intfile_scale =", "pgm_scale =", "photons on noise image")
+
+
+def _run(case, tmp_path, extra=()):
+    folder = golden.materialize(case, tmp_path / case)
+    argv = golden.args(case) + ["-floatfile", "float.bin", "-dtype", "float64", *extra]
+    if "-pgmfile" not in argv:
+        argv.append("-nopgm")  # as the reference runs were made
+    rc, text = golden.run_cli(argv, folder)
+    assert rc == 0, text
+    return folder, text
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_smv_pgm_and_noise_files_identical(case, tmp_path):
+    folder, _ = _run(case, tmp_path)
+    names = [n for n in ("int.img", "noise.img", "image.pgm") if (golden.GOLDEN / case / (n + ".gz")).exists()]
+    assert names
+    for name in names:
+        assert (folder / name).read_bytes() == golden.reference(case, name), name
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_end_of_run_report_matches(case, tmp_path):
+    _, text = _run(case, tmp_path)
+    ref = golden.stdout(case)
+    for prefix in REPORT_PREFIXES:
+        want = [l for l in ref.splitlines() if prefix in l]
+        got = [l for l in text.splitlines() if prefix in l]
+        assert got == want, prefix
+
+
+def test_fdump_written_like_the_original_and_read_back(tmp_path):
+    folder, _ = _run("hkl_table", tmp_path, ["-nopgm", "-nonoise"])
+    assert (folder / "Fdump.bin").read_bytes() == golden.reference("hkl_table", "Fdump.bin")
+    # without -hkl the cache is read and says so
+    args = [a for a in golden.args("hkl_table") if a not in ("-hkl", "P1.hkl")]
+    rc, text = golden.run_cli(args + ["-floatfile", "again.bin", "-nopgm", "-nonoise", "-dtype", "float64"], folder)
+    assert rc == 0
+    assert "reading Fs from Fdump.bin" in text
+    again = np.fromfile(folder / "again.bin", "<f4")
+    first = np.fromfile(folder / "float.bin", "<f4")
+    np.testing.assert_array_equal(again, first)
+
+
+def test_default_output_names(tmp_path):
+    folder, text = _run("outputs_int_noise_pgm", tmp_path)
+    rc, text = golden.run_cli(["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "10", "-N", "2",
+                               "-detpixels", "32", "-seed", "3"], folder)
+    assert rc == 0
+    for name in ("floatimage.bin", "intimage.img", "image.pgm", "noiseimage.img"):
+        assert (folder / name).exists(), name
