@@ -153,6 +153,10 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
         raise InputError(f"mask {d.mask_file} has {mask.size} pixels but the detector has "
                          f"{detector.fpixels}x{detector.spixels}")
     beam = Beam(b, conv, dtype=dtype, device=device, sources=sources)
+    with torch.no_grad():
+        ratio = float(detector.geometry(beam.beam_direction, torch.float64)["ratio"])
+    if abs(ratio) < 1e-9:
+        raise InputError("impossible geometry: the detector plane contains the beam (check rotations and vectors)")
 
     vecs = CONVENTION_VECTORS.get(conv, CUSTOM_START)
     spindle = c.spindle_axis if conv == "CUSTOM" and c.spindle_axis is not None else vecs["spindle"]

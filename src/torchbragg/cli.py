@@ -120,7 +120,10 @@ def run(argv: list[str], out=None) -> int:
     """Parse, render, write the outputs and print the report. Raises InputError."""
     out = out or sys.stdout
     from .flags import parse_args
-    parse_args(argv)  # fail fast on bad flags before importing torch
+    from .validate import check_config, check_writable
+    cfg = parse_args(argv)  # bad flags, files and geometry fail fast, before torch is imported
+    check_config(cfg)
+    check_writable(cfg)
 
     import torch
 
@@ -128,8 +131,6 @@ def run(argv: list[str], out=None) -> int:
     from .build import build_from_args
 
     sim, info = build_from_args(argv, write_dump=True)
-    cfg = info.config
-    outputs.check_writable(cfg)
     for line in info.messages:
         print(line, file=out)
     for line in geometry_report(sim, info):

@@ -228,7 +228,7 @@ def _warnings(log: str) -> list[dict]:
         where = re.search(r"^\s+(\S+?):(\d+): (\w+): (.*)$", block, re.M)
         if where:
             # temporary paths differ between tests: compare messages without them
-            message = re.sub(r"/tmp/\S+", "<tmp>", where.group(4))
+            message = re.sub(r"/tmp/[^\s'\"]+", "<tmp>", where.group(4))
             key = (where.group(1), where.group(2), where.group(3), message)
         elif block.strip():
             key = ("?", "?", "Warning", block.strip().splitlines()[-1])

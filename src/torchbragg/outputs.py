@@ -12,37 +12,11 @@ import numpy as np
 import torch
 
 from . import stats
-from .errors import InputError
 from .io.atomic import atomic_write
 from .io.smv import SMVGeometry, header_text, smv_bytes
+from .validate import output_paths
 
-DEFAULT_NAMES = dict(floatfile="floatimage.bin", intfile="intimage.img", noisefile="noiseimage.img",
-                     pgmfile="image.pgm")
 DEG = math.pi / 180.0
-
-
-def output_paths(cfg) -> dict[str, str]:
-    """The files this run will write."""
-    o = cfg.output
-    paths = {"floatfile": o.floatfile or DEFAULT_NAMES["floatfile"],
-             "intfile": o.intfile or DEFAULT_NAMES["intfile"]}
-    if o.write_pgm:
-        paths["pgmfile"] = o.pgmfile or DEFAULT_NAMES["pgmfile"]
-    if o.calculate_noise:
-        paths["noisefile"] = o.noisefile or DEFAULT_NAMES["noisefile"]
-    return paths
-
-
-def check_writable(cfg) -> None:
-    """Refuse before rendering when an output could not be written."""
-    for path in output_paths(cfg).values():
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise InputError(f"cannot write {path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise InputError(f"cannot write {path}: folder {folder} is not writable")
-        if os.path.isdir(path):
-            raise InputError(f"cannot write {path}: it is a folder")
 
 
 def smv_geometry(sim, cfg) -> SMVGeometry:

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
+
+# what C's strtod takes as a decimal number (no hex floats, no underscores)
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+_MAX_CELLS = 2e9 / 8
 
 
 @dataclass
@@ -20,7 +23,7 @@ class HKLTable:
     h_min: int
     k_min: int
     l_min: int
-    count: int = 0  # reflections read from the text file
+    count: int = 0  # reflections read (the original's "hkls")
     warnings: tuple[str, ...] = ()
 
     @property
@@ -35,38 +38,76 @@ class HKLTable:
     def l_max(self) -> int:
         return self.l_min + self.grid.shape[2] - 1
 
+    @property
+    def h_range(self) -> int:
+        return self.grid.shape[0]
 
-def read_hkl(path: str, default_F: float = 0.0) -> HKLTable:
-    """Read `h k l F` lines. Reflections not listed get default_F. Non-integer
-    indices are accepted with a warning (like the original, which truncates
-    them); a line that is not four numbers is an error naming the line."""
-    if not os.path.isfile(path):
-        raise InputError(f"cannot read HKL file {path}: no such file")
-    rows, warnings = [], []
-    with open(path, "r", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            parts = re.split(r"[\s,]+", text)
-            try:
-                vals = [float(p) for p in parts[:4]]
-            except ValueError:
-                vals = []
-            if len(parts) < 4 or len(vals) < 4 or not all(math.isfinite(v) for v in vals):
-                raise InputError(f"{path}:{lineno}: expected four numbers 'h k l F', got '{text[:60]}'")
-            for name, v in zip("hkl", vals[:3]):
-                if v != math.ceil(v - 0.4):
-                    warnings.append(f"WARNING: non-integer value for {name} ({v:g}) at line {len(rows)}")
-            rows.append(vals)
+    @property
+    def k_range(self) -> int:
+        return self.grid.shape[1]
+
+    @property
+    def l_range(self) -> int:
+        return self.grid.shape[2]
+
+
+def _parse_number(tok: str) -> float:
+    if _NUMBER.match(tok):
+        return float(tok)
+    raise ValueError(tok)
+
+
+def read_hkl(path, default_F: float = 0.0) -> HKLTable:
+    """Read a text file of ``h k l F`` lines.
+
+    Like the original: the index ranges span the smallest to largest index
+    read (each stored through an int, i.e. truncated toward zero), entries
+    not in the file get ``default_F`` (0 when it is 0), a later line for the
+    same reflection wins, and a non-integer index gives the original's
+    warning ``WARNING: non-integer value for h (1.5) at line 3`` (line =
+    reflections read before it); the warnings are returned in ``warnings``
+    for the caller to print.
+
+    Unlike the original, which stops reading silently at the first thing
+    that is not a number, a line that is not exactly four numbers is an
+    ``InputError`` naming the file and line.  Blank lines are skipped.
+    """
+    try:
+        with open(path, "r", encoding="latin-1") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"cannot read HKL file {path}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read HKL file {path}: {exc.strerror or exc}") from None
+
+    rows: list[list[float]] = []
+    warnings: list[str] = []
+    for lineno, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            vals = [_parse_number(p) for p in parts]
+        except ValueError as exc:
+            raise InputError(f"{path}:{lineno}: '{exc.args[0][:40]}' is not a number "
+                             f"(expected 'h k l F')") from None
+        if len(vals) != 4:
+            raise InputError(f"{path}:{lineno}: expected four numbers 'h k l F', found {len(vals)}")
+        if not all(math.isfinite(v) for v in vals):
+            raise InputError(f"{path}:{lineno}: numbers must be finite")
+        for name, v in zip("hkl", vals[:3]):
+            if v != math.ceil(v - 0.4):
+                warnings.append(f"WARNING: non-integer value for {name} ({v:g}) at line {len(rows)}")
+        rows.append(vals)
     if not rows:
         raise InputError(f"{path}: no reflections (expected lines of 'h k l F')")
+
     data = np.asarray(rows, dtype=np.float64)
-    idx = np.trunc(data[:, :3]).astype(np.int64)  # the original stores indices through an int
+    idx = np.trunc(data[:, :3]).astype(np.int64)  # the original keeps indices in ints
     lo = idx.min(axis=0)
     hi = idx.max(axis=0)
     shape = tuple(int(x) for x in hi - lo + 1)
-    if np.prod(shape) > 2e9 / 8:
+    if float(np.prod([s + 1 for s in shape], dtype=np.float64)) > _MAX_CELLS:
         raise InputError(f"{path}: index range {shape} is too large for a dense table")
     grid = np.full(shape, float(default_F), dtype=np.float64)
     grid[idx[:, 0] - lo[0], idx[:, 1] - lo[1], idx[:, 2] - lo[2]] = data[:, 3]
@@ -74,37 +115,48 @@ def read_hkl(path: str, default_F: float = 0.0) -> HKLTable:
 
 
 def fdump_bytes(table: HKLTable) -> bytes:
-    """The original's cache: a text line of index ranges and a form feed, then
-    the table as native doubles with one padding plane on each high edge."""
+    """The original's cache: ``h_min h_max k_min k_max l_min l_max`` then newline
+    and form feed, then the table as native doubles, (h_range+1) x (k_range+1)
+    x (l_range+1) with the extra high planes zero."""
     h, k, l = table.grid.shape
-    padded = np.zeros((h + 1, k + 1, l + 1), dtype="<f8")
+    padded = np.zeros((h + 1, k + 1, l + 1), dtype="=f8")
     padded[:h, :k, :l] = table.grid
-    head = "%d %d %d %d %d %d\n\f" % (table.h_min, table.h_max, table.k_min, table.k_max, table.l_min, table.l_max)
+    head = "%d %d %d %d %d %d\n\f" % (table.h_min, table.h_max, table.k_min, table.k_max,
+                                      table.l_min, table.l_max)
     return head.encode("ascii") + padded.tobytes()
 
 
-def write_fdump(path: str, table: HKLTable) -> None:
+def write_fdump(path, table: HKLTable) -> None:
+    """Write the cache whole or not at all."""
     from .atomic import atomic_write
     atomic_write(path, fdump_bytes(table))
 
 
-def read_fdump(path: str) -> HKLTable:
+_FDUMP_HEAD = re.compile(rb"\s*([+-]?\d+)\s+([+-]?\d+)\s+([+-]?\d+)\s+([+-]?\d+)\s+([+-]?\d+)\s+([+-]?\d+)[ \t\r]*\n\f")
+
+
+def read_fdump(path) -> HKLTable:
+    """Read a cache written by ``write_fdump`` or the original."""
     try:
-        raw = open(path, "rb").read()
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise InputError(f"cannot read {path}: no such file") from None
     except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    end = raw.find(b"\f")
-    try:
-        if end < 0:
-            raise ValueError
-        h0, h1, k0, k1, l0, l1 = (int(x) for x in raw[:end].split())
-    except ValueError:
-        raise InputError(f"{path} is not a structure-factor cache (bad header)") from None
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    m = _FDUMP_HEAD.match(raw[:200])
+    if not m:
+        raise InputError(f"{path} is not a structure-factor cache (bad header)")
+    h0, h1, k0, k1, l0, l1 = (int(x) for x in m.groups())
     shape = (h1 - h0 + 2, k1 - k0 + 2, l1 - l0 + 2)
-    body = raw[end + 1:]
+    if min(shape) < 2:
+        raise InputError(f"{path}: empty index range in the header")
+    if float(np.prod(shape, dtype=np.float64)) > _MAX_CELLS:
+        raise InputError(f"{path}: index range is too large")
+    body = raw[m.end():]
     need = int(np.prod(shape)) * 8
-    if min(shape) < 2 or len(body) < need:
+    if len(body) < need:
         raise InputError(f"{path} is truncated: expected {need} bytes of data, found {len(body)}")
-    padded = np.frombuffer(body[:need], dtype="<f8").reshape(shape)
-    grid = padded[:-1, :-1, :-1].copy()
+    padded = np.frombuffer(body[:need], dtype="=f8").reshape(shape)
+    grid = padded[:-1, :-1, :-1].astype(np.float64)
     return HKLTable(grid, h0, k0, l0, count=int(np.prod(grid.shape)))

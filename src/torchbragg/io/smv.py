@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 
 from ..errors import InputError
 
 HEADER_BYTES = 512
+_RTD = 180.0 * (1.0 / math.pi)  # the C's 180.0*M_1_PI
 
 
 @dataclass
 class SMVGeometry:
     """The values the original puts in its headers, in its own units
-    (metres and radians)."""
+    (metres and radians; DIALS origin in mm, XDS origin in pixels)."""
     fpixels: int
     spixels: int
     pixel_size: float
@@ -40,84 +44,175 @@ def byte_order_name() -> str:
     return "little_endian" if sys.byteorder == "little" else "big_endian"
 
 
-def header_text(g: SMVGeometry, denzo_sign: float = -1.0) -> str:
-    """Header keys in the original's order and %g formatting. The original
-    writes the DENZO centres as S - 0*pixel in the int image and S + 0*pixel in
-    the noise image; both print the same number."""
-    rtd = 180.0 / 3.141592653589793
-    px = g.pixel_size
+def _g(x: float) -> str:
+    x = float(x)
+    if math.isnan(x):
+        return "-nan" if math.copysign(1.0, x) < 0 else "nan"
+    return "%g" % x
+
+
+def header_text(g: SMVGeometry, denzo_sign: float = -1.0, byte_order: str | None = None) -> str:
+    """Header text up to and including the closing brace and form feed.
+
+    Keys, order and ``%g`` formatting follow the original; each value is
+    computed with the same operations.  The original writes the DENZO centres
+    as ``S - 0.0*pixel`` in the int image (``denzo_sign=-1``) and
+    ``S + 0.0*pixel`` in the noise image (``denzo_sign=+1``): the same number
+    except when the centre is -0.0, which prints as ``-0`` only in the first.
+    DIALS_ORIGIN has no trailing semicolon, as in the original.
+    """
+    px = float(g.pixel_size)
+    zero = (-0.0 if denzo_sign < 0 else 0.0) * px
+    phi = g.phi0 * _RTD
     lines = [
-        "{", f"HEADER_BYTES={HEADER_BYTES};", "DIM=2;", f"BYTE_ORDER={byte_order_name()};", "TYPE=unsigned_short;",
-        "SIZE1=%d;" % g.fpixels, "SIZE2=%d;" % g.spixels,
-        "PIXEL_SIZE=%g;" % (px * 1000.0), "DISTANCE=%g;" % (g.distance * 1000.0),
-        "WAVELENGTH=%g;" % (g.wavelength * 1e10),
-        "BEAM_CENTER_X=%g;" % (g.Xbeam * 1000.0), "BEAM_CENTER_Y=%g;" % (g.Ybeam * 1000),
-        "ADXV_CENTER_X=%g;" % (g.Fbeam * 1000.0), "ADXV_CENTER_Y=%g;" % ((g.detsize_s - g.Sbeam) * 1000),
-        "MOSFLM_CENTER_X=%g;" % ((g.Sbeam - 0.5 * px) * 1000.0), "MOSFLM_CENTER_Y=%g;" % ((g.Fbeam - 0.5 * px) * 1000),
-        "DENZO_X_BEAM=%g;" % ((g.Sbeam + denzo_sign * 0.0 * px) * 1000.0),
-        "DENZO_Y_BEAM=%g;" % ((g.Fbeam + denzo_sign * 0.0 * px) * 1000),
-        "DIALS_ORIGIN=%g,%g,%g" % tuple(g.dials_origin),
-        "XDS_ORGX=%g;" % g.ORGX, "XDS_ORGY=%g;" % g.ORGY,
-        "CLOSE_DISTANCE=%g;" % (g.close_distance * 1000.0),
-        "PHI=%g;" % (g.phi0 * rtd), "OSC_START=%g;" % (g.phi0 * rtd), "OSC_RANGE=%g;" % (g.osc * rtd),
-        "TWOTHETA=%g;" % (g.twotheta * rtd),
-        "DETECTOR_SN=000;", "BEAMLINE=fake;",
+        "{",
+        f"HEADER_BYTES={HEADER_BYTES};",
+        "DIM=2;",
+        f"BYTE_ORDER={byte_order or byte_order_name()};",
+        "TYPE=unsigned_short;",
+        "SIZE1=%d;" % g.fpixels,
+        "SIZE2=%d;" % g.spixels,
+        f"PIXEL_SIZE={_g(px * 1000.0)};",
+        f"DISTANCE={_g(g.distance * 1000.0)};",
+        f"WAVELENGTH={_g(g.wavelength * 1e10)};",
+        f"BEAM_CENTER_X={_g(g.Xbeam * 1000.0)};",
+        f"BEAM_CENTER_Y={_g(g.Ybeam * 1000)};",
+        f"ADXV_CENTER_X={_g(g.Fbeam * 1000.0)};",
+        f"ADXV_CENTER_Y={_g((g.detsize_s - g.Sbeam) * 1000)};",
+        f"MOSFLM_CENTER_X={_g((g.Sbeam - 0.5 * px) * 1000.0)};",
+        f"MOSFLM_CENTER_Y={_g((g.Fbeam - 0.5 * px) * 1000)};",
+        f"DENZO_X_BEAM={_g((g.Sbeam + zero) * 1000.0)};",
+        f"DENZO_Y_BEAM={_g((g.Fbeam + zero) * 1000)};",
+        "DIALS_ORIGIN=%s,%s,%s" % tuple(_g(v) for v in g.dials_origin),
+        f"XDS_ORGX={_g(g.ORGX)};",
+        f"XDS_ORGY={_g(g.ORGY)};",
+        f"CLOSE_DISTANCE={_g(g.close_distance * 1000.0)};",
+        f"PHI={_g(phi)};",
+        f"OSC_START={_g(phi)};",
+        f"OSC_RANGE={_g(g.osc * _RTD)};",
+        f"TWOTHETA={_g(g.twotheta * _RTD)};",
+        "DETECTOR_SN=000;",
+        "BEAMLINE=fake;",
     ]
     return "\n".join(lines) + "\n}\f"
 
 
-def smv_bytes(data: np.ndarray, header: str) -> bytes:
+def smv_bytes(data: np.ndarray, header: Union[str, SMVGeometry], denzo_sign: float = -1.0) -> bytes:
+    """Whole file: header padded with spaces to 512 bytes, then native uint16 pixels.
+
+    ``header`` is the text from ``header_text`` or an ``SMVGeometry``.
+    """
+    if isinstance(header, SMVGeometry):
+        header = header_text(header, denzo_sign)
     head = header.encode("ascii")
     if len(head) > HEADER_BYTES:
-        raise InputError("SMV header longer than 512 bytes")
-    body = np.ascontiguousarray(data, dtype=np.uint16).astype("=u2").tobytes()
+        # the original would write the longer header while still declaring
+        # 512 bytes, which no reader can use
+        raise InputError(f"SMV header needs {len(head)} bytes, more than {HEADER_BYTES}")
+    arr = np.asarray(data)
+    if arr.ndim != 2:
+        raise ValueError("SMV data must be 2-D (spixels, fpixels)")
+    body = np.ascontiguousarray(arr, dtype=np.uint16).astype("=u2").tobytes()
     return head + b" " * (HEADER_BYTES - len(head)) + body
 
 
-def write_smv(path: str, data: np.ndarray, header: str) -> None:
+def write_smv(path, data: np.ndarray, header: Union[str, SMVGeometry], denzo_sign: float = -1.0) -> None:
+    """Write an SMV file whole or not at all (see ``smv_bytes``)."""
     from .atomic import atomic_write
-    atomic_write(path, smv_bytes(data, header))
+    atomic_write(path, smv_bytes(data, header, denzo_sign))
 
 
 def parse_header(text: str) -> dict[str, str]:
-    out = {}
-    for item in text.replace("\n", ";").split(";"):
+    """``KEY=value;`` pairs of a header (later keys win, like the original's lookup)."""
+    out: dict[str, str] = {}
+    body = text.split("}", 1)[0]
+    for item in re.split(r"[;\n]", body):
         if "=" in item:
             key, _, value = item.partition("=")
-            out[key.strip().strip("{}")] = value.strip()
+            key = key.strip().lstrip("{").strip()
+            if key:
+                out[key] = value.strip()
     return out
 
 
-def read_smv(path: str) -> tuple[dict[str, str], np.ndarray]:
-    """Header (key -> text) and data (SIZE2, SIZE1). Both byte orders; types
-    unsigned_short, signed_short, unsigned_long/int (32 bit) and float."""
-    if not os.path.isfile(path):
-        raise InputError(f"cannot read SMV file {path}: no such file")
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if not raw.startswith(b"{") or b"HEADER_BYTES" not in raw[:200]:
-        raise InputError(f"{path} is not an SMV image (no '{{ HEADER_BYTES=' header)")
-    end = raw.find(b"}")
-    header = parse_header(raw[:end if end > 0 else HEADER_BYTES].decode("ascii", "replace"))
+def value_of(header_text: str, keyword: str) -> float:
+    """The original's header lookup: the number after the '=' that follows the
+    LAST occurrence of ``keyword`` anywhere in the header (so "DISTANCE" finds
+    CLOSE_DISTANCE in the original's own files, "ORGX" finds XDS_ORGX);
+    NaN when the keyword is absent, 0.0 when no '=' follows."""
+    idx = header_text.rfind(keyword)
+    if idx < 0:
+        return math.nan
+    rest = header_text[idx + len(keyword):]
+    eq = rest.find("=")
+    if eq < 0:
+        return 0.0
+    return _atof(rest[eq + 1:])
+
+
+_NUM = re.compile(r"\s*([+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|inf(?:inity)?|nan))",
+                  re.IGNORECASE)
+
+
+def _atof(text: str) -> float:
+    m = _NUM.match(text)
+    return float(m.group(1)) if m else 0.0
+
+
+_TYPES = {"unsigned_short": "u2", "signed_short": "i2", "unsigned_long": "u4", "unsigned_int": "u4",
+          "signed_long": "i4", "signed_int": "i4", "long": "i4", "int": "i4",
+          "float": "f4", "float_ieee": "f4", "float32": "f4", "double": "f8"}
+
+
+def read_smv_header(path) -> tuple[str, bytes]:
+    """(header text, whole file bytes); raises ``InputError`` for anything not SMV."""
     try:
-        size = int(float(header["HEADER_BYTES"]))
-    except (KeyError, ValueError):
-        raise InputError(f"{path}: SMV header has no valid HEADER_BYTES") from None
-    header = parse_header(raw[:size].split(b"}")[0].decode("ascii", "replace"))
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise InputError(f"cannot read SMV file {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"cannot read SMV file {path}: it is a folder") from None
+    except OSError as exc:
+        raise InputError(f"cannot read SMV file {path}: {exc.strerror or exc}") from None
+    if not raw.startswith(b"{") or b"HEADER_BYTES" not in raw[:HEADER_BYTES]:
+        raise InputError(f"{path} is not an SMV image (it does not start with '{{ HEADER_BYTES=')")
+    first = raw[:HEADER_BYTES].decode("latin-1")
+    size = value_of(first.split("}", 1)[0], "HEADER_BYTES")
+    if not (size == size and size >= 1 and size == int(size)):
+        raise InputError(f"{path}: SMV header has no valid HEADER_BYTES")
+    size = int(size)
+    if len(raw) < size:
+        raise InputError(f"{path} is truncated: header says {size} bytes, file has {len(raw)}")
+    return raw[:size].decode("latin-1"), raw
+
+
+def read_smv(path) -> tuple[dict[str, str], np.ndarray]:
+    """Header (key -> text) and pixels shaped (SIZE2, SIZE1), native byte order.
+
+    Both byte orders (BYTE_ORDER) are read; TYPE may be unsigned_short (the
+    default), signed_short, unsigned/signed 32-bit, float or double.
+    """
+    text, raw = read_smv_header(path)
+    header = parse_header(text)
+    size = len(text)
     try:
         width, height = int(float(header["SIZE1"])), int(float(header["SIZE2"]))
     except (KeyError, ValueError):
         raise InputError(f"{path}: SMV header has no SIZE1/SIZE2") from None
     if width <= 0 or height <= 0:
         raise InputError(f"{path}: SMV image size {width}x{height} is not positive")
-    order = header.get("BYTE_ORDER", "little_endian").lower()
-    end_char = ">" if order.startswith("big") else "<"
-    kinds = {"unsigned_short": "u2", "signed_short": "i2", "unsigned_long": "u4", "unsigned_int": "u4",
-             "signed_long": "i4", "signed_int": "i4", "float": "f4", "float_ieee": "f4"}
-    kind = kinds.get(header.get("TYPE", "unsigned_short").lower())
+    order = header.get("BYTE_ORDER", byte_order_name()).lower()
+    if order.startswith("big"):
+        end = ">"
+    elif order.startswith("little"):
+        end = "<"
+    else:
+        raise InputError(f"{path}: unknown BYTE_ORDER {header.get('BYTE_ORDER')!r}")
+    kind = _TYPES.get(header.get("TYPE", "unsigned_short").lower())
     if kind is None:
-        raise InputError(f"{path}: unsupported SMV pixel type {header.get('TYPE')}")
-    dtype = np.dtype(end_char + kind)
+        raise InputError(f"{path}: unsupported SMV pixel type {header.get('TYPE')!r}")
+    dtype = np.dtype(end + kind)
     need = width * height * dtype.itemsize
     body = raw[size:size + need]
     if len(body) < need:
