@@ -26,6 +26,9 @@ from torchbragg import Simulator
 
 EPS, ATOL, RTOL = 1e-6, 1e-5, 1e-3
 DEVICE = os.environ.get("TORCHBRAGG_GRAD_DEVICE", "cpu")
+# CUDA accumulates index gradients with atomics, so repeated backward passes may
+# differ in the last bits; on CPU they must be bit-identical.
+NONDET_TOL = 0.0 if DEVICE == "cpu" else 1e-12
 HERE = os.path.relpath(__file__, os.path.join(os.path.dirname(__file__), ".."))
 
 CELL = "-cell 100 110 120 85 95 100"
@@ -45,7 +48,7 @@ class Case:
     param: str  # row of the coverage table, e.g. "crystal.misset[0]"
     attr: str  # "crystal.misset"
     index: int | None  # component of a vector parameter, None: the whole tensor
-    flags: str  # added to BASE; {mat} and {hkl} become input files
+    flags: str  # added to BASE; {mat}, {hkl} and {wide} become input files
     unit: float  # parameter = x * unit, so the checked x is O(1)
     second_order: bool
     line: int
@@ -134,9 +137,9 @@ def _misset_matrix(sim):
     return ph.rotation_xyz(sim.crystal.misset.double() * torch.pi / 180)
 
 
-def build(c: Case, files, dtype="float64", extra=""):
+def build(c: Case, files, dtype="float64"):
     cell = "" if "-mat" in c.flags else CELL
-    argv = shlex.split(f"{cell} {BASE} {c.flags.format(**files)} {extra}".replace("float64", dtype))
+    argv = shlex.split(f"{cell} {BASE} {c.flags.format(**files)}".replace("float64", dtype))
     return Simulator.from_args(argv, device=DEVICE)
 
 
@@ -219,13 +222,20 @@ def record(request, c, check, passed, seconds, **fields):
         fh.write(json.dumps(row) + "\n")
 
 
+def _require_graph(request, c, check, f, x0, t0):
+    if not f(x0.detach().requires_grad_(True)).requires_grad:
+        record(request, c, check, False, time.perf_counter() - t0, error="no autograd path to the parameter")
+        pytest.fail(f"{c.param}: the image has no autograd path to the parameter")
+
+
 @pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)
 def test_gradcheck(c, inputs, request):
     t0 = time.perf_counter()
     sim = build(c, inputs)
     f, x0 = functional(sim, c)
+    _require_graph(request, c, "gradcheck", f, x0, t0)
     ok = torch.autograd.gradcheck(f, (x0.requires_grad_(True),), eps=EPS, atol=ATOL, rtol=RTOL,
-                                  raise_exception=False)
+                                  nondet_tol=NONDET_TOL, raise_exception=False)
     err = errors(*jacobians(f, x0, EPS), ATOL, RTOL)
     record(request, c, "gradcheck", ok, time.perf_counter() - t0, eps=EPS, atol=ATOL, rtol=RTOL, **err)
     assert ok, f"{c.param}: analytic and numerical Jacobians differ ({err})"
@@ -237,8 +247,10 @@ def test_gradgradcheck(c, inputs, request):
     t0 = time.perf_counter()
     sim = build(c, inputs)
     f, x0 = functional(sim, c)
+    _require_graph(request, c, "gradgradcheck", f, x0, t0)
     x0.requires_grad_(True)
-    ok = torch.autograd.gradgradcheck(f, (x0,), eps=EPS, atol=ATOL, rtol=RTOL, raise_exception=False)
+    ok = torch.autograd.gradgradcheck(f, (x0,), eps=EPS, atol=ATOL, rtol=RTOL, nondet_tol=NONDET_TOL,
+                                      raise_exception=False)
     # the same comparison on one fixed vector-Jacobian product, for the record
     v = torch.linspace(1.0, -0.5, f(x0).numel(), dtype=x0.dtype, device=x0.device)
 
@@ -262,7 +274,8 @@ def test_gradient_reaches_parameter(c, inputs, request):
     param.requires_grad_(True)
     img = sim.render()
     weights = torch.linspace(0.5, 1.5, img.numel(), dtype=img.dtype, device=img.device).reshape(img.shape)
-    (img * weights).sum().backward()
+    if img.requires_grad:
+        (img * weights).sum().backward()
     grad = param.grad
     part = None if grad is None else (grad if c.index is None else grad[c.index])
     ok = part is not None and bool(torch.isfinite(grad).all()) and bool((part != 0).any())
@@ -275,7 +288,6 @@ def test_gradient_reaches_parameter(c, inputs, request):
 
 def test_chunked_render_gradient_matches(inputs):
     """Rendering in checkpointed chunks gives the same gradient as one chunk."""
-    c = CASES[0]
     grads = []
     for chunk in (None, 50):
         argv = shlex.split(f"{CELL} {BASE}")
@@ -284,7 +296,6 @@ def test_chunked_render_gradient_matches(inputs):
         sim.detector.distance.requires_grad_(True)
         (sim.render() ** 2).sum().backward()
         grads.append(torch.stack([sim.crystal.cell_a.grad, sim.detector.distance.grad]))
-    assert c.param == "crystal.cell_a"
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=0)
 
 

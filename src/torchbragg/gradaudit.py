@@ -141,6 +141,13 @@ class _Recorder:
             fh.write(text.rstrip() + "\n")
 
 
+def _uses_compile() -> bool:
+    """Whether any module of the package calls torch.compile (read from the source)."""
+    pkg = Path(__file__).resolve().parent
+    return any("torch.compile(" in p.read_text(errors="replace") for p in pkg.rglob("*.py")
+               if p.name != "gradaudit.py")
+
+
 def _environment(root: Path, commit: str, dirty: bool | None, device: str, child_env: dict) -> dict:
     import numpy
     import torch
@@ -165,9 +172,8 @@ def _environment(root: Path, commit: str, dirty: bool | None, device: str, child
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "checked_device": device,
         "dtype": "float64 (gradcheck, gradgradcheck); float32 (end-to-end loss check)",
-        "compile": {"env": COMPILE_ENV, "value": child_env.get(COMPILE_ENV),
-                    "torch_compile_used": False,
-                    "note": "the simulator runs eagerly; the switch is off by default"},
+        "compile": {"env": COMPILE_ENV, "value": child_env.get(COMPILE_ENV), "default": "off (unset)",
+                    "torch_compile_in_package": _uses_compile()},
         # as the test run saw them
         "env": {**{k: child_env.get(k) for k in RELEVANT_ENV},
                 **{k: v for k, v in sorted(child_env.items()) if k.startswith("TORCHBRAGG_")}},
@@ -270,8 +276,13 @@ def _write_report(bundle: Path, ctx: dict) -> None:
         add("- CUDA: **pending** (no CUDA device on this machine; `torch.cuda.is_available()` is False). "
             "Rerun with `torchbragg gradcheck --device cuda` where one exists.")
     comp = env["compile"]
-    add(f"- `{COMPILE_ENV}` = {comp['value']!r}: the switch exists for compiled kernels and is off by default; "
-        "the simulator does not call torch.compile, so every check here exercises eager autograd.")
+    state = "unset" if comp["value"] is None else repr(comp["value"])
+    if comp["torch_compile_in_package"]:
+        add(f"- `{COMPILE_ENV}` (the switch for compiled kernels, off by default): {state} in this run.")
+    else:
+        add(f"- `{COMPILE_ENV}` (the switch for compiled kernels, off by default): {state} in this run. The "
+            "simulator does not call torch.compile, so the switch changes nothing and every check here "
+            "exercises eager autograd.")
     add("")
 
     add("## Coverage: first and second order (float64)\n")
@@ -305,6 +316,12 @@ def _write_report(bundle: Path, ctx: dict) -> None:
         add("Other tests in the run:\n")
         for nodeid, j in ctx["other"]:
             add(f"- `{nodeid}`: {j['outcome']} ({j['seconds']:.2f} s)")
+        add("")
+
+    if ctx["failures"]:
+        add("## Failures\n")
+        for nodeid, j in ctx["failures"]:
+            add(f"- `{nodeid}`: {j['outcome']}: {j['message'] or 'see gradcheck.log'}")
         add("")
 
     add("## Parameters not covered\n")
@@ -479,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                pytest_seconds=pytest_seconds, collect_seconds=collect_seconds,
                selection=shlex.join(selection) if subset else "", device=args.device, rows=rows, other=other,
                uncovered=uncovered, missing_second=missing_second, second_ran=second_ran,
+               failures=[(k, j) for k, j in junit.items() if j["outcome"] in ("failed", "error")],
                warnings=_warnings(log),
                reproduce=shlex.join(["torchbragg", "gradcheck", *flags, "--out", "reports/gradients/NEW"]),
                pytest_cmd=f"TORCHBRAGG_GRAD_RECORD=records.jsonl TORCHBRAGG_GRAD_DEVICE={args.device} "

@@ -48,7 +48,7 @@ def write_all(sim, info, image, out) -> None:
 
     mask = None if det.mask is None else det.mask.reshape(det.spixels, det.fpixels)
     st = stats.image_statistics(img, roi=det.roi, mask=mask, pixel_size_m=float(det.pixel_size) / 1000.0,
-                                oversample=det.oversample)
+                                oversample=det.oversample, omp_threads=2)
     scale = stats.intfile_scale(o.int_scale, st.max_I)
     for line in stats.format_report(st, scale):
         print(line, file=out)

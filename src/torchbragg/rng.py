@@ -17,7 +17,8 @@ contraction, the GCC default wherever the target has FMA instructions).  It
 changes the rejection branch of ``poidev`` (means of 12 and more) and the
 Gaussian branch, so those functions take ``fma=True`` by default; pass
 ``fma=False`` for a plain x86-64 build without FMA.  The small-mean branch,
-``ran1`` and the mosaic draws are the same either way.
+``ran1`` and the mosaic draws (axis and angle factor) are the same either
+way; matrices built from the draws may differ in the last bit.
 
 Seeds: the C stores ``seed = -atoi(arg)`` for ``-seed``, ``-mosaic_seed`` and
 ``-misset_seed``, so a user value of 12345 is the stored seed -12345.  All

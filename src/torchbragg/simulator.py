@@ -289,12 +289,13 @@ class Simulator:
         flat = grid.reshape(-1)
         strides = (dims[1] * dims[2], dims[2], 1)
         if not xtal.interpolate:
-            h0 = torch.ceil(hkl - 0.5)
-            rel = h0 - mins
-            inside = ((rel >= 0) & (rel < size)).all(-1)
-            rel = torch.where(inside.unsqueeze(-1), rel, torch.zeros_like(rel)).long()
-            lin = rel[..., 0] * strides[0] + rel[..., 1] * strides[1] + rel[..., 2]
-            f = torch.where(inside, flat[lin], xtal.default_F)
+            # one layer of default_F around the table: indices clamp onto it when out of range
+            padded = torch.nn.functional.pad(grid - xtal.default_F, (1, 1, 1, 1, 1, 1)) + xtal.default_F
+            pdims = padded.shape
+            rel = torch.ceil(hkl - 0.5) - mins + 1
+            rel = torch.minimum(torch.clamp(rel, min=0), size + 1).long()
+            lin = (rel[..., 0] * pdims[1] + rel[..., 1]) * pdims[2] + rel[..., 2]
+            f = padded.reshape(-1)[lin]
             return f * f
         # tricubic: the 4x4x4 neighbourhood, only where it lies inside the table
         inside = ((hkl - mins + 3 <= size) & (hkl - 2 >= mins)).all(-1)

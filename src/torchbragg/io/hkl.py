@@ -93,8 +93,6 @@ def read_hkl(path, default_F: float = 0.0) -> HKLTable:
                              f"(expected 'h k l F')") from None
         if len(vals) != 4:
             raise InputError(f"{path}:{lineno}: expected four numbers 'h k l F', found {len(vals)}")
-        if not all(math.isfinite(v) for v in vals):
-            raise InputError(f"{path}:{lineno}: numbers must be finite")
         for name, v in zip("hkl", vals[:3]):
             if v != math.ceil(v - 0.4):
                 warnings.append(f"WARNING: non-integer value for {name} ({v:g}) at line {len(rows)}")

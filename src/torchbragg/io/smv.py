@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -51,7 +50,8 @@ def _g(x: float) -> str:
     return "%g" % x
 
 
-def header_text(g: SMVGeometry, denzo_sign: float = -1.0, byte_order: str | None = None) -> str:
+def header_text(g: SMVGeometry, denzo_sign: float = -1.0, byte_order: str | None = None,
+                header_bytes: int | None = None) -> str:
     """Header text up to and including the closing brace and form feed.
 
     Keys, order and ``%g`` formatting follow the original; each value is
@@ -60,13 +60,24 @@ def header_text(g: SMVGeometry, denzo_sign: float = -1.0, byte_order: str | None
     ``S + 0.0*pixel`` in the noise image (``denzo_sign=+1``): the same number
     except when the centre is -0.0, which prints as ``-0`` only in the first.
     DIALS_ORIGIN has no trailing semicolon, as in the original.
+
+    The header block is 512 bytes.  Only unusually long numbers make the text
+    longer; the original then writes it anyway, still declaring 512, which
+    shifts the pixels for every reader, so here the block grows to 1024
+    (``header_bytes`` forces a size).
     """
+    if header_bytes is None:
+        text = header_text(g, denzo_sign, byte_order, HEADER_BYTES)
+        if len(text) <= HEADER_BYTES:
+            return text
+        size = -(-len(text) // HEADER_BYTES) * HEADER_BYTES
+        return header_text(g, denzo_sign, byte_order, size)
     px = float(g.pixel_size)
     zero = (-0.0 if denzo_sign < 0 else 0.0) * px
     phi = g.phi0 * _RTD
     lines = [
         "{",
-        f"HEADER_BYTES={HEADER_BYTES};",
+        f"HEADER_BYTES={header_bytes};",
         "DIM=2;",
         f"BYTE_ORDER={byte_order or byte_order_name()};",
         "TYPE=unsigned_short;",
@@ -100,20 +111,25 @@ def header_text(g: SMVGeometry, denzo_sign: float = -1.0, byte_order: str | None
 def smv_bytes(data: np.ndarray, header: Union[str, SMVGeometry], denzo_sign: float = -1.0) -> bytes:
     """Whole file: header padded with spaces to 512 bytes, then native uint16 pixels.
 
-    ``header`` is the text from ``header_text`` or an ``SMVGeometry``.
+    ``header`` is the text from ``header_text`` or an ``SMVGeometry``; the
+    block is padded to the size its HEADER_BYTES declares.
     """
     if isinstance(header, SMVGeometry):
         header = header_text(header, denzo_sign)
     head = header.encode("ascii")
-    if len(head) > HEADER_BYTES:
-        # the original would write the longer header while still declaring
-        # 512 bytes, which no reader can use
-        raise InputError(f"SMV header needs {len(head)} bytes, more than {HEADER_BYTES}")
+    size = int(_declared_size(header))
+    if len(head) > size:
+        raise InputError(f"SMV header needs {len(head)} bytes, more than its HEADER_BYTES={size}")
     arr = np.asarray(data)
     if arr.ndim != 2:
         raise ValueError("SMV data must be 2-D (spixels, fpixels)")
     body = np.ascontiguousarray(arr, dtype=np.uint16).astype("=u2").tobytes()
-    return head + b" " * (HEADER_BYTES - len(head)) + body
+    return head + b" " * (size - len(head)) + body
+
+
+def _declared_size(text: str) -> float:
+    v = value_of(text.split("}", 1)[0], "HEADER_BYTES")
+    return HEADER_BYTES if v != v or v < 1 else v
 
 
 def write_smv(path, data: np.ndarray, header: Union[str, SMVGeometry], denzo_sign: float = -1.0) -> None:

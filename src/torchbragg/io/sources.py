@@ -1,36 +1,80 @@
-"""Source files for -sourcefile: one source per line, `X Y Z weight lambda`."""
+"""Source files for -sourcefile: one source per line, ``X Y Z weight lambda``."""
 
 from __future__ import annotations
 
 import math
-import re
 
 from ..errors import InputError
+from .hkl import _NUMBER
 
-_DELIMS = r"[ \t,;:!]+"
+# the original's column separators
+DELIMITERS = " \t,;:!"
+_SPLIT = str.maketrans({c: " " for c in DELIMITERS})
 
 
-def read_sources(path: str) -> list[tuple[float, float, float, float, float]]:
-    """Rows of (X, Y, Z, weight, lambda in metres); a missing column is NaN
-    (the original then puts the source 10 m up-beam, weight 1, the beam's
-    wavelength). Blank lines are skipped; a token that is not a number is an error."""
+def _number(tok: str) -> float:
+    if _NUMBER.match(tok) or tok.lower() in ("nan", "+nan", "-nan"):
+        return float(tok)
+    raise ValueError(tok)
+
+
+def read_text_columns(path, ncols: int, what: str = "text") -> list[tuple[float, ...]]:
+    """Rows of ``ncols`` numbers, the original's multi-column text format.
+
+    Columns are separated by any run of space, tab, comma, semicolon, colon
+    or exclamation mark; a line holding only separators is skipped; missing
+    columns are NaN (a value may also be given as ``nan``); columns beyond
+    ``ncols`` are ignored.  Where the original reads any other text as 0
+    (comments included), this is an ``InputError`` naming the line.  The
+    original also turns missing columns of a last line without a newline into
+    0 rather than NaN; here they are NaN like on every other line.
+    """
     try:
-        lines = open(path).read().splitlines()
+        with open(path, "r", encoding="latin-1") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"cannot read {what} file {path}: no such file") from None
     except OSError as exc:
-        raise InputError(f"cannot read source file {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
     rows = []
     for lineno, line in enumerate(lines, 1):
-        toks = [t for t in re.split(_DELIMS, line.strip()) if t]
+        toks = line.translate(_SPLIT).split()
         if not toks:
             continue
         vals = []
-        for t in toks[:5]:
+        for tok in toks[:ncols]:
             try:
-                vals.append(float(t))
+                vals.append(_number(tok))
             except ValueError:
-                raise InputError(f"{path}:{lineno}: '{t}' is not a number") from None
-        vals += [math.nan] * (5 - len(vals))
+                raise InputError(f"{path}:{lineno}: '{tok[:40]}' is not a number") from None
+        vals += [math.nan] * (ncols - len(vals))
         rows.append(tuple(vals))
+    return rows
+
+
+def read_sources(path) -> list[tuple[float, float, float, float, float]]:
+    """Rows of (X, Y, Z, weight, lambda in metres); a missing column is NaN.
+
+    The original then fills a missing position with the point 10 m up-beam
+    (-source_distance * beam direction, per component), a missing weight
+    with 1 and a missing wavelength with the beam's (``source_defaults``).
+    An empty file is an ``InputError`` (the original exits with an error).
+    """
+    rows = read_text_columns(path, 5, "source")
     if not rows:
         raise InputError(f"{path}: no sources")
     return rows
+
+
+def source_defaults(rows, beam_vector, wavelength_m: float, source_distance: float = 10.0):
+    """The original's defaults for NaN columns (beam_vector: unit, towards the sample)."""
+    out = []
+    for x, y, z, w, lam in rows:
+        out.append((
+            -source_distance * beam_vector[0] if math.isnan(x) else x,
+            -source_distance * beam_vector[1] if math.isnan(y) else y,
+            -source_distance * beam_vector[2] if math.isnan(z) else z,
+            1.0 if math.isnan(w) else w,
+            wavelength_m if math.isnan(lam) else lam,
+        ))
+    return out

@@ -1,0 +1,85 @@
+"""Poisson noise images against the original's noise files."""
+
+import numpy as np
+import pytest
+
+import golden
+from torchbragg.noise import _noise_image_reference, noise_image
+from torchbragg.stats import format_report
+
+# case -> (stored seed, ADC offset)
+CASES = {
+    "outputs_int_noise_pgm": (-123, 40.0),
+    "outputs_scaled": (-456, 10.0),
+    "noise_high_counts": (-99, 40.0),  # means up to 6.6e6: all three poidev branches
+}
+
+
+def _reference_pixels(case):
+    m = golden.MANIFEST[case]
+    raw = golden.reference(case, "noise.img")
+    return np.frombuffer(raw[512:], "<u2").reshape(m["spixels"], m["fpixels"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_noise_image_is_byte_identical(case):
+    seed, adc = CASES[case]
+    noisy, photons, overloads = noise_image(golden.float_image(case), seed, adc)
+    assert noisy.dtype == np.uint16
+    assert np.array_equal(noisy, _reference_pixels(case))
+    line = format_report(photons=photons, overloads=overloads)[0]
+    assert line in golden.stdout(case).splitlines()
+
+
+def test_plain_build_differs_only_where_fma_matters():
+    # a build without fused multiply-add (plain x86-64 gcc) gives
+    # "959159003 photons on noise image (1157 overloads)" for this case
+    img = golden.float_image("noise_high_counts")
+    noisy, photons, overloads = noise_image(img, -99, 40.0, fma=False)
+    assert format_report(photons=photons, overloads=overloads) == [
+        "959159003 photons on noise image (1157 overloads)"]
+    ref = _reference_pixels("noise_high_counts")
+    # identical until the stream first passes through a fused rejection step
+    first = int(np.argmax((noisy != ref).ravel()))
+    assert first > 0 and (noisy != ref).ravel()[first]
+    assert (img.ravel()[:first] >= 12.0).any()
+    small, _, _ = noise_image(golden.float_image("outputs_scaled"), -456, 10.0, fma=False)
+    assert np.array_equal(small, _reference_pixels("outputs_scaled"))
+
+
+def test_fast_loop_equals_reference_loop():
+    rs = np.random.default_rng(7)
+    img = np.concatenate([
+        rs.random((6, 40)) * 3,            # small means
+        rs.random((6, 40)) * 30 + 11,      # around the 12 threshold and above
+        rs.random((2, 40)) * 2e4,          # rejection, large
+        np.full((1, 40), 2.5e6),           # Gaussian branch
+        np.array([[0.0, -3.0, np.nan, 1e-30, 12.0, 11.999999] * 6 + [7.0] * 4]),
+    ]).astype(np.float32)
+    for fma in (True, False):
+        for roi in (None, (3, 30, 2, 12)):
+            a = noise_image(img, -31, 40.0, roi=roi, fma=fma)
+            b = _noise_image_reference(img, -31, 40.0, roi=roi, fma=fma)
+            assert np.array_equal(a[0], b[0])
+            assert a[1] == b[1] or (np.isnan(a[1]) and np.isnan(b[1]))
+            assert a[2] == b[2]
+
+
+def test_roi_outside_stays_zero_and_overloads_are_counted():
+    img = np.full((8, 10), 70000.0, dtype=np.float32)
+    noisy, photons, overloads = noise_image(img, -5, 40.0, roi=(2, 4, 1, 3))
+    assert overloads == 9
+    assert (noisy[1:4, 2:5] == 65535).all()
+    inside = np.zeros(img.shape, bool)
+    inside[1:4, 2:5] = True
+    assert (noisy[~inside] == 0).all()
+    assert photons > 9 * 69000
+
+
+def test_same_seed_same_image():
+    img = (np.random.default_rng(0).random((20, 20)) * 50).astype(np.float32)
+    a = noise_image(img, -8, 40.0)
+    b = noise_image(img, -8, 40.0)
+    c = noise_image(img, -9, 40.0)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert not np.array_equal(a[0], c[0])
