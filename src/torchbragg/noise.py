@@ -44,8 +44,49 @@ def _to_ushort(v: float) -> int:
     return int(v) & 0xFFFF
 
 
+def _load_compiled():
+    """The compiled loop (_noise.c) through ctypes, or None when it was not built."""
+    import ctypes
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("torchbragg._noise")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    fn = lib.tb_noise_image
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_long, ctypes.c_double, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_long)]
+    return fn
+
+
+_COMPILED = _load_compiled()
+
+
+def compiled_available() -> bool:
+    return _COMPILED is not None
+
+
+def _noise_image_compiled(img, seed, adc_offset, roi, fma):
+    import ctypes
+    spixels, fpixels = img.shape
+    out = np.zeros((spixels, fpixels), dtype=np.uint16)
+    xmin, xmax, ymin, ymax = _roi_bounds(roi, spixels, fpixels)
+    photons, overloads = ctypes.c_double(0.0), ctypes.c_long(0)
+    if xmin <= xmax and ymin <= ymax:
+        _COMPILED(img.ctypes.data, spixels, fpixels, xmin, xmax, ymin, ymax, int(seed), float(adc_offset),
+                  int(bool(fma)), out.ctypes.data, ctypes.byref(photons), ctypes.byref(overloads))
+    return out, photons.value, int(overloads.value)
+
+
 def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
-                roi=None, prior: Optional[Ran1] = None, fma: bool = True):
+                roi=None, prior: Optional[Ran1] = None, fma: bool = True, compiled: Optional[bool] = None):
     """Poisson-noise version of ``float_image`` as the C's noise file.
 
     float_image: (spixels, fpixels) photons per pixel (cast to float32).
@@ -59,9 +100,15 @@ def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
 
     Returns (uint16 image, total photons, overload count).
     """
-    img = np.asarray(float_image, dtype=np.float32)
+    img = np.ascontiguousarray(float_image, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError("float_image must be 2-D (spixels, fpixels)")
+    if compiled is None:
+        compiled = _COMPILED is not None
+    if compiled and prior is None:
+        if _COMPILED is None:
+            raise RuntimeError("the compiled noise loop was not built")
+        return _noise_image_compiled(img, seed, adc_offset, roi, fma)
     spixels, fpixels = img.shape
     out = np.zeros((spixels, fpixels), dtype=np.uint16)
     xmin, xmax, ymin, ymax = _roi_bounds(roi, spixels, fpixels)
