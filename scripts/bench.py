@@ -3,7 +3,8 @@
 
 Every measurement runs in a fresh subprocess inside a scratch folder:
 
-  render   time of torchbragg.cli.main(argv + ['-floatfile', tmp]) inside a
+  render   time of torchbragg.cli.main(argv + ['-floatfile', tmp, '-nonoise',
+           '-nopgm']) inside a
            child process, after its imports
   command  wall time of `python -m torchbragg ...` as a whole process
   RSS      peak resident memory of that process (os.wait4)
@@ -157,7 +158,7 @@ def bench_render(argv, scratch: Path, env) -> dict:
     d = fresh_dir(scratch, "render")
     out = d / "result.json"
     r = run_measured([sys.executable, "-c", RENDER_CHILD,
-                      json.dumps(argv + ["-floatfile", str(d / "float.bin")]), str(out)],
+                      json.dumps(argv + ["-floatfile", str(d / "float.bin"), "-nonoise", "-nopgm"]), str(out)],
                      d, env)
     if r["rc"] != 0 or not out.exists():
         raise RuntimeError(f"torchbragg render failed (status {r['rc']}): {r['stderr']}")

@@ -141,10 +141,11 @@ class Simulator:
         fdet = sub * (fpix[:, None] * os_ + k) + sub / 2  # (P, os)
         sdet = sub * (spix[:, None] * os_ + k) + sub / 2
         odet = det.layer_step() * t(list(range(det.thicksteps)))  # (T,)
-        pos = (fdet[:, None, None, :, None] * geo["fdet"]
-               + sdet[:, None, :, None, None] * geo["sdet"]
-               + odet[None, :, None, None, None] * geo["odet"]
-               + geo["pix0"])
+        # (fast, slow, depth) coordinates of every sub-pixel, then one product with the frame
+        coords = torch.stack(torch.broadcast_tensors(fdet[:, None, None, :], sdet[:, None, :, None],
+                                                     odet[None, :, None, None]), -1)
+        frame = torch.stack([geo["fdet"], geo["sdet"], geo["odet"]])
+        pos = (coords.reshape(-1, 3) @ frame + geo["pix0"]).reshape(coords.shape)
         pos = pos.reshape(idx.numel(), det.thicksteps, os_ * os_, 3)
         if det.curved:
             # keep every pixel at the beam distance: flat coordinates become angles
