@@ -60,3 +60,26 @@ def test_default_output_names(tmp_path):
     assert rc == 0
     for name in ("floatimage.bin", "intimage.img", "image.pgm", "noiseimage.img"):
         assert (folder / name).exists(), name
+
+
+def test_printout_pixel_reports_that_pixel(tmp_path):
+    rc, text = golden.run_cli(["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "10", "-N", "2",
+                               "-detpixels", "8", "-nonoise", "-nopgm", "-floatfile", "f.bin",
+                               "-printout_pixel", "3", "5"], tmp_path)
+    assert rc == 0
+    image = np.fromfile(tmp_path / "f.bin", "<f4").reshape(8, 8)
+    line = [l for l in text.splitlines() if l.startswith("   3    5 : pixel")]
+    assert len(line) == 1
+    assert float(line[0].split()[-1]) == pytest.approx(float(image[5, 3]), rel=1e-6)
+    rc, text = golden.run_cli(["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "10", "-N", "2",
+                               "-detpixels", "8", "-nonoise", "-nopgm", "-floatfile", "f.bin", "-printout",
+                               "-roi", "1", "2", "3", "4"], tmp_path)
+    assert sum(": pixel" in l for l in text.splitlines()) == 4
+
+
+def test_progress_meter_counts_to_100(tmp_path):
+    rc, text = golden.run_cli(["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "10", "-N", "2",
+                               "-detpixels", "64", "-nonoise", "-nopgm", "-floatfile", "f.bin", "-progress"], tmp_path)
+    assert rc == 0
+    done = [int(l.split("%")[0]) for l in text.splitlines() if l.endswith("% done")]
+    assert done and done[-1] == 100 and done == sorted(done)

@@ -135,8 +135,12 @@ def run(argv: list[str], out=None) -> int:
         print(line, file=out)
     for line in geometry_report(sim, info):
         print(line, file=out)
+    progress = None
+    if info.config.output.progress:
+        def progress(done, total):
+            print("%d%% done" % (100 * done // max(total, 1)), file=out, flush=True)
     with torch.no_grad():
-        image = sim.render()
+        image = sim.render(progress)
     outputs.write_all(sim, info, image, out)
     return 0
 

@@ -359,12 +359,17 @@ simple("-scale", 1, "float", G, "intfile scale (default: automatic)", "output", 
 simple("-adc", 1, "float", G, "offset added to SMV pixels (default 40)", "output", "adc_offset")
 simple("-seed", 1, "int", G, "noise seed (default: from the clock)", "output", "seed")
 FLAGS.append(Flag(("-printout",), 0, "switch", lambda cfg, v: setattr(cfg.output, "printout", True),
-                  "print pixel details", G))
-simple("-printout_pixel", 2, "int", G, "print details of one pixel: fast slow", "output", "printout_pixel")
+                  "print every rendered pixel's value", G))
+
+
+@flag("-printout_pixel", 2, "int", G, "print the value of one pixel: fast slow")
+def _printout_pixel(cfg, v):
+    cfg.output.printout = True
+    cfg.output.printout_pixel = tuple(v)
 FLAGS.append(Flag(("-noprogress",), 0, "switch", lambda cfg, v: setattr(cfg.output, "progress", False),
                   "no progress meter (default)", G))
 FLAGS.append(Flag(("-progress",), 0, "switch", lambda cfg, v: setattr(cfg.output, "progress", True),
-                  "show a progress meter", G))
+                  "print the percentage rendered as it goes", G))
 
 
 @flag("-dtype", 1, "str", G, "float32 (default) or float64")

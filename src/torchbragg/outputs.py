@@ -36,6 +36,19 @@ def smv_geometry(sim, cfg) -> SMVGeometry:
         phi0=float(xtal.phi0) * DEG, osc=float(xtal.osc) * DEG, twotheta=float(det.twotheta) * DEG)
 
 
+def pixel_printout(img: np.ndarray, roi, pixel=None) -> list[str]:
+    """`fast slow : value` for one pixel (-printout_pixel) or every ROI pixel (-printout)."""
+    if pixel is not None:
+        f, s = pixel
+        if not (0 <= f < img.shape[1] and 0 <= s < img.shape[0]):
+            return [f"pixel {f} {s} is outside the {img.shape[1]}x{img.shape[0]} detector"]
+        return ["%4d %4d : pixel %15.10g" % (f, s, img[s, f])]
+    xmin, xmax, ymin, ymax = roi
+    return ["%4d %4d : pixel %15.10g" % (f, s, img[s, f])
+            for s in range(ymin, min(ymax, img.shape[0] - 1) + 1)
+            for f in range(xmin, min(xmax, img.shape[1] - 1) + 1)]
+
+
 def write_all(sim, info, image, out) -> None:
     cfg = info.config
     o = cfg.output
@@ -43,6 +56,9 @@ def write_all(sim, info, image, out) -> None:
     paths = output_paths(cfg)
     img = np.ascontiguousarray(image.detach().to("cpu", torch.float32).numpy())
 
+    if o.printout:
+        for line in pixel_printout(img, det.roi, o.printout_pixel):
+            print(line, file=out)
     print(f"writing {paths['floatfile']} as {img.size} 4-byte floats", file=out)
     atomic_write(paths["floatfile"], img.astype("<f4").tobytes())
 

@@ -71,6 +71,17 @@ def rotation_xyz(angles: torch.Tensor) -> torch.Tensor:
     return rotation_z(angles[..., 2]) @ rotation_y(angles[..., 1]) @ rotation_x(angles[..., 0])
 
 
+def skew(v: torch.Tensor) -> torch.Tensor:
+    """Cross-product matrix: skew(v) @ u == cross(v, u)."""
+    x, y, z = v[..., 0], v[..., 1], v[..., 2]
+    zero = torch.zeros_like(x)
+    return torch.stack([
+        torch.stack([zero, -z, y], -1),
+        torch.stack([z, zero, -x], -1),
+        torch.stack([-y, x, zero], -1),
+    ], -2)
+
+
 def rotation_axis_angle(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Right-handed rotation by `angle` (radians) about unit `axis` (Rodrigues).
 
@@ -78,13 +89,7 @@ def rotation_axis_angle(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor
     angle = torch.as_tensor(angle)
     c = torch.cos(angle)[..., None, None]
     s = torch.sin(angle)[..., None, None]
-    x, y, z = axis[..., 0], axis[..., 1], axis[..., 2]
-    zero = torch.zeros_like(x)
-    k = torch.stack([
-        torch.stack([zero, -z, y], -1),
-        torch.stack([z, zero, -x], -1),
-        torch.stack([-y, x, zero], -1),
-    ], -2)
+    k = skew(axis)
     outer = axis[..., :, None] * axis[..., None, :]
     eye = torch.eye(3, dtype=axis.dtype, device=axis.device)
     return c * eye + s * k + (1 - c) * outer
@@ -102,13 +107,7 @@ def rotation_vector_matrix(rotvec: torch.Tensor) -> torch.Tensor:
     small = theta2 < 1e-12
     a = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
     b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / (theta2 + 1e-30))
-    x, y, z = rotvec[..., 0], rotvec[..., 1], rotvec[..., 2]
-    zero = torch.zeros_like(x)
-    k = torch.stack([
-        torch.stack([zero, -z, y], -1),
-        torch.stack([z, zero, -x], -1),
-        torch.stack([-y, x, zero], -1),
-    ], -2)
+    k = skew(rotvec)
     eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
     return eye + a[..., None, None] * k + b[..., None, None] * (k @ k)
 

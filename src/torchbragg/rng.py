@@ -458,13 +458,13 @@ def umat2misset(umat) -> tuple[float, float, float]:
         m = norm(a, b, c)
         return (a / m, b / m, c / m) if m > 0 else (a, b, c)
 
-    mx, my, mz = norm(uxx, uxy, uxz), norm(uyx, uyy, uyz), norm(uzx, uzy, uzz)
-    if mx > 0:
-        uxx, uxy, uxz = uxx / mx, uxy / mx, uxz / mx
-    if my > 0:
-        uyx, uyy, uyz = uyx / my, uyy / my, uyz / my
-    if mz > 0:
-        uzx, uzy, uzz = uzx / mz, uzy / mz, uzz / mz
+    def unit_rows(*rows):
+        """Each row scaled to unit length (zero rows kept), and the lengths."""
+        lengths = tuple(norm(*r) for r in rows)
+        return (*(unit(*r) for r in rows), lengths)
+
+    (uxx, uxy, uxz), (uyx, uyy, uyz), (uzx, uzy, uzz), (mx, my, mz) = unit_rows(
+        (uxx, uxy, uxz), (uyx, uyy, uyz), (uzx, uzy, uzz))
     if mx >= 0 and my <= 0 and mz <= 0:
         uyx, uyy, uyz = 0.0, 1.0, 0.0
         uzx, uzy, uzz = 0.0, 0.0, 1.0
@@ -486,13 +486,8 @@ def umat2misset(umat) -> tuple[float, float, float]:
         if mz <= 0:
             uzx, uzy, uzz = xcy
 
-    mx, my, mz = norm(uxx, uxy, uxz), norm(uyx, uyy, uyz), norm(uzx, uzy, uzz)
-    if mx > 0:
-        uxx, uxy, uxz = uxx / mx, uxy / mx, uxz / mx
-    if my > 0:
-        uyx, uyy, uyz = uyx / my, uyy / my, uyz / my
-    if mz > 0:
-        uzx, uzy, uzz = uzx / mz, uzy / mz, uzz / mz
+    (uxx, uxy, uxz), (uyx, uyy, uyz), (uzx, uzy, uzz), (mx, my, mz) = unit_rows(
+        (uxx, uxy, uxz), (uyx, uyy, uyz), (uzx, uzy, uzz))
 
     if uzx * uzx < 1.0:
         rotx = math.atan2(uzy, uzz)

@@ -98,8 +98,9 @@ class Simulator:
         return torch.nonzero(keep.flatten(), as_tuple=False).squeeze(1)
 
     # ------------------------------------------------------------------ render
-    def render(self) -> torch.Tensor:
-        """The float image, shape (spixels, fpixels), photons per pixel."""
+    def render(self, progress=None) -> torch.Tensor:
+        """The float image, shape (spixels, fpixels), photons per pixel.
+        `progress(done, total)` is called after every chunk of pixels."""
         det, beam, xtal = self.detector, self.beam, self.crystal
         geo = det.geometry(beam.beam_direction)
         incident, lam = beam.sources()
@@ -123,6 +124,8 @@ class Simulator:
                 values.append(checkpoint(self._pixels, idx, *params, use_reentrant=False))
             else:
                 values.append(self._pixels(idx, *params))
+            if progress is not None:
+                progress(min(start + chunk, pixels.numel()), pixels.numel())
         flat = torch.zeros(det.spixels * det.fpixels, dtype=self.dtype, device=self.device)
         if values:
             flat = flat.index_put((pixels,), torch.cat(values))
@@ -161,13 +164,14 @@ class Simulator:
         P, T = idx.numel(), det.thicksteps
         running = det.oversample_thick or det.oversample_polar or det.oversample_omega
         pos = self._positions(idx, geo)
-        airpath = ph.norm(pos)  # (P,T,Sub)
+        airpath = torch.linalg.vector_norm(pos, dim=-1)  # (P,T,Sub)
         diffracted = pos / airpath.unsqueeze(-1)
         d = diffracted.unsqueeze(-2)  # (P,T,Sub,1,3)
-        scattering = (d - incident) / lam.unsqueeze(-1)  # (P,T,Sub,Src,3), 1/Angstrom
         valid = None
         if det.dmin > 0:
-            stol = 0.5 * ph.norm(scattering)
+            # |d - i| of unit vectors from their dot product: no (P,T,Sub,Src,3) array needed
+            cos2t = (diffracted.reshape(-1, 3) @ incident.T).reshape(*diffracted.shape[:-1], -1)
+            stol = 0.5 * torch.sqrt(torch.clamp(2.0 - 2.0 * cos2t, min=0.0)) / lam
             valid = ~((stol > 0) & (det.dmin > 0.5 / stol))
 
         # Per-pixel factors; the original evaluates them once per pixel unless
@@ -191,8 +195,7 @@ class Simulator:
             inc = incident if full_polar else incident[:1]
             polar = ph.polarization_factor(beam.polarization, inc, dp, axis)
 
-        n_orient = orient.shape[0]
-        hkl = (scattering.reshape(-1, 3) @ orient.reshape(-1, 3).T).reshape(*scattering.shape[:-1], n_orient, 3)
+        hkl = self._miller_indices(diffracted, incident, lam, orient)  # (P,T,Sub,Src,M,3)
         intensity = self._lattice_sq(hkl, recip)  # (P,T,Sub,Src,M)
         f_sq = self._structure_factor_sq(hkl)
         if valid is not None:
@@ -213,6 +216,21 @@ class Simulator:
         if not det.oversample_omega:
             result = result * omega[:, 0, 0]
         return result
+
+    @staticmethod
+    def _miller_indices(diffracted, incident, lam, orient):
+        """h = a . (d - i) / lambda for every sub-pixel, source and orientation,
+        as one product of the diffracted rays with the cell vectors (the
+        incident part is the same for every pixel)."""
+        n_src, n_orient = lam.shape[0], orient.shape[0]
+        cells = orient.reshape(-1, 3).T  # (3, M*3)
+        per_source = cells.unsqueeze(0) / lam[:, None, None]  # (Src, 3, M*3)
+        offset = (incident.unsqueeze(1) @ per_source).reshape(n_src, n_orient, 3)
+        hkl = diffracted.reshape(-1, 3) @ per_source.permute(1, 0, 2).reshape(3, -1)
+        hkl = hkl.reshape(*diffracted.shape[:-1], n_src, n_orient, 3)
+        if hkl.requires_grad or offset.requires_grad:
+            return hkl - offset
+        return hkl.sub_(offset)
 
     def _first_polar(self, polar, valid):
         """The polarization factor of the first sub-pixel and source that was
