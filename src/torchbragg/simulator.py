@@ -36,14 +36,13 @@ def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> 
 def _sincg_sq_product_inplace(hkl: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Same value as the differentiable grating transform in `_lattice_sq`,
     computed in place for renders that need no gradient (2-3x faster)."""
-    x = hkl - torch.round(hkl)
-    x.mul_(math.pi)
+    # distance from the nearest node, nudged by 1e-30 so that a point exactly on
+    # a node gives sin(N x)/sin(x) = N instead of 0/0
+    x = torch.round(hkl).sub_(hkl).mul_(-math.pi).add_(1e-30)
     s = torch.sin(x)
     x.mul_(n).sin_().div_(s)
-    for axis, cells in enumerate(n.tolist()):
-        x[..., axis].nan_to_num_(nan=cells)  # exactly on a node: the limit N
-    x.mul_(x)
-    return x[..., 0].mul_(x[..., 1]).mul_(x[..., 2])
+    f = x.prod(-1)
+    return f.mul_(f)
 
 
 class Simulator:
