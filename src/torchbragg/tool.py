@@ -17,7 +17,7 @@ commands:
 DEMO_ARGS = ["-cell", "78", "78", "38", "90", "90", "90", "-default_F", "100", "-N", "8",
              "-lambda", "1.0", "-distance", "120", "-detpixels", "512", "-pixel", "0.1",
              "-misset", "10", "20", "30", "-mosaic", "0.2", "-mosaic_dom", "4", "-mosaic_seed", "7",
-             "-water", "50", "-seed", "1", "-oversample", "1"]
+             "-water", "0.01", "-seed", "1", "-oversample", "1"]
 
 
 def demo(argv: list[str]) -> int:
