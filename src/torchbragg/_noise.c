@@ -150,3 +150,15 @@ int tb_noise_image(const float *image, int spixels, int fpixels, int xmin, int x
     *overloads = over;
     return 0;
 }
+
+/* out[i] = a[i]*b + c with one rounding, as the reference build computes pixel*scale + adc. */
+void tb_fma_array(const double *a, long n, double b, double c, double *out) {
+    for (long i = 0; i < n; i++) out[i] = fma(a[i], b, c);
+}
+
+/* The sum of values[0..n) added one at a time, left to right, in double. */
+double tb_running_sum(const double *values, long n) {
+    double total = 0.0;
+    for (long i = 0; i < n; i++) total += values[i];
+    return total;
+}

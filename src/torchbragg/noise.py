@@ -44,8 +44,8 @@ def _to_ushort(v: float) -> int:
     return int(v) & 0xFFFF
 
 
-def _load_compiled():
-    """The compiled loop (_noise.c) through ctypes, or None when it was not built."""
+def compiled_library():
+    """The compiled helpers (_noise.c) through ctypes, or None when they were not built."""
     import ctypes
     import importlib.util
     try:
@@ -58,15 +58,20 @@ def _load_compiled():
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
+    lib.tb_fma_array.restype = None
+    lib.tb_fma_array.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_double, ctypes.c_double, ctypes.c_void_p]
+    lib.tb_running_sum.restype = ctypes.c_double
+    lib.tb_running_sum.argtypes = [ctypes.c_void_p, ctypes.c_long]
     fn = lib.tb_noise_image
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                    ctypes.c_int, ctypes.c_long, ctypes.c_double, ctypes.c_int, ctypes.c_void_p,
                    ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_long)]
-    return fn
+    return lib
 
 
-_COMPILED = _load_compiled()
+_LIB = compiled_library()
+_COMPILED = None if _LIB is None else _LIB.tb_noise_image
 
 
 def compiled_available() -> bool:

@@ -53,6 +53,10 @@ def _seq_sum(values: np.ndarray) -> float:
     # the C adds one pixel at a time; a running sum keeps its rounding
     if values.size == 0:
         return 0.0
+    from .noise import _LIB
+    if _LIB is not None:
+        v = np.ascontiguousarray(values, dtype=np.float64)
+        return float(_LIB.tb_running_sum(v.ctypes.data, v.size))
     return float(np.add.accumulate(values, dtype=np.float64)[-1])
 
 
@@ -171,6 +175,12 @@ def _fma_np(a: np.ndarray, b: float, c: float) -> np.ndarray:
     doubles; adding the small parts first leaves only one rounding that
     matters.
     """
+    from .noise import _LIB
+    if _LIB is not None:
+        src = np.ascontiguousarray(a, dtype=np.float64)
+        out = np.empty_like(src)
+        _LIB.tb_fma_array(src.ctypes.data, src.size, float(b), float(c), out.ctypes.data)
+        return out
     a = np.asarray(a, dtype=np.float64)
     b = np.float64(b)
     c = np.float64(c)
