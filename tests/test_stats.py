@@ -110,3 +110,19 @@ def test_scales_and_formatting():
                  (1e6, "1e+06")]:
         assert stats.c_g(x) == s
     assert stats.format_report(photons=38259.4, overloads=0) == ["38259 photons on noise image (0 overloads)"]
+
+
+def test_compiled_and_python_helpers_agree(monkeypatch):
+    """The fused multiply-add and running sum give the same bits with or
+    without the compiled helpers."""
+    import torchbragg.noise as noise_mod
+    from torchbragg import stats as st
+    if noise_mod._LIB is None:
+        pytest.skip("compiled helpers not built")
+    rng = np.random.default_rng(3)
+    vals = np.concatenate([rng.exponential(50.0, 20000), [0.0, 1e-300, 65534.5, 1e30]])
+    fast_fma = st._fma_np(vals, 462.846, 40.0)
+    fast_sum = st._seq_sum(vals)
+    monkeypatch.setattr(noise_mod, "_LIB", None)
+    np.testing.assert_array_equal(st._fma_np(vals, 462.846, 40.0), fast_fma)
+    assert st._seq_sum(vals) == fast_sum
