@@ -1,11 +1,9 @@
 """nb-compare against small stand-in programs (no original nanoBragg needed)."""
 
 import json
-import os
 import stat
 import struct
 import sys
-import textwrap
 import zlib
 
 import numpy as np

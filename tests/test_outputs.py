@@ -1,6 +1,5 @@
 """Files and report of a whole run against the original's, byte for byte."""
 
-import gzip
 
 import numpy as np
 import pytest

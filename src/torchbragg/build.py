@@ -4,6 +4,7 @@ resolves the original's defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -169,29 +170,28 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
             info.messages.append("WARNING: clipping sample (%g m %s) with beam (%g m)"
                                  % (sizes[i] * 1e-3, "high" if i == 1 else "wide", beamsize_m))
             sizes[i] = b.beamsize
-    mosaic_draws = None
-    spread = c.mosaic_spread
-    probe = Crystal(c, spindle, b.wavelength, b.beamsize, dtype=torch.float64, A_matrix=A_matrix,
+    probe = Crystal(c, spindle, b.wavelength, dtype=torch.float64, A_matrix=A_matrix,
                     random_misset=random_misset)
+    mosaic_draws = None
     if probe._mosaic_on and probe.mosaic_domains > 1:
-        mosaic_draws = rng.mosaic_domain_draws(spread * math.pi / 180.0, probe.mosaic_domains, -c.mosaic_seed)
+        mosaic_draws = rng.mosaic_domain_draws(c.mosaic_spread * math.pi / 180.0, probe.mosaic_domains,
+                                               -c.mosaic_seed)
+    n_cells = list(c.N)
     if any(s is not None and s > 0 for s in sizes):
         lengths = torch.linalg.norm(probe.real_vectors(), dim=-1).tolist()
-        n = list(c.N)
         for i in range(3):
             if sizes[i] is not None and sizes[i] > 0:
-                n[i] = float(math.ceil(sizes[i] * 1e7 / lengths[i]))
-        c.N = tuple(max(x, 1.0) for x in n)
-    else:
-        c.N = tuple(max(x, 1.0) for x in c.N)
-    crystal = Crystal(c, spindle, b.wavelength, b.beamsize, dtype=dtype, device=device, hkl=hkl,
+                n_cells[i] = float(math.ceil(sizes[i] * 1e7 / lengths[i]))
+    # the original picks interpolation from the -N flags, before a sample size sets N
+    interpolate = c.interpolate if c.interpolate is not None else min(c.N) <= 2
+    sized = dataclasses.replace(c, N=tuple(max(x, 1.0) for x in n_cells), interpolate=interpolate)
+    crystal = Crystal(sized, spindle, b.wavelength, dtype=dtype, device=device, hkl=hkl,
                       A_matrix=A_matrix, mosaic_draws=mosaic_draws, random_misset=random_misset)
+    crystal.auto_interpolate = c.interpolate is None
     # the automatic oversampling is an integer decision: take it in float64 from the config values
+    probe.N = torch.tensor(sized.N, dtype=torch.float64)
     from .simulator import recommended_oversample
-    recommended = recommended_oversample(
-        Crystal(c, spindle, b.wavelength, b.beamsize, dtype=torch.float64, A_matrix=A_matrix,
-                random_misset=random_misset),
-        Beam(b, conv, dtype=torch.float64, sources=sources),
-        Detector(d, dtype=torch.float64, mask=mask, notes=[]))
+    recommended = recommended_oversample(probe, Beam(b, conv, dtype=torch.float64, sources=sources),
+                                         Detector(d, dtype=torch.float64, mask=mask, notes=[]))
     sim = Simulator(crystal, beam, detector, chunk_elements=chunk_elements, recommended=recommended)
     return sim, info

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import physics as ph
-from .config import (BeamConfig, CrystalConfig, DetectorConfig, SimulationConfig, auto_steps,
+from .config import (BeamConfig, CrystalConfig, DetectorConfig, auto_steps,
                      sweep_is_off)
 from .errors import InputError
 
@@ -80,7 +80,6 @@ class Beam(_Model):
             n, disp, step = 1, 0.0, 0.0
         self.dispsteps = n
         self.dispersion = self._t(disp)
-        self._disp_step_given = False  # the step always follows the range here
 
         self.div = {}
         for axis in ("h", "v"):
@@ -181,7 +180,7 @@ class Crystal(_Model):
     """Unit cell and orientation, spindle sweep, mosaic domains, size and spot
     shape, and the structure factors."""
 
-    def __init__(self, cfg: CrystalConfig, spindle_axis, wavelength_A: float, beamsize_mm: float | None,
+    def __init__(self, cfg: CrystalConfig, spindle_axis, wavelength_A: float,
                  dtype=torch.float32, device="cpu", hkl: StructureFactors | None = None,
                  A_matrix: np.ndarray | None = None, mosaic_draws=None, random_misset=None):
         self.dtype, self.device = dtype, torch.device(device)
@@ -301,9 +300,6 @@ class Crystal(_Model):
         full = mos.unsqueeze(0) @ spin.unsqueeze(1)  # (phi, mos, 3, 3)
         oriented = real.unsqueeze(0).unsqueeze(0) @ full.transpose(-1, -2)
         return oriented.reshape(-1, 3, 3).to(self.dtype)
-
-    def size_cells(self) -> tuple[float, float, float]:
-        return tuple(float(x) for x in self.N.detach().cpu())
 
 
 # ----------------------------------------------------------------------------- detector
@@ -467,8 +463,3 @@ class Detector(_Model):
                    Fclose=fclose_out, Sclose=sclose_out, close_distance=close_out,
                    distance=close_out / ratio, ratio=ratio)
         return {k: v.to(dtype or self.dtype) for k, v in geo.items()}
-
-
-def mm(x: torch.Tensor) -> float:
-    """Report helper: a scalar tensor in metres as a float (never in the render path)."""
-    return float(x.detach().cpu())

@@ -6,7 +6,6 @@ otherwise (-nopgm, -nonoise); every file is written whole or not at all."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
