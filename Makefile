@@ -11,7 +11,6 @@ $(BIN)/python:
 
 # torch is installed on its own first so pip takes the pinned CPU wheel rather than a multi-GB build.
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $(STAMP)

@@ -45,3 +45,17 @@ def test_float64_on_request_and_parameters_listed():
     names = set(sim.crystal.parameters()) | set(sim.detector.parameters()) | set(sim.beam.parameters())
     for name in ("cell_a", "misset", "mosaic_spread", "N", "distance", "beam_center", "wavelength", "fluence"):
         assert name in names
+
+
+def test_misset_random_prints_and_uses_the_originals_draw(tmp_path):
+    base = ["-cell", "100", "100", "100", "90", "90", "90", "-N", "5", "-lambda", "1.0", "-default_F", "100",
+            "-distance", "100", "-detpixels", "96", "-nonoise", "-nopgm"]
+    rc, text = golden.run_cli(base + ["-misset", "random", "-misset_seed", "12345", "-floatfile", "r.bin"], tmp_path)
+    assert rc == 0
+    # the angles the original prints for this seed
+    assert "random orientation misset angles: 105.720755 -34.951318 -97.823571 deg" in text
+    rc, _ = golden.run_cli(base + ["-misset", "105.720755", "-34.951318", "-97.823571", "-floatfile", "e.bin"],
+                           tmp_path)
+    random_image = np.fromfile(tmp_path / "r.bin", "<f4")
+    explicit = np.fromfile(tmp_path / "e.bin", "<f4")
+    assert golden.parity(random_image, explicit)["r"] > 0.9999
