@@ -101,12 +101,14 @@ def test_help_lists_every_flag(capsys):
             assert n in text
 
 
-def test_errors_and_help_answer_fast_without_torch():
-    """A fresh process answers -h and a bad flag without importing torch."""
-    code = ("import sys, time; t=time.time(); from torchbragg.cli import main; "
-            "rc=main(sys.argv[1:]); assert 'torch' not in sys.modules; print(time.time()-t); sys.exit(rc)")
-    for argv, status in ((["-h"], 0), (["-cell", "1", "-oops"], 2)):
+def test_help_and_errors_do_not_import_torch():
+    """A fresh process answers -h, a bad flag and a missing file without
+    importing torch (what keeps them fast; scripts/bench.py times them)."""
+    code = ("import sys; from torchbragg.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    for argv, status in ((["-h"], 0), (["-cell", "1", "-oops"], 2),
+                         (["-cell", "1", "-default_F", "1", "-hkl", "/no/such.hkl"], 2)):
         p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
         assert p.returncode == status, p.stderr
         assert "Traceback" not in p.stderr
-        assert float(p.stdout.strip().splitlines()[-1]) < 0.5
+        assert p.stdout.strip().splitlines()[-1] == "False"
