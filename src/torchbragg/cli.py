@@ -26,6 +26,7 @@ def geometry_report(sim, info) -> list[str]:
     numbers, plus the detector origin (pix0) which it leaves implicit."""
     import torch
 
+    from .outputs import smv_geometry
     from .physics import cross
 
     det, beam, xtal = sim.detector, sim.beam, sim.crystal
@@ -92,10 +93,10 @@ def geometry_report(sim, info) -> list[str]:
         lines.append("  spindle ROTATION_AXIS= " + _vec(xtal.spindle_axis))
         pol = torch.as_tensor(beam.polar_direction, dtype=torch.float64)
         lines.append("  POLARIZATION_PLANE_NORMAL= " + _vec(cross(g["beam"], pol)))
-        p0 = g["pix0"]
-        lines.append("  dials origin= " + _vec([1000 * float(p0[2]), 1000 * float(p0[1]), -1000 * float(p0[0])]))
-        lines.append("  pix0_vector= " + _vec(p0))
-        lines.append("  XDS ORGX=%g ORGY=%g" % (float(g["Fclose"]) / px + 0.5, float(g["Sclose"]) / px + 0.5))
+        header = smv_geometry(sim)  # the same derived values the image headers carry
+        lines.append("  dials origin= " + _vec(header.dials_origin))
+        lines.append("  pix0_vector= " + _vec(g["pix0"]))
+        lines.append("  XDS ORGX=%g ORGY=%g" % (header.ORGX, header.ORGY))
         lines.append("  roi: %d < x < %d && %d < y < %d" % det.roi)
         lines.append("  hdivrange=%g hdivstep=%g  radians" % (beam.div["h"]["range"], beam.div["h"]["step"]))
         lines.append("  vdivrange=%g vdivstep=%g  radians" % (beam.div["v"]["range"], beam.div["v"]["step"]))

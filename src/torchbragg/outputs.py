@@ -18,7 +18,7 @@ from .validate import output_paths
 DEG = math.pi / 180.0
 
 
-def smv_geometry(sim, cfg) -> SMVGeometry:
+def smv_geometry(sim) -> SMVGeometry:
     det, beam, xtal = sim.detector, sim.beam, sim.crystal
     with torch.no_grad():
         g = {k: float(v) if v.dim() == 0 else v.cpu().tolist()
@@ -67,7 +67,7 @@ def write_all(sim, info, image, out) -> None:
     scale = stats.intfile_scale(o.int_scale, st.max_I)
     for line in stats.format_report(st, scale):
         print(line, file=out)
-    geometry = smv_geometry(sim, cfg)
+    geometry = smv_geometry(sim)
     ints = stats.int_image(img, scale, o.adc_offset, roi=det.roi, max_I=st.max_I)
     print(f"writing {paths['intfile']} as 2-byte integers", file=out)
     atomic_write(paths["intfile"], smv_bytes(ints, header_text(geometry, denzo_sign=-1.0)))
