@@ -23,7 +23,7 @@ def test_config_api_equals_command_line(tmp_path):
     cfg.detector.distance = 100
     cfg.detector.fpixels = cfg.detector.spixels = 64
     with torch.no_grad():
-        image = Simulator.from_config(cfg).render().numpy()
+        image = Simulator.from_config(cfg).render()[0].numpy()
     np.testing.assert_array_equal(image, cli_image)
     assert parse_args(argv) == cfg
 
@@ -42,9 +42,12 @@ def test_float64_on_request_and_parameters_listed():
     sim = Simulator.from_args(["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "1",
                                "-detpixels", "8"], dtype=torch.float64)
     assert sim.render().dtype == torch.float64
-    names = set(sim.crystal.parameters()) | set(sim.detector.parameters()) | set(sim.beam.parameters())
-    for name in ("cell_a", "misset", "mosaic_spread", "N", "distance", "beam_center", "wavelength", "fluence"):
+    names = {name for name, _ in sim.named_parameters()}
+    for name in ("crystal.cell", "crystal.misset", "crystal.mosaic_spread", "crystal.N",
+                 "detector.panels.0.frame.distance", "detector.panels.0.frame.beam_center", "beam.wavelength",
+                 "beam.fluence", "scan.oscillation"):
         assert name in names
+    assert all(p.dtype == torch.float64 and not p.requires_grad for p in sim.parameters())
 
 
 def test_misset_random_prints_and_uses_the_originals_draw(tmp_path):

@@ -27,19 +27,21 @@ def geometry_report(sim, info) -> list[str]:
     import torch
 
     from .outputs import smv_geometry
-    from .physics import cross
 
-    det, beam, xtal = sim.detector, sim.beam, sim.crystal
+    beam, xtal, opt = sim.beam, sim.crystal, sim.options
+    panel = sim.detector.panels[0]
+    mount = panel.frame
     cfg = info.config
     lines = []
     with torch.no_grad():
-        g = {k: v.cpu() for k, v in det.geometry(beam.beam_direction, torch.float64).items()}
-        lines.append(f"{det.convention.lower()} convention selected.")
-        lines.append("pivoting detector around sample" if det.pivot == "SAMPLE"
+        g = {k: v.cpu() for k, v in mount.geometry(beam.incident()).items()}
+        mm = {k: g[k] / 1000.0 for k in ("pix0", "Fbeam", "Sbeam", "Fclose", "Sclose", "distance")}
+        lines.append(f"{info.convention.lower()} convention selected.")
+        lines.append("pivoting detector around sample" if mount.pivot == "SAMPLE"
                      else "pivoting detector around direct beam spot")
         b = g["beam"]
         lines.append("XDS incident beam: " + _vec([float(b @ g["fdet"]), float(b @ g["sdet"]), float(b @ g["odet"])]))
-        if xtal.auto_interpolate:
+        if info.auto_interpolate:
             lines.append("auto-selected tricubic interpolation of structure factors" if min(cfg.crystal.N) <= 2
                          else "auto-selected no interpolation")
         real = xtal.real_vectors().double().cpu()
@@ -66,50 +68,50 @@ def geometry_report(sim, info) -> list[str]:
         n = xtal.N.double().cpu()
         lines.append("crystal is %g x %g x %g microns" % tuple((lengths * n * 1e-4).tolist()))
         if sim.oversample_auto:
-            lines.append("auto-selected %d-fold oversampling" % det.oversample)
+            lines.append("auto-selected %d-fold oversampling" % sim.oversample)
         incident, lam = beam.sources()
         lines.append("  created a total of %d sources:" % lam.numel())
         lines.append("  created a total of %d mosaic domains" % xtal.mosaic_domains)
         lines.append("  %d initialized hkls (all others =%g)" % (info.hkl_count, cfg.crystal.default_F))
         lines.append("  wave=%g meters +/- %g%% in %d steps" % (float(beam.wavelength) * 1e-10,
-                                                              float(beam.dispersion) * 100, beam.dispsteps))
-        lines.append("  polarization effect disabled" if beam.nopolar
-                     else "  Kahn polarization factor: %f" % float(beam.polarization))
-        lines.append("  incident fluence: %g photons/m^2" % float(beam.effective_fluence()))
-        px = float(det.pixel_size) * 1e-3
+                                                              float(beam.dispersion) * 100, beam.dispersion_steps))
+        lines.append("  Kahn polarization factor: %f" % float(beam.kahn_factor()) if opt.polarization
+                     else "  polarization effect disabled")
+        lines.append("  incident fluence: %g photons/m^2" % float(beam.fluence))
+        px = float(panel.pixel_size[0]) * 1e-3
         lines.append("  distance=%g detsize=%gx%g  pixel=%g meters (%dx%d pixels)"
-                     % (float(g["distance"]), det.detsize_f * 1e-3, det.detsize_s * 1e-3, px, det.fpixels, det.spixels))
+                     % (float(mm["distance"]), info.detsize[0] * 1e-3, info.detsize[1] * 1e-3, px,
+                        panel.fpixels, panel.spixels))
         lines.append("  sensor is %g m thick in %d layers with mu= %g"
-                     % (float(det.thickness), det.thicksteps, det.mu_reported))
-        bc = det.beam_center.double().cpu() * 1e-3
-        lines.append("  Xbeam=%g Ybeam=%g" % (float(bc[0]), float(bc[1])))
-        lines.append("  Fbeam=%g Sbeam=%g" % (float(g["Fbeam"]), float(g["Sbeam"])))
-        lines.append("  Xclose=%g Yclose=%g" % (det.Xclose * 1e-3, det.Yclose * 1e-3))
-        lines.append("  Fclose=%g Sclose=%g" % (float(g["Fclose"]), float(g["Sclose"])))
+                     % (float(panel.thickness) * 1e-3, max(opt.sensor_layers, 1), info.mu_reported))
+        lines.append("  Xbeam=%g Ybeam=%g" % tuple(x * 1e-3 for x in info.beam_center))
+        lines.append("  Fbeam=%g Sbeam=%g" % (float(mm["Fbeam"]), float(mm["Sbeam"])))
+        lines.append("  Xclose=%g Yclose=%g" % tuple(x * 1e-3 for x in info.near_point))
+        lines.append("  Fclose=%g Sclose=%g" % (float(mm["Fclose"]), float(mm["Sclose"])))
         lines.append("  DIRECTION_OF_DETECTOR_X-AXIS= " + _vec(g["fdet"]))
         lines.append("  DIRECTION_OF_DETECTOR_Y-AXIS= " + _vec(g["sdet"]))
         lines.append("  DIRECTION_OF_DETECTOR_Z-AXIS= " + _vec(g["odet"]))
         lines.append("  INCIDENT_BEAM_DIRECTION= " + _vec(g["beam"]))
-        lines.append("  spindle ROTATION_AXIS= " + _vec(xtal.spindle_axis))
-        pol = torch.as_tensor(beam.polar_direction, dtype=torch.float64)
-        lines.append("  POLARIZATION_PLANE_NORMAL= " + _vec(cross(g["beam"], pol)))
-        header = smv_geometry(sim)  # the same derived values the image headers carry
+        lines.append("  spindle ROTATION_AXIS= " + _vec(sim.goniometer.rotation_axis.cpu()))
+        lines.append("  POLARIZATION_PLANE_NORMAL= " + _vec(beam.polarization_normal.cpu()))
+        header = smv_geometry(sim, info)  # the same derived values the image headers carry
         lines.append("  dials origin= " + _vec(header.dials_origin))
-        lines.append("  pix0_vector= " + _vec(g["pix0"]))
+        lines.append("  pix0_vector= " + _vec(mm["pix0"]))
         lines.append("  XDS ORGX=%g ORGY=%g" % (header.ORGX, header.ORGY))
-        lines.append("  roi: %d < x < %d && %d < y < %d" % det.roi)
-        lines.append("  hdivrange=%g hdivstep=%g  radians" % (beam.div["h"]["range"], beam.div["h"]["step"]))
-        lines.append("  vdivrange=%g vdivstep=%g  radians" % (beam.div["v"]["range"], beam.div["v"]["step"]))
-        lines.append("  %d divergence steps" % beam.n_divergence)
+        lines.append("  roi: %d < x < %d && %d < y < %d" % info.roi)
+        div = info.divergence
+        lines.append("  hdivrange=%g hdivstep=%g  radians" % (div["h"]["range"], div["h"]["step"]))
+        lines.append("  vdivrange=%g vdivstep=%g  radians" % (div["v"]["range"], div["v"]["step"]))
+        lines.append("  %d divergence steps" % info.n_divergence)
         lines.append("  %d sources" % lam.numel())
         lines.append("  %d mosaic domains over mosaic spread of %g degrees"
                      % (xtal.mosaic_domains, float(xtal.mosaic_spread)))
-        phi0, osc = float(xtal.phi0), float(xtal.osc)
-        lines.append("  %d phi steps from %g to %g degrees" % (xtal.phisteps, phi0, phi0 + osc))
-        extra = "".join(s for s, on in ((" +thick", det.oversample_thick), (" +polar", det.oversample_polar),
-                                        (" +omega", det.oversample_omega)) if on)
-        lines.append("  %dx%d pixel oversample steps%s" % (det.oversample, det.oversample, extra))
-        if det.mask is not None:
+        phi0, osc = info.phi_range
+        lines.append("  %d phi steps from %g to %g degrees" % (opt.phisteps, phi0, phi0 + osc))
+        extra = "".join(s for s, on in ((" +thick", opt.oversample_thick), (" +polar", opt.oversample_polar),
+                                        (" +omega", opt.oversample_omega)) if on)
+        lines.append("  %dx%d pixel oversample steps%s" % (sim.oversample, sim.oversample, extra))
+        if panel.mask is not None:
             lines.append("  skipping zero-flagged pixels in %s" % cfg.detector.mask_file)
         if cfg.output.calculate_noise:
             lines += ["", "  noise image paramters:", "  seed: %d" % info.noise_seed,
@@ -129,7 +131,7 @@ def run(argv: list[str], out=None) -> int:
     import torch
 
     from . import outputs
-    from .build import build_from_args
+    from .nanobragg import build_from_args
 
     sim, info = build_from_args(argv, write_dump=True)
     for line in info.messages:
@@ -141,9 +143,32 @@ def run(argv: list[str], out=None) -> int:
         def progress(done, total):
             print("%d%% done" % (100 * done // max(total, 1)), file=out, flush=True)
     with torch.no_grad():
-        image = sim.render(progress)
+        image = sim.render(progress=progress)[0]
+        check_image(image)  # before any file is written
     outputs.write_all(sim, info, image, out)
     return 0
+
+
+def check_image(image) -> None:
+    """Never write a non-finite or negative image: say what went wrong instead."""
+    import torch
+    bad = int((~torch.isfinite(image)).sum())
+    if bad:
+        raise InputError(f"the rendered image has {bad} NaN or infinite pixels: the intensities overflow or the "
+                         "inputs are degenerate; lower -default_F, -fluence or the structure factors, "
+                         "or try -dtype float64")
+    if bool((image < 0).any()):
+        raise InputError("the rendered image has negative pixels: check the detector geometry "
+                         "(-twotheta, -detector_rotx/y/z, detector vectors)")
+
+
+MEMORY_MESSAGE = "not enough memory for this detector; try a smaller -roi or fewer pixels"
+
+
+def _allocation_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("out of memory", "can't allocate memory", "cannot allocate memory",
+                                   "could not allocate", "failed to allocate"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,9 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoBragg: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
-        print("nanoBragg: error: not enough memory for this detector; try a smaller -roi or fewer pixels",
-              file=sys.stderr)
+        print(f"nanoBragg: error: {MEMORY_MESSAGE}", file=sys.stderr)
         return 3
+    except RuntimeError as exc:  # torch.OutOfMemoryError and allocator or device failures
+        if _allocation_failure(exc):
+            print(f"nanoBragg: error: {MEMORY_MESSAGE}", file=sys.stderr)
+            return 3
+        text = str(exc).strip().splitlines()
+        if text and any(w in text[0] for w in ("CUDA", "cuda", "device", "MPS")):
+            print(f"nanoBragg: error: the device failed: {text[0][:200]}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("nanoBragg: interrupted", file=sys.stderr)
         return 130

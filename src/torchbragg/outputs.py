@@ -18,21 +18,24 @@ from .validate import output_paths
 DEG = math.pi / 180.0
 
 
-def smv_geometry(sim) -> SMVGeometry:
-    det, beam, xtal = sim.detector, sim.beam, sim.crystal
+def smv_geometry(sim, info) -> SMVGeometry:
+    """The values an SMV header of the original carries, in metres and radians."""
+    panel = sim.detector.panels[0]
     with torch.no_grad():
         g = {k: float(v) if v.dim() == 0 else v.cpu().tolist()
-             for k, v in det.geometry(beam.beam_direction, torch.float64).items()}
-    px = float(det.pixel_size) / 1000.0
-    pix0 = g["pix0"]
+             for k, v in panel.frame.geometry(sim.beam.incident()).items()}
+        px = float(panel.pixel_size[0]) / 1000.0
+        phi0, osc = (x * DEG for x in info.phi_range)
+        twotheta = float(panel.frame.twotheta) * DEG
+    pix0 = [x / 1000.0 for x in g["pix0"]]
     return SMVGeometry(
-        fpixels=det.fpixels, spixels=det.spixels, pixel_size=px, distance=g["distance"],
-        wavelength=float(beam.wavelength) / 1e10, Xbeam=float(det.beam_center[0]) / 1000.0,
-        Ybeam=float(det.beam_center[1]) / 1000.0, Fbeam=g["Fbeam"], Sbeam=g["Sbeam"],
-        detsize_s=det.detsize_s / 1000.0,
+        fpixels=panel.fpixels, spixels=panel.spixels, pixel_size=px, distance=g["distance"] / 1000.0,
+        wavelength=float(sim.beam.wavelength) / 1e10, Xbeam=info.beam_center[0] / 1000.0,
+        Ybeam=info.beam_center[1] / 1000.0, Fbeam=g["Fbeam"] / 1000.0, Sbeam=g["Sbeam"] / 1000.0,
+        detsize_s=info.detsize[1] / 1000.0,
         dials_origin=(1000.0 * pix0[2], 1000.0 * pix0[1], -1000.0 * pix0[0]),
-        ORGX=g["Fclose"] / px + 0.5, ORGY=g["Sclose"] / px + 0.5, close_distance=g["close_distance"],
-        phi0=float(xtal.phi0) * DEG, osc=float(xtal.osc) * DEG, twotheta=float(det.twotheta) * DEG)
+        ORGX=g["Fclose"] / 1000.0 / px + 0.5, ORGY=g["Sclose"] / 1000.0 / px + 0.5,
+        close_distance=g["close_distance"] / 1000.0, phi0=phi0, osc=osc, twotheta=twotheta)
 
 
 def pixel_printout(img: np.ndarray, roi, pixel=None) -> list[str]:
@@ -51,24 +54,25 @@ def pixel_printout(img: np.ndarray, roi, pixel=None) -> list[str]:
 def write_all(sim, info, image, out) -> None:
     cfg = info.config
     o = cfg.output
-    det = sim.detector
+    panel = sim.detector.panels[0]
+    roi = info.roi
     paths = output_paths(cfg)
     img = np.ascontiguousarray(image.detach().to("cpu", torch.float32).numpy())
 
     if o.printout:
-        for line in pixel_printout(img, det.roi, o.printout_pixel):
+        for line in pixel_printout(img, roi, o.printout_pixel):
             print(line, file=out)
     print(f"writing {paths['floatfile']} as {img.size} 4-byte floats", file=out)
     atomic_write(paths["floatfile"], img.astype("<f4").tobytes())
 
-    mask = None if det.mask is None else det.mask.reshape(det.spixels, det.fpixels)
-    st = stats.image_statistics(img, roi=det.roi, mask=mask, pixel_size_m=float(det.pixel_size) / 1000.0,
-                                oversample=det.oversample, omp_threads=2)
+    mask = None if panel.mask is None else panel.mask.cpu().numpy()
+    st = stats.image_statistics(img, roi=roi, mask=mask, pixel_size_m=float(panel.pixel_size[0]) / 1000.0,
+                                oversample=sim.oversample, omp_threads=2)
     scale = stats.intfile_scale(o.int_scale, st.max_I)
     for line in stats.format_report(st, scale):
         print(line, file=out)
-    geometry = smv_geometry(sim)
-    ints = stats.int_image(img, scale, o.adc_offset, roi=det.roi, max_I=st.max_I)
+    geometry = smv_geometry(sim, info)
+    ints = stats.int_image(img, scale, o.adc_offset, roi=roi, max_I=st.max_I)
     print(f"writing {paths['intfile']} as 2-byte integers", file=out)
     atomic_write(paths["intfile"], smv_bytes(ints, header_text(geometry, denzo_sign=-1.0)))
 
@@ -78,11 +82,11 @@ def write_all(sim, info, image, out) -> None:
         for line in stats.format_report(pgm_scale_value=pscale):
             print(line, file=out)
         print(f"writing {paths['pgmfile']} as 1-byte integers", file=out)
-        atomic_write(paths["pgmfile"], pgm_file_bytes(stats.pgm_bytes(img, pscale, roi=det.roi), pscale))
+        atomic_write(paths["pgmfile"], pgm_file_bytes(stats.pgm_bytes(img, pscale, roi=roi), pscale))
 
     if "noisefile" in paths:
         from .noise import noise_image
-        noisy, photons, overloads = noise_image(img, info.noise_seed, o.adc_offset, roi=det.roi)
+        noisy, photons, overloads = noise_image(img, info.noise_seed, o.adc_offset, roi=roi)
         for line in stats.format_report(photons=photons, overloads=overloads):
             print(line, file=out)
         print(f"writing {paths['noisefile']} as 2-byte integers", file=out)

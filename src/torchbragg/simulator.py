@@ -1,73 +1,112 @@
-"""The simulator: composes crystal, beam and detector into the expected
-photons per pixel, in chunks of pixels so memory stays bounded.
+"""The simulator: composes beam, crystal, goniometer, scan and detector into
+the expected photons per pixel of every panel, in chunks of pixels so memory
+stays bounded.
 
-Per pixel the sum runs over sensor layers, sub-pixels, sources, spindle steps
-and mosaic domains, all vectorised; only the pixel axis is chunked.
+Per pixel the sum runs over sensor layers, sub-pixels, sources, rotation
+steps and mosaic domains, all vectorised; only pixels are chunked.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import physics as ph
-from .models import Beam, Crystal, Detector
+from .models import Beam, Crystal, Detector, Goniometer, Scan
 
 # elements of the (pixel, layer, sub-pixel, source, orientation) grid per chunk
 DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("TORCHBRAGG_CHUNK", 1 << 21))
 
 
-def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
+@dataclass
+class RenderOptions:
+    """How the sums are sampled, and the original's per-pixel rules.
+
+    oversample: sub-pixels per pixel edge (None: chosen from the crystal size).
+    phisteps: rotation steps per image. sensor_layers: depth samples of the
+    sensor (0: a thin detector that absorbs everything); the layers are
+    thickness / layer_divisor apart. With oversample_thick/polar/omega off,
+    capture fraction, polarization and solid angle are evaluated once per
+    pixel as the original does. roi: (fast min, fast max, slow min, slow max)
+    inclusive, on every panel. dmin: skip points whose resolution is finer."""
+    oversample: int | None = None
+    phisteps: int = 1
+    sensor_layers: int = 0
+    layer_divisor: int = 1
+    oversample_thick: bool = False
+    oversample_polar: bool = False
+    oversample_omega: bool = False
+    point_pixel: bool = False
+    curved: bool = False
+    polarization: bool = True
+    dmin: float = 0.0
+    roi: tuple[int, int, int, int] | None = None
+    chunk_elements: int | None = None
+
+
+def sensor_sampling(thicksteps: int | None, has_thickness: bool) -> tuple[int, int]:
+    """(layers, divisor) of the original's sensor rule: with a count the layers
+    span the thickness end to end (thickness / (n - 1) apart), without one two
+    layers half the thickness apart."""
+    if not has_thickness:
+        return 0, 1
+    n = -1 if thicksteps is None else thicksteps
+    return (2, 2) if n <= 0 else (max(n, 2), max(n, 2) - 1)
+
+
+def oversample_for(crystal: Crystal, wavelength: float, distance: float, pixel: float) -> int:
     """The original's automatic oversampling: three sub-pixels per reciprocal
-    pixel across the largest crystal dimension."""
+    pixel (wavelength * distance / pixel) across the largest crystal dimension.
+    Distance and pixel in metres, wavelength in Angstrom; the arithmetic is
+    the original's so that the integer comes out the same."""
     with torch.no_grad():
-        lengths = torch.linalg.norm(crystal.real_vectors(), dim=-1).cpu().tolist()
-        n_cells = crystal.N.double().cpu().tolist()
-        xtal_max = max(length * 1e-10 * n for length, n in zip(lengths, n_cells))
-        distance = float(detector.geometry(beam.beam_direction, torch.float64)["distance"])
-        recip_px = float(beam.wavelength.double()) / 1e10 * distance / (float(detector.pixel_size.double()) / 1000.0)
-    n = int(math.ceil(3.0 * xtal_max / recip_px))
-    return max(n, 1)
+        lengths = torch.linalg.norm(crystal.real_vectors(), dim=-1).tolist()
+        xtal_max = max(length * 1e-10 * n for length, n in zip(lengths, crystal.N.double().tolist()))
+    recip_px = wavelength / 1e10 * distance / pixel
+    return max(int(math.ceil(3.0 * xtal_max / recip_px)), 1)
 
 
-def _sincg_sq_product_inplace(hkl: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Same value as the differentiable grating transform in `_lattice_sq`,
-    computed in place for renders that need no gradient (2-3x faster)."""
-    # distance from the nearest node, nudged by 1e-30 so that a point exactly on
-    # a node gives sin(N x)/sin(x) = N instead of 0/0
-    x = torch.round(hkl).sub_(hkl).mul_(-math.pi).add_(1e-30)
-    s = torch.sin(x)
-    x.mul_(n).sin_().div_(s)
-    f = x.prod(-1)
-    return f.mul_(f)
+def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
+    """`oversample_for` on the panel that needs the most: the nearest along the
+    beam relative to its pixel size."""
+    with torch.no_grad():
+        incident = beam.incident().double()
+        origin, _, _, normal = (t.double() for t in detector.panel_frames(incident))
+        distance = ph.dot(origin, normal) / ph.dot(incident, normal)
+        pixel = torch.stack([p.pixel_size.double().max() for p in detector.panels])
+        k = int(torch.argmin(distance / pixel))
+        return oversample_for(crystal, float(beam.wavelength), float(distance[k]) / 1000.0, float(pixel[k]) / 1000.0)
 
 
-class Simulator:
-    """Renders the float image of a crystal, beam and detector."""
+class Simulator(nn.Module):
+    """Renders the expected photons per pixel, shape (panels, slow, fast)."""
 
-    def __init__(self, crystal: Crystal, beam: Beam, detector: Detector, chunk_elements: int | None = None,
-                 recommended: int | None = None):
-        self.crystal, self.beam, self.detector = crystal, beam, detector
+    def __init__(self, beam: Beam, crystal: Crystal, detector: Detector, goniometer: Goniometer | None = None,
+                 scan: Scan | None = None, options: RenderOptions | None = None, recommended: int | None = None):
+        super().__init__()
+        self.beam, self.crystal, self.detector = beam, crystal, detector
+        self.goniometer, self.scan = goniometer, scan
+        self.options = options or RenderOptions()
         self.recommended_oversample = recommended or recommended_oversample(crystal, beam, detector)
-        if detector.oversample is None or detector.oversample <= 0:
-            detector.oversample = self.recommended_oversample
-            self.oversample_auto = True
-        else:
-            self.oversample_auto = False
-        self.chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
+        self.oversample_auto = not (self.options.oversample and self.options.oversample > 0)
+        self.oversample = self.recommended_oversample if self.oversample_auto else int(self.options.oversample)
+        self.chunk_elements = self.options.chunk_elements or DEFAULT_CHUNK_ELEMENTS
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_args(cls, argv: list[str], dtype=None, device=None, **kw) -> "Simulator":
-        from .build import build_from_args
+        """A simulator for nanoBragg flags (panel 0 is the original's detector)."""
+        from .nanobragg import build_from_args
         return build_from_args(argv, dtype=dtype, device=device, **kw)[0]
 
     @classmethod
     def from_config(cls, cfg, dtype=None, device=None, **kw) -> "Simulator":
-        from .build import build_from_config
+        from .nanobragg import build_from_config
         return build_from_config(cfg, dtype=dtype, device=device, **kw)[0]
 
     @property
@@ -78,125 +117,192 @@ class Simulator:
     def device(self):
         return self.detector.device
 
-    def n_sources(self) -> int:
-        return self.beam.sources()[1].numel()
+    # ------------------------------------------------------------------ sampling
+    def images(self) -> range:
+        """Image numbers of the scan (1 for a still)."""
+        if self.scan is None:
+            return range(1, 2)
+        return range(self.scan.image_range[0], self.scan.image_range[1] + 1)
+
+    def rotation_angles(self, image: int | None = None) -> torch.Tensor | None:
+        """Scan angles (degrees) of the rotation steps of `image`; None for a still."""
+        if self.goniometer is None:
+            return None
+        steps = self.options.phisteps
+        if self.scan is None:
+            return torch.zeros(steps, dtype=torch.float64, device=self.device)
+        return self.scan.angles(self.scan.image_range[0] if image is None else image, steps)
+
+    def orientations(self, image: int | None = None) -> torch.Tensor:
+        """Real cell vectors for every (rotation step, mosaic domain): (M, 3, 3),
+        rows a, b, c in Angstrom; the mosaic turns after the goniometer."""
+        real = self.crystal.real_vectors()
+        mos = self.crystal.mosaic_rotations().double()  # (D,3,3)
+        phi = self.rotation_angles(image)
+        if phi is None:
+            full = mos.unsqueeze(0)
+        else:
+            full = mos.unsqueeze(0) @ self.goniometer.rotation(phi).unsqueeze(1)  # (phi, D, 3, 3)
+        oriented = real.unsqueeze(0).unsqueeze(0) @ full.transpose(-1, -2)
+        return oriented.reshape(-1, 3, 3).to(self.dtype)
 
     def steps(self) -> int:
-        os_ = self.detector.oversample
-        return self.n_sources() * self.crystal.mosaic_domains * self.crystal.phisteps * os_ * os_
+        n_src = self.beam.sources()[1].numel()
+        phisteps = 1 if self.goniometer is None else self.options.phisteps
+        return n_src * self.crystal.mosaic_domains * phisteps * self.oversample ** 2
 
-    def active_pixels(self) -> torch.Tensor:
-        """Flat indices of pixels inside the ROI and not masked."""
-        det = self.detector
-        xmin, xmax, ymin, ymax = det.roi
-        fs = torch.arange(det.fpixels, device=det.device)
-        ss = torch.arange(det.spixels, device=det.device)
+    def active_pixels(self, panel: int) -> torch.Tensor:
+        """Flat indices of a panel's pixels inside the ROI and not masked."""
+        p = self.detector.panels[panel]
+        nf, ns = p.image_size
+        roi = self.options.roi or (-1, -1, -1, -1)
+        xmin, xmax = (roi[0] if roi[0] >= 0 else 0), (roi[1] if roi[1] >= 0 else nf)
+        ymin, ymax = (roi[2] if roi[2] >= 0 else 0), (roi[3] if roi[3] >= 0 else ns)
+        fs = torch.arange(nf, device=self.device)
+        ss = torch.arange(ns, device=self.device)
         keep = ((fs >= xmin) & (fs <= xmax)).unsqueeze(0) & ((ss >= ymin) & (ss <= ymax)).unsqueeze(1)
-        if det.mask is not None:
-            keep = keep & torch.as_tensor(det.mask.reshape(det.spixels, det.fpixels) != 0, device=det.device)
+        if p.mask is not None:
+            keep = keep & p.mask
         return torch.nonzero(keep.flatten(), as_tuple=False).squeeze(1)
 
     # ------------------------------------------------------------------ render
-    def render(self, progress=None) -> torch.Tensor:
-        """The float image, shape (spixels, fpixels), photons per pixel.
-        `progress(done, total)` is called after every chunk of pixels."""
-        det, beam, xtal = self.detector, self.beam, self.crystal
-        geo = det.geometry(beam.beam_direction)
+    def forward(self, image: int | None = None, progress=None) -> torch.Tensor:
+        return self.render(image, progress)
+
+    def render(self, image: int | None = None, progress=None) -> torch.Tensor:
+        """Photons per pixel of image `image` of the scan (default: the first),
+        shape (panels, slow, fast). `progress(done, total)` follows the pixels."""
+        sizes = {p.image_size for p in self.detector.panels}
+        if len(sizes) > 1:
+            raise ValueError("panels of different sizes: render them one by one with render_panel()")
+        panels = range(len(self.detector.panels))
+        shared = self._shared(image)
+        total = sum(self.active_pixels(k).numel() for k in panels) if progress else 0
+        done, out = 0, []
+        for k in panels:
+            def step(n, _):
+                if progress:
+                    progress(done + n, total)
+            out.append(self._render_panel(k, shared, step))
+            done += self.active_pixels(k).numel() if progress else 0
+        return torch.stack(out)
+
+    def render_panel(self, panel: int, image: int | None = None) -> torch.Tensor:
+        """Photons per pixel of one panel, shape (slow, fast)."""
+        return self._render_panel(panel, self._shared(image), None)
+
+    def _shared(self, image):
+        """What every panel and chunk of one image uses."""
+        beam, xtal = self.beam, self.crystal
         incident, lam = beam.sources()
-        orient = xtal.lattice_orientations()
+        frames = self.detector.panel_frames(beam.incident())
+        orient = self.orientations(image)
         recip = xtal.reciprocal_vectors().to(self.dtype)
-        fluence = beam.effective_fluence()
+        fluence = beam.fluence
         i_bg = ph.water_background(fluence, beam.water_size)
         scale = ph.R_E_SQR * fluence / self.steps()
+        return dict(frames=frames, incident=incident, lam=lam, orient=orient, recip=recip, i_bg=i_bg, scale=scale)
 
-        per_pixel = det.thicksteps * det.oversample ** 2 * incident.shape[0] * orient.shape[0]
-        budget = self.chunk_elements // (16 if xtal.interpolate else 1)
+    def _panel_geometry(self, k, shared):
+        origin, fast, slow, normal = (t[k].to(self.dtype) for t in shared["frames"])
+        panel = self.detector.panels[k]
+        beam = self.beam.incident().to(self.dtype)
+        close = ph.dot(origin, normal)
+        layers = max(self.options.sensor_layers, 1)
+        return dict(origin=origin, fast=fast, slow=slow, normal=normal, close=close, beam=beam,
+                    distance=close / ph.dot(beam, normal), pixel_size=panel.pixel_size, fpixels=panel.fpixels,
+                    layers=layers, layer_step=panel.thickness / self.options.layer_divisor, mu=panel.mu)
+
+    def _render_panel(self, k, shared, progress):
+        panel = self.detector.panels[k]
+        geo = self._panel_geometry(k, shared)
+        per_pixel = geo["layers"] * self.oversample ** 2 * shared["incident"].shape[0] * shared["orient"].shape[0]
+        interpolate = self.crystal.structure_factors.lookup == "tricubic"
+        budget = self.chunk_elements // (16 if interpolate else 1)
         chunk = max(1, budget // max(per_pixel, 1))
-        pixels = self.active_pixels()
-        params = (geo, incident, lam, orient, recip, i_bg, scale)
+        pixels = self.active_pixels(k)
+        args = (geo, shared["incident"], shared["lam"], shared["orient"], shared["recip"], shared["i_bg"],
+                shared["scale"])
         use_ckpt = torch.is_grad_enabled() and pixels.numel() > chunk and any(
-            t.requires_grad for m in (det, beam, xtal) for t in m.parameters().values())
+            t.requires_grad for t in self.parameters())
         values = []
         for start in range(0, pixels.numel(), chunk):
             idx = pixels[start:start + chunk]
             if use_ckpt:
-                values.append(checkpoint(self._pixels, idx, *params, use_reentrant=False))
+                values.append(checkpoint(self._pixels, idx, *args, use_reentrant=False))
             else:
-                values.append(self._pixels(idx, *params))
+                values.append(self._pixels(idx, *args))
             if progress is not None:
                 progress(min(start + chunk, pixels.numel()), pixels.numel())
-        flat = torch.zeros(det.spixels * det.fpixels, dtype=self.dtype, device=self.device)
+        flat = torch.zeros(panel.spixels * panel.fpixels, dtype=self.dtype, device=self.device)
         if values:
             flat = flat.index_put((pixels,), torch.cat(values))
-        return flat.reshape(det.spixels, det.fpixels)
+        return flat.reshape(panel.spixels, panel.fpixels)
 
     def _positions(self, idx, geo):
-        """Sub-pixel positions (P, layers, sub-pixels, 3) in metres."""
-        det = self.detector
-        t = lambda v: torch.as_tensor(v, dtype=self.dtype, device=self.device)
-        os_ = det.oversample
-        px = det.pixel_size * 1e-3
-        sub = px / os_
-        fpix = (idx % det.fpixels).to(self.dtype)
-        spix = torch.div(idx, det.fpixels, rounding_mode="floor").to(self.dtype)
-        k = t(list(range(os_)))
-        fdet = sub * (fpix[:, None] * os_ + k) + sub / 2  # (P, os)
-        sdet = sub * (spix[:, None] * os_ + k) + sub / 2
-        odet = det.layer_step() * t(list(range(det.thicksteps)))  # (T,)
+        """Sub-pixel positions (P, layers, sub-pixels, 3) in mm."""
+        os_ = self.oversample
+        sub = geo["pixel_size"] / os_  # (fast, slow)
+        fpix = (idx % geo["fpixels"]).to(self.dtype)
+        spix = torch.div(idx, geo["fpixels"], rounding_mode="floor").to(self.dtype)
+        k = torch.arange(os_, dtype=self.dtype, device=self.device)
+        fdet = sub[0] * (fpix[:, None] * os_ + k) + sub[0] / 2  # (P, os)
+        sdet = sub[1] * (spix[:, None] * os_ + k) + sub[1] / 2
+        T = geo["layers"]
+        odet = geo["layer_step"] * torch.arange(T, dtype=self.dtype, device=self.device)  # (T,)
         # (fast, slow, depth) coordinates of every sub-pixel, then one product with the frame
         coords = torch.stack(torch.broadcast_tensors(fdet[:, None, None, :], sdet[:, None, :, None],
                                                      odet[None, :, None, None]), -1)
-        frame = torch.stack([geo["fdet"], geo["sdet"], geo["odet"]])
-        pos = (coords.reshape(-1, 3) @ frame + geo["pix0"]).reshape(coords.shape)
-        pos = pos.reshape(idx.numel(), det.thicksteps, os_ * os_, 3)
-        if det.curved:
+        frame = torch.stack([geo["fast"], geo["slow"], geo["normal"]])
+        pos = (coords.reshape(-1, 3) @ frame + geo["origin"]).reshape(idx.numel(), T, os_ * os_, 3)
+        if self.options.curved:
             # keep every pixel at the beam distance: flat coordinates become angles
             dist = geo["distance"]
             start = dist * geo["beam"]
-            rot_s = ph.rotation_axis_angle(geo["sdet"], pos[..., 1] / dist)
-            rot_f = ph.rotation_axis_angle(geo["fdet"], pos[..., 2] / dist)
+            rot_s = ph.rotation_axis_angle(geo["slow"], pos[..., 1] / dist)
+            rot_f = ph.rotation_axis_angle(geo["fast"], pos[..., 2] / dist)
             pos = ph.rotate(rot_f, ph.rotate(rot_s, start))
         return pos
 
     def _pixels(self, idx, geo, incident, lam, orient, recip, i_bg, scale):
-        det, beam = self.detector, self.beam
-        P, T = idx.numel(), det.thicksteps
-        running = det.oversample_thick or det.oversample_polar or det.oversample_omega
+        opt, beam = self.options, self.beam
+        P, T = idx.numel(), geo["layers"]
+        running = opt.oversample_thick or opt.oversample_polar or opt.oversample_omega
         pos = self._positions(idx, geo)
         airpath = torch.linalg.vector_norm(pos, dim=-1)  # (P,T,Sub)
         diffracted = pos / airpath.unsqueeze(-1)
         d = diffracted.unsqueeze(-2)  # (P,T,Sub,1,3)
         valid = None
-        if det.dmin > 0:
+        if opt.dmin > 0:
             # |d - i| of unit vectors from their dot product: no (P,T,Sub,Src,3) array needed
             cos2t = (diffracted.reshape(-1, 3) @ incident.T).reshape(*diffracted.shape[:-1], -1)
             stol = 0.5 * torch.sqrt(torch.clamp(2.0 - 2.0 * cos2t, min=0.0)) / lam
-            valid = ~((stol > 0) & (det.dmin > 0.5 / stol))
+            valid = ~((stol > 0) & (opt.dmin > 0.5 / stol))
 
         # Per-pixel factors; the original evaluates them once per pixel unless
         # an -oversample_* switch asks for every sub-pixel, so compute only what is used.
-        full_omega = running and det.oversample_omega
+        full_omega = running and opt.oversample_omega
         ap = airpath if full_omega else airpath[:, :1, :1]
-        omega = ph.solid_angle(det.pixel_size * 1e-3, ap, geo["close_distance"], det.point_pixel)
-        full_thick = running and det.oversample_thick
-        if det.has_sensor:
+        px = geo["pixel_size"]
+        omega = ph.solid_angle(px[0] * px[1], ap, geo["close"], opt.point_pixel)
+        full_thick = running and opt.oversample_thick
+        if opt.sensor_layers > 0:
             layer = torch.arange(T, dtype=self.dtype, device=self.device)[None, :, None]
             dd = diffracted if full_thick else diffracted[:, :, :1]
-            capture = ph.capture_fraction(layer, det.layer_step(), det.mu(), ph.dot(dd, geo["odet"]))
+            capture = ph.capture_fraction(layer, geo["layer_step"], geo["mu"], ph.dot(dd, geo["normal"]))
         else:
             capture = torch.ones((P, T, 1), dtype=self.dtype, device=self.device)
-        full_polar = (running and det.oversample_polar) or valid is not None
-        if beam.nopolar:
+        full_polar = (running and opt.oversample_polar) or valid is not None
+        if not opt.polarization:
             polar = torch.ones((P, 1, 1, 1), dtype=self.dtype, device=self.device)
         else:
-            axis = torch.as_tensor(beam.polar_direction, dtype=self.dtype, device=self.device)
             dp = d if full_polar else d[:, :1, :1]
             inc = incident if full_polar else incident[:1]
-            polar = ph.polarization_factor(beam.polarization, inc, dp, axis)
+            polar = ph.polarization_factor(beam.kahn_factor(), inc, dp, beam.e_vector().to(self.dtype))
 
         hkl = self._miller_indices(diffracted, incident, lam, orient)  # (P,T,Sub,Src,M,3)
-        intensity = self._lattice_sq(hkl, recip)  # (P,T,Sub,Src,M)
-        f_sq = self._structure_factor_sq(hkl)
+        intensity = self.crystal.lattice_factor_sq(hkl, recip)  # (P,T,Sub,Src,M)
+        f_sq = self.crystal.structure_factors.amplitude_sq(hkl)
         if valid is not None:
             intensity = intensity * valid.unsqueeze(-1)
 
@@ -208,11 +314,11 @@ class Simulator:
             total = i_bg + intensity.reshape(P, -1).sum(-1) * f_sq
 
         result = scale * total
-        if not det.oversample_thick:
+        if not opt.oversample_thick:
             result = result * capture[:, -1, 0]  # the last layer's value, as the original
-        if not det.oversample_polar:
+        if not opt.oversample_polar:
             result = result * self._first_polar(polar, valid)
-        if not det.oversample_omega:
+        if not opt.oversample_omega:
             result = result * omega[:, 0, 0]
         return result
 
@@ -231,7 +337,8 @@ class Simulator:
             return hkl - offset
         return hkl.sub_(offset)
 
-    def _first_polar(self, polar, valid):
+    @staticmethod
+    def _first_polar(polar, valid):
         """The polarization factor of the first sub-pixel and source that was
         not culled by -dmin (the original computes it once per pixel)."""
         flat = polar.reshape(polar.shape[0], -1)
@@ -245,14 +352,14 @@ class Simulator:
         """The original multiplies the running pixel sum by each per-sub-pixel
         factor after every term when an -oversample_* switch is on; this is the
         closed form of that recurrence."""
-        det = self.detector
+        opt = self.options
         P, T, Sub, Src, M = intensity.shape
         w = torch.ones((P, T, Sub, Src), dtype=self.dtype, device=self.device)
-        if det.oversample_thick:
+        if opt.oversample_thick:
             w = w * capture.unsqueeze(-1)
-        if det.oversample_polar:
+        if opt.oversample_polar:
             w = w * polar
-        if det.oversample_omega:
+        if opt.oversample_omega:
             w = w * omega.unsqueeze(-1)
         if valid is not None:
             w = torch.where(valid, w, torch.ones_like(w))
@@ -262,72 +369,3 @@ class Simulator:
         after = torch.flip(torch.cumprod(torch.flip(whole, [1]), 1), [1])  # prod over g' >= g
         after_excl = torch.cat([after[:, 1:], torch.ones_like(after[:, :1])], 1)
         return i_bg * after[:, 0] + (inner * after_excl).sum(-1)
-
-    # ------------------------------------------------------------------ crystal terms
-    def _lattice_sq(self, hkl, recip):
-        """Squared lattice transform F_latt^2 for the crystal's spot shape."""
-        xtal = self.crystal
-        n = xtal.N
-        if xtal.shape == "square":
-            if not (hkl.requires_grad or n.requires_grad):
-                return _sincg_sq_product_inplace(hkl, n)
-            frac = hkl - torch.round(hkl)
-            x = math.pi * frac
-            small = torch.abs(frac) < 1e-6
-            ratio = torch.sin(n * x) / torch.where(small, torch.ones_like(x), torch.sin(x))
-            # second-order Taylor term: keeps the curvature (and gradgrad) right at exact peaks
-            sq = torch.where(small, n * n * (1 - (n * n - 1) * x * x / 3), ratio * ratio)
-            return sq[..., 0] * sq[..., 1] * sq[..., 2]
-        delta = hkl - torch.ceil(hkl - 0.5)
-        nnn = n[0] * n[1] * n[2]
-        if xtal.shape == "round":
-            hrad_sq = (delta * delta * n * n).sum(-1)
-            rs = hrad_sq * xtal.fudge
-            arg = math.pi * torch.sqrt(torch.clamp(rs, min=1e-30))
-            # at the peak the clamp would zero the curvature: use the series in rs itself
-            f = nnn * ph.ROUND_XTAL_SCALE * torch.where(rs < 1e-12, 1.0 - math.pi ** 2 * rs / 10.0, ph.sinc3(arg))
-            return f * f
-        dstar = delta @ recip  # 1/Angstrom
-        rad_sq = (dstar * dstar).sum(-1) * nnn * nnn
-        if xtal.shape == "gauss":
-            f = nnn * torch.exp(-(rad_sq / 0.63 * xtal.fudge))
-        else:
-            f = nnn * (rad_sq * xtal.fudge < 0.3969).to(hkl.dtype)
-        return f * f
-
-    def _structure_factor_sq(self, hkl):
-        xtal = self.crystal
-        if xtal.Fhkl is None:
-            return xtal.default_F * xtal.default_F
-        grid = xtal.Fhkl
-        hmin, kmin, lmin = xtal._hkl_min
-        dims = grid.shape
-        mins = torch.tensor([hmin, kmin, lmin], dtype=hkl.dtype, device=hkl.device)
-        size = torch.tensor(dims, dtype=hkl.dtype, device=hkl.device)
-        flat = grid.reshape(-1)
-        strides = (dims[1] * dims[2], dims[2], 1)
-        if not xtal.interpolate:
-            # one layer of default_F around the table: indices clamp onto it when out of range
-            padded = torch.nn.functional.pad(grid - xtal.default_F, (1, 1, 1, 1, 1, 1)) + xtal.default_F
-            pdims = padded.shape
-            rel = torch.ceil(hkl - 0.5) - mins + 1
-            rel = torch.minimum(torch.clamp(rel, min=0), size + 1).long()
-            lin = (rel[..., 0] * pdims[1] + rel[..., 1]) * pdims[2] + rel[..., 2]
-            f = padded.reshape(-1)[lin]
-            return f * f
-        # tricubic: the 4x4x4 neighbourhood, only where it lies inside the table
-        inside = ((hkl - mins + 3 <= size) & (hkl - 2 >= mins)).all(-1)
-        base = torch.floor(hkl) - 1 - mins  # index of the first node
-        base = torch.where(inside.unsqueeze(-1), base, torch.zeros_like(base)).long()
-        w = ph.lagrange_weights(hkl)  # (...,3,4)
-        offs = torch.arange(4, device=hkl.device)
-        ih = (base[..., 0, None] + offs).clamp(0, dims[0] - 1)
-        ik = (base[..., 1, None] + offs).clamp(0, dims[1] - 1)
-        il = (base[..., 2, None] + offs).clamp(0, dims[2] - 1)
-        lin = (ih[..., :, None, None] * strides[0] + ik[..., None, :, None] * strides[1]
-               + il[..., None, None, :])
-        vals = flat[lin]  # (...,4,4,4)
-        wt = w[..., 0, :, None, None] * w[..., 1, None, :, None] * w[..., 2, None, None, :]
-        f = (vals * wt).sum((-1, -2, -3))
-        f = torch.where(inside, f, xtal.default_F)
-        return f * f

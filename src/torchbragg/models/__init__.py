@@ -1,0 +1,11 @@
+"""Models of an experiment, named as DIALS/dxtbx name them. Each is a
+`torch.nn.Module` holding resolved values: continuous ones are parameters
+(frozen until marked trainable), fixed data are buffers."""
+
+from .beam import Beam
+from .crystal import Crystal, StructureFactors
+from .detector import FRAMES, Detector, DistanceMount, Frame, Panel, PanelGroup
+from .goniometer import Goniometer, Scan
+
+__all__ = ["Beam", "Crystal", "StructureFactors", "Detector", "Panel", "PanelGroup", "Frame", "DistanceMount",
+           "FRAMES", "Goniometer", "Scan"]

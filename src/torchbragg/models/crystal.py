@@ -1,0 +1,146 @@
+"""The crystal: unit cell and orientation, mosaic domains, size and spot
+shape, and its structure factors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import physics as ph
+from ._base import Model
+
+DEG = math.pi / 180.0
+
+
+class StructureFactors(Model):
+    """Amplitudes F on a dense grid of Miller indices starting at `hkl_min`;
+    `default_F` everywhere the grid has no value. `lookup` is "nearest" or
+    "tricubic" (physics.STRUCTURE_FACTOR_LOOKUPS); without a grid every
+    reflection has default_F."""
+
+    def __init__(self, grid=None, hkl_min=(0, 0, 0), default_F=0.0, lookup: str = "nearest",
+                 dtype=torch.float32, device="cpu"):
+        super().__init__(dtype, device)
+        self._param("default_F", default_F)
+        self.has_grid = grid is not None
+        if self.has_grid:
+            self._param("Fhkl", grid)
+            self._buffer("hkl_min", hkl_min, dtype=torch.long)
+            if lookup not in ph.STRUCTURE_FACTOR_LOOKUPS:
+                raise ValueError(f"unknown structure-factor lookup '{lookup}'")
+        self.lookup = lookup if self.has_grid else "constant"
+
+    def amplitude_sq(self, hkl: torch.Tensor) -> torch.Tensor:
+        """|F|^2 at fractional indices hkl (..., 3); a scalar without a grid."""
+        if not self.has_grid:
+            return self.default_F * self.default_F
+        f = ph.STRUCTURE_FACTOR_LOOKUPS[self.lookup](hkl, self.Fhkl, self.hkl_min, self.default_F)
+        return f * f
+
+
+def _cell_of_real(real: np.ndarray) -> tuple[float, ...]:
+    a, b, c = (float(np.linalg.norm(v)) for v in real)
+
+    def ang(u, v):
+        return math.degrees(math.acos(max(-1.0, min(1.0, float(u @ v) / (np.linalg.norm(u) * np.linalg.norm(v))))))
+
+    return a, b, c, ang(real[1], real[2]), ang(real[0], real[2]), ang(real[0], real[1])
+
+
+def _default_reciprocal(cell) -> np.ndarray:
+    c = torch.as_tensor(cell, dtype=torch.float64)
+    recip, _ = ph.reciprocal_cell(c[0], c[1], c[2], c[3] * DEG, c[4] * DEG, c[5] * DEG)
+    return recip.numpy()
+
+
+class Crystal(Model):
+    """Resolved crystal values.
+
+    cell: a, b, c (Angstrom), alpha, beta, gamma (degrees). U: rotation from the
+    cell's standard setting (a* along x, b* in the xy plane) to the lab frame;
+    misset: further rotations about lab x, y, z (degrees, applied in that
+    order after U). The real-space vectors these give hold at goniometer
+    angle 0. N: cells along a, b, c. mosaic_spread (degrees) scales the
+    domain rotations `mosaic_axes` (D, 3) by `mosaic_factors` (D,); shape
+    names the lattice factor (physics.LATTICE_FACTORS), fudge scales its size.
+    """
+
+    def __init__(self, cell, U=None, *, misset=(0.0, 0.0, 0.0), N=(1.0, 1.0, 1.0), mosaic_spread=0.0,
+                 mosaic_axes=None, mosaic_factors=None, shape: str = "square", fudge=1.0,
+                 structure_factors: StructureFactors | None = None, space_group: str = " P 1",
+                 dtype=torch.float32, device="cpu"):
+        super().__init__(dtype, device)
+        if shape not in ph.LATTICE_FACTORS:
+            raise ValueError(f"unknown spot shape '{shape}'; known: {', '.join(ph.LATTICE_FACTORS)}")
+        self._param("cell", cell)
+        self._buffer("U", np.eye(3) if U is None else U, dtype=torch.float64)
+        self._param("misset", misset)
+        self._param("N", N)
+        self._param("mosaic_spread", mosaic_spread)
+        self._buffer("mosaic_axes", np.zeros((1, 3)) if mosaic_axes is None else mosaic_axes)
+        self._buffer("mosaic_factors", np.zeros(1) if mosaic_factors is None else mosaic_factors)
+        self.shape = shape
+        self._param("fudge", fudge)
+        self.structure_factors = structure_factors or StructureFactors(dtype=dtype, device=device)
+        self.space_group = space_group
+
+    # -- construction from the ways the field stores a crystal
+    @classmethod
+    def from_real_vectors(cls, a, b, c, **kw) -> "Crystal":
+        """From real-space vectors (Angstrom, lab frame, at goniometer angle 0), as DIALS stores them."""
+        real = np.array([a, b, c], dtype=np.float64)
+        cell = _cell_of_real(real)
+        real0 = ph.real_from_reciprocal(torch.as_tensor(_default_reciprocal(cell))).numpy()
+        # real rows = real0 rows rotated by U: real = real0 @ U.T
+        U = np.linalg.solve(real0, real).T
+        return cls(cell, U, **kw)
+
+    @classmethod
+    def from_reciprocal_vectors(cls, a_star, b_star, c_star, **kw) -> "Crystal":
+        """From reciprocal vectors (1/Angstrom, lab frame), e.g. a MOSFLM A matrix / wavelength."""
+        recip = np.array([a_star, b_star, c_star], dtype=np.float64)
+        real = ph.real_from_reciprocal(torch.as_tensor(recip)).numpy()
+        cell = _cell_of_real(real)
+        U = np.linalg.solve(_default_reciprocal(cell), recip).T
+        return cls(cell, U, **kw)
+
+    # -- derived vectors
+    def vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(real, reciprocal, volume): cell vectors as rows (Angstrom, 1/Angstrom)
+        in the lab frame at goniometer angle 0, in float64. Built the original's
+        way: the real vectors get exactly the cell lengths and the reciprocal
+        ones follow from the cell-formula volume."""
+        cell = self.cell.double()
+        lengths, angles = cell[:3], cell[3:] * DEG
+        recip, volume = ph.reciprocal_cell(lengths[0], lengths[1], lengths[2], angles[0], angles[1], angles[2])
+        rot = ph.rotation_xyz(self.misset.double() * DEG) @ self.U.double()
+        recip = recip @ rot.transpose(-1, -2)
+        crosses = torch.stack([ph.cross(recip[1], recip[2]), ph.cross(recip[2], recip[0]),
+                               ph.cross(recip[0], recip[1])])
+        real = crosses / ph.norm(crosses).unsqueeze(-1) * lengths.unsqueeze(-1)
+        recip = torch.stack([ph.cross(real[1], real[2]), ph.cross(real[2], real[0]),
+                             ph.cross(real[0], real[1])]) / volume
+        return real, recip, volume
+
+    def real_vectors(self) -> torch.Tensor:
+        return self.vectors()[0]
+
+    def reciprocal_vectors(self) -> torch.Tensor:
+        return self.vectors()[1]
+
+    def volume(self) -> torch.Tensor:
+        return self.vectors()[2]
+
+    @property
+    def mosaic_domains(self) -> int:
+        return self.mosaic_factors.shape[0]
+
+    def mosaic_rotations(self) -> torch.Tensor:
+        """(D, 3, 3) rotation of each mosaic domain (factor 0: the identity)."""
+        angle = self.mosaic_spread * DEG * self.mosaic_factors.to(self.mosaic_spread)
+        return ph.rotation_axis_angle(self.mosaic_axes.to(self.mosaic_spread), angle)
+
+    def lattice_factor_sq(self, hkl: torch.Tensor, recip: torch.Tensor) -> torch.Tensor:
+        return ph.lattice_factor_sq(self.shape, hkl, self.N, recip, self.fudge)

@@ -1,0 +1,448 @@
+"""The nanoBragg factory: a configuration (or the original's flags) becomes
+models and a Simulator. The original's conventions, defaults, beam-centre
+rules and random draws live here, not in the models."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import rng
+from .config import SimulationConfig, auto_steps, sweep_is_off
+from .errors import InputError
+from .flags import parse_args
+from .models import Beam, Crystal, Detector, DistanceMount, Goniometer, Panel, Scan, StructureFactors
+from .simulator import RenderOptions, Simulator, oversample_for, sensor_sampling
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# Lab-frame vectors of the beam-centre conventions: beam (travel), fast, slow,
+# normal, two-theta axis, polarization E-vector, spindle.
+CONVENTION_VECTORS = {
+    "ADXV": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, -1, 0), o=(0, 0, 1), tt=(-1, 0, 0), pol=(1, 0, 0), spindle=(1, 0, 0)),
+    "MOSFLM": dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 0, -1), pol=(0, 0, 1), spindle=(0, 0, 1)),
+    "DENZO": dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 0, -1), pol=(0, 0, 1), spindle=(0, 0, 1)),
+    "XDS": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, 1, 0), o=(0, 0, 1), tt=(1, 0, 0), pol=(1, 0, 0), spindle=(1, 0, 0)),
+    "DIALS": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, 1, 0), o=(0, 0, 1), tt=(0, 1, 0), pol=(0, 1, 0), spindle=(0, 1, 0)),
+}
+# Vectors a CUSTOM run starts from before the user's own replace them.
+CUSTOM_START = dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 1, 0), pol=(0, 0, 1), spindle=(0, 0, 1))
+# Conventions whose rules force the pivot whatever the flags said.
+FORCED_PIVOT = {"ADXV": "BEAM", "MOSFLM": "BEAM", "DENZO": "BEAM", "XDS": "SAMPLE", "DIALS": "SAMPLE"}
+
+
+@dataclass
+class BuildInfo:
+    """What the command line reports about a run besides the image: messages,
+    seeds, and the values as the original resolved and prints them."""
+    config: SimulationConfig
+    messages: list[str] = field(default_factory=list)
+    noise_seed: int = 0  # stored (negative) value
+    hkl_count: int = 0
+    random_misset: tuple | None = None
+    convention: str = "MOSFLM"
+    detsize: tuple[float, float] = (0.0, 0.0)  # mm
+    beam_center: tuple[float, float] = (0.0, 0.0)  # Xbeam, Ybeam as given or defaulted, mm
+    near_point: tuple[float, float] = (0.0, 0.0)  # Xclose, Yclose, mm
+    mu_reported: float = -1.0  # 1/m
+    divergence: dict = field(default_factory=dict)  # per axis: n, range, step (radians)
+    n_divergence: int = 1
+    phi_range: tuple[float, float] = (0.0, 0.0)  # phi0, osc (degrees)
+    auto_interpolate: bool = False
+    roi: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    n = np.linalg.norm(v)
+    if n == 0:
+        raise InputError(f"zero-length vector {tuple(v)}")
+    return v / n
+
+
+def convention_vectors(d) -> dict:
+    """The frame vectors of a run: the convention's, or the user's for CUSTOM."""
+    if d.convention != "CUSTOM":
+        return CONVENTION_VECTORS[d.convention]
+    chosen = dict(CUSTOM_START)
+    for key, attr in (("f", "fdet_vector"), ("s", "sdet_vector"), ("o", "odet_vector"), ("tt", "twotheta_axis")):
+        if getattr(d, attr) is not None:
+            chosen[key] = getattr(d, attr)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- headers
+
+def header_defaults(argv: list[str]) -> SimulationConfig:
+    """Geometry from the headers of -mask and -img files; the flags are applied
+    on top. The mask is read first, so the image header wins."""
+    cfg = SimulationConfig()
+    pre = parse_args(argv)  # only to learn the file names
+    for path, is_mask in ((pre.detector.mask_file, True), (pre.detector.img_file, False)):
+        if path is None:
+            continue
+        from .io.smv import read_smv
+        header, data = read_smv(path)
+        apply_header(cfg, header, data.shape, is_mask)
+    return cfg
+
+
+def _header_float(header, key):
+    try:
+        return float(header[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def apply_header(cfg: SimulationConfig, header: dict, shape, is_mask: bool) -> None:
+    d = cfg.detector
+    spix, fpix = shape
+    d.fpixels, d.spixels = int(fpix), int(spix)
+    v = _header_float(header, "PIXEL_SIZE")
+    if v is not None:
+        d.pixel_size = v
+    detsize_s = d.pixel_size * d.spixels
+    for key, attr in (("DISTANCE", "distance"), ("CLOSE_DISTANCE", "close_distance"),
+                      ("BEAM_CENTER_X", "Xbeam"), ("ORGX", "ORGX"), ("ORGY", "ORGY")):
+        v = _header_float(header, key)
+        if v is not None:
+            setattr(d, attr, v)
+    v = _header_float(header, "BEAM_CENTER_Y")
+    if v is not None:
+        # a mask's Y centre is counted from the other edge
+        d.Ybeam = detsize_s - v if is_mask else v
+    v = _header_float(header, "WAVELENGTH")
+    if v is not None:
+        cfg.beam.wavelength = v
+    v = _header_float(header, "PHI")
+    if v is not None:
+        cfg.crystal.phi0 = v
+    v = _header_float(header, "OSC_RANGE")
+    if v is not None:
+        cfg.crystal.osc = v
+    # TWOTHETA in a header is read by the original into a variable it never uses.
+
+
+# ----------------------------------------------------------------------------- models
+
+def make_detector(cfg: SimulationConfig, info: BuildInfo, mask, dtype, device) -> Detector:
+    """One panel placed by a DistanceMount, with the original's beam-centre
+    defaults and conventions resolved into (fast, slow) millimetres."""
+    d = cfg.detector
+    px = d.pixel_size
+    if not px > 0:
+        raise InputError(f"pixel size must be positive, got {px:g} mm")
+    detsize_f = px * d.fpixels if d.fpixels else d.detsize_f
+    detsize_s = px * d.spixels if d.spixels else d.detsize_s
+    fpixels = int(math.ceil(detsize_f / px - 0.5))
+    spixels = int(math.ceil(detsize_s / px - 0.5))
+    if fpixels <= 0 or spixels <= 0:
+        raise InputError(f"detector has {fpixels}x{spixels} pixels; both must be positive")
+    conv = d.convention
+    vecs = convention_vectors(d)
+    if conv == "CUSTOM":
+        if d.pix0_vector is not None:
+            info.messages.append("note: -pix0_vector selects the CUSTOM convention (no half-pixel offset); as in "
+                                 "the original, the detector origin is still derived from the beam centre and distance")
+        else:
+            info.messages.append("note: a custom detector or beam vector selects the CUSTOM convention, which "
+                                 "drops the MOSFLM half-pixel beam-centre offset")
+    fast, slow = _unit(vecs["f"]), _unit(vecs["s"])
+    normal = np.asarray(vecs["o"], dtype=np.float64)
+    if np.linalg.norm(normal) == 0:
+        normal = np.cross(fast, slow)
+    normal = _unit(normal)
+
+    # near point and beam centre as the original defaults them (mm)
+    fclose = (d.ORGX - 0.5) * px if d.ORGX is not None else detsize_f / 2.0
+    sclose = (d.ORGY - 0.5) * px if d.ORGY is not None else detsize_s / 2.0
+    xclose = d.Xclose if d.Xclose is not None else fclose
+    yclose = d.Yclose if d.Yclose is not None else sclose
+    xb, yb = d.Xbeam, d.Ybeam
+    if conv == "ADXV":
+        xb = (detsize_f + px) / 2.0 if xb is None else xb
+        yb = (detsize_s - px) / 2.0 if yb is None else yb
+    elif conv in ("MOSFLM", "DENZO"):
+        xb = (detsize_s + px) / 2.0 if xb is None else xb
+        yb = (detsize_f + px) / 2.0 if yb is None else yb
+    else:
+        xb = xclose if xb is None else xb
+        yb = yclose if yb is None else yb
+    # the convention's (Xbeam, Ybeam) -> (fast, slow) distances of the beam spot from the origin
+    if conv == "ADXV":
+        fbeam, sbeam = xb, detsize_s - yb
+    elif conv == "MOSFLM":
+        fbeam, sbeam = yb + 0.5 * px, xb + 0.5 * px
+    elif conv == "DENZO":
+        fbeam, sbeam = yb, xb
+    else:
+        fbeam, sbeam = xb, yb
+    if conv == "CUSTOM":
+        fclose, sclose = xb, yb
+    info.convention, info.detsize = conv, (detsize_f, detsize_s)
+    info.beam_center, info.near_point = (xb, yb), (xclose, yclose)
+
+    thick = d.thickness * 1e-3  # um -> mm
+    mu = None
+    if d.attenuation_depth is not None:
+        mu = 0.0 if d.attenuation_depth == 0 else 1.0 / (d.attenuation_depth * 1e-3)
+    if thick <= 0.0:
+        thick = 0.0
+    elif mu is None:
+        mu = 1.0 / thick
+        info.messages.append(f"WARNING: setting detector attenuation depth to {mu * 1e3:g} m")
+    info.mu_reported = -1.0 if mu is None else mu * 1e3
+
+    mount = DistanceMount(fast, slow, normal, vecs["tt"], distance=d.distance, beam_center=(fbeam, sbeam),
+                          close_center=(fclose, sclose), rotation=d.rotation, twotheta=d.twotheta,
+                          close_distance=d.close_distance, pivot=FORCED_PIVOT.get(conv, d.pivot),
+                          dtype=dtype, device=device)
+    if mask is not None and mask.size != fpixels * spixels:
+        raise InputError(f"mask {d.mask_file} has {mask.size} pixels but the detector has {fpixels}x{spixels}")
+    panel = Panel(mount, (fpixels, spixels), (px, px), thickness=thick, mu=mu or 0.0, mask=mask,
+                  dtype=dtype, device=device)
+    return Detector([panel], dtype=dtype, device=device)
+
+
+def _divergence(b) -> tuple[dict, list]:
+    """Per-axis (n, range, step) in radians and the grid points the original
+    keeps after trimming the grid to an ellipse."""
+    div = {}
+    for axis in ("h", "v"):
+        rng_ = getattr(b, f"{axis}divrange")
+        st = getattr(b, f"{axis}divstep")
+        n, r, s = auto_steps(getattr(b, f"{axis}divsteps"), None if rng_ is None else rng_ / 1000.0,
+                             None if st is None else st / 1000.0, 1.0, endpoints=True)
+        if sweep_is_off(n, r, s):
+            n, r, s = 1, 0.0, 0.0
+        div[axis] = dict(n=n, range=r, step=s, step_given=st is not None and st > 0)
+    h, v = div["h"], div["v"]
+    kept = []
+    for ih in range(h["n"]):
+        for iv in range(v["n"]):
+            hd = h["step"] * ih - h["range"] / 2.0
+            vd = v["step"] * iv - v["range"] / 2.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                test = np.float64(hd * hd - h["step"] ** 2 / 4.0 * (1 - h["n"] % 2)) / np.float64(h["range"]) ** 2
+                test += np.float64(vd * vd - v["step"] ** 2 / 4.0 * (1 - v["n"] % 2)) / np.float64(v["range"]) ** 2
+            if b.round_div and test * 4.0 > 1.1:
+                continue
+            kept.append((ih, iv))
+    return div, kept
+
+
+def make_beam(cfg: SimulationConfig, info: BuildInfo, sources, travel, e_vector, wavelength: float,
+              polarization_fraction: float, device) -> Beam:
+    """A beam travelling along `travel` with E-vector `e_vector`, with the
+    spectrum, divergence, fluence and water of the configuration (float64)."""
+    b = cfg.beam
+    n, disp, _ = auto_steps(b.dispsteps, b.dispersion / 100.0, None, 1.0, endpoints=True)
+    if sweep_is_off(n, disp, 1.0 if n > 0 else 0.0) or disp <= 0.0:
+        n, disp = 1, 0.0
+    div, kept = _divergence(b)
+    info.divergence = div
+    info.n_divergence = -1 if sources is not None else len(kept)
+    fluence = b.fluence
+    if b.flux != 0.0 and b.exposure > 0.0 and b.beamsize >= 0:
+        size = b.beamsize * 1e-3
+        fluence = b.flux * b.exposure / (size * size)
+    table = {}
+    if sources is not None:
+        rows = np.asarray(sources, dtype=np.float64).reshape(-1, 5)
+        table = dict(source_positions=rows[:, :3], source_wavelengths=rows[:, 4] * 1e10)
+    return Beam(-travel, wavelength, polarization_fraction=polarization_fraction,
+                polarization_normal=np.cross(travel, e_vector), fluence=fluence, dispersion=disp,
+                dispersion_steps=n, divergence=(div["h"]["range"], div["v"]["range"]),
+                divergence_steps=(div["h"]["n"], div["v"]["n"]),
+                divergence_step=tuple(div[a]["step"] if div[a]["step_given"] else None for a in "hv"),
+                divergence_points=kept, water_size=b.water_size * 1e-6, dtype=torch.float64, device=device,
+                **table)
+
+
+def _phi_sampling(c) -> tuple[int, float, float]:
+    """(steps, width, osc) of the one image: the width covers all steps; osc
+    is the range the original reports."""
+    n, osc, step = auto_steps(None if c.phisteps is None else max(c.phisteps, 1), c.osc, c.phistep, 1.0,
+                              endpoints=False)
+    given = c.phistep is not None and c.phistep > 0
+    return n, (step * n if given else osc), osc
+
+
+def build_from_args(argv: list[str], dtype=None, device=None, **kw):
+    base = header_defaults(argv) if any(a in ("-img", "-mask") for a in argv) else None
+    cfg = parse_args(argv) if base is None else parse_args(argv, base)
+    return build_from_config(cfg, dtype=dtype, device=device, **kw)
+
+
+def _device(cfg, dtype, device):
+    dtype = dtype or DTYPES[cfg.dtype]
+    device = torch.device(device or cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' requested but CUDA is not available")
+    return dtype, device
+
+
+def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False):
+    """(structure-factor table or None, source rows or None, mask or None) from
+    the files the configuration names."""
+    c, b, d = cfg.crystal, cfg.beam, cfg.detector
+    table = None
+    if c.hkl_file is not None:
+        from .io.hkl import read_hkl, write_fdump
+        table = read_hkl(c.hkl_file, default_F=c.default_F)
+        info.hkl_count = table.count
+        info.messages.extend(table.warnings)
+        if write_dump:
+            try:
+                write_fdump(c.dump_file, table)
+                info.messages.append(f"writing dump file for next time: {c.dump_file}")
+            except OSError as exc:
+                info.messages.append(f"WARNING: unable to open dump file: {c.dump_file} ({exc.strerror})")
+    elif os.path.exists(c.dump_file):
+        from .io.hkl import read_fdump
+        table = read_fdump(c.dump_file)
+        info.hkl_count = int(np.prod(table.grid.shape))
+        info.messages.append(f"reading Fs from {c.dump_file}")
+    elif c.default_F == 0.0:
+        raise InputError("no structure factors: give -hkl FILE, -default_F F, or run where Fdump.bin exists")
+
+    sources = None
+    if b.source_file is not None:
+        from .io.sources import read_sources
+        sources = read_sources(b.source_file)
+
+    mask = None
+    if d.mask_file is not None:
+        from .io.smv import read_smv
+        _, mask_data = read_smv(d.mask_file)
+        mask = np.asarray(mask_data).reshape(-1)
+    return table, sources, mask
+
+
+def make_crystal(cfg: SimulationConfig, info: BuildInfo, probe: Crystal, table, device) -> Crystal:
+    """The crystal of `probe` (cell, U and misset, float64) with the size,
+    mosaic domains, spot shape and structure factors the configuration asks for."""
+    c, b = cfg.crystal, cfg.beam
+    sizes = list(c.sample_size)
+    beamsize_m = b.beamsize * 1e-3
+    for i in (1, 2):
+        if sizes[i] is not None and beamsize_m >= 0 and beamsize_m < sizes[i] * 1e-3:
+            info.messages.append("WARNING: clipping sample (%g m %s) with beam (%g m)"
+                                 % (sizes[i] * 1e-3, "high" if i == 1 else "wide", beamsize_m))
+            sizes[i] = b.beamsize
+    n_cells = list(c.N)
+    if any(s is not None and s > 0 for s in sizes):
+        lengths = torch.linalg.norm(probe.real_vectors(), dim=-1).tolist()
+        for i in range(3):
+            if sizes[i] is not None and sizes[i] > 0:
+                n_cells[i] = float(math.ceil(sizes[i] * 1e7 / lengths[i]))
+    n_cells = tuple(max(x, 1.0) for x in n_cells)
+
+    spread = c.mosaic_spread
+    domains = c.mosaic_domains if c.mosaic_domains is not None else -1
+    if domains <= 0:
+        domains = 1 if spread is None or spread == 0.0 else 10
+        spread = spread or 0.0
+    elif spread is None or spread == 0.0:
+        spread, domains = 0.0, 1
+    axes = factors = None
+    if spread > 0.0 and domains > 1:
+        draws = rng.mosaic_domain_draws(c.mosaic_spread * math.pi / 180.0, domains, -c.mosaic_seed)
+        axes = np.array([np.asarray(a, dtype=np.float64) for a, _ in draws])
+        factors = np.array([0.0] + [float(f) for _, f in draws[1:]])
+        axes[0] = (1.0, 0.0, 0.0)
+
+    # the original picks interpolation from the -N flags, before a sample size sets N
+    interpolate = c.interpolate if c.interpolate is not None else min(c.N) <= 2
+    info.auto_interpolate = c.interpolate is None
+    f64 = torch.float64
+    if table is not None:
+        sf = StructureFactors(table.grid, (table.h_min, table.k_min, table.l_min), c.default_F,
+                              "tricubic" if interpolate else "nearest", dtype=f64, device=device)
+    else:
+        sf = StructureFactors(default_F=c.default_F, dtype=f64, device=device)
+    return Crystal(probe.cell, probe.U, misset=probe.misset, N=n_cells, mosaic_spread=spread, mosaic_axes=axes,
+                   mosaic_factors=factors, shape=c.shape, fudge=c.fudge, structure_factors=sf,
+                   space_group=probe.space_group, dtype=f64, device=device)
+
+
+def render_options(cfg: SimulationConfig, has_thickness: bool, chunk_elements=None) -> RenderOptions:
+    d = cfg.detector
+    layers, divisor = sensor_sampling(d.thicksteps, has_thickness)
+    return RenderOptions(oversample=d.oversample, phisteps=_phi_sampling(cfg.crystal)[0], sensor_layers=layers,
+                         layer_divisor=divisor, oversample_thick=d.oversample_thick,
+                         oversample_polar=d.oversample_polar, oversample_omega=d.oversample_omega,
+                         point_pixel=d.point_pixel, curved=d.curved, polarization=not cfg.beam.nopolar,
+                         dmin=d.dmin, roi=d.roi, chunk_elements=chunk_elements)
+
+
+def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elements=None,
+                      write_dump: bool = False):
+    """Models and Simulator for a configuration; returns (simulator, BuildInfo)."""
+    dtype, device = _device(cfg, dtype, device)
+    info = BuildInfo(cfg, messages=list(cfg.notes))
+    c, b, d = cfg.crystal, cfg.beam, cfg.detector
+
+    # seeds: the original negates what the user typed; the noise seed defaults to the clock
+    info.noise_seed = -int(time.time()) if cfg.output.seed is None else -cfg.output.seed
+    misset_seed = info.noise_seed if c.misset_seed is None else -c.misset_seed
+    misset = c.misset if c.misset is not None else (0.0, 0.0, 0.0)
+    if c.misset_random:
+        drawn = rng.random_misset_angles(misset_seed)
+        info.random_misset = drawn
+        misset = tuple(x / (math.pi / 180.0) for x in drawn)
+        info.messages.append("random orientation misset angles: %f %f %f deg"
+                             % tuple(x * 180.0 / math.pi for x in drawn))
+
+    A_matrix = None
+    if c.mat_file is not None:
+        from .io.matrix import read_mosflm_matrix
+        A_matrix = read_mosflm_matrix(c.mat_file)
+        info.messages.append(f"reading {c.mat_file}")
+    if c.cell is None and A_matrix is None:
+        raise InputError("no unit cell: give -cell a b c alpha beta gamma or -mat file")
+    table, sources, mask = read_inputs(cfg, info, write_dump)
+
+    f64 = torch.float64
+    detector = make_detector(cfg, info, mask, f64, device)
+    vecs = CONVENTION_VECTORS.get(d.convention, CUSTOM_START)
+    custom = d.convention == "CUSTOM"
+    travel = _unit(b.beam_vector if custom and b.beam_vector else vecs["beam"])
+    e_vector = _unit(b.polar_vector if custom and b.polar_vector else vecs["pol"])
+    beam = make_beam(cfg, info, sources, travel, e_vector, b.wavelength, (1.0 + b.polarization) / 2.0, device)
+    with torch.no_grad():
+        ratio = float(detector.panels[0].frame.geometry(beam.incident())["ratio"])
+    if abs(ratio) < 1e-9:
+        raise InputError("impossible geometry: the detector plane contains the beam (check rotations and vectors)")
+
+    spindle = c.spindle_axis if custom and c.spindle_axis is not None else vecs["spindle"]
+    _, width, osc = _phi_sampling(c)
+    info.phi_range = (c.phi0, osc)
+    goniometer = Goniometer([spindle], dtype=f64, device=device)
+    scan = Scan((1, 1), (c.phi0, width), dtype=f64, device=device)
+
+    if A_matrix is not None:
+        recip = np.asarray(A_matrix, dtype=np.float64) / b.wavelength  # the matrix carries its wavelength
+        probe = Crystal.from_reciprocal_vectors(*recip, misset=misset, dtype=f64)
+    else:
+        probe = Crystal(c.cell, misset=misset, dtype=f64)
+    crystal = make_crystal(cfg, info, probe, table, device)
+
+    panel = detector.panels[0]
+    roi = d.roi or (-1, -1, -1, -1)
+    info.roi = (roi[0] if roi[0] >= 0 else 0, roi[1] if roi[1] >= 0 else panel.fpixels,
+                roi[2] if roi[2] >= 0 else 0, roi[3] if roi[3] >= 0 else panel.spixels)
+    options = render_options(cfg, d.thickness > 0, chunk_elements)
+    # models are built in float64 so the automatic oversampling (an integer
+    # decision) is taken from exact values, then cast to the render dtype
+    with torch.no_grad():
+        distance = float(panel.frame.geometry(beam.incident())["distance"]) / 1000.0
+    recommended = oversample_for(crystal, b.wavelength, distance, d.pixel_size / 1000.0)
+    sim = Simulator(beam, crystal, detector, goniometer, scan, options, recommended=recommended)
+    return sim.to(dtype), info
