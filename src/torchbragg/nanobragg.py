@@ -369,7 +369,7 @@ def make_crystal(cfg: SimulationConfig, info: BuildInfo, probe: Crystal, table, 
         sf = StructureFactors(default_F=c.default_F, dtype=f64, device=device)
     return Crystal(probe.cell, probe.U, misset=probe.misset, N=n_cells, mosaic_spread=spread, mosaic_axes=axes,
                    mosaic_factors=factors, shape=c.shape, fudge=c.fudge, structure_factors=sf,
-                   space_group=probe.space_group, dtype=f64, device=device)
+                   space_group=probe.space_group, setting=probe.setting, dtype=f64, device=device)
 
 
 def render_options(cfg: SimulationConfig, has_thickness: bool, chunk_elements=None) -> RenderOptions:
@@ -431,7 +431,7 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
         recip = np.asarray(A_matrix, dtype=np.float64) / b.wavelength  # the matrix carries its wavelength
         probe = Crystal.from_reciprocal_vectors(*recip, misset=misset, dtype=f64)
     else:
-        probe = Crystal(c.cell, misset=misset, dtype=f64)
+        probe = Crystal(c.cell, misset=misset, setting="nanobragg", dtype=f64)
     crystal = make_crystal(cfg, info, probe, table, device)
 
     panel = detector.panels[0]
@@ -446,3 +446,16 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
     recommended = oversample_for(crystal, b.wavelength, distance, d.pixel_size / 1000.0)
     sim = Simulator(beam, crystal, detector, goniometer, scan, options, recommended=recommended)
     return sim.to(dtype), info
+
+
+def write_experiment(path: str, argv: list[str], info: BuildInfo) -> None:
+    """The DIALS experiment list of this run, from float64 models: beam,
+    the detector as one panel in the lab frame (the convention's), spindle,
+    a one-image scan, the crystal at phi = 0, and the SMV image as its imageset."""
+    from .dials import Experiment, write_experiments
+    from .validate import output_paths
+    sim, _ = build_from_args(argv, dtype=torch.float64)
+    images = [os.path.abspath(output_paths(info.config)["intfile"])]
+    expt = Experiment(beam=sim.beam, detector=sim.detector, crystal=sim.crystal, goniometer=sim.goniometer,
+                      scan=sim.scan, extras={"imageset": {"__id__": "ImageSet", "images": images}})
+    write_experiments(path, [expt], history=["torchbragg nanoBragg " + " ".join(argv)])

@@ -139,6 +139,19 @@ def reciprocal_cell(a, b, c, alpha, beta, gamma):
     return torch.stack([row_a, row_b, row_c]), volume
 
 
+def real_cell(a, b, c, alpha, beta, gamma):
+    """Real-space vectors (rows, Angstrom) of a cell in the standard setting
+    (a along x, b in the xy plane), and the volume. Angles in radians."""
+    ca, cb, cg = torch.cos(alpha), torch.cos(beta), torch.cos(gamma)
+    sg = torch.sin(gamma)
+    volume = a * b * c * torch.sqrt(1.0 - ca * ca - cb * cb - cg * cg + 2.0 * ca * cb * cg)
+    zero = torch.zeros_like(a)
+    row_a = torch.stack([a, zero, zero])
+    row_b = torch.stack([b * cg, b * sg, zero])
+    row_c = torch.stack([c * cb, c * (ca - cb * cg) / sg, volume / (a * b * sg)])
+    return torch.stack([row_a, row_b, row_c]), volume
+
+
 def real_from_reciprocal(recip: torch.Tensor) -> torch.Tensor:
     """Real-space cell vectors (rows) from reciprocal ones (rows)."""
     a_s, b_s, c_s = recip[0], recip[1], recip[2]

@@ -11,6 +11,7 @@ commands:
   demo [--out DIR]        render a default case; writes float, SMV, noise and PNG images
   gradcheck [--out DIR]   run the gradient audit and write an evidence bundle
   bench [options]         run the benchmark table (scripts/bench.py)
+  simulate EXPT --out P   render the images of a DIALS experiment (see `torchbragg simulate -h`)
   render FLAGS...         same as `nanoBragg FLAGS...`
 """
 
@@ -27,7 +28,11 @@ def demo(argv: list[str]) -> int:
     elif argv:
         print("usage: torchbragg demo [--out DIR]", file=sys.stderr)
         return 2
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        print(f"torchbragg: error: cannot create the folder {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     from .cli import main as nanobragg
     files = {"-floatfile": "demo.bin", "-intfile": "demo.img", "-noisefile": "noise.img",
              "-pgmfile": "demo.pgm"}
@@ -40,9 +45,15 @@ def demo(argv: list[str]) -> int:
         return rc
     import numpy as np
 
+    from .errors import InputError
     from .io.png import preview, write_png
-    image = np.fromfile(os.path.join(out, "demo.bin"), "<f4").reshape(512, 512)
-    write_png(os.path.join(out, "demo.png"), preview(image))
+    try:
+        image = np.fromfile(os.path.join(out, "demo.bin"), "<f4").reshape(512, 512)
+        write_png(os.path.join(out, "demo.png"), preview(image))
+    except (OSError, ValueError) as exc:  # InputError is a ValueError
+        reason = exc if isinstance(exc, InputError) else f"cannot write the PNG preview: {exc}"
+        print(f"torchbragg: error: {reason}", file=sys.stderr)
+        return 2
     print()
     print(f"demo images written to {os.path.abspath(out)}:")
     for name in ("demo.bin", "demo.img", "noise.img", "demo.pgm", "demo.png"):
@@ -61,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "gradcheck":
         from .gradaudit import main as gradcheck
         return gradcheck(rest)
+    if cmd == "simulate":
+        from .simulate import main as simulate
+        return simulate(rest)
     if cmd == "render":
         from .cli import main as nanobragg
         return nanobragg(rest)

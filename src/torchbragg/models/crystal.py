@@ -49,17 +49,43 @@ def _cell_of_real(real: np.ndarray) -> tuple[float, ...]:
     return a, b, c, ang(real[1], real[2]), ang(real[0], real[2]), ang(real[0], real[1])
 
 
-def _default_reciprocal(cell) -> np.ndarray:
+def _standard_real(cell) -> np.ndarray:
     c = torch.as_tensor(cell, dtype=torch.float64)
-    recip, _ = ph.reciprocal_cell(c[0], c[1], c[2], c[3] * DEG, c[4] * DEG, c[5] * DEG)
-    return recip.numpy()
+    real, _ = ph.real_cell(c[0], c[1], c[2], c[3] * DEG, c[4] * DEG, c[5] * DEG)
+    return real.numpy()
+
+
+def _nanobragg_vectors(cell, rot):
+    """The original's construction: reciprocal vectors of the cell with a*
+    along x, turned; real vectors along their cross products with exactly the
+    cell lengths; reciprocal ones back from those and the cell-formula volume."""
+    lengths, angles = cell[:3], cell[3:] * DEG
+    recip, volume = ph.reciprocal_cell(lengths[0], lengths[1], lengths[2], angles[0], angles[1], angles[2])
+    recip = recip @ rot.transpose(-1, -2)
+    crosses = torch.stack([ph.cross(recip[1], recip[2]), ph.cross(recip[2], recip[0]),
+                           ph.cross(recip[0], recip[1])])
+    real = crosses / ph.norm(crosses).unsqueeze(-1) * lengths.unsqueeze(-1)
+    return real, volume
+
+
+def _standard_vectors(cell, rot):
+    """Real vectors of the cell in the standard setting (a along x, b in the
+    xy plane), turned: the same vectors a U matrix was derived from."""
+    real, volume = ph.real_cell(cell[0], cell[1], cell[2], cell[3] * DEG, cell[4] * DEG, cell[5] * DEG)
+    return real @ rot.transpose(-1, -2), volume
+
+
+# How cell constants become vectors: the original's construction for -cell,
+# the standard setting for crystals given as vectors (DIALS, A matrices).
+CELL_SETTINGS = {"nanobragg": _nanobragg_vectors, "standard": _standard_vectors}
 
 
 class Crystal(Model):
     """Resolved crystal values.
 
     cell: a, b, c (Angstrom), alpha, beta, gamma (degrees). U: rotation from the
-    cell's standard setting (a* along x, b* in the xy plane) to the lab frame;
+    cell's setting (`setting`: "standard", a along x and b in the xy plane, or
+    "nanobragg", the original's construction from a* along x) to the lab frame;
     misset: further rotations about lab x, y, z (degrees, applied in that
     order after U). The real-space vectors these give hold at goniometer
     angle 0. N: cells along a, b, c. mosaic_spread (degrees) scales the
@@ -70,7 +96,7 @@ class Crystal(Model):
     def __init__(self, cell, U=None, *, misset=(0.0, 0.0, 0.0), N=(1.0, 1.0, 1.0), mosaic_spread=0.0,
                  mosaic_axes=None, mosaic_factors=None, shape: str = "square", fudge=1.0,
                  structure_factors: StructureFactors | None = None, space_group: str = " P 1",
-                 dtype=torch.float32, device="cpu"):
+                 setting: str = "standard", dtype=torch.float32, device="cpu"):
         super().__init__(dtype, device)
         if shape not in ph.LATTICE_FACTORS:
             raise ValueError(f"unknown spot shape '{shape}'; known: {', '.join(ph.LATTICE_FACTORS)}")
@@ -85,6 +111,9 @@ class Crystal(Model):
         self._param("fudge", fudge)
         self.structure_factors = structure_factors or StructureFactors(dtype=dtype, device=device)
         self.space_group = space_group
+        if setting not in CELL_SETTINGS:
+            raise ValueError(f"unknown cell setting '{setting}'")
+        self.setting = setting
 
     # -- construction from the ways the field stores a crystal
     @classmethod
@@ -92,34 +121,23 @@ class Crystal(Model):
         """From real-space vectors (Angstrom, lab frame, at goniometer angle 0), as DIALS stores them."""
         real = np.array([a, b, c], dtype=np.float64)
         cell = _cell_of_real(real)
-        real0 = ph.real_from_reciprocal(torch.as_tensor(_default_reciprocal(cell))).numpy()
-        # real rows = real0 rows rotated by U: real = real0 @ U.T
-        U = np.linalg.solve(real0, real).T
-        return cls(cell, U, **kw)
+        # real rows = standard rows turned by U: real = real0 @ U.T
+        U = np.linalg.solve(_standard_real(cell), real).T
+        return cls(cell, U, setting="standard", **kw)
 
     @classmethod
     def from_reciprocal_vectors(cls, a_star, b_star, c_star, **kw) -> "Crystal":
         """From reciprocal vectors (1/Angstrom, lab frame), e.g. a MOSFLM A matrix / wavelength."""
-        recip = np.array([a_star, b_star, c_star], dtype=np.float64)
-        real = ph.real_from_reciprocal(torch.as_tensor(recip)).numpy()
-        cell = _cell_of_real(real)
-        U = np.linalg.solve(_default_reciprocal(cell), recip).T
-        return cls(cell, U, **kw)
+        recip = torch.as_tensor(np.array([a_star, b_star, c_star], dtype=np.float64))
+        return cls.from_real_vectors(*ph.real_from_reciprocal(recip).numpy(), **kw)
 
     # -- derived vectors
     def vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(real, reciprocal, volume): cell vectors as rows (Angstrom, 1/Angstrom)
-        in the lab frame at goniometer angle 0, in float64. Built the original's
-        way: the real vectors get exactly the cell lengths and the reciprocal
-        ones follow from the cell-formula volume."""
-        cell = self.cell.double()
-        lengths, angles = cell[:3], cell[3:] * DEG
-        recip, volume = ph.reciprocal_cell(lengths[0], lengths[1], lengths[2], angles[0], angles[1], angles[2])
+        in the lab frame at goniometer angle 0, in float64; the reciprocal
+        vectors follow from the real ones and the cell-formula volume."""
         rot = ph.rotation_xyz(self.misset.double() * DEG) @ self.U.double()
-        recip = recip @ rot.transpose(-1, -2)
-        crosses = torch.stack([ph.cross(recip[1], recip[2]), ph.cross(recip[2], recip[0]),
-                               ph.cross(recip[0], recip[1])])
-        real = crosses / ph.norm(crosses).unsqueeze(-1) * lengths.unsqueeze(-1)
+        real, volume = CELL_SETTINGS[self.setting](self.cell.double(), rot)
         recip = torch.stack([ph.cross(real[1], real[2]), ph.cross(real[2], real[0]),
                              ph.cross(real[0], real[1])]) / volume
         return real, recip, volume
