@@ -27,9 +27,11 @@ def refine(start: float = START_DISTANCE, true: float = TRUE_DISTANCE) -> float:
         target = sim.render()
     scale = target.max()
 
-    # Replace the parameter with a trainable tensor; the next render follows it.
-    distance = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-    sim.detector.distance = distance
+    # Every continuous value is a frozen nn.Parameter: set it, then mark it trainable.
+    distance = sim.get_parameter("detector.panels.0.frame.distance")
+    with torch.no_grad():
+        distance.fill_(start)
+    distance.requires_grad_(True)
     opt = torch.optim.LBFGS([distance], lr=1.0, max_iter=40, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-12, tolerance_change=1e-15)
 

@@ -10,8 +10,11 @@ Every measurement runs in a fresh subprocess inside a scratch folder:
   RSS      peak resident memory of that process (os.wait4)
   C        wall time and peak RSS of the original program, same arguments
 
+  against  the same render timed with another revision of torchbragg
+           (--against REV: a git worktree of REV), interleaved in the same run
+
 Usage: python scripts/bench.py [--cases 1,3] [--repeat N] [--dtype float64]
-                               [--json out.json] [--list]
+                               [--against REV] [--json out.json] [--list]
 """
 
 from __future__ import annotations
@@ -57,7 +60,12 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch  # the render time excludes imports, as the original's has none
 import torchbragg.cli as cli
-import torchbragg.build, torchbragg.outputs, torchbragg.simulator
+import torchbragg.outputs, torchbragg.simulator
+for name in ("torchbragg.nanobragg", "torchbragg.build"):  # the factory (older trees: build)
+    try:
+        __import__(name)
+    except ImportError:
+        pass
 t1 = time.perf_counter()
 argv = json.loads(sys.argv[1])
 rc = cli.main(argv)
@@ -111,9 +119,9 @@ def write_hkl(path: Path, hmax: int = HKL_RANGE) -> None:
     path.write_text("".join(lines))
 
 
-def torchbragg_env() -> dict:
+def torchbragg_env(root: Path = ROOT) -> dict:
     env = dict(os.environ)
-    src = str(ROOT / "src")
+    src = str(root / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -224,6 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     p.add_argument("--skip-quick", action="store_true", help="skip the -h / bad-argument timing")
+    p.add_argument("--against", metavar="REV", help="also time the render of git revision REV, interleaved")
     opts = p.parse_args(argv)
     try:
         cases = parse_cases(opts.cases)
@@ -258,6 +267,15 @@ def main(argv=None) -> int:
     failed = False
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
         scratch = Path(tmp)
+        base_env = None
+        if opts.against:
+            tree = scratch / "against"
+            r = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree),
+                                opts.against], capture_output=True, text=True)
+            if r.returncode != 0:
+                p.error(f"--against {opts.against}: {r.stderr.strip()}")
+            base_env = torchbragg_env(tree)
+            report["against"] = opts.against
         hkl = None
         if 4 in cases:
             hkl = scratch / "P1.hkl"
@@ -273,6 +291,9 @@ def main(argv=None) -> int:
                 for _ in range(opts.repeat):
                     info = bench_render(args + tb_extra, scratch, env)
                     renders.append(info["render_s"])
+                    if base_env is not None:
+                        row.setdefault("against_s", []).append(bench_render(args + tb_extra, scratch,
+                                                                            base_env)["render_s"])
                     row.setdefault("torch", info.get("torch"))
                     row.setdefault("threads", info.get("threads"))
                     r = bench_command(tb_cmd, args + tb_extra, scratch, env, "torchbragg")
@@ -283,6 +304,8 @@ def main(argv=None) -> int:
                         c_walls.append(r["wall_s"])
                         c_rss.append(r["rss_mb"])
                 row["render_s"] = summarize(renders)
+                if base_env is not None:
+                    row["against_s"] = summarize(row["against_s"])
                 row["command_s"] = summarize(cmds)
                 row["rss_mb"] = max(rss)
                 if c_bin:
@@ -294,6 +317,9 @@ def main(argv=None) -> int:
                 print(f"  FAILED: {exc}", flush=True)
             report["cases"].append(row)
 
+        if base_env is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(scratch / "against")],
+                           capture_output=True)
         if not opts.skip_quick:
             try:
                 report["quick"] = quick_checks(env, scratch, max(opts.repeat, 3))
@@ -309,7 +335,10 @@ def main(argv=None) -> int:
 
 def print_table(report: dict, show_median: bool) -> None:
     c_on = report["c_bin"] is not None
+    against = report.get("against")
     head = ["case", "tb render s", "tb command s", "tb RSS MB"]
+    if against:
+        head += [f"{against} render s", f"{against}/tb render"]
     if c_on:
         head += ["C command s", "C RSS MB", "C/tb render", "C/tb command", "tb/C RSS"]
     rows = []
@@ -322,6 +351,8 @@ def print_table(report: dict, show_median: bool) -> None:
             s = r[key]
             return fmt(s["min"], ".3f") + (f" ({s['median']:.3f})" if show_median else "")
         line = [str(r["case"]), t("render_s"), t("command_s"), fmt(r["rss_mb"], ".0f")]
+        if against:
+            line += [t("against_s"), fmt(ratio(r["against_s"]["min"], r["render_s"]["min"]))]
         if c_on:
             c_min = r["c_command_s"]["min"]
             line += [t("c_command_s"), fmt(r["c_rss_mb"], ".0f"),

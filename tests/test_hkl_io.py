@@ -60,14 +60,14 @@ def test_fdump_round_trip_and_padding(tmp_path):
     assert np.array_equal(back.grid, table.grid) and (back.h_max, back.k_max, back.l_max) == (1, 3, 2)
 
 
-def test_non_integer_index_warns_and_truncates(tmp_path):
+def test_non_integer_index_warns_and_skips_the_line(tmp_path):
     path = tmp_path / "odd.hkl"
-    path.write_text("0 0 0 1\n1.5 0 -0.7 2\n")
+    path.write_text("0 0 0 1\n1 0 0 3\n1.5 0 -0.7 2\n")
     t = read_hkl(path)
-    assert t.warnings == ("WARNING: non-integer value for h (1.5) at line 1",
-                          "WARNING: non-integer value for l (-0.7) at line 1")
+    assert t.warnings == (f"WARNING: {path}:3: non-integer index h=1.5 l=-0.7; line skipped",)
     assert (t.h_min, t.h_max, t.l_min, t.l_max) == (0, 1, 0, 0)
-    assert t.grid[1, 0, 0] == 2.0
+    assert t.grid[1, 0, 0] == 3.0  # not overwritten by the truncated 1 0 0 line
+    assert t.count == 2
 
 
 @pytest.mark.parametrize("text,match", [

@@ -146,6 +146,10 @@ def run(argv: list[str], out=None) -> int:
         image = sim.render(progress=progress)[0]
         check_image(image)  # before any file is written
     outputs.write_all(sim, info, image, out)
+    if info.config.output.write_expt:
+        from .nanobragg import write_experiment
+        write_experiment(info.config.output.write_expt, argv, info)
+        print(f"writing {info.config.output.write_expt} (DIALS experiment list)", file=out)
     return 0
 
 

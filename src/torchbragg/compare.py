@@ -7,7 +7,7 @@ and compare their float images.
 
 Exit codes: 0 success, 1 usage error, 2 a program failed, 3 correlation
 below --threshold, 4 image shapes differ (without --resample), 5 I/O or
-parse error.
+parse error, 6 an image has NaN or infinite pixels.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ EXIT_RUNNER = 2
 EXIT_THRESHOLD = 3
 EXIT_SHAPE = 4
 EXIT_IO = 5
+EXIT_NONFINITE = 6
 
 # Flags whose value is a file the programs read: made absolute, because each
 # program runs in its own working folder.
@@ -123,6 +124,8 @@ def _resolve_exe(name: str, what: str) -> str:
 
 
 def resolve_c_cmd(c_bin: str | None, env=os.environ) -> list[str]:
+    if c_bin is not None and not c_bin.strip():
+        raise UsageError("--c-bin is empty: give the original nanoBragg executable")
     src = c_bin or env.get("NB_C_BIN")
     if not src:
         if os.path.isfile("nanoBragg") and os.access("nanoBragg", os.X_OK):
@@ -134,17 +137,24 @@ def resolve_c_cmd(c_bin: str | None, env=os.environ) -> list[str]:
     return [_resolve_exe(src, "C nanoBragg")]
 
 
+def _split_cmd(text: str, what: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:  # e.g. an unterminated quote
+        raise UsageError(f"{what} {text!r} cannot be split into words: {exc}") from None
+
+
 def resolve_py_cmd(py_bin: str | None, py_cmd: str | None, env=os.environ) -> list[str]:
-    if py_cmd:
-        cmd = shlex.split(py_cmd)
-    elif py_bin:
-        cmd = [py_bin]
+    if py_cmd is not None:
+        cmd, what = _split_cmd(py_cmd, "--py-cmd"), "--py-cmd"
+    elif py_bin is not None:
+        cmd, what = [py_bin], "--py-bin"
     elif env.get("NB_PY_BIN"):
-        cmd = shlex.split(env["NB_PY_BIN"])
+        cmd, what = _split_cmd(env["NB_PY_BIN"], "NB_PY_BIN"), "NB_PY_BIN"
     else:
         return [sys.executable, "-m", "torchbragg"]
-    if not cmd:
-        raise UsageError("empty torchbragg command")
+    if not cmd or not cmd[0]:
+        raise UsageError(f"{what} is empty: give the torchbragg command to run")
     cmd[0] = _resolve_exe(cmd[0], "torchbragg command")
     return cmd
 
@@ -435,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         py_cmd = resolve_py_cmd(opts.py_bin, opts.py_cmd)
         outdir = make_outdir(opts.outdir, args)
     except UsageError as exc:
-        print(f"nb-compare: error: {exc}", file=sys.stderr)
-        print("usage: nb-compare [options] -- NANOBRAGG_ARGS...  (see --help)", file=sys.stderr)
+        print(f"nb-compare: error: {exc} (usage: nb-compare [options] -- NANOBRAGG_ARGS..., see --help)",
+              file=sys.stderr)
         return EXIT_USAGE
     except CompareError as exc:
         print(f"nb-compare: error: {exc}", file=sys.stderr)
@@ -533,10 +543,17 @@ def _compare(opts, args, c_cmd, py_cmd, outdir: Path) -> int:
     else:
         c_cmp, py_cmp = c_img, py_img
 
-    m = metrics(c_cmp, py_cmp)
+    with np.errstate(all="ignore"):  # NaN or inf pixels are reported below, not warned about
+        m = metrics(c_cmp, py_cmp)
     summary.update(m)
     summary["runtime_c_s"], summary["runtime_py_s"] = c_s, py_s
     print_report(m, c_s, py_s, c_cmp.shape, opts.roi)
+    if not m["all_finite"]:
+        bad = [name for name, img in (("C nanoBragg", c_cmp), ("torchbragg", py_cmp))
+               if not np.isfinite(img).all()]
+        return finish(EXIT_NONFINITE, "non_finite",
+                      f"the {' and the '.join(bad)} image has NaN or infinite pixels; the images cannot be "
+                      "compared")
 
     try:
         vmax = scale_max([c_cmp, py_cmp], opts.png_scale)

@@ -106,6 +106,7 @@ class DetectorConfig:
 
 @dataclass
 class OutputConfig:
+    write_expt: str | None = None  # DIALS experiment list describing the run
     floatfile: str | None = None
     intfile: str | None = None
     noisefile: str | None = None

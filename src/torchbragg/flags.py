@@ -6,6 +6,7 @@ original's documented synonyms); anything else is an error.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,12 @@ class Flag:
 
 
 FLAGS: list[Flag] = []
+# (config section, attribute) -> the flag that sets it, to name it in messages
+FIELD_FLAGS: dict[tuple[str, str], str] = {}
+# counts: at least 1, except -oversample where 0 means automatic
+COUNT_RULE = "counts must be >= 1; -oversample 0 means automatic"
+COUNT_FLAGS = {"-N", "-Na", "-Nb", "-Nc", "-phisteps", "-mosaic_domains", "-mosaic_dom", "-detector_thicksteps",
+               "-thicksteps", "-oversample", "-dispsteps", "-divsteps", "-hdivsteps", "-vdivsteps"}
 
 
 def flag(names, nargs, kind, group, help):
@@ -41,6 +48,7 @@ def _set(section, attr, scale=1.0):
 
 
 def simple(names, nargs, kind, group, help, section, attr, scale=1.0):
+    FIELD_FLAGS.setdefault((section, attr), names.split()[0])
     FLAGS.append(Flag(tuple(names.split()), nargs, kind, _set(section, attr, scale), help, group))
 
 
@@ -56,6 +64,9 @@ G = "crystal"
 
 @flag("-cell", -1, "float", G, "unit cell a b c (A) alpha beta gamma (deg); missing values: b=c=a, angles 90")
 def _cell(cfg, v):
+    if len(v) in (4, 5):
+        missing = "beta and gamma stay" if len(v) == 4 else "gamma stays"
+        cfg.notes.append(f"WARNING: -cell got {len(v)} numbers; {missing} 90 degrees, as in the original")
     a = v[0]
     b = v[1] if len(v) > 1 and v[1] > 0 else a
     c = v[2] if len(v) > 2 and v[2] > 0 else a
@@ -332,6 +343,8 @@ simple("-dmin", 1, "float", G, "skip scattering beyond this resolution (A)", "de
 
 # ---------------- output ----------------
 G = "output"
+simple("-write_expt", 1, "str", G, "also write the DIALS experiment list (.expt) describing this run (torchbragg)",
+       "output", "write_expt")
 simple("-floatfile -floatimage", 1, "str", G, "raw float32 image output", "output", "floatfile")
 simple("-intfile -intimage", 1, "str", G, "noiseless SMV image output", "output", "intfile")
 simple("-noisefile -noiseimage", 1, "str", G, "SMV image with Poisson noise", "output", "noisefile")
@@ -395,12 +408,12 @@ def _number(text: str, kind: str, name: str):
                 raise ValueError
             return int(val)
         val = float(text)
-        if math.isnan(val):
-            raise ValueError
-        return val
     except ValueError:
         what = "an integer" if kind == "int" else "a number"
         raise InputError(f"{name} expects {what}, got '{text}'") from None
+    if not math.isfinite(val):  # 'inf', '1e999' and 'nan' reach float() but no model survives them
+        raise InputError(f"{name} expects a finite number, got '{text}'")
+    return val
 
 
 def _is_number(text: str) -> bool:
@@ -458,9 +471,44 @@ def parse_args(argv: list[str], cfg: SimulationConfig | None = None) -> Simulati
         else:
             nums = tuple(_number(t, spec.kind, name) for t in raw)
             parsed = nums[0] if spec.nargs == 1 else nums
+            _check_values(name, spec, nums)
         spec.apply(cfg, parsed)
+        _note_substring_reading(cfg, name, values)
         i += 1 + spec.nargs
     return cfg
+
+
+def _check_values(name: str, spec: Flag, nums: tuple) -> None:
+    if name in COUNT_FLAGS:
+        low = 0 if name == "-oversample" else 1
+        if nums[0] < low:
+            raise InputError(f"{name} {nums[0]} is not allowed ({COUNT_RULE})")
+    if spec.nargs == 3 and name not in ("-pix0_vector", "-odet_vector") and not any(nums):
+        raise InputError(f"{name} 0 0 0 is a zero-length vector; give a direction")
+
+
+def _atof(text: str) -> float:
+    """C's atof: the longest leading number, 0 when there is none."""
+    m = re.match(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text)
+    return float(m.group(0)) if m else 0.0
+
+
+def _note_substring_reading(cfg: SimulationConfig, name: str, values: list[str]) -> None:
+    """The original matches some flags by substring (strstr), so a longer flag
+    also acts as a shorter one; say so where the meaning differs."""
+    if name == "-misset_seed":
+        if values and "rand" in values[0]:
+            redo = "-misset random"
+        elif len(values) >= 3:
+            redo = "-misset %g %g %g" % tuple(_atof(t) for t in values[:3])
+        else:
+            return
+        cfg.notes.append(f"note: the original nanoBragg also reads '-misset_seed {' '.join(values[:3])}' as "
+                         f"'{redo}' (substring flag matching); add {redo} to reproduce it")
+    elif name == "-twotheta_axis" and values:
+        redo = "-twotheta %g" % _atof(values[0])
+        cfg.notes.append(f"note: the original nanoBragg also reads '-twotheta_axis {' '.join(values[:3])}' as '{redo}' "
+                         f"(substring flag matching); add {redo} to reproduce it")
 
 
 def help_text() -> str:
@@ -476,5 +524,6 @@ def help_text() -> str:
             label = " ".join(f.names) + arg
             lines.append(f"  {label:<42s} {f.help}")
         lines.append("")
+    lines.append(f"  Numbers must be finite; {COUNT_RULE}.")
     lines.append("  -h, --help                                 this text")
     return "\n".join(lines)

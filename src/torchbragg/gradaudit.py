@@ -1,9 +1,14 @@
-"""`torchbragg gradcheck`: run the gradient tests and write an evidence bundle.
+"""`torchbragg gradcheck`: run the gradient checks and write an evidence bundle.
 
-The tests (tests/test_gradients.py in the source checkout) run in a pytest
-subprocess; each check appends its measured errors to a JSON-lines file named
-by TORCHBRAGG_GRAD_RECORD, and this module turns those records, the JUnit XML
-and the logs into reports/gradients/<UTC stamp>/:
+The checks are pytest tests shipped inside the package
+(torchbragg/checks/gradients.py), so the audit runs from an installed package
+as well as from a source checkout: pytest runs on that module file, with the
+folder holding the package as its rootdir and no configuration file, so the
+node ids read `torchbragg/checks/gradients.py::...` wherever it is installed.
+Each check appends its measured errors to a JSON-lines file named by
+TORCHBRAGG_GRAD_RECORD, and this module turns those records, the JUnit XML and
+the logs into a bundle (default reports/gradients/<UTC stamp>/ under the
+checkout, or under the current directory for an installed package):
 
   report.md          coverage table, tolerances, devices, warnings, how to reproduce
   gradcheck.log      verbatim pytest output
@@ -30,44 +35,73 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-TEST_FILE = "tests/test_gradients.py"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CHECKS_FILE = PACKAGE_DIR / "checks" / "gradients.py"
+# pytest's rootdir: the folder holding the package (src/ of a checkout, site-packages when installed)
+ROOTDIR = PACKAGE_DIR.parent
+TEST_FILE = CHECKS_FILE.relative_to(ROOTDIR).as_posix()  # "torchbragg/checks/gradients.py"
 COMPILE_ENV = "TORCHBRAGG_COMPILE"
+# The checks render many tiny images; one thread per process avoids the
+# thread hand-off that dominates them (and its collapse when the CPUs are
+# shared). Applied only where the caller has not set them.
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 RELEVANT_ENV = (COMPILE_ENV, "TORCHBRAGG_CHUNK", "TORCHBRAGG_GRAD_DEVICE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                 "CUDA_VISIBLE_DEVICES", "PYTHONHASHSEED", "PYTHONPATH", "PYTEST_ADDOPTS")
 
-# Every continuous parameter of the models (docs/architecture.md) and whether
-# it also needs a second-order check.
+# Every continuous parameter of the models (the simulator's parameter names,
+# `Simulator.named_parameters()`; "[i]" is one component) and whether it also
+# needs a second-order check. Panel 0 of a flag-built detector carries the
+# nanoBragg placement (a DistanceMount); panel 1 and the hierarchy are those of
+# a two-panel detector built from the models (plain frames in a group).
+PANEL = "detector.panels.0"
 PARAMETERS = [
-    *(f"crystal.cell_{x}" for x in ("a", "b", "c", "alpha", "beta", "gamma")),
+    *(f"crystal.cell[{i}]" for i in range(6)),
     *(f"crystal.misset[{i}]" for i in range(3)),
-    "crystal.A_orientation", "crystal.phi0", "crystal.osc", "crystal.mosaic_spread", "crystal.N",
-    "crystal.Fhkl", "crystal.default_F", "crystal.fudge",
-    "detector.distance", "detector.close_distance", "detector.close_center[0]", "detector.close_center[1]",
-    "detector.beam_center[0]", "detector.beam_center[1]", "detector.pixel_size",
-    *(f"detector.rotation[{i}]" for i in range(3)), "detector.twotheta",
-    "detector.thickness", "detector.attenuation_depth",
-    "beam.wavelength", "beam.dispersion", "beam.hdivrange", "beam.vdivrange", "beam.fluence",
-    "beam.flux", "beam.exposure", "beam.beamsize", "beam.polarization", "beam.water_size",
+    "scan.oscillation[0]", "scan.oscillation[1]", "goniometer.angles[1]",
+    "crystal.mosaic_spread", "crystal.N", "crystal.structure_factors.Fhkl", "crystal.structure_factors.default_F",
+    "crystal.fudge",
+    f"{PANEL}.frame.distance", f"{PANEL}.frame.close_distance",
+    f"{PANEL}.frame.close_center[0]", f"{PANEL}.frame.close_center[1]",
+    f"{PANEL}.frame.beam_center[0]", f"{PANEL}.frame.beam_center[1]", f"{PANEL}.pixel_size",
+    *(f"{PANEL}.frame.rotation[{i}]" for i in range(3)), f"{PANEL}.frame.twotheta",
+    f"{PANEL}.thickness", f"{PANEL}.mu",
+    *(f"detector.hierarchy.frame.origin[{i}]" for i in range(3)),
+    *(f"detector.hierarchy.frame.orientation[{i}]" for i in range(3)),
+    *(f"detector.panels.1.frame.origin[{i}]" for i in range(3)),
+    *(f"detector.panels.1.frame.orientation[{i}]" for i in range(3)),
+    "beam.wavelength", *(f"beam.direction[{i}]" for i in range(3)), "beam.dispersion",
+    "beam.divergence[0]", "beam.divergence[1]", "beam.fluence", "beam.polarization_fraction", "beam.water_size",
 ]
-SECOND_ORDER = [p for p in PARAMETERS if p.startswith(("crystal.cell_", "crystal.misset", "detector.beam_center"))] + [
-    "detector.distance", "beam.wavelength"]
+SECOND_ORDER = [p for p in PARAMETERS
+                if p.startswith(("crystal.cell[", "crystal.misset[", f"{PANEL}.frame.beam_center"))] + [
+    f"{PANEL}.frame.distance", "beam.wavelength"]
 
 # What has no gradient on purpose (listed in every report).
 NOT_DIFFERENTIABLE = [
     ("step counts: -phisteps, -mosaic_dom, -dispsteps, -divsteps, -thicksteps, -oversample",
      "integers; they choose the sampling grid"),
-    ("conventions, pivots, -roi, -mask, detector size in pixels", "discrete choices"),
+    ("conventions, pivots, -roi, -mask, panel sizes in pixels, the panel hierarchy's shape", "discrete choices"),
     ("spot shape and -interpolate switch", "discrete choices; each shape is checked where it has a gradient"),
     ("-tophat_spots (N, fudge under it)", "a step function: zero gradient almost everywhere"),
-    ("which structure factor a nearest-neighbour lookup picks", "piecewise constant in h,k,l; the picked values "
-     "(crystal.Fhkl, default_F) are differentiable"),
+    ("which structure factor a nearest-neighbour lookup picks (and crystal.structure_factors.hkl_min)",
+     "piecewise constant in h,k,l; the picked values (crystal.structure_factors.Fhkl, default_F) are differentiable"),
     ("-dmin cut-off", "a mask"),
-    ("mosaic domain axes and factors", "random draws fixed at build time (-mosaic_seed); mosaic_spread is "
-     "differentiable when the run was built with a spread > 0 (at 0 no domains are drawn)"),
-    ("sensor thickness when built with none", "no layers are created; build with -detector_thick to train it"),
-    ("custom vectors (-fdet_vector, -beam_vector, -polar_vector, -spindle_axis, -pix0_vector)",
-     "stored as constants; the orientation parameters above move the detector and crystal"),
-    ("-sourcefile positions and weights", "constants read from the file"),
+    ("crystal.mosaic_axes, crystal.mosaic_factors (buffers)", "random draws fixed at build time (-mosaic_seed); "
+     "crystal.mosaic_spread is differentiable when the run was built with a spread > 0 (at 0 no domains are drawn)"),
+    ("crystal.U (a buffer)", "the setting the cell (or -mat file) starts from; orientation changes go through "
+     "crystal.misset, which is checked on both the -cell and the -mat path"),
+    ("convention vectors: beam.polarization_normal, the frames' starting axes (fast0, slow0, normal0, "
+     "twotheta_axis), goniometer.axes, fixed_rotation, setting_rotation (buffers), and the custom vectors that "
+     "set them (-fdet_vector, -beam_vector, -polar_vector, -spindle_axis, -pix0_vector)",
+     "constants of the convention or model; beam.direction, the frames' orientation, rotation and twotheta, "
+     "and goniometer.angles move what they place"),
+    ("goniometer.angles[scan axis] (every angle of a one-axis goniometer)",
+     "replaced by the scan's rotation angles; scan.oscillation moves them"),
+    ("-flux, -exposure, -beamsize", "resolved into beam.fluence at build time; beam.fluence is checked, also on "
+     "a run built from -flux -exposure -beamsize"),
+    ("sensor thickness and mu when built with none", "no layers are created; build with -detector_thick to train them"),
+    ("-sourcefile positions and wavelengths (beam.source_positions, source_wavelengths: buffers)",
+     "constants read from the file"),
 ]
 
 # What the report says was done about a warning, by category.
@@ -83,10 +117,12 @@ def _utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _find_root() -> Path | None:
-    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (base / TEST_FILE).is_file():
-            return base
+def _checkout() -> Path | None:
+    """The source checkout the package runs from (src/torchbragg of a project
+    folder), or None for an installed package."""
+    base = ROOTDIR.parent
+    if ROOTDIR.name == "src" and (base / "pyproject.toml").is_file():
+        return base
     return None
 
 
@@ -114,16 +150,18 @@ def claim_bundle_dir(parent: Path, stamp: str) -> Path:
 
 
 class _Recorder:
-    """Runs commands in the checkout and appends each to commands.txt."""
+    """Runs commands (in `cwd` unless told otherwise) and appends each to commands.txt."""
 
-    def __init__(self, bundle: Path, root: Path):
-        self.bundle, self.root, self.commit, self.n = bundle, root, "(not yet read)", 0
+    def __init__(self, bundle: Path, cwd: Path):
+        self.bundle, self.cwd, self.commit, self.n = bundle, cwd, "(not yet read)", 0
 
-    def run(self, cmd: list[str], log: str | None = None, env: dict | None = None) -> tuple[int, str]:
+    def run(self, cmd: list[str], log: str | None = None, env: dict | None = None,
+            cwd: Path | None = None) -> tuple[int, str]:
         self.n += 1
+        cwd = cwd or self.cwd
         start, t0 = _utc(), time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, errors="replace")
             rc, out = proc.returncode, proc.stdout
         except OSError as exc:
@@ -132,7 +170,7 @@ class _Recorder:
         if log:
             (self.bundle / log).write_text(out)
         with open(self.bundle / "commands.txt", "a") as fh:
-            fh.write(f"[{self.n}] {start}  exit={rc}  seconds={seconds:.2f}  cwd={self.root}  commit={self.commit}\n"
+            fh.write(f"[{self.n}] {start}  exit={rc}  seconds={seconds:.2f}  cwd={cwd}  commit={self.commit}\n"
                      f"    {shlex.join(cmd)}" + (f"\n    output: {log}" if log else "") + "\n")
         return rc, out
 
@@ -148,7 +186,7 @@ def _uses_compile() -> bool:
                if p.name != "gradaudit.py")
 
 
-def _environment(root: Path, commit: str, dirty: bool | None, device: str, child_env: dict) -> dict:
+def _environment(root: Path | None, commit: str, dirty: bool | None, device: str, child_env: dict) -> dict:
     import numpy
     import torch
 
@@ -166,7 +204,9 @@ def _environment(root: Path, commit: str, dirty: bool | None, device: str, child
         "machine": platform.machine(),
         "processor": platform.processor() or None,
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        # as the checks saw it: torch takes its intra-op thread count from OMP_NUM_THREADS
+        "torch_threads": int(child_env["OMP_NUM_THREADS"]) if str(child_env.get("OMP_NUM_THREADS", "")).isdigit()
+        else torch.get_num_threads(),
         "cuda_available": cuda,
         "cuda_version": torch.version.cuda,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
@@ -177,7 +217,9 @@ def _environment(root: Path, commit: str, dirty: bool | None, device: str, child
         # as the test run saw them
         "env": {**{k: child_env.get(k) for k in RELEVANT_ENV},
                 **{k: v for k, v in sorted(child_env.items()) if k.startswith("TORCHBRAGG_")}},
-        "checkout": str(root),
+        "checkout": None if root is None else str(root),
+        "package_dir": str(PACKAGE_DIR),
+        "checks_file": str(CHECKS_FILE),
     }
 
 
@@ -267,6 +309,12 @@ def _write_report(bundle: Path, ctx: dict) -> None:
     add("## Devices and dtypes\n")
     add(f"- float64 on `{ctx['device']}`: gradcheck and gradgradcheck (the checks below).")
     add("- float32 on the same device: end-to-end loss gradient against float64 central differences.")
+    add(f"- package: `{env['package_dir']}`" + (f" (source checkout `{env['checkout']}`)" if env["checkout"]
+                                                else " (installed package)")
+        + f"; checks: `{TEST_FILE}`.")
+    add(f"- CPU threads per check process: {env['torch_threads']} (OMP_NUM_THREADS="
+        f"{env['env'].get('OMP_NUM_THREADS')}; the audit sets 1 unless the caller set it: the checks render "
+        "tiny images, where extra threads only add hand-off time).")
     if ctx["device"] == "cuda":
         add(f"- CUDA: run on {', '.join(env['cuda_devices'])}.")
     elif env["cuda_available"]:
@@ -340,9 +388,10 @@ def _write_report(bundle: Path, ctx: dict) -> None:
 
     add("## Tolerances and why they are valid\n")
     add("- gradcheck / gradgradcheck: eps = 1e-6, atol = 1e-5, rtol = 1e-3 (gradcheck's defaults; tighter than "
-        "the project limit rtol = 0.05). Each checked variable is scaled to O(1) (thickness, attenuation depth "
-        "and water size in micrometres, divergence in mrad, fluence in 1e29 photons/m^2, flux in 1e12 photons/s, "
-        "beam size in 10 um, Fhkl in units of 100) and the image is divided by its peak, so the functionals "
+        "the project limit rtol = 0.05). Each checked variable is scaled to O(1) (sensor thickness and water "
+        "size in micrometres, divergence, frame orientations and beam direction in mrad, dispersion in percent, "
+        "fluence in 1e29 photons/m^2 (1e21 on the -flux build), Fhkl in units of 100; lengths in mm, angles "
+        "in degrees, mu in 1/mm otherwise) and the image is divided by its peak, so the functionals "
         "and their derivatives are O(1). Central differences then err by about eps^2 |f'''| ~ 1e-12 (truncation) "
         "plus 1e-16 / eps ~ 1e-10 (rounding), five orders below atol; the `tol used` column shows the margin.")
     add("- float32 end to end: a float32 autograd gradient of an image MSE against float64 central differences "
@@ -366,9 +415,9 @@ def _write_report(bundle: Path, ctx: dict) -> None:
     add("")
 
     add("## Reproduce\n")
-    add("From the source checkout:\n")
+    add("From any directory, with the package installed (or its source checkout's src/ on the path):\n")
     add("```\n" + ctx["reproduce"] + "\n```")
-    add("or run the tests alone:\n")
+    add("or run the checks alone (the same pytest command the audit ran):\n")
     add("```\n" + ctx["pytest_cmd"] + "\n```")
     add("\nFiles: gradcheck.log (verbatim pytest output), collect_only.log, commands.txt, env.json, junit.xml, "
         "records.jsonl, sha256.txt (verify with `sha256sum -c sha256.txt` in this folder).")
@@ -386,11 +435,13 @@ def _checksums(bundle: Path) -> None:
 def _parser():
     p = argparse.ArgumentParser(prog="torchbragg gradcheck",
                                 description="Run the gradient checks and write an evidence bundle.")
-    p.add_argument("--out", help="bundle directory (default: reports/gradients/<UTC stamp> in the checkout); "
-                                 "an existing non-empty directory is refused")
+    p.add_argument("--out", help="bundle directory (default: reports/gradients/<UTC stamp> in the source checkout, "
+                                 "or in the current directory for an installed package); an existing non-empty "
+                                 "directory is refused")
     p.add_argument("-k", dest="keyword", help="pytest -k expression selecting a subset of the checks")
     p.add_argument("--tests", nargs="+", metavar="NODEID",
-                   help="pytest node ids to run instead of the whole gradient suite")
+                   help="checks to run instead of the whole gradient suite: node ids such as "
+                        f"'{TEST_FILE}::test_gradcheck[beam.wavelength]' or just 'test_gradcheck[beam.wavelength]'")
     p.add_argument("--device", default="cpu", help="device for the checks (default cpu)")
     return p
 
@@ -399,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     t_start = time.monotonic()
     now = _dt.datetime.now(_dt.timezone.utc)
-    root = _find_root()
-    if root is None:
-        print(f"torchbragg gradcheck: needs the source checkout ({TEST_FILE} not found)", file=sys.stderr)
+    root = _checkout()
+    if not CHECKS_FILE.is_file():
+        print(f"torchbragg gradcheck: the checks module {CHECKS_FILE} is missing from the package", file=sys.stderr)
         return 2
     if args.out:
         bundle = Path(args.out).resolve()
@@ -409,23 +460,35 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torchbragg gradcheck: {bundle} already holds a bundle; not overwriting it", file=sys.stderr)
             return 2
     else:
-        bundle = claim_bundle_dir(root / "reports" / "gradients", now.strftime("%Y%m%dT%H%M%SZ"))
+        bundle = claim_bundle_dir((root or Path.cwd()) / "reports" / "gradients", now.strftime("%Y%m%dT%H%M%SZ"))
 
-    rec = _Recorder(bundle, root)
-    rc, out = rec.run(["git", "rev-parse", "HEAD"])
-    commit = out.strip() if rc == 0 else "unknown"
-    rec.commit = commit
-    rc, out = rec.run(["git", "status", "--porcelain", "--untracked-files=no"])
-    dirty = bool(out.strip()) if rc == 0 else None
+    rec = _Recorder(bundle, Path.cwd())
+    if root is not None:
+        rc, out = rec.run(["git", "rev-parse", "HEAD"], cwd=root)
+        commit = out.strip() if rc == 0 else "unknown"
+        rec.commit = commit
+        rc, out = rec.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root)
+        dirty = bool(out.strip()) if rc == 0 else None
+    else:
+        commit, dirty = "n/a (installed package)", None
+        rec.commit = commit
+        rec.note(f"installed package at {PACKAGE_DIR}: no source checkout, so no git commit to read")
 
-    targets = [t if "/" in t else f"tests/{t}" for t in args.tests] if args.tests else [TEST_FILE]
+    # node ids -> this package's checks file (ids of the old tests/ location are accepted too)
+    names = [t.split("::", 1)[1] if "::" in t else (None if t.endswith(".py") else t) for t in args.tests or []]
+    targets = [str(CHECKS_FILE) if n is None else f"{CHECKS_FILE}::{n}" for n in names] or [str(CHECKS_FILE)]
     selection = list(targets)
     if args.keyword:
         selection += ["-k", args.keyword]
+    shown = [t.replace(str(CHECKS_FILE), TEST_FILE) for t in selection]
     subset = bool(args.tests or args.keyword)
     env = dict(os.environ, TORCHBRAGG_GRAD_RECORD=str(bundle / "records.jsonl"),
                TORCHBRAGG_GRAD_DEVICE=args.device)
-    py = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+    for key, value in THREAD_ENV.items():
+        env.setdefault(key, value)
+    # no configuration file, the package's folder as rootdir: the same node ids from a checkout or an install
+    isolate = ["-c", os.devnull, "--rootdir", str(ROOTDIR), "--confcutdir", str(PACKAGE_DIR)]
+    py = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"] + isolate
 
     t0 = time.monotonic()
     crc, collected = rec.run(py + ["--collect-only", "-q"] + selection, "collect_only.log", env)
@@ -494,13 +557,14 @@ def main(argv: list[str] | None = None) -> int:
             (["--tests", *args.tests] if args.tests else []) + (["-k", args.keyword] if args.keyword else [])
     ctx = dict(env=environment, date=now.strftime("%Y-%m-%d %H:%M:%S"), ok=ok, summary=summary, seconds=seconds,
                pytest_seconds=pytest_seconds, collect_seconds=collect_seconds,
-               selection=shlex.join(selection) if subset else "", device=args.device, rows=rows, other=other,
+               selection=shlex.join(shown) if subset else "", device=args.device, rows=rows, other=other,
                uncovered=uncovered, missing_second=missing_second, second_ran=second_ran,
                failures=[(k, j) for k, j in junit.items() if j["outcome"] in ("failed", "error")],
                warnings=_warnings(log),
                reproduce=shlex.join(["torchbragg", "gradcheck", *flags, "--out", "reports/gradients/NEW"]),
                pytest_cmd=f"TORCHBRAGG_GRAD_RECORD=records.jsonl TORCHBRAGG_GRAD_DEVICE={args.device} "
-                          + shlex.join(["python", "-m", "pytest", "-p", "no:cacheprovider"] + pytest_args)
+                          + " ".join(f"{k}={env[k]}" for k in THREAD_ENV) + " "
+                          + shlex.join(["python", "-m", "pytest", "-p", "no:cacheprovider"] + isolate + pytest_args)
                           .replace(str(bundle / "junit.xml"), "junit.xml"))
     _write_report(bundle, ctx)
     rec.note(f"audit finished {_utc()}  total seconds={seconds:.2f}  result={'PASS' if ok else 'FAIL'}")

@@ -17,6 +17,7 @@ from . import rng
 from .config import SimulationConfig, auto_steps, sweep_is_off
 from .errors import InputError
 from .flags import parse_args
+from .validate import check_config, check_device
 from .models import Beam, Crystal, Detector, DistanceMount, Goniometer, Panel, Scan, StructureFactors
 from .simulator import RenderOptions, Simulator, oversample_for, sensor_sampling
 
@@ -281,6 +282,8 @@ def build_from_args(argv: list[str], dtype=None, device=None, **kw):
 
 
 def _device(cfg, dtype, device):
+    if device is not None:
+        check_device(str(device))
     dtype = dtype or DTYPES[cfg.dtype]
     device = torch.device(device or cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -384,7 +387,9 @@ def render_options(cfg: SimulationConfig, has_thickness: bool, chunk_elements=No
 
 def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elements=None,
                       write_dump: bool = False):
-    """Models and Simulator for a configuration; returns (simulator, BuildInfo)."""
+    """Models and Simulator for a configuration; returns (simulator, BuildInfo).
+    The configuration gets the command line's checks (ValueError subclasses)."""
+    check_config(cfg)
     dtype, device = _device(cfg, dtype, device)
     info = BuildInfo(cfg, messages=list(cfg.notes))
     c, b, d = cfg.crystal, cfg.beam, cfg.detector

@@ -29,7 +29,7 @@ GEOMETRY_FLAGS = {
     "-adxv", "-denzo", "-dials", "-pivot", "-fdet_vector", "-sdet_vector", "-odet_vector", "-pix0_vector",
     "-beam_vector", "-polar_vector", "-spindle_axis", "-twotheta_axis", "-twotheta", "-detector_rotx",
     "-detector_roty", "-detector_rotz", "-phi", "-osc", "-phistep", "-detector_thick", "-detector_abs",
-    "-detector_absorb", "-detector_absorption", "-polar", "-img", "-mask", "-floatfile", "-floatimage", "-intfile",
+    "-detector_absorb", "-detector_absorption", "-polar", "-img", "-floatfile", "-floatimage", "-intfile",
     "-intimage", "-noisefile", "-noiseimage", "-pgmfile", "-pgmimage", "-write_expt",
 }
 
@@ -50,7 +50,7 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     info = BuildInfo(cfg, messages=list(cfg.notes))
     if experiment.crystal is None:
         raise InputError("the experiment has no crystal: index it first, or give one in the file")
-    table, sources, _ = read_inputs(cfg, info)
+    table, sources, mask = read_inputs(cfg, info)
     f64 = torch.float64
     src = experiment.beam.to(f64)
     with torch.no_grad():
@@ -62,6 +62,13 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
                     dtype=f64, device=device)
     crystal = make_crystal(cfg, info, probe, table, device)
     detector = experiment.detector.to(device=device, dtype=f64)
+    if mask is not None:
+        if len(detector.panels) != 1:
+            raise InputError("-mask applies to single-panel detectors; this one has %d panels" % len(detector.panels))
+        try:
+            detector.panels[0].set_mask(mask)
+        except ValueError as exc:
+            raise InputError(f"-mask {cfg.detector.mask_file}: {exc}") from None
     with torch.no_grad():
         absorbing = all(float(p.thickness) > 0 and float(p.mu) > 0 for p in detector.panels)
     options = render_options(cfg, absorbing, chunk_elements)

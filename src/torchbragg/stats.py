@@ -127,7 +127,9 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
             max_y = sub_size * (spixel * oversample + last) + sub_size / 2.0
 
     # float * float is rounded to float before the double accumulation
-    sq = (vals * vals).astype(np.float64)
+    # (and overflows to inf for huge pixels, as in the original: no warning)
+    with np.errstate(over="ignore"):
+        sq = (vals * vals).astype(np.float64)
     v64 = vals.astype(np.float64)
     total = 0.0
     sumsqr = 0.0

@@ -1,9 +1,15 @@
 """Files are written whole or not at all: to a temporary name in the same
-folder, then renamed over the target."""
+folder, then renamed over the target.
+
+A symlink is followed (its target is replaced, the link kept) and a target
+that is not a regular file (a character device such as /dev/null, a pipe)
+is written straight through: renaming over it would replace the device node.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -14,8 +20,39 @@ from ..errors import InputError
 PathLike = Union[str, os.PathLike]
 
 
-def _cannot_write(target: Path, exc: OSError) -> InputError:
+def _cannot_write(target: PathLike, exc: OSError) -> InputError:
     return InputError(f"cannot write {target}: {exc.strerror or exc}")
+
+
+def _target(path: PathLike) -> Path:
+    text = os.fspath(path)
+    if text == "":
+        raise OSError(errno.ENOENT, "empty file name")
+    if text.endswith(("/", os.sep)):
+        raise OSError(errno.EISDIR, "the name ends in a folder separator")
+    return Path(os.path.realpath(text))
+
+
+@contextlib.contextmanager
+def raw_atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Like ``atomic_open`` but failures stay ``OSError`` (for optional files)."""
+    if mode not in ("wb", "w"):
+        raise ValueError("atomic_open supports modes 'wb' and 'w'")
+    target = _target(path)
+    if target.exists() and not target.is_file() and not target.is_dir():
+        with open(target, mode) as fh:  # a device or pipe: no temporary, no rename
+            yield fh
+        return
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -26,24 +63,11 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     was.  The file gets the usual permissions (0666 less the umask), like a
     plain ``open``.  OS errors become ``InputError`` naming the target.
     """
-    if mode not in ("wb", "w"):
-        raise ValueError("atomic_open supports modes 'wb' and 'w'")
-    target = Path(path)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise _cannot_write(target, exc) from None
-    try:
-        with os.fdopen(fd, mode) as fh:
+        with raw_atomic_open(path, mode) as fh:
             yield fh
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _cannot_write(target, exc) from None
-        raise
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
 
 
 def atomic_write(path: PathLike, data: bytes) -> None:

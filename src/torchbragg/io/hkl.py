@@ -14,6 +14,7 @@ from ..errors import InputError
 # what C's strtod takes as a decimal number (no hex floats, no underscores)
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _MAX_CELLS = 2e9 / 8
+_MAX_INDEX = 2.0 ** 31  # the original keeps indices in C ints
 
 
 @dataclass
@@ -61,16 +62,16 @@ def read_hkl(path, default_F: float = 0.0) -> HKLTable:
     """Read a text file of ``h k l F`` lines.
 
     Like the original: the index ranges span the smallest to largest index
-    read (each stored through an int, i.e. truncated toward zero), entries
-    not in the file get ``default_F`` (0 when it is 0), a later line for the
-    same reflection wins, and a non-integer index gives the original's
-    warning ``WARNING: non-integer value for h (1.5) at line 3`` (line =
-    reflections read before it); the warnings are returned in ``warnings``
-    for the caller to print.
+    read, entries not in the file get ``default_F`` (0 when it is 0), and a
+    later line for the same reflection wins.
 
     Unlike the original, which stops reading silently at the first thing
     that is not a number, a line that is not exactly four numbers is an
-    ``InputError`` naming the file and line.  Blank lines are skipped.
+    ``InputError`` naming the file and line, and so is a non-finite amplitude
+    or an index beyond the original's int range. A line with a non-integer
+    index (``0.5 0 0 10``), which the original would truncate onto another
+    reflection, is skipped with a warning (returned in ``warnings`` for the
+    caller to print). Blank lines are skipped.
     """
     try:
         with open(path, "r", encoding="latin-1") as fh:
@@ -93,9 +94,17 @@ def read_hkl(path, default_F: float = 0.0) -> HKLTable:
                              f"(expected 'h k l F')") from None
         if len(vals) != 4:
             raise InputError(f"{path}:{lineno}: expected four numbers 'h k l F', found {len(vals)}")
+        if not math.isfinite(vals[3]):
+            raise InputError(f"{path}:{lineno}: amplitude '{parts[3][:40]}' is not finite")
         for name, v in zip("hkl", vals[:3]):
-            if v != math.ceil(v - 0.4):
-                warnings.append(f"WARNING: non-integer value for {name} ({v:g}) at line {len(rows)}")
+            if not abs(v) < _MAX_INDEX:
+                raise InputError(f"{path}:{lineno}: index {name}={parts['hkl'.index(name)][:40]} is out of range "
+                                 f"(|index| < {_MAX_INDEX:.0e})")
+        odd = [f"{name}={v:g}" for name, v in zip("hkl", vals[:3]) if v != int(v)]
+        if odd:
+            # truncating would land on (and overwrite) another reflection
+            warnings.append(f"WARNING: {path}:{lineno}: non-integer index {' '.join(odd)}; line skipped")
+            continue
         rows.append(vals)
     if not rows:
         raise InputError(f"{path}: no reflections (expected lines of 'h k l F')")
@@ -125,9 +134,11 @@ def fdump_bytes(table: HKLTable) -> bytes:
 
 
 def write_fdump(path, table: HKLTable) -> None:
-    """Write the cache whole or not at all."""
-    from .atomic import atomic_write
-    atomic_write(path, fdump_bytes(table))
+    """Write the cache whole or not at all. The cache is optional, so failures
+    stay ``OSError`` for the caller to report as a warning."""
+    from .atomic import raw_atomic_open
+    with raw_atomic_open(path, "wb") as fh:
+        fh.write(fdump_bytes(table))
 
 
 _FDUMP_HEAD = re.compile(rb"\s*([+-]?\d+)\s+([+-]?\d+)\s+([+-]?\d+)\s+([+-]?\d+)\s+([+-]?\d+)\s+([+-]?\d+)[ \t\r]*\n\f")
@@ -157,4 +168,7 @@ def read_fdump(path) -> HKLTable:
         raise InputError(f"{path} is truncated: expected {need} bytes of data, found {len(body)}")
     padded = np.frombuffer(body[:need], dtype="=f8").reshape(shape)
     grid = padded[:-1, :-1, :-1].astype(np.float64)
+    if not np.isfinite(grid).all():
+        raise InputError(f"{path}: {int((~np.isfinite(grid)).sum())} structure factors are NaN or infinite "
+                         "(delete the cache or give -hkl)")
     return HKLTable(grid, h0, k0, l0, count=int(np.prod(grid.shape)))

@@ -48,6 +48,8 @@ def read_mosflm_matrix(path) -> np.ndarray:
     if not np.all(np.isfinite(recip)):
         raise InputError(f"{path}: the matrix has non-finite numbers")
     scale = np.abs(recip).max()
-    if scale == 0.0 or abs(np.linalg.det(recip)) <= 1e-12 * scale ** 3:
+    # judge singularity on the matrix scaled to 1, so huge or tiny entries
+    # neither overflow nor pass for singular
+    if scale == 0.0 or abs(np.linalg.det(recip / scale)) <= 1e-12:
         raise InputError(f"{path}: the matrix is singular")
     return recip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -180,44 +181,45 @@ _TYPES = {"unsigned_short": "u2", "signed_short": "i2", "unsigned_long": "u4", "
           "float": "f4", "float_ieee": "f4", "float32": "f4", "double": "f8"}
 
 
-def read_smv_header(path) -> tuple[str, bytes]:
-    """(header text, whole file bytes); raises ``InputError`` for anything not SMV."""
+def read_smv_header(path) -> tuple[str, int]:
+    """(header text, file size in bytes), reading only the header; raises
+    ``InputError`` for anything not SMV or shorter than its header says."""
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(HEADER_BYTES)
+            file_size = os.fstat(fh.fileno()).st_size
+            if not raw.startswith(b"{") or b"HEADER_BYTES" not in raw:
+                raise InputError(f"{path} is not an SMV image (it does not start with '{{ HEADER_BYTES=')")
+            size = value_of(raw.decode("latin-1").split("}", 1)[0], "HEADER_BYTES")
+            if not (size == size and 1 <= size < math.inf and size == int(size)):
+                raise InputError(f"{path}: SMV header has no valid HEADER_BYTES")
+            size = int(size)
+            # compare with the file before reading: a header may declare anything
+            if file_size < size:
+                raise InputError(f"{path} is truncated: header says {size} bytes, file has {file_size}")
+            raw += fh.read(size - len(raw)) if size > len(raw) else b""
     except FileNotFoundError:
         raise InputError(f"cannot read SMV file {path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"cannot read SMV file {path}: it is a folder") from None
     except OSError as exc:
         raise InputError(f"cannot read SMV file {path}: {exc.strerror or exc}") from None
-    if not raw.startswith(b"{") or b"HEADER_BYTES" not in raw[:HEADER_BYTES]:
-        raise InputError(f"{path} is not an SMV image (it does not start with '{{ HEADER_BYTES=')")
-    first = raw[:HEADER_BYTES].decode("latin-1")
-    size = value_of(first.split("}", 1)[0], "HEADER_BYTES")
-    if not (size == size and size >= 1 and size == int(size)):
-        raise InputError(f"{path}: SMV header has no valid HEADER_BYTES")
-    size = int(size)
-    if len(raw) < size:
-        raise InputError(f"{path} is truncated: header says {size} bytes, file has {len(raw)}")
-    return raw[:size].decode("latin-1"), raw
+    return raw[:size].decode("latin-1"), file_size
 
 
-def read_smv(path) -> tuple[dict[str, str], np.ndarray]:
-    """Header (key -> text) and pixels shaped (SIZE2, SIZE1), native byte order.
-
-    Both byte orders (BYTE_ORDER) are read; TYPE may be unsigned_short (the
-    default), signed_short, unsigned/signed 32-bit, float or double.
-    """
-    text, raw = read_smv_header(path)
+def check_smv(path) -> tuple[dict[str, str], tuple[int, int, np.dtype, int]]:
+    """Header and pixel layout (width, height, dtype, offset of the pixels) of an SMV file, checked
+    against the file's size without reading (or allocating) the pixels."""
+    text, file_size = read_smv_header(path)
     header = parse_header(text)
     size = len(text)
     try:
-        width, height = int(float(header["SIZE1"])), int(float(header["SIZE2"]))
+        width, height = float(header["SIZE1"]), float(header["SIZE2"])
     except (KeyError, ValueError):
         raise InputError(f"{path}: SMV header has no SIZE1/SIZE2") from None
-    if width <= 0 or height <= 0:
-        raise InputError(f"{path}: SMV image size {width}x{height} is not positive")
+    if not (1 <= width < math.inf and 1 <= height < math.inf):
+        raise InputError(f"{path}: SMV image size {header['SIZE1']}x{header['SIZE2']} is not positive")
+    width, height = int(width), int(height)
     order = header.get("BYTE_ORDER", byte_order_name()).lower()
     if order.startswith("big"):
         end = ">"
@@ -230,7 +232,27 @@ def read_smv(path) -> tuple[dict[str, str], np.ndarray]:
         raise InputError(f"{path}: unsupported SMV pixel type {header.get('TYPE')!r}")
     dtype = np.dtype(end + kind)
     need = width * height * dtype.itemsize
-    body = raw[size:size + need]
+    if size + need > file_size:
+        raise InputError(f"{path} is truncated: {max(file_size - size, 0)} of {need} bytes of pixel data "
+                         f"({width}x{height} pixels declared)")
+    return header, (width, height, dtype, size)
+
+
+def read_smv(path) -> tuple[dict[str, str], np.ndarray]:
+    """Header (key -> text) and pixels shaped (SIZE2, SIZE1), native byte order.
+
+    Both byte orders (BYTE_ORDER) are read; TYPE may be unsigned_short (the
+    default), signed_short, unsigned/signed 32-bit, float or double. The
+    declared size is checked against the file before anything is allocated.
+    """
+    header, (width, height, dtype, size) = check_smv(path)
+    need = width * height * dtype.itemsize
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(size)
+            body = fh.read(need)
+    except OSError as exc:
+        raise InputError(f"cannot read SMV file {path}: {exc.strerror or exc}") from None
     if len(body) < need:
         raise InputError(f"{path} is truncated: {len(body)} of {need} bytes of pixel data")
     data = np.frombuffer(body, dtype=dtype).reshape(height, width).astype(dtype.newbyteorder("="))

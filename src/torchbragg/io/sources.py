@@ -18,16 +18,17 @@ def _number(tok: str) -> float:
     raise ValueError(tok)
 
 
-def read_text_columns(path, ncols: int, what: str = "text") -> list[tuple[float, ...]]:
+def read_text_columns(path, ncols: int, what: str = "text", line_numbers: bool = False) -> list[tuple[float, ...]]:
     """Rows of ``ncols`` numbers, the original's multi-column text format.
 
     Columns are separated by any run of space, tab, comma, semicolon, colon
     or exclamation mark; a line holding only separators is skipped; missing
     columns are NaN (a value may also be given as ``nan``); columns beyond
     ``ncols`` are ignored.  Where the original reads any other text as 0
-    (comments included), this is an ``InputError`` naming the line.  The
-    original also turns missing columns of a last line without a newline into
-    0 rather than NaN; here they are NaN like on every other line.
+    (comments included), this is an ``InputError`` naming the line, and so
+    is an infinite value.  The original also turns missing columns of a last
+    line without a newline into 0 rather than NaN; here they are NaN like on
+    every other line. With ``line_numbers`` each row starts with its line.
     """
     try:
         with open(path, "r", encoding="latin-1") as fh:
@@ -47,8 +48,10 @@ def read_text_columns(path, ncols: int, what: str = "text") -> list[tuple[float,
                 vals.append(_number(tok))
             except ValueError:
                 raise InputError(f"{path}:{lineno}: '{tok[:40]}' is not a number") from None
+            if math.isinf(vals[-1]):
+                raise InputError(f"{path}:{lineno}: '{tok[:40]}' is not finite")
         vals += [math.nan] * (ncols - len(vals))
-        rows.append(tuple(vals))
+        rows.append((lineno, *vals) if line_numbers else tuple(vals))
     return rows
 
 
@@ -58,12 +61,19 @@ def read_sources(path) -> list[tuple[float, float, float, float, float]]:
     The original then fills a missing position with the point 10 m up-beam
     (-source_distance * beam direction, per component), a missing weight
     with 1 and a missing wavelength with the beam's (``source_defaults``).
-    An empty file is an ``InputError`` (the original exits with an error).
+    An empty file is an ``InputError`` (the original exits with an error),
+    and so is a source at the sample (0 0 0: no direction) or a wavelength
+    that is not positive, which would make the image NaN.
     """
-    rows = read_text_columns(path, 5, "source")
+    rows = read_text_columns(path, 5, "source", line_numbers=True)
     if not rows:
         raise InputError(f"{path}: no sources")
-    return rows
+    for lineno, x, y, z, _w, lam in rows:
+        if x == 0 and y == 0 and z == 0:
+            raise InputError(f"{path}:{lineno}: source at 0 0 0 is at the sample and has no direction")
+        if not (math.isnan(lam) or lam > 0):
+            raise InputError(f"{path}:{lineno}: wavelength {lam:g} m must be positive")
+    return [tuple(r[1:]) for r in rows]
 
 
 def source_defaults(rows, beam_vector, wavelength_m: float, source_distance: float = 10.0):

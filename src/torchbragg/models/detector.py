@@ -131,11 +131,17 @@ class Panel(Model):
         self.trusted_range = tuple(float(x) for x in trusted_range)
         self.name, self.material = name, material
         self.extras = dict(extras or {})
+        self.register_buffer("mask", None)
         if mask is not None:
-            mask = torch.as_tensor(np.asarray(mask) != 0).reshape(self.image_size[1], self.image_size[0])
-            self.register_buffer("mask", mask.to(device))
-        else:
-            self.mask = None
+            self.set_mask(mask)
+
+    def set_mask(self, mask) -> None:
+        """Pixels to render (non-zero) and to skip (0), shape (slow, fast) or flat."""
+        mask = np.asarray(mask)
+        if mask.size != self.image_size[0] * self.image_size[1]:
+            raise ValueError(f"mask has {mask.size} pixels but panel {self.name!r} has "
+                             f"{self.image_size[0]}x{self.image_size[1]}")
+        self.mask = torch.as_tensor(mask != 0, device=self.device).reshape(self.image_size[1], self.image_size[0])
 
     @property
     def fpixels(self) -> int:

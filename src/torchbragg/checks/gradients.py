@@ -1,0 +1,443 @@
+"""Gradient checks for every continuous parameter of the simulator.
+
+Each case renders a small float64 detector placed over a few reflections (spot
+centres, flanks and tails all fall on pixels) and checks the derivative of a
+handful of linear functionals of the image against central differences with
+`torch.autograd.gradcheck`. The image is evaluated as a function of one
+parameter of the `Simulator` module with `torch.func.functional_call`, under
+the parameter's name (`sim.named_parameters()`), e.g.
+"detector.panels.0.frame.distance". Parameters are rescaled so the checked
+variable is O(1) (e.g. thickness in micrometres), which keeps the default step
+meaningful.
+
+The checks are pytest tests: `torchbragg gradcheck` runs pytest on this file
+of the installed package, and the source checkout's tests/test_gradients.py
+imports them. When TORCHBRAGG_GRAD_RECORD names a file, every check appends
+one JSON line with its measured errors; `torchbragg gradcheck` builds its
+report from them. TORCHBRAGG_GRAD_DEVICE picks the device (default cpu).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from torchbragg import Simulator
+from torchbragg.models import Detector, Frame, Goniometer, Panel, PanelGroup
+
+__all__ = ["CASES", "inputs", "test_gradcheck", "test_gradgradcheck", "test_gradient_reaches_parameter",
+           "test_every_parameter_is_checked", "test_chunked_render_gradient_matches",
+           "test_float32_loss_gradient_matches_finite_differences"]
+
+EPS, ATOL, RTOL = 1e-6, 1e-5, 1e-3
+DEVICE = os.environ.get("TORCHBRAGG_GRAD_DEVICE", "cpu")
+# CUDA accumulates index gradients with atomics, so repeated backward passes may
+# differ in the last bits; on CPU they must be bit-identical.
+NONDET_TOL = 0.0 if DEVICE == "cpu" else 1e-12
+# this file as pytest names it when the folder holding the package is the rootdir
+HERE = Path(__file__).resolve().relative_to(Path(__file__).resolve().parents[2]).as_posix()
+
+CELL = "-cell 100 110 120 85 95 100"
+# Beam at the detector corner: reflections (0,0..2,0..3) spread over 24x24 pixels, about two pixels wide.
+BASE = ("-default_F 100 -N 5 -lambda 1 -distance 100 -detpixels 24 -pixel 0.1 -oversample 1 "
+        "-dtype float64 -misset 3 -5 7 -Xbeam 0 -Ybeam 0")
+# h -1..1, k -2..0, l 0..2; reflections with l = 3 on the detector fall outside and take default_F.
+HKL_TABLE = "\n".join(f"{h} {k} {l} {50 + 7 * (h + 1) + 11 * (k + 2) + 5 * l}"
+                      for h in (-1, 0, 1) for k in (-2, -1, 0) for l in (0, 1, 2)) + "\n"
+# wide enough for the 4x4x4 neighbourhoods of tricubic interpolation
+WIDE_TABLE = "\n".join(f"{h} {k} {l} {50 + 7 * h + 11 * k + 5 * l + (h * k * l) % 13}"
+                        for h in range(-3, 4) for k in range(-4, 3) for l in range(-2, 6)) + "\n"
+
+
+@dataclass(frozen=True)
+class Case:
+    param: str  # row of the coverage table, e.g. "crystal.misset[0]" or "crystal.cell[1]@interpolate"
+    name: str  # the simulator's parameter, e.g. "crystal.misset"
+    index: int | None  # component of a vector parameter, None: the whole tensor
+    flags: str  # added to BASE; {mat}, {hkl} and {wide} become input files
+    unit: float  # parameter = x * unit, so the checked x is O(1)
+    second_order: bool
+    setup: str | None  # a SETUPS entry that changes the built simulator (models the flags cannot make)
+    line: int
+
+    @property
+    def id(self):
+        return self.param
+
+
+def case(param, flags="", unit=1.0, second_order=False, setup=None):
+    """param: "name", "name[i]" (one component) or either with "@variant"."""
+    name, _, rest = param.split("@")[0].partition("[")
+    index = int(rest.rstrip("]")) if rest else None
+    return Case(param, name, index, flags, unit, second_order, setup, sys._getframe(1).f_lineno)
+
+
+# ----------------------------------------------------------------------------- models the flags cannot build
+
+def _tilted_beam(sim):
+    """Turn the beam about 0.2 degrees off the lab axis, so every component of
+    the direction moves it (along an axis the radial component only changes
+    the length, which the beam ignores)."""
+    with torch.no_grad():
+        d = sim.beam.direction
+        d.copy_(torch.tensor([-1.0, 0.003, -0.002], dtype=d.dtype, device=d.device))
+
+
+def _two_panels(sim):
+    """The flag-built detector cut into two 12x24-pixel panels under a group
+    whose frame is the old detector's (origin at its first pixel, same fast and
+    slow axes); panel 0 sits at the group origin, panel 1 12 pixels along fast
+    in a subgroup of its own, turned by about 3 mrad."""
+    dt = dict(dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        origin, fast, slow, _ = (t[0].double().cpu() for t in sim.detector.panel_frames(sim.beam.incident()))
+    px = sim.detector.panels[0].pixel_size.detach().double().cpu()
+
+    def panel(frame):
+        return Panel(frame, image_size=(12, 24), pixel_size=tuple(px.tolist()), thickness=0.0, mu=0.0, **dt)
+
+    ex, ey = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
+    panels = [panel(Frame((0.0, 0.0, 0.0), ex, ey, **dt)),
+              panel(Frame((0.0, 0.0, 0.0), ex, ey, orientation=(1e-3, -2e-3, 1.5e-3), **dt))]
+    sub = PanelGroup(Frame((12 * float(px[0]), 0.0, 0.0), ex, ey, **dt), children=[1], name="right", **dt)
+    root = PanelGroup(Frame(tuple(origin.tolist()), tuple(fast.tolist()), tuple(slow.tolist()), **dt),
+                      children=[0, sub], name="detector", **dt)
+    sim.detector = Detector(panels, hierarchy=root, **dt)
+
+
+def _two_axes(sim):
+    """A second goniometer axis (lab y, at 3 degrees) outside the scan axis (lab z, the spindle)."""
+    sim.goniometer = Goniometer(axes=[(0.0, 0.0, 1.0), (0.0, 1.0, 0.0)], angles=(0.0, 3.0), scan_axis=0,
+                                dtype=torch.float64, device=DEVICE)
+
+
+SETUPS = {"tilted_beam": _tilted_beam, "two_panels": _two_panels, "two_axes": _two_axes}
+
+# ----------------------------------------------------------------------------- the cases
+
+PHI = "-phi 10 -osc 1 -phisteps 3"
+THICK = "-detector_thick 100 -detector_abs 320 -thicksteps 3 -detector_rotx 10"
+TILT = "-detector_rotx 2 -detector_roty -3 -detector_rotz 4 -twotheta 5"
+XDS = "-xds -ORGX 2 -ORGY 3 -detector_roty 4"
+PANEL = "detector.panels.0"
+CASES = [
+    *(case(f"crystal.cell[{i}]", second_order=True) for i in range(6)),
+    *(case(f"crystal.misset[{i}]", second_order=True) for i in range(3)),
+    case("crystal.misset@mat", "-mat {mat}", second_order=True),
+    case("crystal.cell@mat", "-mat {mat}"),
+    case("scan.oscillation[0]", PHI),
+    case("scan.oscillation[1]", PHI),
+    case("goniometer.angles[1]", PHI, setup="two_axes"),
+    case("crystal.mosaic_spread", "-mosaic 0.5 -mosaic_dom 4 -mosaic_seed 3"),
+    case("crystal.N"),
+    case("crystal.structure_factors.default_F"),
+    case("crystal.structure_factors.default_F@hkl", "-hkl {hkl}"),
+    case("crystal.structure_factors.Fhkl", "-hkl {hkl}", unit=100.0),
+    case("crystal.cell[1]@interpolate", "-N 2 -hkl {wide} -interpolate"),
+    case("crystal.fudge@gauss", "-gauss_xtal -fudge 1.3"),
+    case("crystal.fudge@round", "-round_xtal -fudge 0.8"),
+    case("crystal.N@round", "-round_xtal", second_order=True),
+    case(f"{PANEL}.frame.distance", second_order=True),
+    case(f"{PANEL}.frame.close_distance", "-xds -close_distance 95 -detector_roty 4"),
+    case(f"{PANEL}.frame.close_center[0]", XDS),
+    case(f"{PANEL}.frame.close_center[1]", XDS),
+    case(f"{PANEL}.frame.beam_center[0]", second_order=True),
+    case(f"{PANEL}.frame.beam_center[1]", second_order=True),
+    case(f"{PANEL}.pixel_size"),
+    *(case(f"{PANEL}.frame.rotation[{i}]", TILT) for i in range(3)),
+    case(f"{PANEL}.frame.twotheta", TILT),
+    case(f"{PANEL}.thickness", THICK, unit=1e-3),
+    case(f"{PANEL}.mu", THICK),
+    *(case(f"detector.hierarchy.frame.origin[{i}]", setup="two_panels") for i in range(3)),
+    *(case(f"detector.hierarchy.frame.orientation[{i}]", unit=1e-3, setup="two_panels") for i in range(3)),
+    *(case(f"detector.panels.1.frame.origin[{i}]", setup="two_panels") for i in range(3)),
+    *(case(f"detector.panels.1.frame.orientation[{i}]", unit=1e-3, setup="two_panels") for i in range(3)),
+    case("beam.wavelength", second_order=True),
+    *(case(f"beam.direction[{i}]", unit=1e-3, setup="tilted_beam") for i in range(3)),
+    case("beam.dispersion", "-dispersion 5 -dispsteps 3", unit=0.01),
+    case("beam.divergence[0]", "-hdivrange 2 -vdivrange 1.5 -divsteps 3", unit=1e-3),
+    case("beam.divergence[1]", "-hdivrange 2 -vdivrange 1.5 -divsteps 3", unit=1e-3),
+    case("beam.fluence", unit=1e29),
+    case("beam.fluence@flux", "-flux 1e12 -exposure 2 -beamsize 0.05", unit=1e21),  # 8e20 photons/m^2
+    case("beam.polarization_fraction", "-polar 0.8"),
+    case("beam.water_size", "-water 30", unit=1e-6),
+]
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    """Input files for the cases, and a working directory without a stray Fdump.bin."""
+    monkeypatch.chdir(tmp_path)
+    hkl = tmp_path / "tiny.hkl"
+    hkl.write_text(HKL_TABLE)
+    wide = tmp_path / "wide.hkl"
+    wide.write_text(WIDE_TABLE)
+    # A MOSFLM matrix for the same crystal: columns a*, b*, c* times the wavelength.
+    ref = Simulator.from_args(shlex.split(f"{CELL} {BASE}"))
+    with torch.no_grad():
+        recip = ref.crystal.reciprocal_vectors().double() * float(ref.beam.wavelength)
+        recip = recip @ _misset_matrix(ref)  # undo the misset: the file holds the unrotated crystal
+    mat = tmp_path / "A.mat"
+    mat.write_text("".join(" ".join(f"{recip[j, i]:.12f}" for j in range(3)) + "\n" for i in range(3)))
+    return {"mat": str(mat), "hkl": str(hkl), "wide": str(wide)}
+
+
+def _misset_matrix(sim):
+    from torchbragg import physics as ph
+    return ph.rotation_xyz(sim.crystal.misset.double() * torch.pi / 180)
+
+
+def build(c: Case, files, dtype="float64"):
+    cell = "" if "-mat" in c.flags else CELL
+    argv = shlex.split(f"{cell} {BASE} {c.flags.format(**files)}".replace("float64", dtype))
+    sim = Simulator.from_args(argv, device=DEVICE)
+    if c.setup:
+        SETUPS[c.setup](sim)
+    return sim
+
+
+def setter(sim, c):
+    """(x -> the parameter's value at x * unit, only component `index` changed
+    when given; the starting x)."""
+    base = sim.get_parameter(c.name).detach().clone()
+
+    def value(x):
+        v = x * c.unit
+        if c.index is not None:
+            v = torch.cat([base[:c.index], v.reshape(1), base[c.index + 1:]])
+        return v.reshape(base.shape)
+
+    x0 = (base[c.index] if c.index is not None else base) / c.unit
+    return value, x0.reshape(-1).clone()
+
+
+def functional(sim, c):
+    """x -> a few O(1) linear functionals of the image: four random projections
+    of the whole image and the peak, a half-height flank pixel and a tail pixel."""
+    value, x0 = setter(sim, c)
+    with torch.no_grad():
+        ref = sim.render().reshape(-1)
+    scale = ref.abs().max()
+    assert scale > 0, "the detector shows no signal"
+    peak = ref.max()
+    pix = torch.stack([ref.argmax(), (ref - 0.5 * peak).abs().argmin(), (ref - 0.02 * peak).abs().argmin()])
+    gen = torch.Generator().manual_seed(0)
+    proj = (torch.randn(4, ref.numel(), generator=gen, dtype=torch.float64) / ref.numel() ** 0.5).to(ref)
+
+    def f(x):
+        img = functional_call(sim, {c.name: value(x)}, ()).reshape(-1) / scale
+        return torch.cat([proj @ img, img[pix]])
+
+    return f, x0
+
+
+def jacobians(f, x, eps):
+    """(analytic, numerical) Jacobians of f at x, numerical by central differences."""
+    x = x.detach().requires_grad_(True)
+    out = f(x)
+    rows = []
+    for k in range(out.numel()):
+        (g,) = torch.autograd.grad(out[k], x, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(x) if g is None else g)
+    analytic = torch.stack(rows)
+    cols = []
+    for i in range(x.numel()):
+        e = torch.zeros_like(x)
+        e[i] = eps
+        up, down = ((x.detach() + s * e).requires_grad_(True) for s in (1, -1))
+        cols.append((f(up) - f(down)).detach() / (2 * eps))
+    return analytic.detach(), torch.stack(cols, 1)
+
+
+def errors(analytic, numerical, atol, rtol):
+    diff = (analytic - numerical).abs()
+    big = numerical.abs() >= 1e-3 * numerical.abs().max().clamp_min(1e-300)
+    rel = (diff[big] / numerical.abs()[big]).max() if big.any() else torch.zeros(())
+    return dict(max_abs_err=float(diff.max()), max_rel_err=float(rel),
+                tol_ratio=float((diff / (atol + rtol * numerical.abs())).max()),
+                grad_norm=float(numerical.norm()))
+
+
+def record(request, c, check, passed, seconds, **fields):
+    path = os.environ.get("TORCHBRAGG_GRAD_RECORD")
+    if not path:
+        return
+    row = dict(test=request.node.nodeid, param=c.param, check=check, file=HERE, line=c.line, passed=bool(passed),
+               seconds=round(seconds, 4), dtype=fields.pop("dtype", "float64"), device=DEVICE, **fields)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _require_graph(request, c, check, f, x0, t0):
+    if not f(x0.detach().requires_grad_(True)).requires_grad:
+        record(request, c, check, False, time.perf_counter() - t0, error="no autograd path to the parameter")
+        pytest.fail(f"{c.param}: the image has no autograd path to the parameter")
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)
+def test_gradcheck(c, inputs, request):
+    t0 = time.perf_counter()
+    sim = build(c, inputs)
+    f, x0 = functional(sim, c)
+    _require_graph(request, c, "gradcheck", f, x0, t0)
+    ok = torch.autograd.gradcheck(f, (x0.requires_grad_(True),), eps=EPS, atol=ATOL, rtol=RTOL,
+                                  nondet_tol=NONDET_TOL, raise_exception=False)
+    err = errors(*jacobians(f, x0, EPS), ATOL, RTOL)
+    record(request, c, "gradcheck", ok, time.perf_counter() - t0, eps=EPS, atol=ATOL, rtol=RTOL, **err)
+    assert ok, f"{c.param}: analytic and numerical Jacobians differ ({err})"
+    assert err["grad_norm"] > 0, f"{c.param}: the checked functionals do not depend on it"
+
+
+@pytest.mark.parametrize("c", [c for c in CASES if c.second_order], ids=lambda c: c.id)
+def test_gradgradcheck(c, inputs, request):
+    t0 = time.perf_counter()
+    sim = build(c, inputs)
+    f, x0 = functional(sim, c)
+    _require_graph(request, c, "gradgradcheck", f, x0, t0)
+    x0.requires_grad_(True)
+    ok = torch.autograd.gradgradcheck(f, (x0,), eps=EPS, atol=ATOL, rtol=RTOL, nondet_tol=NONDET_TOL,
+                                      raise_exception=False)
+    # the same comparison on one fixed vector-Jacobian product, for the record
+    v = torch.linspace(1.0, -0.5, f(x0).numel(), dtype=x0.dtype, device=x0.device)
+
+    def vjp(x):
+        (g,) = torch.autograd.grad(f(x), x, v, create_graph=True)
+        return g
+
+    err = errors(*jacobians(vjp, x0, EPS), ATOL, RTOL)
+    record(request, c, "gradgradcheck", ok, time.perf_counter() - t0, eps=EPS, atol=ATOL, rtol=RTOL, **err)
+    assert ok, f"{c.param}: second derivatives differ ({err})"
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)
+def test_gradient_reaches_parameter(c, inputs, request):
+    """The parameter itself, made trainable in place, gets a finite,
+    non-zero gradient (in the checked component) from an image loss."""
+    t0 = time.perf_counter()
+    sim = build(c, inputs)
+    param = sim.get_parameter(c.name)
+    param.requires_grad_(True)
+    img = sim.render()
+    weights = torch.linspace(0.5, 1.5, img.numel(), dtype=img.dtype, device=img.device).reshape(img.shape)
+    if img.requires_grad:
+        (img * weights).sum().backward()
+    grad = param.grad
+    part = None if grad is None else (grad if c.index is None else grad[c.index])
+    ok = part is not None and bool(torch.isfinite(grad).all()) and bool((part != 0).any())
+    record(request, c, "nonzero", ok, time.perf_counter() - t0,
+           grad_norm=None if part is None else float(part.norm()))
+    assert grad is not None, f"{c.param}: no gradient reached the parameter"
+    assert torch.isfinite(grad).all(), f"{c.param}: non-finite gradient {grad}"
+    assert (part != 0).any(), f"{c.param}: gradient is zero"
+
+
+def _kind(sim, name, index):
+    """(model class, attribute, component) of a parameter: what a check of it covers."""
+    owner, _, attr = name.rpartition(".")
+    return type(sim.get_submodule(owner)).__name__, attr, index
+
+
+def test_every_parameter_is_checked(inputs):
+    """Every parameter of every simulator the cases build (all panels, groups
+    and axes included) is of a kind some case checks: the same attribute of
+    the same model class, in the same component or as a whole. The scan axis's
+    goniometer angle is the one exception: the scan's angles replace it."""
+    covered, missing = set(), []
+    builds = {}
+    for c in CASES:
+        sim = builds.setdefault((c.flags, c.setup), build(c, inputs))
+        covered.add(_kind(sim, c.name, c.index))
+    for sim in builds.values():
+        for name, p in sim.named_parameters():
+            parts = range(p.numel()) if p.dim() == 1 and p.numel() <= 6 else [None]
+            for i in parts:
+                cls, attr, _ = kind = _kind(sim, name, i)
+                if cls == "Goniometer" and attr == "angles" and i == sim.goniometer.scan_axis:
+                    continue
+                if kind not in covered and (cls, attr, None) not in covered:
+                    missing.append(name if i is None else f"{name}[{i}]")
+    assert not missing, f"parameters no case checks: {sorted(set(missing))}"
+
+
+def test_chunked_render_gradient_matches(inputs):
+    """Rendering in checkpointed chunks gives the same gradient as one chunk."""
+    grads = []
+    names = ("crystal.cell", "detector.panels.0.frame.distance")
+    for chunk in (None, 50):
+        sim = Simulator.from_args(shlex.split(f"{CELL} {BASE}"), device=DEVICE, chunk_elements=chunk)
+        params = [sim.get_parameter(n).requires_grad_(True) for n in names]
+        (sim.render() ** 2).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------- float32 end to end
+
+FD_ARGS = ("-cell 100 110 120 85 95 100 -default_F 100 -N 5 -lambda 1 -distance 100 -detpixels 64 "
+           "-pixel 0.1 -oversample 1 -misset 3 -5 7 -Xbeam 1 -Ybeam 1.5")
+# (parameter, component, offset of the target, finite-difference step in float64)
+FD_PARAMS = [("crystal.cell", 0, 0.3, 1e-4), ("crystal.misset", 0, 0.2, 1e-4),
+             ("detector.panels.0.frame.distance", None, 0.5, 1e-4),
+             ("detector.panels.0.frame.beam_center", 0, 0.03, 1e-5),
+             ("detector.panels.0.frame.beam_center", 1, -0.02, 1e-5)]
+
+
+def _shifted(sim, name, index, delta):
+    with torch.no_grad():
+        p = sim.get_parameter(name)
+        if index is None:
+            p += delta
+        else:
+            p[index] += delta
+
+
+def test_float32_loss_gradient_matches_finite_differences(inputs, request):
+    """MSE between a float32 render and a target rendered at shifted parameters:
+    the float32 autograd gradient agrees with float64 central differences."""
+    t0 = time.perf_counter()
+    target_sim = Simulator.from_args(shlex.split(FD_ARGS + " -dtype float64"), device=DEVICE)
+    for name, index, offset, _ in FD_PARAMS:
+        _shifted(target_sim, name, index, offset)
+    with torch.no_grad():
+        target = target_sim.render()
+    norm = float((target ** 2).mean())
+
+    sim32 = Simulator.from_args(shlex.split(FD_ARGS + " -dtype float32"), device=DEVICE)
+    leaves = {name: sim32.get_parameter(name).requires_grad_(True) for name, _, _, _ in FD_PARAMS}
+    loss = ((sim32.render() - target.float()) ** 2).mean() / norm
+    loss.backward()
+
+    sim64 = Simulator.from_args(shlex.split(FD_ARGS + " -dtype float64"), device=DEVICE)
+
+    def loss64():
+        with torch.no_grad():
+            return float(((sim64.render() - target) ** 2).mean() / norm)
+
+    failures = []
+    for name, index, _, step in FD_PARAMS:
+        grad = leaves[name].grad
+        analytic = float(grad if index is None else grad[index])
+        _shifted(sim64, name, index, step)
+        up = loss64()
+        _shifted(sim64, name, index, -2 * step)
+        down = loss64()
+        _shifted(sim64, name, index, step)
+        numerical = (up - down) / (2 * step)
+        rel = abs(analytic - numerical) / abs(numerical)
+        label = name if index is None else f"{name}[{index}]"
+        c = Case(label, name, index, "", 1.0, False, None, sys._getframe().f_lineno)
+        record(request, c, "float32_vs_fd64", rel < 0.01, time.perf_counter() - t0, dtype="float32",
+               eps=step, atol=0.0, rtol=0.01, max_abs_err=abs(analytic - numerical), max_rel_err=rel,
+               analytic=analytic, numerical=numerical)
+        if not rel < 0.01:
+            failures.append(f"{label}: autograd {analytic:.6g} vs finite difference {numerical:.6g} ({rel:.2%})")
+    assert not failures, "; ".join(failures)
