@@ -456,18 +456,7 @@ def test_fractional_hkl_index_is_skipped_with_a_warning(line, words, tmp_path, c
     assert f"f.hkl:3: non-integer index {words}; line skipped" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- geometry copy
-
-def test_validate_frames_match_the_models():
-    from torchbragg import validate
-    models = pytest.importorskip("torchbragg.models")
-    vectors = getattr(models, "CONVENTION_VECTORS", None)
-    if vectors is None:
-        pytest.skip("the models no longer publish their convention table")
-    for conv, frame in validate.CONVENTION_FRAMES.items():
-        for key, vec in frame.items():
-            assert tuple(vectors[conv][key]) == vec, (conv, key)
-
+# ----------------------------------------------------------------------------- SMV headers
 
 def test_smv_header_sizes_are_checked_before_reading(tmp_path):
     from torchbragg.io.smv import read_smv

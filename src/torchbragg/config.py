@@ -13,6 +13,21 @@ from dataclasses import dataclass, field
 Vec3 = tuple[float, float, float]
 
 CONVENTIONS = ("MOSFLM", "XDS", "ADXV", "DENZO", "DIALS", "CUSTOM")
+
+# Lab-frame vectors of the beam-centre conventions: beam (travel), fast, slow,
+# normal, two-theta axis, polarization E-vector, spindle.
+CONVENTION_VECTORS = {
+    "ADXV": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, -1, 0), o=(0, 0, 1), tt=(-1, 0, 0), pol=(1, 0, 0), spindle=(1, 0, 0)),
+    "MOSFLM": dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 0, -1), pol=(0, 0, 1), spindle=(0, 0, 1)),
+    "DENZO": dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 0, -1), pol=(0, 0, 1), spindle=(0, 0, 1)),
+    "XDS": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, 1, 0), o=(0, 0, 1), tt=(1, 0, 0), pol=(1, 0, 0), spindle=(1, 0, 0)),
+    "DIALS": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, 1, 0), o=(0, 0, 1), tt=(0, 1, 0), pol=(0, 1, 0), spindle=(0, 1, 0)),
+}
+# Vectors a CUSTOM run starts from before the user's own replace them.
+CUSTOM_START = dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 1, 0), pol=(0, 0, 1), spindle=(0, 0, 1))
+# Conventions whose rules force the pivot whatever the flags said.
+FORCED_PIVOT = {"ADXV": "BEAM", "MOSFLM": "BEAM", "DENZO": "BEAM", "XDS": "SAMPLE", "DIALS": "SAMPLE"}
+
 SHAPES = ("square", "round", "gauss", "tophat")
 
 
@@ -98,6 +113,7 @@ class DetectorConfig:
     oversample_thick: bool = False
     oversample_polar: bool = False
     oversample_omega: bool = False
+    absorbed_layers: bool = False  # slabs weighted by what they absorb (torchbragg)
     roi: tuple[int, int, int, int] | None = None  # xmin xmax ymin ymax, inclusive
     mask_file: str | None = None
     img_file: str | None = None

@@ -332,6 +332,12 @@ for _what in ("thick", "polar", "omega"):
                       f"recompute the {_what} factor for every sub-pixel", G))
 
 
+FLAGS.append(Flag(("-absorbed_layers",), 0, "switch",
+                  lambda cfg, v: setattr(cfg.detector, "absorbed_layers", True),
+                  "cut the sensor into -thicksteps slabs (default 10) weighted by the photons each absorbs, "
+                  "as a real sensor's parallax (torchbragg; default: the original's layer rule)", G))
+
+
 @flag("-roi", 4, "int", G, "render only xmin xmax ymin ymax (pixels, inclusive)")
 def _roi(cfg, v):
     cfg.detector.roi = tuple(v)

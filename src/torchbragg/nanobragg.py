@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import rng
-from .config import SimulationConfig, auto_steps, sweep_is_off
+from .config import CONVENTION_VECTORS, CUSTOM_START, FORCED_PIVOT, SimulationConfig, auto_steps, sweep_is_off
 from .errors import InputError
 from .flags import parse_args
 from .validate import check_config, check_device
@@ -22,21 +22,6 @@ from .models import Beam, Crystal, Detector, DistanceMount, Goniometer, Panel, S
 from .simulator import RenderOptions, Simulator, oversample_for, sensor_sampling
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-# Lab-frame vectors of the beam-centre conventions: beam (travel), fast, slow,
-# normal, two-theta axis, polarization E-vector, spindle.
-CONVENTION_VECTORS = {
-    "ADXV": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, -1, 0), o=(0, 0, 1), tt=(-1, 0, 0), pol=(1, 0, 0), spindle=(1, 0, 0)),
-    "MOSFLM": dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 0, -1), pol=(0, 0, 1), spindle=(0, 0, 1)),
-    "DENZO": dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 0, -1), pol=(0, 0, 1), spindle=(0, 0, 1)),
-    "XDS": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, 1, 0), o=(0, 0, 1), tt=(1, 0, 0), pol=(1, 0, 0), spindle=(1, 0, 0)),
-    "DIALS": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, 1, 0), o=(0, 0, 1), tt=(0, 1, 0), pol=(0, 1, 0), spindle=(0, 1, 0)),
-}
-# Vectors a CUSTOM run starts from before the user's own replace them.
-CUSTOM_START = dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 1, 0), pol=(0, 0, 1), spindle=(0, 0, 1))
-# Conventions whose rules force the pivot whatever the flags said.
-FORCED_PIVOT = {"ADXV": "BEAM", "MOSFLM": "BEAM", "DENZO": "BEAM", "XDS": "SAMPLE", "DIALS": "SAMPLE"}
-
 
 @dataclass
 class BuildInfo:
@@ -377,10 +362,11 @@ def make_crystal(cfg: SimulationConfig, info: BuildInfo, probe: Crystal, table, 
 
 def render_options(cfg: SimulationConfig, has_thickness: bool, chunk_elements=None) -> RenderOptions:
     d = cfg.detector
-    layers, divisor = sensor_sampling(d.thicksteps, has_thickness)
+    layers, divisor = sensor_sampling(d.thicksteps, has_thickness, d.absorbed_layers)
     return RenderOptions(oversample=d.oversample, phisteps=_phi_sampling(cfg.crystal)[0], sensor_layers=layers,
                          layer_divisor=divisor, oversample_thick=d.oversample_thick,
                          oversample_polar=d.oversample_polar, oversample_omega=d.oversample_omega,
+                         absorbed_layers=d.absorbed_layers,
                          point_pixel=d.point_pixel, curved=d.curved, polarization=not cfg.beam.nopolar,
                          dmin=d.dmin, roi=d.roi, chunk_elements=chunk_elements)
 

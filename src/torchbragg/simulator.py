@@ -32,7 +32,10 @@ class RenderOptions:
     sensor (0: a thin detector that absorbs everything); the layers are
     thickness / layer_divisor apart. With oversample_thick/polar/omega off,
     capture fraction, polarization and solid angle are evaluated once per
-    pixel as the original does. roi: (fast min, fast max, slow min, slow max)
+    pixel as the original does. absorbed_layers: the sensor is cut into
+    sensor_layers equal slabs, each sampled at its mid-depth and weighted by
+    the photons it absorbs along each ray (the parallax a real sensor shows)
+    instead of the original's rule. roi: (fast min, fast max, slow min, slow max)
     inclusive, on every panel. dmin: skip points whose resolution is finer."""
     oversample: int | None = None
     phisteps: int = 1
@@ -41,6 +44,7 @@ class RenderOptions:
     oversample_thick: bool = False
     oversample_polar: bool = False
     oversample_omega: bool = False
+    absorbed_layers: bool = False
     point_pixel: bool = False
     curved: bool = False
     polarization: bool = True
@@ -49,12 +53,16 @@ class RenderOptions:
     chunk_elements: int | None = None
 
 
-def sensor_sampling(thicksteps: int | None, has_thickness: bool) -> tuple[int, int]:
-    """(layers, divisor) of the original's sensor rule: with a count the layers
-    span the thickness end to end (thickness / (n - 1) apart), without one two
-    layers half the thickness apart."""
+def sensor_sampling(thicksteps: int | None, has_thickness: bool, absorbed: bool = False) -> tuple[int, int]:
+    """(layers, divisor): the layers are thickness / divisor apart. Absorbed
+    slabs: `thicksteps` (default 10) slabs of thickness / n. The original's
+    rule: with a count the layers span the thickness end to end (thickness /
+    (n - 1) apart), without one two layers half the thickness apart."""
     if not has_thickness:
         return 0, 1
+    if absorbed:
+        n = thicksteps if thicksteps and thicksteps > 0 else 10
+        return n, n
     n = -1 if thicksteps is None else thicksteps
     return (2, 2) if n <= 0 else (max(n, 2), max(n, 2) - 1)
 
@@ -249,7 +257,10 @@ class Simulator(nn.Module):
         fdet = sub[0] * (fpix[:, None] * os_ + k) + sub[0] / 2  # (P, os)
         sdet = sub[1] * (spix[:, None] * os_ + k) + sub[1] / 2
         T = geo["layers"]
-        odet = geo["layer_step"] * torch.arange(T, dtype=self.dtype, device=self.device)  # (T,)
+        depth = torch.arange(T, dtype=self.dtype, device=self.device)
+        if self.options.absorbed_layers:
+            depth = depth + 0.5  # mid-depth of each slab
+        odet = geo["layer_step"] * depth  # (T,)
         # (fast, slow, depth) coordinates of every sub-pixel, then one product with the frame
         coords = torch.stack(torch.broadcast_tensors(fdet[:, None, None, :], sdet[:, None, :, None],
                                                      odet[None, :, None, None]), -1)
@@ -285,7 +296,7 @@ class Simulator(nn.Module):
         ap = airpath if full_omega else airpath[:, :1, :1]
         px = geo["pixel_size"]
         omega = ph.solid_angle(px[0] * px[1], ap, geo["close"], opt.point_pixel)
-        full_thick = running and opt.oversample_thick
+        full_thick = (running and opt.oversample_thick) or opt.absorbed_layers
         if opt.sensor_layers > 0:
             layer = torch.arange(T, dtype=self.dtype, device=self.device)[None, :, None]
             dd = diffracted if full_thick else diffracted[:, :, :1]
@@ -305,6 +316,8 @@ class Simulator(nn.Module):
         f_sq = self.crystal.structure_factors.amplitude_sq(hkl)
         if valid is not None:
             intensity = intensity * valid.unsqueeze(-1)
+        if opt.absorbed_layers and opt.sensor_layers > 0:
+            intensity = intensity * capture[..., None, None]  # each slab counts what it absorbs
 
         if running:
             total = self._running_product(intensity * f_sq, capture, polar, omega, valid, i_bg)
@@ -314,7 +327,7 @@ class Simulator(nn.Module):
             total = i_bg + intensity.reshape(P, -1).sum(-1) * f_sq
 
         result = scale * total
-        if not opt.oversample_thick:
+        if not (opt.oversample_thick or opt.absorbed_layers):
             result = result * capture[:, -1, 0]  # the last layer's value, as the original
         if not opt.oversample_polar:
             result = result * self._first_polar(polar, valid)

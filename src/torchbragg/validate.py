@@ -12,7 +12,7 @@ import math
 import os
 import re
 
-from .config import SimulationConfig, auto_steps, sweep_is_off
+from .config import CONVENTION_VECTORS, CUSTOM_START, FORCED_PIVOT, SimulationConfig, auto_steps, sweep_is_off
 from .errors import InputError
 from .flags import COUNT_RULE, FIELD_FLAGS
 
@@ -243,6 +243,8 @@ def check_config(cfg: SimulationConfig) -> None:
     """Refuse, with one line naming the flag, anything that cannot give a
     finite, physical image: called by the command line and by the model
     builder (again after SMV header values are applied)."""
+    if cfg.detector.absorbed_layers and cfg.detector.oversample_thick:
+        raise InputError("-absorbed_layers and -oversample_thick both weight the sensor layers; give one of them")
     c, b, d = cfg.crystal, cfg.beam, cfg.detector
     check_device(cfg.device)
     _file(c.hkl_file, "HKL")
@@ -327,17 +329,6 @@ def detector_pixels(cfg, headers=()) -> tuple[int, int]:
 
 # The detector frames of models.CONVENTION_VECTORS (beam, fast, slow, normal,
 # two-theta axis), repeated here so the geometry can be checked without torch.
-CONVENTION_FRAMES = {
-    "ADXV": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, -1, 0), o=(0, 0, 1), tt=(-1, 0, 0)),
-    "MOSFLM": dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 0, -1)),
-    "DENZO": dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 0, -1)),
-    "XDS": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, 1, 0), o=(0, 0, 1), tt=(1, 0, 0)),
-    "DIALS": dict(beam=(0, 0, 1), f=(1, 0, 0), s=(0, 1, 0), o=(0, 0, 1), tt=(0, 1, 0)),
-}
-CUSTOM_FRAME = dict(beam=(1, 0, 0), f=(0, 0, 1), s=(0, -1, 0), o=(1, 0, 0), tt=(0, 1, 0))
-FORCED_PIVOT = {"ADXV": "BEAM", "MOSFLM": "BEAM", "DENZO": "BEAM", "XDS": "SAMPLE", "DIALS": "SAMPLE"}
-
-
 def _unit(v):
     n = math.sqrt(sum(x * x for x in v))
     return tuple(x / n for x in v)
@@ -383,13 +374,13 @@ def detector_frame(cfg) -> dict:
     d, b = cfg.detector, cfg.beam
     conv = d.convention
     if conv == "CUSTOM":
-        frame = dict(CUSTOM_FRAME)
+        frame = dict(CUSTOM_START)
         for key, vec in (("f", d.fdet_vector), ("s", d.sdet_vector), ("o", d.odet_vector),
                          ("tt", d.twotheta_axis), ("beam", b.beam_vector)):
             if vec is not None:
                 frame[key] = vec
     else:
-        frame = CONVENTION_FRAMES.get(conv, CUSTOM_FRAME)
+        frame = dict(CONVENTION_VECTORS.get(conv, CUSTOM_START))
     if not any(frame["o"]):
         frame["o"] = _cross(_unit(frame["f"]), _unit(frame["s"]))
     beam, o0, tt = _unit(frame["beam"]), _unit(frame["o"]), _unit(frame["tt"])
