@@ -4,22 +4,47 @@ factory from an experiment (plus those flags) to a Simulator."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
 from .config import SimulationConfig
+from .dataset import FORMATS
 from .errors import InputError
 
-USAGE = """usage: torchbragg simulate EXPERIMENTS.expt --out PREFIX [--images FIRST:LAST] [--experiment K]
-                           [--format npy] [--quiet] [nanoBragg flags]
+USAGE = """usage: torchbragg simulate EXPERIMENTS.expt --out PREFIX [options] [nanoBragg flags]
 
-Renders images of the experiment's scan (all of them without --images; one
-for a still) and writes PREFIX_NNNNN.npy per image: float32 photons per
-pixel, shape (panels, slow, fast). Beam, detector (panels, sensor thickness
-and mu), goniometer, scan and crystal come from the experiment; nanoBragg
-flags give the rest: -N, -mosaic, -mosaic_dom, -default_F, -hkl, -fluence or
--flux, -phisteps (rotation steps per image), -oversample, -thicksteps, -roi,
--dtype, -device, -seed, spot shape, divergence and dispersion, and so on."""
+Renders a dataset and writes it with the experiment describing its truth
+(PREFIX.expt). Beam, detector (panels, sensor thickness and mu), goniometer,
+scan and crystal come from the experiment; nanoBragg flags give the rest:
+-N, -mosaic, -mosaic_dom, -default_F, -hkl, -fluence or -flux, -phisteps
+(rotation steps per image), -oversample, -thicksteps, -absorbed_layers,
+-roi, -mask, -dtype, -device, -seed, -nonoise, spot shape, divergence and
+dispersion, and so on.
+
+what to render (default: every image of every experiment's scan, one image
+for a still):
+  --images FIRST:LAST       images of the scan (numbered as the scan numbers them)
+  --experiment K            only experiment K of the file (0-based)
+  --stills N                a series of N stills of the crystal in random
+                            orientations drawn from --orientation-seed S (default 0)
+  --orientations FILE       a series of stills, one orientation a line: 9 numbers
+                            (a rotation matrix, row by row) or 3 angles about x, y, z (deg)
+  --spectra FILE            per-shot spectra: lines 'shot energy_eV weight'
+output:
+  --format npy|smv|cbf|nxs  npy: float32 expected photons, (panels, slow, fast), one
+                            file per image; smv: the original's noise image (photons + 40);
+                            cbf: Pilatus miniCBF photon counts; nxs: one NXmx file
+                            (bitshuffle-LZ4) of photon counts. Counts are Poisson draws
+                            with the original's generator, image k seeded with
+                            -seed + k - 1 (default -seed 1); -nonoise: expected
+                            photons rounded
+  --resume                  skip images whose file is already complete
+  --workers N               spread images over N local processes
+  --ray [ADDRESS]           spread images over a Ray cluster (a local one without
+                            ADDRESS); each worker uses a GPU when it has one
+  --quiet                   no progress bar or per-image lines
+"""
 
 # Flags whose values the experiment file holds: refused, so a run never mixes two geometries.
 GEOMETRY_FLAGS = {
@@ -52,16 +77,17 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
         raise InputError("the experiment has no crystal: index it first, or give one in the file")
     table, sources, mask = read_inputs(cfg, info)
     f64 = torch.float64
-    src = experiment.beam.to(f64)
+    src = experiment.beam
     with torch.no_grad():
         travel, e_vector = src.incident().cpu().numpy(), src.e_vector().cpu().numpy()
         fraction = float(src.polarization_fraction)
     beam = make_beam(cfg, info, sources, travel, e_vector, float(src.wavelength), fraction, device)
-    given = experiment.crystal.to(f64)
+    given = experiment.crystal
     probe = Crystal(given.cell, given.U, misset=given.misset, space_group=given.space_group, setting=given.setting,
                     dtype=f64, device=device)
     crystal = make_crystal(cfg, info, probe, table, device)
-    detector = experiment.detector.to(device=device, dtype=f64)
+    # copies: the experiment's own models keep their precision whatever the render dtype
+    detector = copy.deepcopy(experiment.detector).to(device=device, dtype=f64)
     if mask is not None:
         if len(detector.panels) != 1:
             raise InputError("-mask applies to single-panel detectors; this one has %d panels" % len(detector.panels))
@@ -73,39 +99,35 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
         absorbing = all(float(p.thickness) > 0 and float(p.mu) > 0 for p in detector.panels)
     options = render_options(cfg, absorbing, chunk_elements)
     options.phisteps = max(cfg.crystal.phisteps or 1, 1)
-    goniometer = None if experiment.goniometer is None else experiment.goniometer.to(device=device, dtype=f64)
-    scan = None if experiment.scan is None else experiment.scan.to(device=device, dtype=f64)
+    goniometer = None if experiment.goniometer is None else copy.deepcopy(experiment.goniometer).to(device, f64)
+    scan = None if experiment.scan is None else copy.deepcopy(experiment.scan).to(device, f64)
     sim = Simulator(beam, crystal, detector, goniometer, scan, options)
     return sim.to(dtype), info
 
 
-def _image_range(text: str, scan) -> range:
-    first, last = (scan.image_range if scan is not None else (1, 1))
-    if text is None:
-        return range(first, last + 1)
-    try:
-        a, _, b = text.partition(":")
-        lo, hi = int(a), int(b or a)
-    except ValueError:
-        raise InputError(f"--images expects FIRST:LAST (image numbers), got '{text}'") from None
-    if not (first <= lo <= hi <= last):
-        raise InputError(f"--images {text} is outside the scan's images {first}:{last}")
-    return range(lo, hi + 1)
-
-
 def parse(argv: list[str]) -> dict:
-    opts = dict(expt=None, out=None, images=None, experiment=0, format="npy", quiet=False, flags=[])
+    opts = dict(expt=None, out=None, images=None, experiment=None, format="npy", quiet=False, resume=False,
+                stills=None, orientation_seed=None, orientations=None, spectra=None, workers=1, ray=None,
+                flags=[])
+    valued = ("--out", "--images", "--experiment", "--format", "--stills", "--orientation-seed", "--orientations",
+              "--spectra", "--workers")
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a in ("--out", "--images", "--experiment", "--format"):
+        if a in valued:
             if i + 1 >= len(argv):
                 raise InputError(f"{a} expects a value")
-            opts[a[2:]] = argv[i + 1]
+            opts[a[2:].replace("-", "_")] = argv[i + 1]
             i += 2
             continue
-        if a == "--quiet":
-            opts["quiet"] = True
+        if a == "--ray":
+            # an optional cluster address follows (host:port or 'auto'); none: a local cluster
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            opts["ray"] = nxt if (":" in nxt or nxt == "auto") else "local"
+            i += 2 if opts["ray"] != "local" else 1
+            continue
+        if a in ("--quiet", "--resume"):
+            opts[a[2:]] = True
         elif a.startswith("--"):
             raise InputError(f"unknown option '{a}' (see torchbragg simulate -h)")
         elif opts["expt"] is None and not opts["flags"] and not a.startswith("-"):
@@ -117,19 +139,34 @@ def parse(argv: list[str]) -> dict:
         raise InputError("no experiment file given")
     if opts["out"] is None:
         raise InputError("--out PREFIX is required")
-    if opts["format"] != "npy":
-        raise InputError(f"unknown --format '{opts['format']}'; this version writes npy")
-    try:
-        opts["experiment"] = int(opts["experiment"])
-    except ValueError:
-        raise InputError(f"--experiment expects an integer, got '{opts['experiment']}'") from None
+    if opts["format"] not in FORMATS:
+        raise InputError(f"unknown --format '{opts['format']}'; choose from {', '.join(FORMATS)}")
+    for key in ("experiment", "stills", "orientation_seed", "workers"):
+        if opts[key] is not None and not isinstance(opts[key], int):
+            try:
+                opts[key] = int(opts[key])
+            except ValueError:
+                raise InputError(f"--{key.replace('_', '-')} expects an integer, got '{opts[key]}'") from None
+    if opts["stills"] is not None and opts["stills"] < 1:
+        raise InputError("--stills expects a number of shots >= 1")
+    if opts["workers"] < 1:
+        raise InputError("--workers expects a number >= 1")
     refused = [f for f in opts["flags"] if f in GEOMETRY_FLAGS]
     if refused:
         raise InputError(f"{refused[0]} is held by the experiment file; edit the experiment to change it")
     return opts
 
 
-def run(argv: list[str], out=sys.stdout) -> int:
+def _progress(total: int, quiet: bool):
+    """A progress bar with rate and ETA on a terminal; nothing otherwise."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="image", file=sys.stderr)
+
+
+def run(argv: list[str], out=None) -> int:
+    out = out or sys.stdout
     opts = parse(argv)
     from .flags import parse_args
     cfg = parse_args(opts["flags"])
@@ -137,33 +174,107 @@ def run(argv: list[str], out=sys.stdout) -> int:
     if not os.path.isdir(folder):
         raise InputError(f"cannot write {opts['out']}: folder {folder} does not exist")
 
-    import numpy as np
-    import torch
-
-    from .dials import read_experiments
-    from .io.atomic import atomic_write
+    from . import dataset as ds
+    from .dials import read_experiments, write_experiments
     experiments = read_experiments(opts["expt"])
-    k = opts["experiment"]
-    if not 0 <= k < len(experiments):
-        raise InputError(f"--experiment {k}: the file holds experiments 0..{len(experiments) - 1}")
-    sim, info = build_from_experiment(experiments[k], cfg)
-    for line in info.messages:
-        print(line, file=out)
-    images = _image_range(opts["images"], sim.scan)
-    for n, image in enumerate(images):
-        with torch.no_grad():
-            img = sim.render(image).to("cpu", torch.float32).numpy()
-        if not np.isfinite(img).all():
-            raise InputError(f"image {image} is not finite; check the fluence and structure factors")
-        path = f"{opts['out']}_{image:05d}.npy"
-        import io
-        buf = io.BytesIO()
-        np.save(buf, img)
-        atomic_write(path, buf.getvalue())
-        if not opts["quiet"]:
-            print(f"image {image} ({n + 1}/{len(images)}): {path}  max {img.max():.4g}  sum {img.sum():.6g}",
-                  file=out, flush=True)
+    orientations = ds.read_orientations(opts["orientations"]) if opts["orientations"] else None
+    spectra = ds.read_spectra(opts["spectra"]) if opts["spectra"] else None
+    shots = ds.plan(experiments, images=opts["images"], experiment=opts["experiment"], stills=opts["stills"],
+                    orientation_seed=opts["orientation_seed"], orientations=orientations, spectra=spectra)
+    data = ds.Dataset(os.path.abspath(opts["expt"]), opts["flags"], shots, os.path.abspath(opts["out"]),
+                      opts["format"], seed=1 if cfg.output.seed is None else cfg.output.seed,
+                      noise=cfg.output.calculate_noise)
+    if data.format == "nxs":
+        os.makedirs(data.prefix + "_work", exist_ok=True)
+    renderer = ds.Renderer(experiments, cfg)
+    truth = [renderer.truth(s) for s in shots] if orientations is not None or opts["stills"] else \
+        [experiments[k] for k in dict.fromkeys(s.experiment for s in shots)]
+    write_experiments(data.prefix + ".expt", truth, history=["torchbragg simulate " + " ".join(argv)])
+
+    todo = ds.pending(data, opts["resume"])
+    if len(todo) < len(shots):
+        print(f"resuming: {len(shots) - len(todo)} of {len(shots)} images already written", file=out)
+    bar = _progress(len(todo), opts["quiet"])
+    done = 0
+
+    def advance(paths):
+        nonlocal done
+        for path in paths:
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            elif not opts["quiet"]:
+                print(f"image {done}/{len(todo)}: {path}", file=out, flush=True)
+
+    if opts["ray"] is not None:
+        _run_ray(data, todo, opts["ray"], opts["workers"], advance)
+    elif opts["workers"] > 1:
+        _run_local(data, todo, opts["workers"], advance)
+    else:
+        for shot in todo:
+            advance([ds.write_shot(data, renderer, shot)])
+    if bar is not None:
+        bar.close()
+    if data.format == "nxs":
+        _assemble_nxs(data, renderer, out)
+    print(f"wrote {len(shots)} images with prefix {opts['out']} and the experiment {opts['out']}.expt", file=out)
     return 0
+
+
+def _chunks(todo, n):
+    """Contiguous runs of shots, a few per worker, so each rebuilds its simulator rarely."""
+    size = max(1, -(-len(todo) // (n * 2)))
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
+def _run_local(data, todo, workers, advance) -> None:
+    import multiprocessing as mp
+
+    from .dataset import _worker
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for paths in pool.starmap(_worker, [(data, c, threads) for c in _chunks(todo, workers)]):
+            advance(paths)
+
+
+def _run_ray(data, todo, address, workers, advance) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--ray needs Ray: pip install 'torchbragg[ray]'") from None
+    from .dataset import _worker
+    if address == "local":
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_gpus=gpus)(_worker)
+        if gpus:
+            data.device = "cuda"
+        pending = [task.remote(data, c, 1) for c in _chunks(todo, workers)]
+        while pending:
+            ready, pending = ray.wait(pending)
+            for ref in ready:
+                advance(ray.get(ref))
+    finally:
+        ray.shutdown()
+
+
+def _assemble_nxs(data, renderer, out) -> None:
+    """The NXmx file from the per-image counts, then the work folder goes."""
+    import shutil
+
+    import numpy as np
+
+    from .io.nexus import NXmxWriter
+    first = data.shots[0]
+    with NXmxWriter(data.prefix + ".nxs", renderer.truth(first), len(data.shots),
+                    start_image=first.image or 1) as writer:
+        for k, shot in enumerate(data.shots):
+            writer.write(k, np.load(data.path(shot)))
+    shutil.rmtree(data.prefix + "_work", ignore_errors=True)
+    print(f"writing {data.prefix}.nxs (NXmx)", file=out)
 
 
 def main(argv: list[str]) -> int:

@@ -313,6 +313,9 @@ class Simulator(nn.Module):
 
         hkl = self._miller_indices(diffracted, incident, lam, orient)  # (P,T,Sub,Src,M,3)
         intensity = self.crystal.lattice_factor_sq(hkl, recip)  # (P,T,Sub,Src,M)
+        weights = beam.weights()
+        if weights is not None:
+            intensity = intensity * weights.to(intensity)[:, None]
         f_sq = self.crystal.structure_factors.amplitude_sq(hkl)
         if valid is not None:
             intensity = intensity * valid.unsqueeze(-1)

@@ -25,7 +25,8 @@ class Beam(Model):
     grid); `divergence_step` fixes a step (radians) per axis instead of
     range / (n - 1).
     sources: optional table of source positions (n, 3) and wavelengths (n,)
-    (Angstrom, NaN: the beam's), replacing divergence and dispersion.
+    (Angstrom, NaN: the beam's), replacing divergence and dispersion, with
+    optional relative weights (n,) (a spectrum; default: all equal).
     polarization_fraction: fraction of the intensity polarized in the plane
     normal to `polarization_normal` (0.5: unpolarized).
     fluence: photons per m^2 over the exposure. water_size: edge of a cube of
@@ -37,7 +38,7 @@ class Beam(Model):
                  dispersion_steps: int = 1, divergence=(0.0, 0.0), divergence_steps: Sequence[int] = (1, 1),
                  divergence_step: Sequence[float | None] = (None, None),
                  divergence_points: Sequence[tuple[int, int]] | None = None,
-                 source_positions=None, source_wavelengths=None, water_size=0.0,
+                 source_positions=None, source_wavelengths=None, source_weights=None, water_size=0.0,
                  dtype=torch.float32, device="cpu"):
         super().__init__(dtype, device)
         self._param("direction", direction)
@@ -59,6 +60,9 @@ class Beam(Model):
         if self.has_source_table:
             self._buffer("source_positions", source_positions)
             self._buffer("source_wavelengths", source_wavelengths)
+        self.weighted = source_weights is not None
+        if self.weighted:
+            self._param("source_weights", source_weights)
 
     def incident(self) -> torch.Tensor:
         """Unit vector along which the beam travels."""
@@ -77,6 +81,12 @@ class Beam(Model):
         if given is not None or n < 2:
             return torch.as_tensor(given or 0.0, dtype=self.dtype, device=self.device)
         return self.divergence[axis] / (n - 1)
+
+    def weights(self) -> torch.Tensor | None:
+        """Relative weight of each source, mean 1 (None: all equal)."""
+        if not self.weighted:
+            return None
+        return self.source_weights / self.source_weights.mean()
 
     def sources(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit incident directions (n, 3) and wavelengths (n,) in Angstrom, in
