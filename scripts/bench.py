@@ -13,8 +13,12 @@ Every measurement runs in a fresh subprocess inside a scratch folder:
   against  the same render timed with another revision of torchbragg
            (--against REV: a git worktree of REV), interleaved in the same run
 
+  sweep    --sweep N: a whole N-image rotation sweep of case 2's geometry
+           (0.1 deg images, 2 phi steps each, SMV noise images) with
+           `torchbragg simulate`, against the original run once per image
+
 Usage: python scripts/bench.py [--cases 1,3] [--repeat N] [--dtype float64]
-                               [--against REV] [--json out.json] [--list]
+                               [--against REV] [--sweep N] [--json out.json] [--list]
 """
 
 from __future__ import annotations
@@ -203,6 +207,43 @@ def quick_checks(env, scratch: Path, repeat: int) -> list[dict]:
     return rows
 
 
+SWEEP_OSC, SWEEP_PHISTEPS = 0.1, 2
+
+
+def bench_sweep(n: int, scratch: Path, env, c_bin, tb_extra) -> dict:
+    """Whole-job times of an n-image sweep: one torchbragg process against n runs of the original."""
+    d = fresh_dir(scratch, "sweep")
+    geometry = case_argv(2) + ["-phi", "0", "-osc", str(SWEEP_OSC), "-phisteps", str(SWEEP_PHISTEPS)]
+    # the experiment of the first image (-roi of one pixel: nothing to render), then n images in its scan
+    r = run_measured([sys.executable, "-m", "torchbragg"] + geometry + ["-roi", "0", "0", "0", "0", "-nonoise",
+                      "-nopgm", "-floatfile", str(d / "x.bin"), "-intfile", str(d / "x.img"), "-write_expt",
+                      str(d / "one.expt")], d, env)
+    if r["rc"] != 0:
+        raise RuntimeError(f"writing the sweep's experiment failed: {r['stderr']}")
+    doc = json.loads((d / "one.expt").read_text())
+    doc["scan"][0]["image_range"] = [1, n]
+    doc["scan"][0]["properties"] = {"oscillation": [SWEEP_OSC * i for i in range(n)],
+                                    "exposure_time": [1.0] * n, "epochs": [0.0] * n}
+    (d / "sweep.expt").write_text(json.dumps(doc))
+    physics = ["-N", "10", "-default_F", "100", "-phisteps", str(SWEEP_PHISTEPS), "-seed", "1"]
+    r = run_measured([sys.executable, "-m", "torchbragg.tool", "simulate", str(d / "sweep.expt"), "--out",
+                      str(d / "tb"), "--quiet", "--format", "smv"] + physics + tb_extra, d, env)
+    if r["rc"] != 0:
+        raise RuntimeError(f"torchbragg simulate failed: {r['stderr']}")
+    row = {"images": n, "tb_s": r["wall_s"], "tb_rss_mb": r["rss_mb"]}
+    if c_bin:
+        t0 = time.perf_counter()
+        for i in range(n):
+            c = run_measured([c_bin] + case_argv(2) + ["-phi", str(SWEEP_OSC * i), "-osc", str(SWEEP_OSC),
+                              "-phisteps", str(SWEEP_PHISTEPS), "-seed", str(1 + i), "-floatfile",
+                              str(d / "c.bin"), "-intfile", str(d / "c.img"), "-noisefile", str(d / "n.img"),
+                              "-nopgm"], d)
+            if c["rc"] != 0:
+                raise RuntimeError(f"the original failed on image {i + 1}: {c['stderr']}")
+        row["c_s"] = time.perf_counter() - t0
+    return row
+
+
 def summarize(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "all": values}
 
@@ -233,6 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     p.add_argument("--skip-quick", action="store_true", help="skip the -h / bad-argument timing")
     p.add_argument("--against", metavar="REV", help="also time the render of git revision REV, interleaved")
+    p.add_argument("--sweep", type=int, metavar="N", help="time an N-image sweep instead of the cases")
     opts = p.parse_args(argv)
     try:
         cases = parse_cases(opts.cases)
@@ -277,10 +319,23 @@ def main(argv=None) -> int:
             base_env = torchbragg_env(tree)
             report["against"] = opts.against
         hkl = None
-        if 4 in cases:
+        if 4 in cases and not opts.sweep:
             hkl = scratch / "P1.hkl"
             write_hkl(hkl)
             print(f"P1.hkl: generated P1 table, h, k, l in -{HKL_RANGE}..{HKL_RANGE}", flush=True)
+        if opts.sweep:
+            row = bench_sweep(opts.sweep, scratch, env, c_bin, tb_extra)
+            print(f"sweep of {row['images']} images (case 2 geometry, {SWEEP_OSC} deg, {SWEEP_PHISTEPS} phi steps "
+                  f"each, SMV noise images):")
+            print(f"  torchbragg simulate, one process: {row['tb_s']:.1f} s "
+                  f"({row['images'] / row['tb_s']:.2f} images/s, peak RSS {row['tb_rss_mb']:.0f} MB)")
+            if "c_s" in row:
+                print(f"  original, once per image:         {row['c_s']:.1f} s "
+                      f"({row['images'] / row['c_s']:.2f} images/s)")
+                print(f"  torchbragg / original:            {row['tb_s'] / row['c_s']:.2f}")
+            if opts.json:
+                Path(opts.json).write_text(json.dumps(row, indent=2) + "\n")
+            return 0
         for c in cases:
             args = case_argv(c, str(hkl) if hkl else None)
             shown = " ".join(case_argv(c, "P1.hkl"))

@@ -175,32 +175,38 @@ def _allocation_failure(exc: BaseException) -> bool:
                                    "could not allocate", "failed to allocate"))
 
 
+def guarded(prog: str, fn) -> int:
+    """Run a command; bad input, memory and device failures become one line
+    on stderr and an exit status."""
+    try:
+        return fn()
+    except InputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: {MEMORY_MESSAGE}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:  # torch.OutOfMemoryError and allocator or device failures
+        if _allocation_failure(exc):
+            print(f"{prog}: error: {MEMORY_MESSAGE}", file=sys.stderr)
+            return 3
+        text = str(exc).strip().splitlines()
+        if text and any(w in text[0] for w in ("CUDA", "cuda", "device", "MPS")):
+            print(f"{prog}: error: the device failed: {text[0][:200]}", file=sys.stderr)
+            return 2
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or any(a in ("-h", "--help", "-help") for a in argv):
         from .flags import help_text
         print(help_text())
         return 0 if argv else 2
-    try:
-        return run(argv)
-    except InputError as exc:
-        print(f"nanoBragg: error: {exc}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        print(f"nanoBragg: error: {MEMORY_MESSAGE}", file=sys.stderr)
-        return 3
-    except RuntimeError as exc:  # torch.OutOfMemoryError and allocator or device failures
-        if _allocation_failure(exc):
-            print(f"nanoBragg: error: {MEMORY_MESSAGE}", file=sys.stderr)
-            return 3
-        text = str(exc).strip().splitlines()
-        if text and any(w in text[0] for w in ("CUDA", "cuda", "device", "MPS")):
-            print(f"nanoBragg: error: the device failed: {text[0][:200]}", file=sys.stderr)
-            return 2
-        raise
-    except KeyboardInterrupt:
-        print("nanoBragg: interrupted", file=sys.stderr)
-        return 130
+    return guarded("nanoBragg", lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -281,14 +281,5 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    try:
-        return run(argv)
-    except InputError as exc:
-        print(f"torchbragg simulate: error: {exc}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        print("torchbragg simulate: error: not enough memory; try a smaller -roi or fewer panels", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("torchbragg simulate: interrupted", file=sys.stderr)
-        return 130
+    from .cli import guarded
+    return guarded("torchbragg simulate", lambda: run(argv))

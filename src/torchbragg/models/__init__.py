@@ -4,8 +4,8 @@
 
 from .beam import Beam
 from .crystal import Crystal, StructureFactors
-from .detector import FRAMES, Detector, DistanceMount, Frame, Panel, PanelGroup
+from .detector import Detector, DistanceMount, Frame, Panel, PanelGroup
 from .goniometer import Goniometer, Scan
 
 __all__ = ["Beam", "Crystal", "StructureFactors", "Detector", "Panel", "PanelGroup", "Frame", "DistanceMount",
-           "FRAMES", "Goniometer", "Scan"]
+           "Goniometer", "Scan"]

@@ -106,7 +106,6 @@ class DistanceMount(Model):
         return tuple(g[k].to(self.dtype) for k in ("pix0", "fdet", "sdet", "odet"))
 
 
-FRAMES = {"frame": Frame, "distance_mount": DistanceMount}
 
 
 class Panel(Model):
