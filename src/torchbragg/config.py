@@ -51,6 +51,10 @@ class CrystalConfig:
     shape: str = "square"
     fudge: float = 1.0
     hkl_file: str | None = None
+    mtz_file: str | None = None  # MTZ file (merged), expanded to P1
+    mtz_column: str | None = None  # label, or 'PLUS,MINUS'; None: first amplitude, else intensity
+    model_file: str | None = None  # PDB or mmCIF model
+    model_dmin: float | None = None  # Angstrom; None: -dmin if set, else 2
     dump_file: str = "Fdump.bin"
     default_F: float = 0.0
     interpolate: bool | None = None  # None: automatic

@@ -89,6 +89,14 @@ def _misset(cfg, v):
 
 simple("-misset_seed", 1, "int", G, "seed for -misset random (default: the noise seed)", "crystal", "misset_seed")
 simple("-hkl", 1, "str", G, "text file of h k l F (P1)", "crystal", "hkl_file")
+simple("-mtz", 1, "str", G, "MTZ file of merged F or I (instead of -hkl), expanded to P1 by its space group",
+       "crystal", "mtz_file")
+simple("-mtz_column", 1, "str", G, "MTZ column: an F or I label, F(+) or I(+) for an anomalous pair (h from +, -h "
+       "from -), or PLUS,MINUS (default: first F, else first I)", "crystal", "mtz_column")
+simple("-model", 1, "str", G, "PDB or mmCIF model (instead of -hkl): |F| computed by gemmi, expanded to P1",
+       "crystal", "model_file")
+simple("-model_dmin", 1, "float", G, "resolution of -model structure factors (A; default -dmin, else 2)",
+       "crystal", "model_dmin")
 simple("-default_F", 1, "float", G, "structure factor of reflections not in the HKL file (default 0)", "crystal", "default_F")
 simple("-dump -dumpfile", 1, "str", G, "binary structure-factor cache (default Fdump.bin)", "crystal", "dump_file")
 

@@ -281,12 +281,42 @@ def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False
     the files the configuration names."""
     c, b, d = cfg.crystal, cfg.beam, cfg.detector
     table = None
-    if c.hkl_file is not None:
-        from .io.hkl import read_hkl, write_fdump
-        table = read_hkl(c.hkl_file, default_F=c.default_F)
+    given = [(flag, path) for flag, path in (("-hkl", c.hkl_file), ("-mtz", c.mtz_file), ("-model", c.model_file))
+             if path is not None]
+    if len(given) > 1:
+        raise InputError(f"give one source of structure factors, not {' and '.join(f for f, _ in given)}")
+    if c.mtz_column is not None and c.mtz_file is None:
+        raise InputError("-mtz_column selects a column of -mtz FILE; give -mtz")
+    if c.model_dmin is not None and c.model_file is None:
+        raise InputError("-model_dmin sets the resolution of -model FILE; give -model")
+    if given:
+        from .io.hkl import write_fdump
+        if c.hkl_file is not None:
+            from .io.hkl import read_hkl
+            table = read_hkl(c.hkl_file, default_F=c.default_F)
+        else:
+            from .io import structure_factors as sfio
+            if c.mtz_file is not None:
+                table = sfio.read_mtz(c.mtz_file, c.mtz_column, default_F=c.default_F)
+                what = "column " + "/".join(table.columns) + (" (anomalous pair)" if table.anomalous else "")
+                info.messages.append(f"reading {table.read} reflections from {c.mtz_file}, {what}, "
+                                     f"space group {table.space_group}")
+            else:
+                dmin = c.model_dmin if c.model_dmin is not None else (
+                    d.dmin if d.dmin and d.dmin > 0 else sfio.DEFAULT_MODEL_DMIN)
+                table = sfio.model_structure_factors(c.model_file, dmin, default_F=c.default_F)
+                info.messages.append(f"computed {table.read} structure factors of {c.model_file} to {dmin:g} A, "
+                                     f"space group {table.space_group}")
+            info.messages.append(f"  {table.count} reflections in P1 after symmetry expansion")
+            if c.cell is not None and sfio.cell_mismatch(table.cell, c.cell):
+                info.messages.append("WARNING: the structure factors' cell %s differs from -cell %s"
+                                     % (" ".join("%g" % x for x in table.cell), " ".join("%g" % x for x in c.cell)))
         info.hkl_count = table.count
         info.messages.extend(table.warnings)
-        if write_dump:
+        source = given[0][1]
+        if write_dump and os.path.realpath(c.dump_file) == os.path.realpath(source):
+            info.messages.append(f"WARNING: not writing the dump file over the input {source}")
+        elif write_dump:
             try:
                 write_fdump(c.dump_file, table)
                 info.messages.append(f"writing dump file for next time: {c.dump_file}")
@@ -298,7 +328,8 @@ def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False
         info.hkl_count = int(np.prod(table.grid.shape))
         info.messages.append(f"reading Fs from {c.dump_file}")
     elif c.default_F == 0.0:
-        raise InputError("no structure factors: give -hkl FILE, -default_F F, or run where Fdump.bin exists")
+        raise InputError("no structure factors: give -hkl FILE, -mtz FILE, -model FILE, -default_F F, "
+                         "or run where Fdump.bin exists")
 
     sources = None
     if b.source_file is not None:
