@@ -163,3 +163,15 @@ def test_bad_dataset_options_are_one_line(sweep, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], (argv, err)
         assert not list(sweep.glob("bad_*"))
+
+
+def test_cbf_images_hold_the_photon_counts(sweep):
+    fabio = pytest.importorskip("fabio")
+    simulate(["sweep.expt", "--out", "c", "--quiet", "--format", "cbf", "--images", "2:3", *PHYSICS, "-seed", "4"],
+             sweep)
+    simulate(["sweep.expt", "--out", "f", "--quiet", "--format", "npy", "--images", "2:3", *PHYSICS], sweep)
+    for number in (1, 2):
+        expected = np.load(sweep / f"f_{number:05d}.npy")
+        counts = fabio.open(str(sweep / f"c_{number:05d}.cbf")).data
+        assert np.array_equal(counts, ds.photon_counts(expected, 4, number)[0])
+        assert abs(counts.sum() - expected.sum()) < 5 * np.sqrt(expected.sum()) + 1
