@@ -175,3 +175,21 @@ def test_cbf_images_hold_the_photon_counts(sweep):
         counts = fabio.open(str(sweep / f"c_{number:05d}.cbf")).data
         assert np.array_equal(counts, ds.photon_counts(expected, 4, number)[0])
         assert abs(counts.sum() - expected.sum()) < 5 * np.sqrt(expected.sum()) + 1
+
+
+def test_nexus_file_holds_the_sweep(sweep):
+    h5py = pytest.importorskip("h5py")
+    import hdf5plugin  # noqa: F401  (registers the bitshuffle-LZ4 filter)
+    simulate(["sweep.expt", "--out", "nx", "--quiet", "--format", "nxs", "--images", "3:5", *PHYSICS, "-seed", "2"],
+             sweep)
+    simulate(["sweep.expt", "--out", "f", "--quiet", "--format", "npy", "--images", "3:5", *PHYSICS], sweep)
+    assert not (sweep / "nx_work").exists()
+    with h5py.File(sweep / "nx.nxs", "r") as fh:
+        data = fh["/entry/data/data"][()]
+        assert data.shape == (3, 64, 64)
+        omega = [k for k in fh["/entry/sample/transformations"] if not k.endswith(("_end", "_increment_set"))]
+        angles = fh[f"/entry/sample/transformations/{omega[0]}"][()]
+    np.testing.assert_allclose(angles, [2.0, 3.0, 4.0])
+    for number in (1, 2, 3):
+        expected = ds.photon_counts(np.load(sweep / f"f_{number:05d}.npy"), 2, number)[0]
+        assert np.array_equal(data[number - 1], expected)

@@ -1,0 +1,529 @@
+"""Simulated images as NeXus/NXmx HDF5 files, the layout DIALS reads with its
+full geometry (beam, detector modules, goniometer and scan).
+
+Frames. NXmx places everything in the McStas frame: the beam travels along
++z, y is up, x completes a right-handed frame. An experiment may come in any
+right-handed lab frame; every vector (beam, panel origins and axes,
+goniometer axes, polarization) is turned by one proper rotation Q:
+
+    Q = F @ R
+
+R is the smallest rotation taking the beam's travel direction to DIALS's
+beam direction (0, 0, -1) (about the axis beam x (0, 0, -1); a beam already
+along +z is turned 180 degrees about y), and F = diag(-1, 1, -1) is the fixed
+change from the DIALS (imgCIF) frame to McStas, (x, y, z) -> (-x, y, -z),
+the one DIALS applies (in reverse) when it reads NXmx. So an experiment in
+the DIALS frame is written exactly as DIALS would write it, one in McStas is
+written unchanged, and one in nanoBragg's MOSFLM frame (beam along +x) is
+first taken to DIALS as (x, y, z) -> (z, y, -x). `mcstas_rotation` gives Q.
+
+Layout (lengths in mm, angles in degrees, each with a `units` attribute):
+
+    /entry                        NXentry, definition "NXmx", start_time, end_time
+      source                      NXsource
+      instrument                  NXinstrument
+        beam                      NXbeam: incident_wavelength (angstrom),
+                                  incident_polarization_stokes [1, Q, U, 0]
+        detector                  NXdetector: sensor_material, sensor_thickness,
+                                  saturation/underload values, pixel_mask,
+                                  depends_on -> transformations/translation
+          transformations         translation: distance D along the beam (+z)
+          module | module_NNN     NXdetector_module per panel: data_origin,
+                                  data_size, module_offset (translation from
+                                  the detector translation to the panel origin),
+                                  fast_/slow_pixel_direction (pixel size along
+                                  the panel axis)
+      sample                      NXsample, depends_on -> innermost goniometer axis
+        transformations           one rotation per goniometer axis, innermost
+                                  first in the depends_on chain; the scan axis
+                                  holds each image's start angle, with
+                                  <axis>_end and <axis>_increment_set
+        beam                      hard link to instrument/beam
+      data                        NXdata, signal "data": the images, int32,
+                                  bitshuffle-LZ4, one image per chunk
+
+A panel's origin (the outer corner of its first pixel) is the end of its
+chain: detector translation + module_offset; its axes are the vectors of
+fast_pixel_direction and slow_pixel_direction. The chain holds translations
+only, so readers need not compose rotations. D is the distance from the
+sample to where the beam meets the plane of the first panel (in panel order)
+whose plane lies downstream (the NXdetector distance); 0 when there is none.
+The sensor material and thickness are the first panel's. Reading the images
+needs the bitshuffle filter (`import hdf5plugin`, as DIALS does).
+
+Images: one panel -> (n, slow, fast), one module. Panels that all carry a
+"raw_image_offset" [x, y] (from a DIALS file) and tile a frame without
+overlapping -> (n, slow, fast) of the whole frame, each module at its offset;
+gaps hold -1 and are flagged in pixel_mask. Otherwise -> (n, panels, slow,
+fast), module k at data_origin [k, 0, 0] (panels smaller than the largest
+padded with -1, flagged too). Pixels a panel's mask skips are flagged (bit 0)
+in pixel_mask as well.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+DIALS_TO_MCSTAS = np.diag([-1.0, 1.0, -1.0])
+GAP = -1  # pixel value of gaps and padding
+MASK_GAP = 1  # pixel_mask bit 0: no sensor / do not use
+INT32_MAX = 2**31 - 1
+
+
+def _np(t) -> np.ndarray:
+    if hasattr(t, "detach"):
+        t = t.detach().double().cpu().numpy()
+    return np.asarray(t, dtype=np.float64)
+
+
+def _unit(v) -> np.ndarray:
+    v = _np(v).reshape(3)
+    n = np.linalg.norm(v)
+    if not n > 0:
+        raise InputError(f"zero-length direction {tuple(v)}")
+    return v / n
+
+
+def _skew(v) -> np.ndarray:
+    return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+
+
+def mcstas_rotation(incident) -> np.ndarray:
+    """The proper rotation Q (3, 3) taking lab vectors to McStas: Q @ incident
+    = (0, 0, 1). See the module notes for the rule."""
+    b = _unit(incident)
+    target = np.array([0.0, 0.0, -1.0])
+    c = float(b @ target)
+    if 1.0 + c < 1e-12:  # beam along +z: half a turn about y
+        r = np.diag([-1.0, 1.0, -1.0])
+    else:
+        k = _skew(np.cross(b, target))
+        r = np.eye(3) + k + k @ k / (1.0 + c)
+    # re-orthonormalize (polar decomposition) against rounding
+    u, _, vt = np.linalg.svd(r)
+    return DIALS_TO_MCSTAS @ (u @ vt)
+
+
+def _axis_angle(m: np.ndarray) -> tuple[np.ndarray, float]:
+    """Unit axis and angle (degrees) of a rotation matrix."""
+    m = np.asarray(m, dtype=np.float64)
+    # quaternion, largest component first for stability
+    tr = np.trace(m)
+    cand = [tr, m[0, 0], m[1, 1], m[2, 2]]
+    i = int(np.argmax(cand))
+    if i == 0:
+        w = np.sqrt(max(1.0 + tr, 0.0)) / 2.0
+        x, y, z = (m[2, 1] - m[1, 2]) / (4 * w), (m[0, 2] - m[2, 0]) / (4 * w), (m[1, 0] - m[0, 1]) / (4 * w)
+    elif i == 1:
+        x = np.sqrt(max(1.0 + m[0, 0] - m[1, 1] - m[2, 2], 0.0)) / 2.0
+        w, y, z = (m[2, 1] - m[1, 2]) / (4 * x), (m[0, 1] + m[1, 0]) / (4 * x), (m[0, 2] + m[2, 0]) / (4 * x)
+    elif i == 2:
+        y = np.sqrt(max(1.0 - m[0, 0] + m[1, 1] - m[2, 2], 0.0)) / 2.0
+        w, x, z = (m[0, 2] - m[2, 0]) / (4 * y), (m[0, 1] + m[1, 0]) / (4 * y), (m[1, 2] + m[2, 1]) / (4 * y)
+    else:
+        z = np.sqrt(max(1.0 - m[0, 0] - m[1, 1] + m[2, 2], 0.0)) / 2.0
+        w, x, y = (m[1, 0] - m[0, 1]) / (4 * z), (m[0, 2] + m[2, 0]) / (4 * z), (m[1, 2] + m[2, 1]) / (4 * z)
+    vec = np.array([x, y, z])
+    s = np.linalg.norm(vec)
+    if s < 1e-15:
+        return np.array([1.0, 0.0, 0.0]), 0.0
+    angle = 2.0 * np.degrees(np.arctan2(s, w))
+    return vec / s, float(angle)
+
+
+def _clean_name(name: str, taken: set) -> str:
+    base = "".join(ch if (ch.isalnum() or ch in "_-") else "_" for ch in str(name)) or "axis"
+    out, k = base, 1
+    while out in taken:
+        k += 1
+        out = f"{base}_{k}"
+    taken.add(out)
+    return out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class _Layout:
+    """Where each panel's pixels go in the stored frame."""
+
+    def __init__(self, detector):
+        sizes = [(p.image_size[1], p.image_size[0]) for p in detector.panels]  # (slow, fast)
+        self.sizes = sizes
+        n = len(sizes)
+        offsets = [p.extras.get("raw_image_offset") for p in detector.panels]
+        self.tiled = False
+        if n == 1:
+            self.frame = sizes[0]
+            self.origins = [(0, 0)]
+            return
+        if all(o is not None and len(o) == 2 for o in offsets):
+            origins = [(int(o[1]), int(o[0])) for o in offsets]  # (slow, fast)
+            if min(min(o) for o in origins) >= 0:
+                shape = (max(o[0] + s[0] for o, s in zip(origins, sizes)),
+                         max(o[1] + s[1] for o, s in zip(origins, sizes)))
+                cover = np.zeros(shape, dtype=np.int32)
+                for (y, x), (s, f) in zip(origins, sizes):
+                    cover[y:y + s, x:x + f] += 1
+                if cover.max() == 1:
+                    self.tiled, self.frame, self.origins = True, shape, origins
+                    return
+        self.frame = (n, max(s for s, _ in sizes), max(f for _, f in sizes))
+        self.origins = [(k, 0, 0) for k in range(n)]
+
+    def data_origin(self, k):
+        return list(self.origins[k])
+
+    def data_size(self, k):
+        s, f = self.sizes[k]
+        return [s, f] if len(self.frame) == 2 else [1, s, f]
+
+    def region(self, k):
+        s, f = self.sizes[k]
+        if len(self.frame) == 2:
+            y, x = self.origins[k]
+            return (slice(y, y + s), slice(x, x + f))
+        return (k, slice(0, s), slice(0, f))
+
+    def needs_fill(self) -> bool:
+        covered = sum(s * f for s, f in self.sizes)
+        return covered != int(np.prod(self.frame))
+
+
+class NXmxWriter:
+    """Write `n_images` images of `experiment` to the NXmx file `path`.
+
+    Use as a context manager; `write(index, counts)` stores image `index`
+    (0-based within the file; DIALS image number start_image + index), counts
+    int32 (panels, slow, fast) (or (slow, fast) for one panel, or a sequence
+    of per-panel (slow, fast) arrays when panel sizes differ). The file is
+    built under a temporary name in the same folder and renamed to `path` by
+    `close()`, which requires every image written; on an exception inside the
+    `with` block (or `abort()`) nothing is left behind.
+    """
+
+    def __init__(self, path, experiment, n_images: int, start_image: int = 1):
+        import h5py
+        import hdf5plugin
+
+        self.n_images = int(n_images)
+        if self.n_images < 1:
+            raise InputError(f"an NXmx file needs at least one image, not {n_images}")
+        self.start_image = int(start_image)
+        self.experiment = experiment
+        text = os.fspath(path)
+        if text == "" or text.endswith(("/", os.sep)):
+            raise InputError(f"cannot write {text!r}: not a file name")
+        self.path = Path(os.path.realpath(text))
+        self.layout = _Layout(experiment.detector)
+        self._angles = self._scan_angles()
+        self._written = np.zeros(self.n_images, dtype=bool)
+        self._tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            self._file = h5py.File(self._tmp, "w-")
+        except OSError as exc:
+            raise InputError(f"cannot write {self.path}: {exc}") from None
+        try:
+            self._build(hdf5plugin)
+        except BaseException:
+            self.abort()
+            raise
+
+    # ------------------------------------------------------------------ geometry
+
+    def _scan_angles(self):
+        """Start angle of each image of the file on the scan axis (None: no scan)."""
+        scan = self.experiment.scan
+        if scan is None:
+            return None
+        first, last = scan.image_range
+        lo, hi = self.start_image, self.start_image + self.n_images - 1
+        if lo < first or hi > last:
+            raise InputError(f"images {lo}..{hi} are outside the scan's images {first}..{last}")
+        start, width = (float(x) for x in _np(scan.oscillation).reshape(2))
+        return start + (np.arange(lo, hi + 1) - first) * width, width
+
+    def _build(self, hdf5plugin):
+        e = self.experiment
+        f = self._file
+        incident = e.beam.incident()
+        q = self.q = mcstas_rotation(_np(incident))
+        f.attrs["NX_class"] = "NXroot"
+        f.attrs["default"] = "entry"
+        f.attrs["creator"] = "torchbragg"
+        entry = f.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        entry.attrs["default"] = "data"
+        entry.create_dataset("definition", data="NXmx")
+        entry.create_dataset("start_time", data=_now())
+        self._entry = entry
+
+        source = entry.create_group("source")
+        source.attrs["NX_class"] = "NXsource"
+        source.create_dataset("name", data="torchbragg simulation")
+
+        inst = entry.create_group("instrument")
+        inst.attrs["NX_class"] = "NXinstrument"
+        name = inst.create_dataset("name", data="torchbragg simulated instrument")
+        name.attrs["short_name"] = "torchbragg"
+
+        beam = inst.create_group("beam")
+        beam.attrs["NX_class"] = "NXbeam"
+        lam = beam.create_dataset("incident_wavelength", data=float(_np(e.beam.wavelength)))
+        lam.attrs["units"] = "angstrom"
+        beam.create_dataset("incident_polarization_stokes", data=self._stokes(q))
+
+        self._detector(inst, hdf5plugin)
+        self._sample(entry, beam)
+
+    def _stokes(self, q) -> np.ndarray:
+        """[I, Q, U, V] with I = 1, in McStas x/y: Q = P cos 2psi, U = P sin 2psi,
+        psi the E-vector's angle from +x towards +y, P = 2 f - 1."""
+        beam = self.experiment.beam
+        p = 2.0 * float(_np(beam.polarization_fraction)) - 1.0
+        ev = q @ _unit(_np(beam.e_vector()))
+        psi = np.arctan2(ev[1], ev[0])
+        return np.array([1.0, p * np.cos(2 * psi), p * np.sin(2 * psi), 0.0])
+
+    def _detector(self, inst, hdf5plugin):
+        e, q, lay = self.experiment, self.q, self.layout
+        det = e.detector
+        origin, fast, slow, normal = (_np(x) @ q.T for x in det.panel_frames(e.beam.incident()))
+        self.mcstas_frames = dict(origin=origin, fast=fast, slow=slow, normal=normal)
+        # distance: where the beam (+z from the sample) meets the first panel plane it crosses
+        distance = 0.0
+        for k in range(len(det.panels)):
+            dn = normal[k][2]
+            if abs(dn) > 1e-12:
+                t = float(origin[k] @ normal[k]) / dn
+                if t > 0:
+                    distance = t
+                    break
+        self.distance = distance
+
+        d = inst.create_group("detector")
+        d.attrs["NX_class"] = "NXdetector"
+        p0 = det.panels[0]
+        d.create_dataset("description", data="torchbragg simulated detector")
+        d.create_dataset("type", data="pixel")
+        material = p0.material if p0.material in ("Si", "CdTe", "GaAs") else "Si"
+        d.create_dataset("sensor_material", data=material)
+        th = d.create_dataset("sensor_thickness", data=float(_np(p0.thickness)))
+        th.attrs["units"] = "mm"
+        dist = d.create_dataset("distance", data=distance)
+        dist.attrs["units"] = "mm"
+        top = max(p.trusted_range[1] for p in det.panels)
+        d.create_dataset("saturation_value", data=np.int32(min(int(np.floor(top)), INT32_MAX)))
+        d.create_dataset("underload_value", data=np.int32(0))
+        d.create_dataset("bit_depth_image", data=np.int32(32))
+        if len(det.panels) == 1 and distance > 0:
+            hit = np.array([0.0, 0.0, distance]) - origin[0]
+            px = _np(p0.pixel_size).reshape(2)
+            for key, axis, size in (("beam_center_x", fast[0], px[0]), ("beam_center_y", slow[0], px[1])):
+                ds = d.create_dataset(key, data=float(hit @ axis) / size)
+                ds.attrs["units"] = "pixel"
+
+        tr = d.create_group("transformations")
+        tr.attrs["NX_class"] = "NXtransformations"
+        t = tr.create_dataset("translation", data=distance)
+        t.attrs.update(transformation_type="translation", units="mm", vector=[0.0, 0.0, 1.0],
+                       offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=".")
+        d.create_dataset("depends_on", data=t.name)
+
+        n = len(det.panels)
+        width = max(3, len(str(n - 1)))
+        mask = np.full(lay.frame, MASK_GAP, dtype=np.uint32)
+        for k, panel in enumerate(det.panels):
+            m = d.create_group("module" if n == 1 else f"module_{k:0{width}d}")
+            m.attrs["NX_class"] = "NXdetector_module"
+            m.create_dataset("data_origin", data=np.array(lay.data_origin(k), dtype=np.int64))
+            m.create_dataset("data_size", data=np.array(lay.data_size(k), dtype=np.int64))
+            rel = origin[k] - np.array([0.0, 0.0, distance])
+            length = float(np.linalg.norm(rel))
+            vec = rel / length if length > 0 else np.array([1.0, 0.0, 0.0])
+            off = m.create_dataset("module_offset", data=length)
+            off.attrs.update(transformation_type="translation", units="mm", vector=vec,
+                             offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=t.name)
+            px = _np(panel.pixel_size).reshape(2)
+            for key, axis, size in (("fast_pixel_direction", fast[k], px[0]),
+                                    ("slow_pixel_direction", slow[k], px[1])):
+                ds = m.create_dataset(key, data=float(size))
+                ds.attrs.update(transformation_type="translation", units="mm", vector=axis / np.linalg.norm(axis),
+                                offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=off.name)
+            region = lay.region(k)
+            good = np.zeros(lay.sizes[k], dtype=np.uint32)
+            if panel.mask is not None:
+                good[~panel.mask.cpu().numpy().astype(bool)] = MASK_GAP
+            mask[region] = good
+        pm = d.create_dataset("pixel_mask", data=mask, compression="gzip", shuffle=True)
+        pm.attrs["description"] = "bit 0: gap or pixel not to use"
+        d.create_dataset("pixel_mask_applied", data=False)
+
+        data = self._entry.create_group("data")
+        data.attrs["NX_class"] = "NXdata"
+        data.attrs["signal"] = "data"
+        self._data = data.create_dataset(
+            "data", shape=(self.n_images, *lay.frame), dtype=np.int32, chunks=(1, *lay.frame),
+            fillvalue=np.int32(GAP), **hdf5plugin.Bitshuffle(cname="lz4"))
+        self._data.attrs["units"] = "counts"
+
+    def _sample(self, entry, beam):
+        e, q = self.experiment, self.q
+        s = entry.create_group("sample")
+        s.attrs["NX_class"] = "NXsample"
+        s.create_dataset("name", data="simulated crystal")
+        s["beam"] = beam  # hard link
+        gonio = e.goniometer
+        if gonio is None:
+            s.create_dataset("depends_on", data=".")
+            return
+        tr = s.create_group("transformations")
+        tr.attrs["NX_class"] = "NXtransformations"
+        axes = _np(gonio.axes).reshape(-1, 3)
+        angles = _np(gonio.angles).reshape(-1)
+        names = list(gonio.names)
+        taken: set = set()
+        # innermost first: fixed rotation, axes[0] .. axes[K-1], setting rotation
+        chain = []
+        fixed, setting = _np(gonio.fixed_rotation).reshape(3, 3), _np(gonio.setting_rotation).reshape(3, 3)
+        a, ang = _axis_angle(fixed)
+        if abs(ang) > 1e-12:
+            chain.append(("fixed_rotation", a, np.full(self.n_images, ang), None))
+        for k in range(len(axes)):
+            if k == gonio.scan_axis and self._angles is not None:
+                values, width = self._angles
+                chain.append((names[k] if k < len(names) else f"axis{k}", axes[k], values, width))
+            else:
+                chain.append((names[k] if k < len(names) else f"axis{k}", axes[k],
+                              np.full(self.n_images, angles[k]), None))
+        a, ang = _axis_angle(setting)
+        if abs(ang) > 1e-12:
+            chain.append(("setting_rotation", a, np.full(self.n_images, ang), None))
+        paths = []
+        for name, axis, values, width in chain:
+            paths.append(tr.name + "/" + _clean_name(name, taken))
+        for i, (name, axis, values, width) in enumerate(chain):
+            key = paths[i].rsplit("/", 1)[1]
+            ds = tr.create_dataset(key, data=np.asarray(values, dtype=np.float64))
+            vec = q @ _unit(axis)
+            ds.attrs.update(transformation_type="rotation", units="deg", vector=vec, offset=[0.0, 0.0, 0.0],
+                            offset_units="mm", depends_on=paths[i + 1] if i + 1 < len(paths) else ".")
+            if width is not None:
+                taken.update({key + "_end", key + "_increment_set"})
+                end = tr.create_dataset(key + "_end", data=np.asarray(values) + width)
+                end.attrs["units"] = "deg"
+                inc = tr.create_dataset(key + "_increment_set", data=float(width))
+                inc.attrs["units"] = "deg"
+        s.create_dataset("depends_on", data=paths[0])
+
+    # ------------------------------------------------------------------ images
+
+    def write(self, index: int, counts) -> None:
+        """Store image `index` (0-based within this file)."""
+        if self._file is None:
+            raise InputError(f"{self.path}: the file is already closed")
+        index = int(index)
+        if not 0 <= index < self.n_images:
+            raise InputError(f"image index {index} is outside 0..{self.n_images - 1}")
+        lay = self.layout
+        panels = self._panels(counts)
+        if len(lay.frame) == 2 and len(panels) == 1:
+            frame = panels[0]
+        else:
+            frame = np.full(lay.frame, GAP, dtype=np.int32) if lay.needs_fill() else np.empty(lay.frame, np.int32)
+            for k, p in enumerate(panels):
+                frame[lay.region(k)] = p
+        self._data[index] = frame
+        self._written[index] = True
+
+    def _panels(self, counts) -> list[np.ndarray]:
+        sizes = self.layout.sizes
+        if hasattr(counts, "detach"):
+            counts = counts.detach().cpu().numpy()
+        if isinstance(counts, np.ndarray):
+            arr = counts
+            if arr.ndim == 2 and len(sizes) == 1:
+                arr = arr[None]
+            if arr.ndim != 3 or arr.shape[0] != len(sizes):
+                raise InputError(f"counts of shape {arr.shape} do not match the detector's {len(sizes)} "
+                                 f"panel(s) of (slow, fast) {sizes}")
+            items = list(arr)
+        else:
+            items = [np.asarray(c) for c in counts]
+            if len(items) != len(sizes):
+                raise InputError(f"{len(items)} panel images given for {len(sizes)} panels")
+        out = []
+        for k, (c, size) in enumerate(zip(items, sizes)):
+            if c.shape != size:
+                raise InputError(f"panel {k}: counts have shape {c.shape}, the panel is (slow, fast) {size}")
+            if not np.issubdtype(c.dtype, np.integer):
+                raise InputError(f"panel {k}: counts must be integers (int32), not {c.dtype}")
+            if c.dtype != np.int32:
+                if c.size and (c.min() < -2**31 or c.max() > INT32_MAX):
+                    raise InputError(f"panel {k}: counts do not fit in int32")
+                c = c.astype(np.int32)
+            out.append(np.ascontiguousarray(c))
+        return out
+
+    # ------------------------------------------------------------------ finishing
+
+    def close(self) -> None:
+        """Finish the file and move it to `path`. Every image must have been written."""
+        if self._file is None:
+            return
+        try:
+            missing = np.flatnonzero(~self._written)
+            if missing.size:
+                raise InputError(f"{self.path}: {missing.size} of {self.n_images} images were not written "
+                                 f"(first missing index {int(missing[0])})")
+            self._entry.create_dataset("end_time", data=_now())
+            self._file.close()
+            self._file = None
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the file: nothing is left at `path` or under the temporary name."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:
+                pass
+            self._file = None
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "NXmxWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:
+            self.abort()
+
+
+def write_nxmx(path, experiment, images: Iterable | Sequence, start_image: int = 1) -> None:
+    """Write every count array of `images` to the NXmx file `path`."""
+    if not isinstance(images, Sequence):
+        images = list(images)
+    with NXmxWriter(path, experiment, len(images), start_image=start_image) as w:
+        for i, counts in enumerate(images):
+            w.write(i, counts)
