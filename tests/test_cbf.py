@@ -244,3 +244,13 @@ def test_header_is_deterministic_and_uses_scan_epochs():
     assert h["timestamp"] == "2017-07-14T02:40:00.200"
     assert float(h["Start_angle"].split()[0]) == pytest.approx(0.2)
     assert pilatus_header(expt, 2, 0.2) == pilatus_header(expt, 2, 0.2)
+
+
+def test_a_refined_detectors_small_tilt_is_written_untilted(tmp_path):
+    """Refined real detectors tilt by a fraction of a degree: the header holds
+    the untilted approximation with the same distance along the normal."""
+    c, s = math.cos(math.radians(0.3)), math.sin(math.radians(0.3))
+    expt = experiment([panel(fast=(c, 0.0, s), size=(487, 195))])
+    counts = np.arange(487 * 195, dtype=np.int32).reshape(1, 195, 487)
+    write_minicbf(tmp_path / "x.cbf", counts, expt, image=1)
+    assert np.array_equal(fabio.open(str(tmp_path / "x.cbf")).data, counts[0])

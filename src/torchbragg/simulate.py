@@ -191,6 +191,10 @@ def run(argv: list[str], out=None) -> int:
         [experiments[k] for k in dict.fromkeys(s.experiment for s in shots)]
     write_experiments(data.prefix + ".expt", truth, history=["torchbragg simulate " + " ".join(argv)])
 
+    if data.format == "cbf":  # refuse geometry a miniCBF header cannot hold before rendering anything
+        from .io.cbf import pilatus_header
+        for shot in shots[:1]:
+            pilatus_header(renderer.truth(shot), shot.image if shot.image is not None else 1)
     todo = ds.pending(data, opts["resume"])
     if len(todo) < len(shots):
         print(f"resuming: {len(shots) - len(todo)} of {len(shots)} images already written", file=out)

@@ -25,7 +25,9 @@ other sizes under that convention, so other sizes carry ``GENERIC_MINI``,
 the convention dxtbx reads as a simulated pixel-array detector.
 
 The header cannot describe a tilted detector or panels that do not tile one
-frame; those are refused (NeXus describes them).
+frame: a tilt of up to 2 degrees (refined real detectors) is written as the
+untilted approximation, larger tilts and such panels are refused (NeXus
+describes them).
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ PILATUS_MODELS = {(1, 1): "100K", (1, 3): "300K", (3, 1): "300K-W", (2, 5): "1M"
 SERIAL = "60-0000"
 EV_ANGSTROM = 12398.419843320026
 INT32_MAX = 2**31 - 1
-# a panel counts as perpendicular to the beam when the angle between its
-# normal and the beam is below this (radians)
-PERPENDICULAR_TOLERANCE = 1e-6
+# The header describes a detector perpendicular to the beam. Refined real
+# detectors are tilted by a fraction of a degree: up to this angle (radians)
+# the header holds the untilted approximation (same distance along the
+# normal and beam centre) and the experiment file beside the images holds the
+# exact geometry; beyond it the images are refused.
+PERPENDICULAR_TOLERANCE = math.radians(2.0)
 # panels tile one frame when their origins lie this close (mm) to where the frame puts them
 TILE_TOLERANCE = 1e-6
 
@@ -140,7 +145,7 @@ def _geometry(experiment, frame) -> tuple[float, float, float]:
     angle = math.atan2(float(np.linalg.norm(np.cross(incident, normal))), cos)
     if angle > PERPENDICULAR_TOLERANCE:
         raise InputError(f"the detector is tilted {math.degrees(angle):.6g} deg from perpendicular to the beam; "
-                         "a miniCBF header cannot describe a tilted detector: write NeXus instead")
+                         "a miniCBF header cannot describe more than 2 deg of tilt: write NeXus instead")
     distance = float(np.dot(frame["origin"], normal))
     if not distance > 0:
         raise InputError(f"the detector plane is {distance:g} mm from the sample; a miniCBF needs it downstream")
