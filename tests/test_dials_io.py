@@ -37,6 +37,10 @@ def test_unmodelled_blocks_survive_a_round_trip(tmp_path):
     np.testing.assert_allclose(q0["origin"], p0["origin"], atol=1e-12)
     np.testing.assert_allclose(back["crystal"][0]["real_space_a"], doc["crystal"][0]["real_space_a"], atol=1e-9)
     assert back["crystal"][0]["space_group_hall_symbol"] == " P 4"
+    for key in ("mosaicity", "ML_half_mosaicity_deg", "B_covariance"):  # fields not modelled are kept
+        assert back["crystal"][0][key] == doc["crystal"][0][key], key
+    for key in ("divergence", "sigma_divergence"):
+        assert back["beam"][0][key] == doc["beam"][0][key], key
     np.testing.assert_allclose(back["beam"][0]["direction"], doc["beam"][0]["direction"], atol=1e-12)
 
 

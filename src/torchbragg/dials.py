@@ -93,10 +93,12 @@ def beam_from_dict(d: dict, **kw) -> Beam:
     wavelength = _number(d, "wavelength", where)
     if not wavelength > 0:
         raise InputError(f"beam wavelength must be positive, got {wavelength:g}")
+    extras = {k: v for k, v in d.items() if k not in ("direction", "wavelength", "polarization_fraction",
+                                                       "polarization_normal")}
     return Beam(_direction(d, "direction", where), wavelength,
                 polarization_fraction=_number(d, "polarization_fraction", where, 0.999),
                 polarization_normal=_direction(d, "polarization_normal", where) if "polarization_normal" in d
-                else (0.0, 1.0, 0.0), **kw)
+                else (0.0, 1.0, 0.0), extras=extras, **kw)
 
 
 def _panel_mask(d: dict, image_size) -> np.ndarray | None:
@@ -193,7 +195,10 @@ def crystal_from_dict(d: dict, **kw) -> Crystal:
     a, b, c = (_vec(d, f"real_space_{x}", where) for x in "abc")
     if abs(np.dot(a, np.cross(b, c))) < 1e-9:
         raise InputError("crystal: the real-space vectors are coplanar")
-    return Crystal.from_real_vectors(a, b, c, space_group=d.get("space_group_hall_symbol", " P 1"), **kw)
+    extras = {k: v for k, v in d.items() if k not in ("real_space_a", "real_space_b", "real_space_c",
+                                                       "space_group_hall_symbol")}
+    return Crystal.from_real_vectors(a, b, c, space_group=d.get("space_group_hall_symbol", " P 1"), extras=extras,
+                                     **kw)
 
 
 READERS = {"beam": beam_from_dict, "detector": detector_from_dict, "goniometer": goniometer_from_dict,
@@ -256,12 +261,13 @@ def _list(t) -> list:
 
 def beam_to_dict(beam: Beam) -> dict:
     with torch.no_grad():
-        direction = -beam.incident()
-        return {"__id__": "monochromatic", "direction": _list(direction), "wavelength": float(beam.wavelength),
-                "divergence": 0.0, "sigma_divergence": 0.0,
-                "polarization_normal": _list(beam.polarization_normal),
-                "polarization_fraction": float(beam.polarization_fraction),
-                "flux": 0.0, "transmission": 1.0, "probe": "x-ray", "sample_to_source_distance": 0.0}
+        d = {"__id__": "monochromatic", "direction": _list(-beam.incident()), "wavelength": float(beam.wavelength),
+             "divergence": 0.0, "sigma_divergence": 0.0,
+             "polarization_normal": _list(beam.polarization_normal),
+             "polarization_fraction": float(beam.polarization_fraction),
+             "flux": 0.0, "transmission": 1.0, "probe": "x-ray", "sample_to_source_distance": 0.0}
+    d.update(beam.extras)
+    return d
 
 
 def _frame_dict(frame, incident) -> dict:
@@ -344,8 +350,11 @@ def scan_to_dict(scan: Scan) -> dict:
 def crystal_to_dict(crystal: Crystal) -> dict:
     with torch.no_grad():
         real = crystal.real_vectors()
-    return {"__id__": "crystal", "real_space_a": _list(real[0]), "real_space_b": _list(real[1]),
-            "real_space_c": _list(real[2]), "space_group_hall_symbol": crystal.space_group}
+    d = {"__id__": "crystal"}
+    d.update(crystal.extras)
+    d.update(real_space_a=_list(real[0]), real_space_b=_list(real[1]), real_space_c=_list(real[2]),
+             space_group_hall_symbol=crystal.space_group)
+    return d
 
 
 def experiments_to_dict(experiments: list[Experiment], history: list | None = None) -> dict:

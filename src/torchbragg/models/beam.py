@@ -31,6 +31,7 @@ class Beam(Model):
     normal to `polarization_normal` (0.5: unpolarized).
     fluence: photons per m^2 over the exposure. water_size: edge of a cube of
     water around the crystal (m) that scatters a diffuse background.
+    `extras` keeps file fields torchbragg does not use.
     """
 
     def __init__(self, direction=(0.0, 0.0, 1.0), wavelength=1.0, *, polarization_fraction=0.5,
@@ -39,8 +40,9 @@ class Beam(Model):
                  divergence_step: Sequence[float | None] = (None, None),
                  divergence_points: Sequence[tuple[int, int]] | None = None,
                  source_positions=None, source_wavelengths=None, source_weights=None, water_size=0.0,
-                 dtype=torch.float32, device="cpu"):
+                 extras: dict | None = None, dtype=torch.float32, device="cpu"):
         super().__init__(dtype, device)
+        self.extras = dict(extras or {})
         self._param("direction", direction)
         self._param("wavelength", wavelength)
         self._param("polarization_fraction", polarization_fraction)

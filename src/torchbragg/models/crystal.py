@@ -91,13 +91,15 @@ class Crystal(Model):
     angle 0. N: cells along a, b, c. mosaic_spread (degrees) scales the
     domain rotations `mosaic_axes` (D, 3) by `mosaic_factors` (D,); shape
     names the lattice factor (physics.LATTICE_FACTORS), fudge scales its size.
+    `extras` keeps file fields torchbragg does not use.
     """
 
     def __init__(self, cell, U=None, *, misset=(0.0, 0.0, 0.0), N=(1.0, 1.0, 1.0), mosaic_spread=0.0,
                  mosaic_axes=None, mosaic_factors=None, shape: str = "square", fudge=1.0,
                  structure_factors: StructureFactors | None = None, space_group: str = " P 1",
-                 setting: str = "standard", dtype=torch.float32, device="cpu"):
+                 setting: str = "standard", extras: dict | None = None, dtype=torch.float32, device="cpu"):
         super().__init__(dtype, device)
+        self.extras = dict(extras or {})
         if shape not in ph.LATTICE_FACTORS:
             raise ValueError(f"unknown spot shape '{shape}'; known: {', '.join(ph.LATTICE_FACTORS)}")
         self._param("cell", cell)
