@@ -311,23 +311,11 @@ class Simulator(nn.Module):
             inc = incident if full_polar else incident[:1]
             polar = ph.polarization_factor(beam.kahn_factor(), inc, dp, beam.e_vector().to(self.dtype))
 
-        hkl = self._miller_indices(diffracted, incident, lam, orient)  # (P,T,Sub,Src,M,3)
-        intensity = self.crystal.lattice_factor_sq(hkl, recip)  # (P,T,Sub,Src,M)
-        weights = beam.weights()
-        if weights is not None:
-            intensity = intensity * weights.to(intensity)[:, None]
-        f_sq = self.crystal.structure_factors.amplitude_sq(hkl)
-        if valid is not None:
-            intensity = intensity * valid.unsqueeze(-1)
-        if opt.absorbed_layers and opt.sensor_layers > 0:
-            intensity = intensity * capture[..., None, None]  # each slab counts what it absorbs
-
         if running:
-            total = self._running_product(intensity * f_sq, capture, polar, omega, valid, i_bg)
-        elif torch.is_tensor(f_sq) and f_sq.dim() > 0:
-            total = i_bg + (intensity * f_sq).reshape(P, -1).sum(-1)
+            terms = self._bragg_terms(diffracted, incident, lam, orient, recip, valid, capture, beam.weights())
+            total = self._running_product(terms, capture, polar, omega, valid, i_bg)
         else:
-            total = i_bg + intensity.reshape(P, -1).sum(-1) * f_sq
+            total = i_bg + self._bragg_sum(diffracted, incident, lam, orient, recip, valid, capture)
 
         result = scale * total
         if not (opt.oversample_thick or opt.absorbed_layers):
@@ -337,6 +325,45 @@ class Simulator(nn.Module):
         if not opt.oversample_omega:
             result = result * omega[:, 0, 0]
         return result
+
+    def _bragg_terms(self, diffracted, incident, lam, orient, recip, valid, capture, weights):
+        """F_latt^2 |F|^2 (P, T, Sub, Src, M) for these sources and orientations,
+        with the source weights, the -dmin cut and absorbed-slab weights."""
+        opt = self.options
+        hkl = self._miller_indices(diffracted, incident, lam, orient)  # (P,T,Sub,Src,M,3)
+        intensity = self.crystal.lattice_factor_sq(hkl, recip)  # (P,T,Sub,Src,M)
+        if weights is not None:
+            intensity = intensity * weights.to(intensity)[:, None]
+        if valid is not None:
+            intensity = intensity * valid.unsqueeze(-1)
+        if opt.absorbed_layers and opt.sensor_layers > 0:
+            intensity = intensity * capture[..., None, None]  # each slab counts what it absorbs
+        return intensity * self.crystal.structure_factors.amplitude_sq(hkl)
+
+    def _bragg_sum(self, diffracted, incident, lam, orient, recip, valid, capture):
+        """The Bragg terms summed per pixel, (P,), over sources and orientations
+        taken in slices small enough for the chunk budget: memory stays bounded
+        however many sources, rotation steps and mosaic domains there are."""
+        P = diffracted.shape[0]
+        points = diffracted.numel() // 3  # P * T * Sub
+        n_src, n_orient = lam.shape[0], orient.shape[0]
+        budget = self.chunk_elements // (16 if self.crystal.structure_factors.lookup == "tricubic" else 1)
+        s_step, m_step = n_src, n_orient
+        if points * n_src * n_orient > budget:
+            m_step = budget // (points * n_src)
+            if m_step < 1:
+                m_step, s_step = 1, max(1, budget // points)
+        weights = self.beam.weights()
+        total = 0.0
+        for s0 in range(0, n_src, s_step):
+            sl = slice(s0, s0 + s_step)
+            w = None if weights is None else weights[sl]
+            v = None if valid is None else valid[..., sl]
+            for m0 in range(0, n_orient, m_step):
+                terms = self._bragg_terms(diffracted, incident[sl], lam[sl], orient[m0:m0 + m_step], recip, v,
+                                          capture, w)
+                total = total + terms.reshape(P, -1).sum(-1)
+        return total
 
     @staticmethod
     def _miller_indices(diffracted, incident, lam, orient):
