@@ -3,7 +3,8 @@ the expected photons per pixel of every panel, in chunks of pixels so memory
 stays bounded.
 
 Per pixel the sum runs over sensor layers, sub-pixels, sources, rotation
-steps and mosaic domains, all vectorised; only pixels are chunked.
+steps and mosaic domains, all vectorised; pixels are chunked, and sources and
+orientations too when one pixel alone would exceed the chunk.
 """
 
 from __future__ import annotations
