@@ -158,11 +158,12 @@ def test_bad_dataset_options_are_one_line(sweep, capsys):
                         (["--spectra", str(sweep / "bad.txt")], "bad.txt:1: expected 'shot energy_eV weight'"),
                         (["--images", "3:20"], "outside the scan's images 1:10"),
                         (["--workers", "0"], "--workers expects"),
-                        (["-distance", "100"], "-distance is held by the experiment file")):
+                        (["-distance", "100"], "-distance is held by the experiment file"),
+                        (["-device", "tpu"], "-device takes cpu, cuda")):
         assert main([str(sweep / "sweep.expt"), "--out", str(sweep / "bad"), *argv, *PHYSICS]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], (argv, err)
-        assert not list(sweep.glob("bad_*"))
+        assert not list(sweep.glob("bad*"))
 
 
 def test_cbf_images_hold_the_photon_counts(sweep):

@@ -267,8 +267,7 @@ def build_from_args(argv: list[str], dtype=None, device=None, **kw):
 
 
 def _device(cfg, dtype, device):
-    if device is not None:
-        check_device(str(device))
+    check_device(str(device if device is not None else cfg.device))
     dtype = dtype or DTYPES[cfg.dtype]
     device = torch.device(device or cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -189,7 +189,6 @@ def run(argv: list[str], out=None) -> int:
     renderer = ds.Renderer(experiments, cfg)
     truth = [renderer.truth(s) for s in shots] if orientations is not None or opts["stills"] else \
         [experiments[k] for k in dict.fromkeys(s.experiment for s in shots)]
-    write_experiments(data.prefix + ".expt", truth, history=["torchbragg simulate " + " ".join(argv)])
 
     if data.format == "cbf":  # refuse geometry a miniCBF header cannot hold before rendering anything
         from .io.cbf import pilatus_header
@@ -221,6 +220,7 @@ def run(argv: list[str], out=None) -> int:
         bar.close()
     if data.format == "nxs":
         _assemble_nxs(data, renderer, out)
+    write_experiments(data.prefix + ".expt", truth, history=["torchbragg simulate " + " ".join(argv)])
     print(f"wrote {len(shots)} images with prefix {opts['out']} and the experiment {opts['out']}.expt", file=out)
     return 0
 
@@ -247,10 +247,14 @@ def _run_ray(data, todo, address, workers, advance) -> None:
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'torchbragg[ray]'") from None
     from .dataset import _worker
-    if address == "local":
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
+    try:
+        if address == "local":
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = "a local Ray cluster" if address == "local" else f"the Ray cluster at {address}"
+        raise InputError(f"cannot start or reach {where}: {str(exc).strip().splitlines()[0][:200]}") from None
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_gpus=gpus)(_worker)

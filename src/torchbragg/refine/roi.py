@@ -1,0 +1,88 @@
+"""Regions of interest: the pixels a refinement looks at, so that its cost
+follows the spots rather than the detector size."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    return F.max_pool2d(mask.float().unsqueeze(1), k, stride=1, padding=radius).squeeze(1) > 0
+
+
+def spot_pixels(image: torch.Tensor, fraction: float = 0.05, min_peak: float | None = None,
+                window: int = 9) -> torch.Tensor:
+    """Pixels of `image` (panels, slow, fast) at or above `fraction` of the
+    peak of their spot (the largest value within `window` pixels), for spots
+    whose peak reaches `min_peak` (default: 1e-3 of the brightest pixel)."""
+    img = image.detach().double()
+    img = img - img.flatten(1).median(dim=1).values.reshape(-1, 1, 1)
+    peak = F.max_pool2d(img.unsqueeze(1), window, stride=1, padding=window // 2).squeeze(1)
+    if min_peak is None:
+        min_peak = 1e-3 * float(img.max())
+    return (img >= fraction * peak) & (peak >= min_peak) & (img > 0)
+
+
+def bright_pixels(data: torch.Tensor, sigmas: float = 5.0) -> torch.Tensor:
+    """Pixels of measured `data` (panels, slow, fast) more than `sigmas`
+    Poisson standard deviations above their panel's median."""
+    d = torch.as_tensor(data).detach().double()
+    med = d.flatten(1).median(dim=1).values.reshape(-1, 1, 1)
+    return d > med + sigmas * torch.sqrt(med + 1.0)
+
+
+def roi_mask(sim, data=None, *, fraction: float = 0.05, dilate: int = 3, background_fraction: float = 0.02,
+             broaden: float | None = 0.5, seed: int = 0, model: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (panels, slow, fast) mask of the pixels to refine against.
+
+    Spots: pixels above `fraction` of their spot's peak in a render of the
+    starting model (`model`, or rendered here), and, with `broaden`, in a
+    render whose N is scaled by it (clamped at 3; broader spots reach
+    further), and, given measured `data`, pixels of observed spots
+    (`bright_pixels`); all dilated by `dilate` pixels. Background: a random
+    `background_fraction` of the other pixels (seeded). Masked panel
+    pixels are left out."""
+    with torch.no_grad():
+        image = sim.render() if model is None else model.detach()
+        spots = spot_pixels(image, fraction)
+        if broaden:
+            from torch.func import functional_call
+            n = sim.crystal.N.detach()
+            nb = torch.clamp(n * broaden, min=3.0).to(n)
+            spots |= spot_pixels(functional_call(sim, {"crystal.N": nb}, ()), fraction)
+        if data is not None:
+            d = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data)
+            if d.shape != image.shape:
+                raise ValueError(f"data shape {tuple(d.shape)} differs from the image shape {tuple(image.shape)}")
+            spots |= bright_pixels(d).to(spots.device)
+    mask = _dilate(spots, dilate)
+    if background_fraction > 0:
+        rng = np.random.default_rng(seed)
+        sample = torch.as_tensor(rng.random(tuple(mask.shape)) < background_fraction, device=mask.device)
+        mask = mask | sample
+    for k, p in enumerate(sim.detector.panels):
+        if p.mask is not None:
+            mask[k] &= p.mask.to(mask.device)
+    return mask
+
+
+def roi_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(fast min, fast max, slow min, slow max) bounding all panels' pixels
+    of `mask` (inclusive), the form of RenderOptions.roi; None if empty."""
+    any_panel = mask.any(0)
+    if not bool(any_panel.any()):
+        return None
+    s = torch.nonzero(any_panel.any(1)).flatten()
+    f = torch.nonzero(any_panel.any(0)).flatten()
+    return int(f.min()), int(f.max()), int(s.min()), int(s.max())
+
+
+def mask_substitutions(mask: torch.Tensor) -> dict:
+    """Panel masks {name: (slow, fast) bool} that make a render compute only
+    the pixels of `mask` (for torch.func.functional_call)."""
+    return {f"detector.panels.{k}.mask": mask[k] for k in range(mask.shape[0])}
