@@ -163,7 +163,7 @@ def test_bad_dataset_options_are_one_line(sweep, capsys):
         assert main([str(sweep / "sweep.expt"), "--out", str(sweep / "bad"), *argv, *PHYSICS]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], (argv, err)
-        assert not list(sweep.glob("bad*"))
+        assert not list(sweep.glob("bad_*")) and not (sweep / "bad.expt").exists()
 
 
 def test_cbf_images_hold_the_photon_counts(sweep):
