@@ -209,7 +209,7 @@ class LogGroup(Group):
         subs[self.target] = v * torch.exp(self._expand(x, v) * self.step)
 
     def _expand(self, x, v):
-        return x if x.numel() == v.numel() or v.dim() == 0 else x.expand_as(v)
+        return x.reshape(v.shape) if x.numel() == v.numel() else x.expand_as(v)
 
     def physical(self, sim, x):
         v = _get(sim, {}, self.target).to(x.dtype)

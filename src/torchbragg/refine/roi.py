@@ -19,12 +19,12 @@ def spot_pixels(image: torch.Tensor, fraction: float = 0.05, min_peak: float | N
                 window: int = 9) -> torch.Tensor:
     """Pixels of `image` (panels, slow, fast) at or above `fraction` of the
     peak of their spot (the largest value within `window` pixels), for spots
-    whose peak reaches `min_peak` (default: 1e-3 of the brightest pixel)."""
+    whose peak reaches `min_peak` (default: 2 % of the brightest pixel)."""
     img = image.detach().double()
     img = img - img.flatten(1).median(dim=1).values.reshape(-1, 1, 1)
     peak = F.max_pool2d(img.unsqueeze(1), window, stride=1, padding=window // 2).squeeze(1)
     if min_peak is None:
-        min_peak = 1e-3 * float(img.max())
+        min_peak = 0.02 * float(img.max())
     return (img >= fraction * peak) & (peak >= min_peak) & (img > 0)
 
 
@@ -37,7 +37,7 @@ def bright_pixels(data: torch.Tensor, sigmas: float = 5.0) -> torch.Tensor:
 
 
 def roi_mask(sim, data=None, *, fraction: float = 0.05, dilate: int = 3, background_fraction: float = 0.02,
-             broaden: float | None = 0.5, seed: int = 0, model: torch.Tensor | None = None) -> torch.Tensor:
+             broaden: float | None = None, seed: int = 0, model: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (panels, slow, fast) mask of the pixels to refine against.
 
     Spots: pixels above `fraction` of their spot's peak in a render of the
