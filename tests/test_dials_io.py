@@ -106,6 +106,7 @@ def test_single_axis_goniometer_with_fixed_and_setting_rotations():
     (lambda d: d.pop("experiment"), "not a DIALS experiment list"),
     (lambda d: d["experiment"][0].update(beam=5), "refers to beam 5"),
     (lambda d: d["beam"][0].update(wavelength=-1), "wavelength must be positive"),
+    (lambda d: d["beam"][0].pop("wavelength"), "only monochromatic beams"),
     (lambda d: d["beam"][0].update(direction=[0, 0, 0]), "'direction' has zero length"),
     (lambda d: d["detector"][0]["panels"][0].update(image_size=[0, 10]), "'image_size' must be two positive"),
     (lambda d: d["detector"][0]["panels"][0].update(pixel_size=[0.1]), "'pixel_size' must be 2 numbers"),

@@ -90,6 +90,9 @@ def _matrix(d: dict, key: str, where: str) -> np.ndarray:
 
 def beam_from_dict(d: dict, **kw) -> Beam:
     where = "beam"
+    if d.get("__id__") == "polychromatic" or "wavelength" not in d:
+        raise InputError("beam: only monochromatic beams are read (a 'wavelength'); give a spectrum with "
+                         "-sourcefile or --spectra instead")
     wavelength = _number(d, "wavelength", where)
     if not wavelength > 0:
         raise InputError(f"beam wavelength must be positive, got {wavelength:g}")
