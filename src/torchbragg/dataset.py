@@ -4,10 +4,12 @@ from a per-image seed, written one file per image (atomically; or one NXmx
 file), resumable, and spread over local processes or a Ray cluster with the
 same files whatever the number of workers.
 
-Seeds: image number k of a dataset (1-based, in the order rendered) draws its
-noise with the original's generator seeded with `seed + k - 1` (`-seed`,
-default 1), so a dataset image equals a `nanoBragg ... -seed S` run with that
-seed; panel p > 0 of a multi-panel detector adds 1000003 * p.
+Numbers and seeds: the images of one sweep are numbered as its scan numbers
+them; stills and several experiments are numbered 1, 2, ... in the order
+rendered. Image number k draws its noise with the original's generator
+seeded with `seed + k - 1` (`-seed`, default 1), so a dataset image equals a
+`nanoBragg ... -seed S` run with that seed; panel p > 0 of a multi-panel
+detector adds 1000003 * p. Files are named PREFIX_kkkkk.
 """
 
 from __future__ import annotations
@@ -161,7 +163,9 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
                     raise InputError("--images selects images of one experiment: add --experiment K")
                 numbers = _image_range(images, scan)
             base = len(shots)
-            shots += [Shot(base + n + 1, k, i) for n, i in enumerate(numbers)]
+            # one sweep: files and seeds follow the scan's image numbers; several: the dataset order
+            shots += [Shot(i if len(chosen) == 1 and i is not None else base + n + 1, k, i)
+                      for n, i in enumerate(numbers)]
     if spectra:
         unknown = sorted(set(spectra) - {s.number for s in shots})
         if unknown:

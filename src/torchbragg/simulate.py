@@ -37,7 +37,8 @@ output:
                             cbf: Pilatus miniCBF photon counts; nxs: one NXmx file
                             (bitshuffle-LZ4) of photon counts. Counts are Poisson draws
                             with the original's generator, image k seeded with
-                            -seed + k - 1 (default -seed 1); -nonoise: expected
+                            -seed + k - 1 (default -seed 1; k is the scan's image
+                            number for one sweep, else 1, 2, ...); -nonoise: expected
                             photons rounded
   --resume                  skip images whose file is already complete
   --workers N               spread images over N local processes
