@@ -472,11 +472,13 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
 def write_experiment(path: str, argv: list[str], info: BuildInfo) -> None:
     """The DIALS experiment list of this run, from float64 models: beam,
     the detector as one panel in the lab frame (the convention's), spindle,
-    a one-image scan, the crystal at phi = 0, and the SMV image as its imageset."""
+    a one-image scan, the crystal at phi = 0, and the SMV image (the noise
+    image when there is one) as its imageset."""
     from .dials import Experiment, write_experiments
     from .validate import output_paths
     sim, _ = build_from_args(argv, dtype=torch.float64)
-    images = [os.path.abspath(output_paths(info.config)["intfile"])]
+    paths = output_paths(info.config)
+    images = [os.path.abspath(paths.get("noisefile", paths["intfile"]))]  # what a detector would record
     expt = Experiment(beam=sim.beam, detector=sim.detector, crystal=sim.crystal, goniometer=sim.goniometer,
                       scan=sim.scan, extras={"imageset": {"__id__": "ImageSet", "images": images}})
     write_experiments(path, [expt], history=["torchbragg nanoBragg " + " ".join(argv)])
