@@ -12,6 +12,7 @@ commands:
   gradcheck [--out DIR]   run the gradient audit and write an evidence bundle
   bench [options]         run the benchmark table (scripts/bench.py)
   simulate EXPT --out P   render the images of a DIALS experiment (see `torchbragg simulate -h`)
+  refine EXPT IMG --out D refine an experiment's models against an image (see `torchbragg refine -h`)
   render FLAGS...         same as `nanoBragg FLAGS...`
 """
 
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "simulate":
         from .simulate import main as simulate
         return simulate(rest)
+    if cmd == "refine":
+        from .refine.cli import main as refine
+        return refine(rest)
     if cmd == "render":
         from .cli import main as nanobragg
         return nanobragg(rest)

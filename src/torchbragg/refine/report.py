@@ -1,0 +1,180 @@
+"""The report of `torchbragg refine`: a Markdown page and its PNG figures
+(matplotlib, Agg backend), made in memory so the caller writes each file whole."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+FIGURES = ("spots.png", "loss.png", "correlation.png")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def strongest_spots(model: np.ndarray, roi: np.ndarray, count: int, half: int) -> list[tuple[int, int, int]]:
+    """(panel, slow, fast) of the `count` brightest local maxima of the model
+    (above its panel's median) inside the region, at least `half` pixels apart."""
+    P, S, F = model.shape
+    spots = []
+    for k in range(P):
+        img = model[k] - np.median(model[k])
+        order = np.argsort(np.where(roi[k], img, -np.inf), axis=None)[::-1]
+        for flat in order[: 20 * max(count, 1) * (2 * half + 1)]:
+            s, f = divmod(int(flat), F)
+            if not roi[k, s, f] or not img[s, f] > 0:
+                break
+            window = img[max(s - 1, 0):s + 2, max(f - 1, 0):f + 2]
+            if img[s, f] < window.max():
+                continue
+            if any(p == k and abs(s - s2) <= half and abs(f - f2) <= half for p, s2, f2, _ in spots):
+                continue
+            spots.append((k, s, f, float(img[s, f])))
+    spots.sort(key=lambda t: -t[3])
+    return [(k, s, f) for k, s, f, _ in spots[:count]]
+
+
+def _cut(a: np.ndarray, k: int, s: int, f: int, half: int) -> np.ndarray:
+    P, S, F = a.shape
+    out = np.full((2 * half + 1, 2 * half + 1), np.nan)
+    s0, s1, f0, f1 = max(s - half, 0), min(s + half + 1, S), max(f - half, 0), min(f + half + 1, F)
+    out[s0 - (s - half):s1 - (s - half), f0 - (f - half):f1 - (f - half)] = a[k, s0:s1, f0:f1]
+    return out
+
+
+def spots_figure(data, model, valid, roi, count: int = 12, half: int = 7) -> tuple[bytes, int]:
+    """Observed, model and residual (observed - model, masked pixels blank) in
+    small cut-outs around the strongest spots of the refined model."""
+    plt = _pyplot()
+    spots = strongest_spots(model, roi, count, half)
+    obs = np.where(valid, data, np.nan)
+    resid = obs - model
+    n = max(len(spots), 1)
+    fig, axes = plt.subplots(3, n, figsize=(1.4 * n + 0.8, 4.6), squeeze=False)
+    for j in range(n):
+        for i in range(3):
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        if j >= len(spots):
+            continue
+        k, s, f = spots[j]
+        o, m, r = (_cut(a, k, s, f, half) for a in (obs, model, resid))
+        top = np.nanmax([np.nanmax(o) if np.isfinite(o).any() else 0.0, np.nanmax(m)])
+        axes[0, j].imshow(o, vmin=0, vmax=top, cmap="viridis", interpolation="nearest")
+        axes[1, j].imshow(m, vmin=0, vmax=top, cmap="viridis", interpolation="nearest")
+        lim = np.nanmax(np.abs(r)) if np.isfinite(r).any() else 1.0
+        axes[2, j].imshow(r, vmin=-lim, vmax=lim, cmap="RdBu_r", interpolation="nearest")
+        axes[0, j].set_title(f"p{k} s{s} f{f}", fontsize=6)
+    for i, name in enumerate(("observed", "model", "residual")):
+        axes[i, 0].set_ylabel(name, fontsize=8)
+    if not spots:
+        axes[0, 0].set_title("no spot in the region", fontsize=8)
+    return _png(fig), len(spots)
+
+
+def loss_figure(history) -> bytes:
+    plt = _pyplot()
+    h = np.asarray([v if v is not None else np.nan for v in history], dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    if h.size:
+        ax.plot(np.arange(1, h.size + 1), h, ".-", ms=3, lw=0.8)
+        finite = h[np.isfinite(h)]
+        if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+            ax.set_yscale("log")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("loss")
+    ax.set_title("loss per evaluation (all stages)", fontsize=9)
+    return _png(fig)
+
+
+def correlation_figure(labels, corr) -> bytes:
+    plt = _pyplot()
+    c = np.asarray(corr, dtype=float)
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * max(n, 2), 1.0 + 0.35 * max(n, 2)))
+    if n:
+        im = ax.imshow(np.where(np.isfinite(c), c, np.nan), vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.set_yticklabels(labels, fontsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title("correlation of the refined parameters", fontsize=9)
+    return _png(fig)
+
+
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "undetermined" if v is not None and math.isinf(v) else "-"
+    return f"{v:.6g}"
+
+
+def markdown(doc: dict, spots_shown: int) -> str:
+    lines = ["# torchbragg refine report", ""]
+    lines.append(f"- experiment: `{doc['experiment_file']}` (experiment {doc['experiment']})")
+    lines.append(f"- image: `{doc['image_file']}`" + (f" (scan image {doc['image']})" if doc["image"] else " (still)"))
+    lines.append(f"- groups: {', '.join(doc['groups'])}; loss: {doc['loss_function']}")
+    lines.append(f"- final loss {doc['loss']:.6g} over {doc['pixels']} pixels; {doc['renders']} renders "
+                 f"(+{doc['hessian_renders']} for the curvature); {doc['seconds']:.1f} s")
+    lines.append(f"- converged: {'yes' if doc['converged'] else 'NO'}")
+    lines.append(f"- crystal rotation from the start: {doc['crystal']['rotation_from_start_deg']:.5f} deg")
+    lines.append("")
+    lines.append("## Parameters")
+    lines.append("")
+    lines.append("| group | parameter | start | refined | uncertainty | unit |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for p in doc["parameters"]:
+        lines.append(f"| {p['group']} | {p['name']} | {_num(p['start'])} | {_num(p['value'])} | "
+                     f"{_num(p['sigma'])} | {p['unit']} |")
+    lines.append("")
+    if doc["undetermined"]:
+        lines.append("Undetermined by these data (infinite uncertainty): " + ", ".join(doc["undetermined"]) + ".")
+    else:
+        lines.append("Every refined parameter is determined by the data.")
+    lines.append("")
+    lines.append("## Spots")
+    lines.append("")
+    lines.append(f"Observed (top), refined model (middle) and residual (bottom) around the {spots_shown} "
+                 "strongest spots of the model; masked pixels are blank.")
+    lines.append("")
+    lines.append("![spots](spots.png)")
+    lines.append("")
+    lines.append("## Loss")
+    lines.append("")
+    lines.append("![loss](loss.png)")
+    lines.append("")
+    lines.append("## Correlations")
+    lines.append("")
+    lines.append("![correlation](correlation.png)")
+    lines.append("")
+    lines.append("## Stages")
+    lines.append("")
+    lines.append("| groups | broaden | dtype | iterations | renders | loss | converged |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for s in doc["stages"]:
+        lines.append(f"| {', '.join(s['groups'])} | {s['broaden'] if s['broaden'] else '-'} | {s['dtype']} | "
+                     f"{s['iterations']} | {s['renders']} | {_num(s['loss'])} | {'yes' if s['converged'] else 'no'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def build_report(doc: dict, result, data, model, valid, roi, spots: int = 12) -> dict[str, bytes]:
+    """{file name: bytes}: report.md and its figures."""
+    spots_png, shown = spots_figure(data, model, valid, roi, max(spots, 1))
+    files = {"spots.png": spots_png, "loss.png": loss_figure(doc["loss_history"]),
+             "correlation.png": correlation_figure(list(result.labels), result.correlation.numpy())}
+    files["report.md"] = markdown(doc, shown).encode()
+    return files
