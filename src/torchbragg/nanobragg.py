@@ -4,7 +4,6 @@ rules and random draws live here, not in the models."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time

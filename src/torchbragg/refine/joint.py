@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 from .losses import LOSSES
 from .parameters import Parametrisation, make_group
-from .refiner import DTYPES, ParameterResult, Refiner, _as_data
+from .refiner import DTYPES, ParameterResult, Refiner, _as_data, run_stage
 from .roi import mask_substitutions, roi_mask
 
 
@@ -386,27 +386,7 @@ class JointRefiner:
             self.history.append(total)
             return torch.tensor(total, dtype=dtype)
 
-        t0, r0 = time.perf_counter(), self.renders
-        ran_away = False
-        try:
-            opt.step(closure)
-        except RuntimeError:  # a line search that ran away on a flat objective
-            ran_away = True
-            with torch.no_grad():
-                xs.copy_(torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs)))
-            if not self.history or not math.isfinite(self.history[-1]):
-                self.history.append(float("nan"))
-        n_iter = opt.state[opt._params[0]].get("n_iter", 0)
-        with torch.no_grad():
-            x_new = x_master.clone()
-            x_new[idx] = (x0 + scale * xs.detach()).to(x_master.dtype)
-        finite = bool(torch.isfinite(xs).all()) and math.isfinite(self.history[-1])
-        info = dict(groups=list(names), broaden=broaden, dtype=str(dtype).replace("torch.", ""),
-                    iterations=int(n_iter), renders=self.renders - r0, loss=self.history[-1],
-                    seconds=time.perf_counter() - t0, converged=finite and not ran_away and n_iter < max_iter)
-        if self.verbose:
-            print(info)
-        return (x_new if finite else x_master), info
+        return run_stage(self, opt, closure, xs, x_master, idx, x0, scale, names, broaden, dtype, max_iter)
 
     # ------------------------------------------------------------------ run
     def _copies(self, dtype):

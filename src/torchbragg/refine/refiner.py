@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call
 
 from .losses import LOSSES
-from .parameters import Background, Parametrisation, make_group
+from .parameters import Background, Parametrisation
 from .roi import mask_substitutions, roi_mask
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
@@ -257,27 +257,7 @@ class Refiner:
             self.history.append(float(loss.detach()))
             return loss
 
-        t0, r0 = time.perf_counter(), self.renders
-        ran_away = False
-        try:
-            opt.step(closure)
-        except RuntimeError:  # a line search that ran away on a flat objective
-            ran_away = True
-            with torch.no_grad():
-                xs.copy_(torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs)))
-            if not self.history or not math.isfinite(self.history[-1]):
-                self.history.append(float("nan"))
-        n_iter = opt.state[opt._params[0]].get("n_iter", 0)
-        with torch.no_grad():
-            x_new = x_master.clone()
-            x_new[idx] = (x0 + scale * xs.detach()).to(x_master.dtype)
-        finite = bool(torch.isfinite(xs).all()) and math.isfinite(self.history[-1])
-        info = dict(groups=list(names), broaden=broaden, dtype=str(dtype).replace("torch.", ""),
-                    iterations=int(n_iter), renders=self.renders - r0, loss=self.history[-1],
-                    seconds=time.perf_counter() - t0, converged=finite and not ran_away and n_iter < max_iter)
-        if self.verbose:
-            print(info)
-        return (x_new if finite else x_master), info
+        return run_stage(self, opt, closure, xs, x_master, idx, x0, scale, names, broaden, dtype, max_iter)
 
     def _preconditioner(self, sim, base, idx, mask, data, broaden):
         """Per-parameter step scales 1 / sqrt(curvature) from the diagonal of
@@ -448,3 +428,30 @@ def refine(sim, data, groups, *, loss="poisson", roi=None, priors=None, bounds=N
     write=False). See `Refiner` for the arguments and `RefinementResult`."""
     return Refiner(sim, data, groups, loss=loss, roi=roi, priors=priors, bounds=bounds, max_iter=max_iter,
                    dtype_schedule=dtype_schedule, strategy=strategy, **kw).run(write=write)
+
+
+def run_stage(owner, opt, closure, xs, x_master, idx, x0, scale, names, broaden, dtype, max_iter):
+    """One L-BFGS stage of a refiner (`owner` keeps renders, history and
+    verbosity): run it, recover from a line search that ran away, and
+    return (the new internal vector, what the stage did)."""
+    t0, r0 = time.perf_counter(), owner.renders
+    ran_away = False
+    try:
+        opt.step(closure)
+    except RuntimeError:  # a line search that ran away on a flat objective
+        ran_away = True
+        with torch.no_grad():
+            xs.copy_(torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs)))
+        if not owner.history or not math.isfinite(owner.history[-1]):
+            owner.history.append(float("nan"))
+    n_iter = opt.state[opt._params[0]].get("n_iter", 0)
+    with torch.no_grad():
+        x_new = x_master.clone()
+        x_new[idx] = (x0 + scale * xs.detach()).to(x_master.dtype)
+    finite = bool(torch.isfinite(xs).all()) and math.isfinite(owner.history[-1])
+    info = dict(groups=list(names), broaden=broaden, dtype=str(dtype).replace("torch.", ""),
+                iterations=int(n_iter), renders=owner.renders - r0, loss=owner.history[-1],
+                seconds=time.perf_counter() - t0, converged=finite and not ran_away and n_iter < max_iter)
+    if owner.verbose:
+        print(info)
+    return (x_new if finite else x_master), info
