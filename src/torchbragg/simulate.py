@@ -106,13 +106,14 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     return sim.to(dtype), info
 
 
-def parse(argv: list[str]) -> dict:
-    opts = dict(expt=None, out=None, images=None, experiment=None, format="npy", quiet=False, resume=False,
-                stills=None, orientation_seed=None, orientations=None, spectra=None, workers=1, ray=None,
-                flags=[])
-    valued = ("--out", "--images", "--experiment", "--format", "--stills", "--orientation-seed", "--orientations",
-              "--spectra", "--workers")
-    i = 0
+def split_options(argv: list[str], opts: dict, valued, switches, command: str, max_positional=None,
+                  optional=None) -> list[str]:
+    """Fill `opts` from the command's --options found anywhere in `argv`:
+    `valued` take the next word, `switches` none, `optional` maps an option
+    to (test of the next word, value when it fails the test). Words before the
+    first nanoBragg flag are returned as positionals (up to `max_positional`);
+    the rest, nanoBragg flags and their values, go to opts["flags"]."""
+    positionals, i = [], 0
     while i < len(argv):
         a = argv[i]
         if a in valued:
@@ -121,21 +122,41 @@ def parse(argv: list[str]) -> dict:
             opts[a[2:].replace("-", "_")] = argv[i + 1]
             i += 2
             continue
-        if a == "--ray":
-            # an optional cluster address follows (host:port or 'auto'); none: a local cluster
+        if optional and a in optional:
+            takes, default = optional[a]
             nxt = argv[i + 1] if i + 1 < len(argv) else ""
-            opts["ray"] = nxt if (":" in nxt or nxt == "auto") else "local"
-            i += 2 if opts["ray"] != "local" else 1
+            opts[a[2:]] = nxt if takes(nxt) else default
+            i += 2 if takes(nxt) else 1
             continue
-        if a in ("--quiet", "--resume"):
+        if a in switches:
             opts[a[2:]] = True
         elif a.startswith("--"):
-            raise InputError(f"unknown option '{a}' (see torchbragg simulate -h)")
-        elif opts["expt"] is None and not opts["flags"] and not a.startswith("-"):
-            opts["expt"] = a
+            raise InputError(f"unknown option '{a}' (see torchbragg {command} -h)")
+        elif (not opts["flags"] and not a.startswith("-")
+              and (max_positional is None or len(positionals) < max_positional)):
+            positionals.append(a)
         else:
             opts["flags"].append(a)  # nanoBragg flags and their values
         i += 1
+    return positionals
+
+
+def refuse_geometry(flags: list[str]) -> None:
+    refused = [f for f in flags if f in GEOMETRY_FLAGS]
+    if refused:
+        raise InputError(f"{refused[0]} is held by the experiment file; edit the experiment to change it")
+
+
+def parse(argv: list[str]) -> dict:
+    opts = dict(expt=None, out=None, images=None, experiment=None, format="npy", quiet=False, resume=False,
+                stills=None, orientation_seed=None, orientations=None, spectra=None, workers=1, ray=None,
+                flags=[])
+    valued = ("--out", "--images", "--experiment", "--format", "--stills", "--orientation-seed", "--orientations",
+              "--spectra", "--workers")
+    # --ray takes an optional cluster address (host:port or 'auto'); none: a local cluster
+    optional = {"--ray": (lambda w: ":" in w or w == "auto", "local")}
+    positionals = split_options(argv, opts, valued, ("--quiet", "--resume"), "simulate", 1, optional)
+    opts["expt"] = positionals[0] if positionals else None
     if opts["expt"] is None:
         raise InputError("no experiment file given")
     if opts["out"] is None:
@@ -152,9 +173,7 @@ def parse(argv: list[str]) -> dict:
         raise InputError("--stills expects a number of shots >= 1")
     if opts["workers"] < 1:
         raise InputError("--workers expects a number >= 1")
-    refused = [f for f in opts["flags"] if f in GEOMETRY_FLAGS]
-    if refused:
-        raise InputError(f"{refused[0]} is held by the experiment file; edit the experiment to change it")
+    refuse_geometry(opts["flags"])
     return opts
 
 

@@ -64,32 +64,13 @@ OUTPUTS = ("refined.expt", "refined.json", "report.md")
 # ----------------------------------------------------------------------------- arguments
 
 def parse(argv: list[str]) -> dict:
-    from ..simulate import GEOMETRY_FLAGS
+    from ..simulate import refuse_geometry, split_options
     opts = dict(expt=None, images=[], out=None, refine=None, experiment="0", image=None, adc_offset="0",
                 loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[])
     valued = ("--out", "--refine", "--experiment", "--image", "--adc-offset", "--loss", "--read-noise", "--gain",
               "--max-iter", "--spots")
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a in valued:
-            if i + 1 >= len(argv):
-                raise InputError(f"{a} expects a value")
-            opts[a[2:].replace("-", "_")] = argv[i + 1]
-            i += 2
-            continue
-        if a == "--quiet":
-            opts["quiet"] = True
-        elif a.startswith("--"):
-            raise InputError(f"unknown option '{a}' (see torchbragg refine -h)")
-        elif not opts["flags"] and not a.startswith("-"):
-            if opts["expt"] is None:
-                opts["expt"] = a
-            else:
-                opts["images"].append(a)
-        else:
-            opts["flags"].append(a)  # nanoBragg flags and their values
-        i += 1
+    positionals = split_options(argv, opts, valued, ("--quiet",), "refine")
+    opts["expt"], opts["images"] = (positionals[0], positionals[1:]) if positionals else (None, [])
     if opts["expt"] is None:
         raise InputError("no experiment file given")
     if not opts["images"]:
@@ -118,9 +99,7 @@ def parse(argv: list[str]) -> dict:
     if opts["gain"] is not None and not opts["gain"] > 0:
         raise InputError("--gain must be positive")
     opts["groups"] = parse_groups(opts["refine"])
-    refused = [f for f in opts["flags"] if f in GEOMETRY_FLAGS]
-    if refused:
-        raise InputError(f"{refused[0]} is held by the experiment file; edit the experiment to change it")
+    refuse_geometry(opts["flags"])
     return opts
 
 

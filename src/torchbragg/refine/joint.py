@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 from .losses import LOSSES
 from .parameters import Parametrisation, make_group
-from .refiner import DTYPES, ParameterResult, Refiner, _as_data, run_stage
+from .refiner import DTYPES, ParameterResult, Refiner, _as_data, resolve_stages, run_stage
 from .roi import mask_substitutions, roi_mask
 
 
@@ -234,16 +234,7 @@ class JointRefiner:
                 raise ValueError(f"priors: no parameter {label!r}; the refined ones are {self.labels}")
             self.priors[self.labels.index(label)] = (float(m), float(s))
         names = shared_names + self.per_names
-        if strategy == "default":
-            self.stages = default_joint_strategy(names, broaden, max_iter)
-        elif strategy is None:
-            self.stages = [dict(groups=names, broaden=None, max_iter=max_iter)]
-        else:
-            self.stages = [dict(s) for s in strategy]
-            for s in self.stages:
-                unknown = [g for g in s["groups"] if g not in names]
-                if unknown:
-                    raise ValueError(f"stage groups {unknown} are not among the refined groups {names}")
+        self.stages = resolve_stages(strategy, names, broaden, max_iter, default_joint_strategy)
         self.uncertainties = uncertainties
         self.undetermined_sigma = undetermined_sigma
         self.precondition = precondition

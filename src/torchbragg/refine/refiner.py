@@ -183,16 +183,7 @@ class Refiner:
         self.priors = self._by_label(priors or {}, "priors")
         self.bounds = self._by_label(bounds or {}, "bounds")
         names = [g.name for g in self.param.groups]
-        if strategy == "default":
-            self.stages = default_strategy(names, broaden, max_iter)
-        elif strategy is None:
-            self.stages = [dict(groups=names, broaden=None, max_iter=max_iter)]
-        else:
-            self.stages = [dict(s) for s in strategy]
-            for s in self.stages:
-                unknown = [g for g in s["groups"] if g not in names]
-                if unknown:
-                    raise ValueError(f"stage groups {unknown} are not among the refined groups {names}")
+        self.stages = resolve_stages(strategy, names, broaden, max_iter, default_strategy)
         self.uncertainties = uncertainties
         self.precondition = precondition
         self.undetermined_sigma = undetermined_sigma
@@ -455,3 +446,18 @@ def run_stage(owner, opt, closure, xs, x_master, idx, x0, scale, names, broaden,
     if owner.verbose:
         print(info)
     return (x_new if finite else x_master), info
+
+
+def resolve_stages(strategy, names, broaden, max_iter, default) -> list[dict]:
+    """The stages of a fit: the `default` strategy, one stage of every group
+    (None), or the caller's list, checked against the refined groups."""
+    if strategy == "default":
+        return default(names, broaden, max_iter)
+    if strategy is None:
+        return [dict(groups=names, broaden=None, max_iter=max_iter)]
+    stages = [dict(s) for s in strategy]
+    for s in stages:
+        unknown = [g for g in s["groups"] if g not in names]
+        if unknown:
+            raise ValueError(f"stage groups {unknown} are not among the refined groups {names}")
+    return stages
