@@ -237,3 +237,17 @@ def test_recover_scale_with_gaussian_loss():
     assert res.converged
     # a Gaussian likelihood of Poisson counts is biased low at a few photons per pixel
     assert float(sim.beam.fluence / truth.beam.fluence) == pytest.approx(0.97, abs=0.05)
+
+
+def test_fisher_diagonal_estimates_the_information():
+    """The random-sign estimate of diag(J^T W J) agrees with the exact one."""
+    from torchbragg.refine.refiner import fisher_diagonal
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    v = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    expected = torch.exp(J @ v) * 5.0
+    mu = expected.detach()
+    exact = ((J * mu[:, None]) ** 2 / mu[:, None]).sum(0)
+    estimate = fisher_diagonal(expected, v, samples=400)
+    assert torch.allclose(estimate, exact, rtol=0.15)
+    assert (fisher_diagonal(torch.exp(J @ v), v, samples=4) > 0).all()

@@ -36,7 +36,8 @@ from torchbragg.models import Detector, Frame, Goniometer, Panel, PanelGroup
 
 __all__ = ["CASES", "inputs", "test_gradcheck", "test_gradgradcheck", "test_gradient_reaches_parameter",
            "test_every_parameter_is_checked", "test_chunked_render_gradient_matches",
-           "test_float32_loss_gradient_matches_finite_differences"]
+           "test_float32_loss_gradient_matches_finite_differences", "test_loss_gradients",
+           "test_parametrisation_gradients", "test_every_parameter_group_is_checked"]
 
 EPS, ATOL, RTOL = 1e-6, 1e-5, 1e-3
 DEVICE = os.environ.get("TORCHBRAGG_GRAD_DEVICE", "cpu")
@@ -53,6 +54,9 @@ BASE = ("-default_F 100 -N 5 -lambda 1 -distance 100 -detpixels 24 -pixel 0.1 -o
 # h -1..1, k -2..0, l 0..2; reflections with l = 3 on the detector fall outside and take default_F.
 HKL_TABLE = "\n".join(f"{h} {k} {l} {50 + 7 * (h + 1) + 11 * (k + 2) + 5 * l}"
                       for h in (-1, 0, 1) for k in (-2, -1, 0) for l in (0, 1, 2)) + "\n"
+# the same reflections with Friedel mates equal (what a structure-factor refinement expects)
+FRIEDEL_TABLE = "\n".join(f"{h} {k} {l} {50 + 7 * h * h + 11 * abs(k) + 5 * l * l + 3 * abs(h * k)}"
+                           for h in (-1, 0, 1) for k in (-2, -1, 0) for l in (0, 1, 2)) + "\n"
 # wide enough for the 4x4x4 neighbourhoods of tricubic interpolation
 WIDE_TABLE = "\n".join(f"{h} {k} {l} {50 + 7 * h + 11 * k + 5 * l + (h * k * l) % 13}"
                         for h in range(-3, 4) for k in range(-4, 3) for l in range(-2, 6)) + "\n"
@@ -181,6 +185,8 @@ def inputs(tmp_path, monkeypatch):
     hkl.write_text(HKL_TABLE)
     wide = tmp_path / "wide.hkl"
     wide.write_text(WIDE_TABLE)
+    friedel = tmp_path / "friedel.hkl"
+    friedel.write_text(FRIEDEL_TABLE)
     # A MOSFLM matrix for the same crystal: columns a*, b*, c* times the wavelength.
     ref = Simulator.from_args(shlex.split(f"{CELL} {BASE}"))
     with torch.no_grad():
@@ -188,7 +194,7 @@ def inputs(tmp_path, monkeypatch):
         recip = recip @ _misset_matrix(ref)  # undo the misset: the file holds the unrotated crystal
     mat = tmp_path / "A.mat"
     mat.write_text("".join(" ".join(f"{recip[j, i]:.12f}" for j in range(3)) + "\n" for i in range(3)))
-    return {"mat": str(mat), "hkl": str(hkl), "wide": str(wide)}
+    return {"mat": str(mat), "hkl": str(hkl), "wide": str(wide), "friedel": str(friedel)}
 
 
 def _misset_matrix(sim):
@@ -441,3 +447,111 @@ def test_float32_loss_gradient_matches_finite_differences(inputs, request):
         if not rel < 0.01:
             failures.append(f"{label}: autograd {analytic:.6g} vs finite difference {numerical:.6g} ({rel:.2%})")
     assert not failures, "; ".join(failures)
+
+
+# ----------------------------------------------------------------------------- refinement: losses and parametrisations
+
+# The refiner differentiates a likelihood of the image through a parametrisation
+# (internal vector -> model parameters), to first order for the fit and to
+# second order for the uncertainties; both are checked here for every loss and
+# every parameter group, on a 24x24 image with a few spots.
+LOSS_CASES = ["poisson", "gaussian"]
+
+
+def _loss_inputs(name):
+    from torchbragg.refine.losses import LOSSES
+    g = torch.Generator().manual_seed(4)
+    model = (torch.rand(1, 6, 7, generator=g, dtype=torch.float64) * 20 + 0.5).to(DEVICE)
+    data = torch.poisson(model.cpu(), generator=g).to(DEVICE)
+    mask = (torch.rand(1, 6, 7, generator=g) > 0.2).to(DEVICE)
+    if name == "poisson":
+        return (lambda m: LOSSES[name](m, data, mask)), (model,)
+    noise = torch.tensor(1.5, dtype=torch.float64, device=DEVICE)
+    gain = torch.tensor(1.2, dtype=torch.float64, device=DEVICE)
+    return (lambda m, r, k: LOSSES[name](m, data, mask, r, k)), (model, noise, gain)
+
+
+@pytest.mark.parametrize("name", LOSS_CASES)
+@pytest.mark.parametrize("order", ["gradcheck", "gradgradcheck"])
+def test_loss_gradients(name, order, request):
+    """The negative log-likelihoods, in the model (and read noise and gain)."""
+    t0 = time.perf_counter()
+    f, args = _loss_inputs(name)
+    args = tuple(a.clone().requires_grad_(True) for a in args)
+    check = torch.autograd.gradcheck if order == "gradcheck" else torch.autograd.gradgradcheck
+    ok = check(f, args, eps=EPS, atol=ATOL, rtol=RTOL, raise_exception=False)
+    c = Case(f"loss.{name}", f"loss.{name}", None, "", 1.0, order == "gradgradcheck", None,
+             sys._getframe().f_lineno)
+    record(request, c, order, ok, time.perf_counter() - t0, eps=EPS, atol=ATOL, rtol=RTOL)
+    assert ok, f"{name} likelihood: analytic and numerical derivatives differ"
+
+
+def _frame_detector(sim):
+    """The flag-built detector as a DIALS-style frame panel (what 'panels' moves)."""
+    with torch.no_grad():
+        origin, fast, slow, _ = (t[0].double().cpu() for t in sim.detector.panel_frames(sim.beam.incident()))
+    p = sim.detector.panels[0]
+    panel = Panel(Frame(tuple(origin.tolist()), tuple(fast.tolist()), tuple(slow.tolist()), dtype=torch.float64,
+                        device=DEVICE), p.image_size, tuple(p.pixel_size.detach().double().cpu().tolist()),
+                  dtype=torch.float64, device=DEVICE)
+    sim.detector = Detector([panel], dtype=torch.float64, device=DEVICE)
+
+
+# group -> (extra flags, setup applied to the built simulator)
+GROUP_CASES = {
+    "orientation": ("", None),
+    "cell": ("", None),
+    "N": ("", None),
+    "scale": ("", None),
+    "mosaic": ("-mosaic 0.5 -mosaic_dom 4 -mosaic_seed 3", None),
+    "background": ("", None),
+    "distance": ("", None),
+    "beam_centre": ("", None),
+    "panels": ("", _frame_detector),
+    "wavelength": ("", None),
+    "spectrum": ("-dispersion 4 -dispsteps 3", None),
+    "structure_factors": ("-hkl {friedel}", None),
+}
+
+
+def _group_objective(group, files):
+    from torchbragg.refine import Refiner
+    flags, setup = GROUP_CASES[group]
+    sim = Simulator.from_args(shlex.split(f"{CELL} {BASE} {flags.format(**files)}"), device=DEVICE)
+    if setup:
+        setup(sim)
+    with torch.no_grad():
+        model = sim.render() + 2.0
+    data = torch.poisson(model.cpu(), generator=torch.Generator().manual_seed(2)).to(model)
+    r = Refiner(sim, data, [group], roi="all", strategy=None, uncertainties=False)
+    mask = torch.ones(data.shape, dtype=torch.bool, device=DEVICE)
+    x0 = torch.randn(r.param.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    return (lambda x: r._objective(sim, x, mask, data) / data.numel()), x0
+
+
+def _known_groups():
+    from torchbragg.refine.parameters import GROUPS
+    return [g for g in GROUP_CASES if g in GROUPS]
+
+
+@pytest.mark.parametrize("group", _known_groups())
+@pytest.mark.parametrize("order", ["gradcheck", "gradgradcheck"])
+def test_parametrisation_gradients(group, order, inputs, request):
+    """The Poisson likelihood of a rendered image through each parameter
+    group's internal vector (the refiner's objective), first and second order."""
+    t0 = time.perf_counter()
+    f, x0 = _group_objective(group, inputs)
+    x0.requires_grad_(True)
+    kw = dict(eps=1e-5, atol=1e-5, rtol=1e-3, nondet_tol=NONDET_TOL, raise_exception=False, fast_mode=True)
+    check = torch.autograd.gradcheck if order == "gradcheck" else torch.autograd.gradgradcheck
+    ok = check(f, (x0,), **kw)
+    c = Case(f"refine.{group}", f"refine.{group}", None, "", 1.0, order == "gradgradcheck", None,
+             sys._getframe().f_lineno)
+    record(request, c, order, ok, time.perf_counter() - t0, eps=kw["eps"], atol=kw["atol"], rtol=kw["rtol"])
+    assert ok, f"refinement group {group}: analytic and numerical derivatives of the objective differ"
+
+
+def test_every_parameter_group_is_checked():
+    from torchbragg.refine.parameters import GROUPS
+    missing = sorted(set(GROUPS) - set(GROUP_CASES))
+    assert not missing, f"parameter groups without a gradient check: {missing}"

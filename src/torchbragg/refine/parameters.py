@@ -21,6 +21,8 @@ Internal units (one unit step):
 | beam_centre | beam centre along fast and slow | 0.01 pixel |
 | panels | per panel: frame origin shift (x, y, z of the parent frame), rotation vector added to the frame's | 0.01 mm, 0.01 degree |
 | wavelength | relative shift of every wavelength | 0.1 % |
+| spectrum | shift of every wavelength; log of the spread about the weighted mean wavelength | 1e-4 of the mean wavelength (shift), 1 % (spread) |
+| structure_factors | log of the amplitude F of each unique reflection (asymmetric unit, Friedel mates merged) | 1 % |
 
 `physical(sim, x)` gives the values a user reads (degrees, Angstrom, mm,
 photons/m^2, ...) for reports and for propagating uncertainties.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import physics as ph
@@ -114,14 +117,25 @@ class Orientation(Group):
         return x * self.step
 
 
-def crystal_system(space_group: str) -> str:
-    """Crystal system of a Hall symbol ("rhombohedral" for R groups on
-    rhombohedral axes, "trigonal" for other trigonal groups)."""
+def space_group_ops(space_group: str):
+    """gemmi GroupOps of a space group given as a Hall symbol (how crystals
+    store it) or, where that reading fails, as a Hermann-Mauguin name."""
     import gemmi
     try:
-        sg = gemmi.find_spacegroup_by_ops(gemmi.symops_from_hall(space_group))
+        return gemmi.symops_from_hall(space_group)
     except Exception as exc:
-        raise ValueError(f"cannot read the space group {space_group!r}: {exc}") from None
+        sg = gemmi.find_spacegroup_by_name(space_group.strip()) if space_group.strip() else None
+        if sg is None:
+            raise ValueError(f"cannot read the space group {space_group!r}: {exc}") from None
+        return sg.operations()
+
+
+def crystal_system(space_group: str) -> str:
+    """Crystal system of a Hall symbol (or Hermann-Mauguin name)
+    ("rhombohedral" for R groups on rhombohedral axes, "trigonal" for other
+    trigonal groups)."""
+    import gemmi
+    sg = gemmi.find_spacegroup_by_ops(space_group_ops(space_group))
     if sg is None:
         raise ValueError(f"space group {space_group!r} is not a standard one; give the crystal system")
     system = sg.crystal_system_str()
@@ -275,6 +289,267 @@ class Wavelength(Group):
 
     def physical(self, sim, x):
         return (sim.beam.wavelength.to(x.dtype) * (1.0 + x[0] * self.step)).reshape(1)
+
+
+class Spectrum(Group):
+    """Shift and width of the beam's spectrum, the wavelengths of a source
+    table or of -dispersion's steps, with the source weights: every
+    wavelength l_i becomes m + exp(width * 1 %) (l_i - m) + shift * 1e-4 m,
+    m the weighted mean wavelength, so the shift moves the mean and the
+    width scales the spread about it. Needs a spectrum of several
+    wavelengths. Reported as the weighted mean wavelength and the weighted
+    RMS bandwidth."""
+
+    name = "spectrum"
+    labels = ["spectrum.shift", "spectrum.width"]
+    physical_labels = ["wavelength_mean", "bandwidth_rms"]
+    units = ["A", "A"]
+    shift_step = 1e-4  # of the mean wavelength
+    width_step = 0.01
+
+    def bind(self, sim):
+        self.table = sim.beam.has_source_table
+        several = self.table or sim.beam.dispersion_steps > 1
+        if several:
+            with torch.no_grad():
+                mean, rms = self._moments(*self._lines(sim, {}, torch.float64))
+            several = float(rms) > 1e-9 * float(mean)
+        if not several:
+            raise ValueError("the spectrum group needs a spectrum of several wavelengths (a source table, or "
+                             "-dispersion with -dispsteps above 1): a single wavelength has no width to refine; "
+                             "refine 'wavelength' instead")
+        return self
+
+    def _lines(self, sim, subs, dtype):
+        """Wavelength (Angstrom) and weight of every source, in the simulator's order."""
+        beam = sim.beam
+        wl = _get(sim, subs, "beam.wavelength").to(dtype)
+        if self.table:
+            lam = _get(sim, subs, "beam.source_wavelengths").to(dtype)
+            lam = torch.where(torch.isnan(lam), wl.expand_as(lam), lam)  # NaN: the beam's wavelength
+        else:
+            n = beam.dispersion_steps  # above 1 (bind)
+            # Beam.sources(): wl * (1 + dispersion * u), u evenly from -1/2 to 1/2, per divergence point
+            u = torch.arange(n, dtype=dtype, device=wl.device) / (n - 1) - 0.5
+            lam = (wl * (1.0 + _get(sim, subs, "beam.dispersion").to(dtype) * u)).repeat(len(beam.divergence_points))
+        if beam.weighted:
+            w = _get(sim, subs, "beam.source_weights").to(dtype)
+        else:
+            w = torch.ones_like(lam)
+        return lam, w
+
+    @staticmethod
+    def _moments(lam, w):
+        mean = (w * lam).sum() / w.sum()
+        rms = torch.sqrt((w * (lam - mean) ** 2).sum() / w.sum())
+        return mean, rms
+
+    def substitute(self, sim, x, subs):
+        lam, w = self._lines(sim, subs, x.dtype)
+        mean = (w * lam).sum() / w.sum()
+        spread = torch.exp(x[1] * self.width_step)
+        shift = x[0] * self.shift_step * mean
+        wl = _get(sim, subs, "beam.wavelength").to(x.dtype)
+        new_wl = mean + spread * (wl - mean) + shift
+        subs["beam.wavelength"] = new_wl
+        if self.table:
+            subs["beam.source_wavelengths"] = mean + spread * (lam - mean) + shift
+        else:
+            # wl (1 + D u) maps onto new_wl (1 + D' u) with D' = spread wl D / new_wl
+            subs["beam.dispersion"] = spread * wl * _get(sim, subs, "beam.dispersion").to(x.dtype) / new_wl
+
+    def physical(self, sim, x):
+        mean, rms = self._moments(*self._lines(sim, {}, x.dtype))
+        return torch.stack([mean * (1.0 + x[0] * self.shift_step), rms * torch.exp(x[1] * self.width_step)])
+
+
+# ----------------------------------------------------------------------------- structure factors
+
+FHKL = "crystal.structure_factors.Fhkl"
+
+
+def _canonical(hkl: np.ndarray, mats: np.ndarray) -> np.ndarray:
+    """Per row of hkl (n, 3): the lexicographically largest of its symmetry
+    mates (h @ R for every rotation R) and their Friedel mates, so that all
+    reflections one unique reflection stands for share one row."""
+    best = hkl.copy()
+    for R in mats:
+        e = hkl @ R
+        for m in (e, -e):
+            gt = (m[:, 0] > best[:, 0]) | ((m[:, 0] == best[:, 0]) & (
+                (m[:, 1] > best[:, 1]) | ((m[:, 1] == best[:, 1]) & (m[:, 2] > best[:, 2]))))
+            best[gt] = m[gt]
+    return best
+
+
+def _keys(hkl: np.ndarray, bound: int) -> np.ndarray:
+    """One integer per row of hkl (|indices| <= bound)."""
+    w = 2 * bound + 1
+    return ((hkl[:, 0] + bound) * w + (hkl[:, 1] + bound)) * w + (hkl[:, 2] + bound)
+
+
+class StructureFactorGroup(Group):
+    """Structure factors of unique reflections: log |F| of each, 1 % per
+    unit. A reflection stands for all its symmetry mates under the space
+    group (the crystal's, or `space_group`: a Hall symbol or a
+    Hermann-Mauguin name) and their Friedel mates (no anomalous signal):
+    every cell of the crystal's dense table that one of them falls on takes
+    its value (the sign of a negative start value kept), the other cells keep
+    theirs, and reflections outside the table keep default_F. The gradient
+    reaches only the unique reflections' values.
+
+    reflections: the ones to refine, any symmetry mate of each (e.g. those
+    `reflections_in_view` finds); default: every unique reflection with a
+    nonzero |F| in the table. The table must give one |F| to all mates of a
+    refined reflection (as a table expanded from an asymmetric unit does).
+    Labelled and reported as F(h,k,l) in the asymmetric unit."""
+
+    name = "structure_factors"
+    step = 0.01
+
+    def __init__(self, reflections=None, space_group: str | None = None):
+        self.wanted = None if reflections is None else [tuple(int(v) for v in r) for r in reflections]
+        self.space_group = space_group
+        self.labels = []
+        self.reflections = []
+
+    def bind(self, sim):
+        import gemmi
+
+        from ..io.structure_factors import rotations
+        sf = sim.crystal.structure_factors
+        if not sf.has_grid:
+            raise ValueError("the structure_factors group needs a table of structure factors (-hkl, -mtz, "
+                             "-model or a StructureFactors grid); this crystal has only default_F")
+        symbol = self.space_group if self.space_group is not None else sim.crystal.space_group
+        ops = space_group_ops(symbol)
+        with torch.no_grad():
+            grid = sf.Fhkl.detach().double().cpu().numpy()
+            lo = np.array(sf.hkl_min.cpu().tolist(), dtype=np.int64)
+        self._shape, self._lo = tuple(grid.shape), tuple(int(v) for v in lo)
+        self._symbol = symbol
+        absF = np.abs(grid).reshape(-1)
+        cells = np.indices(grid.shape).reshape(3, -1).T.astype(np.int64) + lo
+        mats = rotations(ops)
+        canon = _canonical(cells, mats)
+        bound = int(np.abs(canon).max(initial=0))
+        keys, first, inverse = np.unique(_keys(canon, bound), return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        n_unique = len(keys)
+        fmax = np.zeros(n_unique)
+        np.maximum.at(fmax, inverse, absF)
+        fmin = np.full(n_unique, np.inf)
+        np.minimum.at(fmin, inverse, absF)
+        sg = gemmi.find_spacegroup_by_ops(ops)
+        asu = gemmi.ReciprocalAsu(sg) if sg is not None else None
+
+        def label(u):  # the reflection in the standard asymmetric unit where gemmi knows the group
+            h = [int(v) for v in canon[first[u]]]
+            return tuple(asu.to_asu(h, ops)[0]) if asu is not None else tuple(h)
+
+        if self.wanted is None:
+            chosen = np.nonzero(fmax > 0)[0]
+            if len(chosen) == 0:
+                raise ValueError("structure_factors: every |F| in the table is zero; nothing to refine")
+        else:
+            if not self.wanted:
+                raise ValueError("structure_factors: the list of reflections to refine is empty")
+            wanted = np.array(self.wanted, dtype=np.int64).reshape(-1, 3)
+            wc = _canonical(wanted, mats)
+            inside = (np.abs(wc) <= bound).all(1)
+            pos = np.searchsorted(keys, _keys(np.clip(wc, -bound, bound), bound))
+            pos = np.minimum(pos, n_unique - 1)
+            found = inside & (keys[pos] == _keys(np.clip(wc, -bound, bound), bound))
+            for r, ok in zip(self.wanted, found):
+                if not ok:
+                    raise ValueError(f"structure_factors: reflection {r} (and its symmetry mates) is not in the "
+                                     f"table (h from {lo[0]} to {lo[0] + grid.shape[0] - 1}, k from {lo[1]} to "
+                                     f"{lo[1] + grid.shape[1] - 1}, l from {lo[2]} to {lo[2] + grid.shape[2] - 1})")
+            chosen = np.array(list(dict.fromkeys(pos.tolist())), dtype=np.int64)  # mates given twice: once
+            for u in chosen:
+                if not fmax[u] > 0:
+                    raise ValueError(f"structure_factors: F{label(u)} is zero in the table; its log cannot be "
+                                     f"refined")
+        bad = chosen[~np.isclose(fmin[chosen], fmax[chosen], rtol=1e-6, atol=0.0)]
+        if len(bad):
+            u = bad[0]
+            mates = np.nonzero(inverse == u)[0]
+            vals = ", ".join(f"F{tuple(int(v) for v in cells[c])} = {absF[c]:g}" for c in mates[:4])
+            raise ValueError(f"structure_factors: the table gives different |F| to symmetry or Friedel mates of "
+                             f"{len(bad)} reflections under space group {symbol.strip()!r} (e.g. {vals}); expand "
+                             f"it over the group's symmetry and Friedel mates, give the space group it has, or "
+                             f"leave those reflections out of `reflections`")
+        self.reflections = [label(u) for u in chosen]
+        order = sorted(range(len(chosen)), key=lambda j: self.reflections[j])
+        chosen = chosen[order]
+        self.reflections = [self.reflections[j] for j in order]
+        self.labels = [f"F({h},{k},{l})" for h, k, l in self.reflections]
+        self.physical_labels = list(self.labels)
+        self.units = ["electrons"] * len(self.labels)
+        # grid cell -> position in the refined list (-1: not refined); one cell per reflection for its start value
+        where = np.full(n_unique, -1, dtype=np.int64)
+        where[chosen] = np.arange(len(chosen))
+        self._index = {torch.device("cpu"): torch.as_tensor(where[inverse].reshape(grid.shape))}
+        self._first = {torch.device("cpu"): torch.as_tensor(first[chosen].astype(np.int64))}
+        return self
+
+    def _on(self, device):
+        """The index tensors on `device` (copied once per device)."""
+        if device not in self._index:
+            cpu = torch.device("cpu")
+            self._index[device] = self._index[cpu].to(device)
+            self._first[device] = self._first[cpu].to(device)
+        return self._index[device], self._first[device]
+
+    def _check(self, sim):
+        """The table must be the one the group was set up for (a group shared
+        by several simulators is set up from the first)."""
+        sf = sim.crystal.structure_factors
+        same = sf.has_grid and tuple(sf.Fhkl.shape) == self._shape and tuple(sf.hkl_min.tolist()) == self._lo
+        if not same:
+            raise ValueError(f"structure_factors: this simulator's table differs from the one the group was set "
+                             f"up for (indices from {self._lo}, shape {self._shape}); simulators sharing the group "
+                             f"need tables of one shape")
+        if self.space_group is None and sim.crystal.space_group != self._symbol:
+            raise ValueError(f"structure_factors: this crystal's space group {sim.crystal.space_group!r} differs "
+                             f"from {self._symbol!r}, the one the group was set up for")
+
+    def _amplitudes(self, grid, x):
+        """|F| of the refined reflections: the start value of each times exp(x * step)."""
+        _, first = self._on(grid.device)
+        return grid.reshape(-1)[first].abs() * torch.exp(x * self.step)
+
+    def substitute(self, sim, x, subs):
+        self._check(sim)
+        grid = _get(sim, subs, FHKL).to(x.dtype)
+        index, _ = self._on(grid.device)
+        f = self._amplitudes(grid, x)[index.clamp(min=0)]
+        subs[FHKL] = torch.where(index >= 0, torch.where(grid < 0, -f, f), grid)
+
+    def physical(self, sim, x):
+        return self._amplitudes(_get(sim, {}, FHKL).to(x.dtype), x)
+
+
+def reflections_in_view(sim, mask=None, fraction: float = 1e-3, space_group: str | None = None) -> list:
+    """The unique reflections whose structure factors the image (the pixels
+    of `mask`, a (panels, slow, fast) boolean, or all) depends on: those whose
+    log |F| moves the photons summed over the mask by more than `fraction` of
+    the largest such change, most telling first. For the structure_factors
+    group's `reflections`."""
+    from torch.func import functional_call
+
+    from .roi import mask_substitutions
+    g = StructureFactorGroup(space_group=space_group).bind(sim)
+    x = torch.zeros(g.size, dtype=sim.dtype, device=sim.device, requires_grad=True)
+    subs = {}
+    g.substitute(sim, x, subs)
+    if mask is not None:
+        subs.update(mask_substitutions(torch.as_tensor(mask, dtype=torch.bool, device=sim.device)))
+    (grad,) = torch.autograd.grad(functional_call(sim, subs, ()).sum(), x)
+    sens = grad.detach().abs().double().cpu()
+    order = torch.argsort(sens, descending=True).tolist()
+    top = float(sens.max()) if len(order) else 0.0
+    return [g.reflections[i] for i in order if float(sens[i]) > fraction * top]
 
 
 # ----------------------------------------------------------------------------- background
@@ -472,6 +747,8 @@ GROUPS = {
     "beam_centre": BeamCentre,
     "panels": Panels,
     "wavelength": Wavelength,
+    "spectrum": Spectrum,
+    "structure_factors": StructureFactorGroup,
 }
 
 

@@ -190,6 +190,7 @@ class Refiner:
         self.verbose = verbose
         self.renders = 0
         self.history: list[float] = []
+        self.oversample: int | None = None  # re-derived automatic oversampling, written back with the values
 
     def _by_label(self, spec, what):
         out = {}
@@ -200,7 +201,9 @@ class Refiner:
         return out
 
     # ------------------------------------------------------------------ objective
-    def _objective(self, sim, x, mask, data, broaden=None):
+    def _model(self, sim, x, mask, broaden=None):
+        """Expected photons (panels, slow, fast) for internal vector `x`,
+        rendered over the mask only, with spots broadened when asked."""
         subs = self.param.substitutions(sim, x)
         if broaden:
             n = subs.get("crystal.N", sim.crystal.N.to(x.dtype))
@@ -211,9 +214,10 @@ class Refiner:
         subs.update(mask_substitutions(mask))
         model = functional_call(sim, subs, ())
         extra = self.param.image_terms(sim, x, model.shape)
-        if extra is not None:
-            model = model + extra
-        loss = self.loss_fn(model, data, mask, **self.loss_options)
+        return model if extra is None else model + extra
+
+    def _objective(self, sim, x, mask, data, broaden=None):
+        loss = self.loss_fn(self._model(sim, x, mask, broaden), data, mask, **self.loss_options)
         for i, (mean, sigma) in self.priors.items():
             loss = loss + 0.5 * ((x[i] - mean) / sigma) ** 2
         for i, (lo, hi) in self.bounds.items():
@@ -251,29 +255,24 @@ class Refiner:
         return run_stage(self, opt, closure, xs, x_master, idx, x0, scale, names, broaden, dtype, max_iter)
 
     def _preconditioner(self, sim, base, idx, mask, data, broaden):
-        """Per-parameter step scales 1 / sqrt(curvature) from the diagonal of
-        the Hessian at the stage's start (internal units where the curvature
-        is not positive), so that L-BFGS sees a problem of unit scale."""
+        """Per-parameter step scales 1 / sqrt(curvature) at the stage's start,
+        so that L-BFGS sees a problem of unit scale. The curvature is the
+        diagonal of the Fisher information (always positive, unlike the
+        Hessian far from the minimum), estimated from a few backward passes."""
         if not self.precondition:
             return torch.ones(len(idx), dtype=base.dtype)
-
-        def f(v):
-            self.renders += 1
-            return self._objective(sim, base.index_put((idx,), v), mask, data, broaden)
-
-        v0 = base[idx].clone()
-        diag = []
-        for i in range(len(idx)):  # one Hessian-vector product per parameter
-            e = torch.zeros_like(v0)
-            e[i] = 1.0
-            _, hv = torch.autograd.functional.hvp(f, v0, e)
-            diag.append(float(hv[i]))
-        d = torch.tensor(diag, dtype=base.dtype)
+        v = base[idx].clone().requires_grad_(True)
+        model = self._model(sim, base.index_put((idx,), v), mask, broaden)
+        d = fisher_diagonal(model[mask], v)
+        self.renders += 1
+        for j, i in enumerate(idx.tolist()):
+            if i in self.priors:
+                d[j] += 1.0 / self.priors[i][1] ** 2
         ok = torch.isfinite(d) & (d > 0)
         scale = torch.where(ok, 1.0 / torch.sqrt(torch.where(ok, d, torch.ones_like(d))), torch.ones_like(d))
         if self.verbose:
             print("curvature", d.tolist())
-        return torch.clamp(scale, 1e-4, 1e2)
+        return torch.clamp(scale, 1e-4, 1e2).to(base.dtype)
 
     # ------------------------------------------------------------------ run
     def run(self, write: bool = True) -> RefinementResult:
@@ -290,6 +289,7 @@ class Refiner:
         for k, stage in enumerate(self.stages):
             dt = self.dtypes[0]
             x, info = self._stage(sims[dt], x, stage, mask.to(sims[dt].device), self.data.to(dt), dt)
+            info["oversample"] = self._rederive_oversample(sims, x)
             stages.append(info)
         if self.dtypes[-1] != self.dtypes[0] or not self.stages:
             dt = self.dtypes[-1]
@@ -304,6 +304,21 @@ class Refiner:
         if write:
             self.write(x)
         return result
+
+    def _rederive_oversample(self, sims, x) -> int:
+        """Automatic oversampling follows the refined crystal size and
+        wavelength (an N or wavelength far from its start changes how finely
+        the spots must be sampled); a user's explicit choice is kept."""
+        if not self.sim.oversample_auto:
+            return self.sim.oversample
+        from ..simulator import recommended_oversample
+        probe = copy.deepcopy(self.sim).double()
+        assign(probe, self.param.substitutions(probe, x.double()))
+        n = recommended_oversample(probe.crystal, probe.beam, probe.detector)
+        for s in sims.values():
+            s.recommended_oversample = s.oversample = n
+        self.oversample = n
+        return n
 
     def _init_background(self, sim, mask):
         """Start each panel's background constant at the median difference of
@@ -402,14 +417,20 @@ class Refiner:
 
     def write(self, x) -> None:
         """Put the values of internal vector `x` into the user's models."""
-        with torch.no_grad():
-            subs = self.param.substitutions(self.sim, x.double())
-            for name, value in subs.items():
-                try:
-                    target = self.sim.get_parameter(name)
-                except AttributeError:
-                    target = self.sim.get_buffer(name)
-                target.copy_(value.detach().to(target))
+        assign(self.sim, self.param.substitutions(self.sim, x.double()))
+        if self.oversample is not None:
+            self.sim.recommended_oversample = self.sim.oversample = self.oversample
+
+
+def assign(sim, subs: dict) -> None:
+    """Copy substituted values {parameter or buffer name: tensor} into `sim`."""
+    with torch.no_grad():
+        for name, value in subs.items():
+            try:
+                target = sim.get_parameter(name)
+            except AttributeError:
+                target = sim.get_buffer(name)
+            target.copy_(value.detach().to(target))
 
 
 def refine(sim, data, groups, *, loss="poisson", roi=None, priors=None, bounds=None, max_iter=60,
@@ -419,6 +440,22 @@ def refine(sim, data, groups, *, loss="poisson", roi=None, priors=None, bounds=N
     write=False). See `Refiner` for the arguments and `RefinementResult`."""
     return Refiner(sim, data, groups, loss=loss, roi=roi, priors=priors, bounds=bounds, max_iter=max_iter,
                    dtype_schedule=dtype_schedule, strategy=strategy, **kw).run(write=write)
+
+
+def fisher_diagonal(expected: torch.Tensor, v: torch.Tensor, samples: int = 8, seed: int = 0) -> torch.Tensor:
+    """Diagonal of the Poisson Fisher information sum_p (d mu_p / d v_i)^2 / mu_p
+    of expected photons `expected` (1-D, built from `v`): the mean of g_i^2 over
+    gradients g = J^T (z / sqrt(mu)) with random signs z, one backward pass
+    each instead of one Hessian-vector product per parameter."""
+    gen = torch.Generator(device=expected.device).manual_seed(seed)
+    w = torch.rsqrt(torch.clamp(expected.detach(), min=1.0))
+    acc = torch.zeros_like(v, dtype=torch.float64)
+    for k in range(samples):
+        z = torch.randint(0, 2, expected.shape, generator=gen, device=expected.device).to(expected.dtype) * 2 - 1
+        (g,) = torch.autograd.grad(expected, v, z * w, retain_graph=k < samples - 1, allow_unused=True)
+        if g is not None:
+            acc += g.double() ** 2
+    return acc / samples
 
 
 def run_stage(owner, opt, closure, xs, x_master, idx, x0, scale, names, broaden, dtype, max_iter):
