@@ -251,3 +251,23 @@ def test_fisher_diagonal_estimates_the_information():
     estimate = fisher_diagonal(expected, v, samples=400)
     assert torch.allclose(estimate, exact, rtol=0.15)
     assert (fisher_diagonal(torch.exp(J @ v), v, samples=4) > 0).all()
+
+
+def test_automatic_oversampling_follows_refined_n():
+    """With automatic oversampling, a fit that moves N far re-derives the
+    sub-pixel count for the refined crystal."""
+    from torchbragg.simulator import recommended_oversample
+    args = ARGS[:-6] + "-N 5 -detpixels 96 -pixel 0.25 -fluence 1e28".split()
+    assert "-oversample" not in args
+    truth = still(args)
+    data = noisy(truth, 21)
+    sim = still(args)
+    with torch.no_grad():
+        sim.crystal.N.fill_(3.5)
+    sim.recommended_oversample = sim.oversample = recommended_oversample(sim.crystal, sim.beam, sim.detector)
+    assert sim.oversample < truth.oversample
+    res = refine(sim, data, ["scale", "background", "N"])
+    assert res.converged
+    assert float(sim.crystal.N[0]) == pytest.approx(5.0, rel=0.02)
+    assert sim.oversample == truth.oversample
+    assert res.stages[-2]["oversample"] == truth.oversample
