@@ -1,6 +1,8 @@
-"""scripts/bench.py: options and case list only (no timing runs here)."""
+"""scripts/bench.py: options and case list only (no timing runs here);
+scripts/bench_refine.py: options and one tiny run (its table and JSON)."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +63,38 @@ def test_hkl_table(tmp_path):
     rows = [line.split() for line in path.read_text().splitlines()]
     assert len(rows) == 5 ** 3
     assert all(len(r) == 4 and float(r[3]) > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- scripts/bench_refine.py
+
+REFINE_SCRIPT = SCRIPT.parent / "bench_refine.py"
+
+
+def test_refine_bench_help_and_bad_option():
+    r = subprocess.run([sys.executable, str(REFINE_SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for opt in ("--stills", "--detpixels", "--device", "--json", "--max-iter"):
+        assert opt in r.stdout
+    r = subprocess.run([sys.executable, str(REFINE_SCRIPT), "--stills", "0"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "--stills must be at least 1" in r.stderr
+
+
+def test_refine_bench_tiny_run(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(REFINE_SCRIPT), "--stills", "1", "--detpixels", "48", "--max-iter", "2",
+                        "--threads", "1", "--repeat", "1", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for columns in (["still", "s", "fit renders", "hessian renders", "misorientation deg", "success"],
+                    ["stills", "device", "s/still", "fit renders/still", "hessian renders/still", "fwd+bwd ROI s",
+                     "fwd+bwd full s", "success", "shots/s"]):
+        header = next(line for line in lines if line.startswith(columns[0] + "  "))
+        assert [c for c in columns if c not in header] == []
+    summary = lines[lines.index(next(line for line in lines if line.startswith("stills  "))) + 2].split()
+    assert summary[:2] == ["1", "cpu"] and summary[-2] in ("0/1", "1/1") and float(summary[-1]) > 0
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["stills"] == 1 and doc["stills"][0]["renders"] > 0
+    assert doc["stills"][0]["render_roi_s"]["min"] > 0 and doc["stills"][0]["render_full_s"]["min"] > 0
+    assert "-detpixels" in doc["case"] and doc["case"][doc["case"].index("-detpixels") + 1] == "48"

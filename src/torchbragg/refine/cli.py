@@ -1,5 +1,7 @@
-"""`torchbragg refine`: fit the models of a DIALS experiment to one measured
-image and write the refined experiment, the numbers and a report."""
+"""`torchbragg refine`: fit the models of a DIALS experiment to measured
+images (one image; several images of a sweep with one crystal; or a series of
+stills, one image per experiment, with a shared detector and beam) and write
+the refined experiments, the numbers and a report."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 
@@ -16,13 +19,29 @@ from ..errors import InputError
 
 USAGE = """usage: torchbragg refine EXPERIMENTS.expt IMAGES... --out DIR [options] [nanoBragg flags]
 
-Refines the models of one experiment against one measured image (a still,
-or one image of a sweep) and writes DIR/refined.expt (the experiment list
-with the refined models), DIR/refined.json (each parameter's start, refined
-value, standard uncertainty and unit; the loss and its history; whether it
-converged; which parameters the data cannot determine) and DIR/report.md
+Refines the models of experiments against measured images and writes
+DIR/refined.expt (the experiment list with the refined models; models that
+experiments share in the file stay shared), DIR/refined.json (each
+parameter's start, refined value, standard uncertainty and unit; the loss and
+its history; whether it converged; which parameters the data cannot
+determine; with several images, one section per image) and DIR/report.md
 with PNG figures (observed, model and residual around the strongest spots,
-the loss per evaluation, the correlation matrix).
+for the first 4 images when there are several; the loss per evaluation; the
+correlation matrix).
+
+what is refined:
+  one experiment, one image   a still, or one image of a sweep (--image N)
+  one sweep, several images   one crystal (and detector and beam) shared by every
+                              image, each rendered as its own scan image: several
+                              files (file k is image FIRST + k), or --images FIRST:LAST
+  several experiments         a series of stills (each its own crystal), one image
+                              each, refined together: one file per experiment in
+                              order, or one NeXus file holding one image per
+                              experiment of the list, in its order (so also for
+                              --experiment K). Crystal groups (orientation, cell,
+                              N, mosaic, scale, background) are refined per image,
+                              the others (distance, beam_centre, panels,
+                              wavelength, ...) are shared by every image.
 
 Beam, detector, goniometer, scan and crystal come from the experiment;
 nanoBragg flags give the physics the file does not hold: -N, -default_F,
@@ -30,23 +49,26 @@ nanoBragg flags give the physics the file does not hold: -N, -default_F,
 spot shape, divergence, dispersion and so on. Start values of refined
 quantities (N, fluence, mosaic spread) come from these flags.
 
-images (one image is refined):
+images:
   .npy                      photons, (panels, slow, fast) or (slow, fast)
   .img / .smv               SMV; one panel, or panels tiled by their raw_image_offset
   .cbf                      (mini)CBF, read with fabio; -1 marks gaps
   .nxs / .h5                NXmx: /entry/data/data (and its pixel_mask)
-  Several files: file k is image FIRST + k of the scan (FIRST: its first image).
+  One sweep, several files: file k is image FIRST + k of the scan (FIRST: its first image).
   Pixels that are negative (after --adc-offset), above the panel's trusted
   range, flagged in a NeXus pixel_mask or masked in the experiment are left out.
 
 options:
   --out DIR                 output folder (made if missing)
   --refine G,G,...          parameter groups: orientation, cell, N, mosaic, scale,
-                            background, distance, beam_centre, panels, wavelength
+                            background, distance, beam_centre, panels, wavelength,
+                            spectrum, structure_factors
                             (default: scale,background,orientation,cell,N)
-  --experiment K            experiment K of the file (0-based; default 0)
+  --experiment K[,K...]     the experiments to refine (0-based; default: every
+                            experiment of the file)
   --image N                 image N of the scan (default: its first image; stills: 1);
                             for a NeXus file, also which of its images to read
+  --images FIRST:LAST       images FIRST to LAST of one sweep, refined together
   --adc-offset A            subtracted from every pixel read (default 0; SMV noise
                             images written by nanoBragg and torchbragg carry 40)
   --loss poisson|gaussian   likelihood (default poisson)
@@ -58,18 +80,25 @@ options:
 
 DEFAULT_GROUPS = ("scale", "background", "orientation", "cell", "N")
 DETECTOR_GROUPS = ("distance", "beam_centre", "panels")
+# several experiments: these follow each experiment's crystal (and shot); every other group is shared
+PER_IMAGE_GROUPS = ("orientation", "cell", "N", "mosaic", "scale", "background")
 OUTPUTS = ("refined.expt", "refined.json", "report.md")
+CONTAINERS = (".nxs", ".h5", ".hdf5", ".nx5")
+
+# one image to refine against: experiment index, file, image index in the file, scan image (None: a still)
+Shot = namedtuple("Shot", "experiment path index number")
 
 
 # ----------------------------------------------------------------------------- arguments
 
 def parse(argv: list[str]) -> dict:
     from ..simulate import refuse_geometry, split_options
-    opts = dict(expt=None, images=[], out=None, refine=None, experiment="0", image=None, adc_offset="0",
+    opts = dict(expt=None, images=None, out=None, refine=None, experiment=None, image=None, adc_offset="0",
                 loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[])
-    valued = ("--out", "--refine", "--experiment", "--image", "--adc-offset", "--loss", "--read-noise", "--gain",
-              "--max-iter", "--spots")
+    valued = ("--out", "--refine", "--experiment", "--image", "--images", "--adc-offset", "--loss", "--read-noise",
+              "--gain", "--max-iter", "--spots")
     positionals = split_options(argv, opts, valued, ("--quiet",), "refine")
+    opts["range"] = opts["images"]  # --images FIRST:LAST; "images" holds the files
     opts["expt"], opts["images"] = (positionals[0], positionals[1:]) if positionals else (None, [])
     if opts["expt"] is None:
         raise InputError("no experiment file given")
@@ -77,13 +106,16 @@ def parse(argv: list[str]) -> dict:
         raise InputError("no image given to refine against")
     if opts["out"] is None:
         raise InputError("--out DIR is required")
-    for key in ("experiment", "max_iter", "spots") + (("image",) if opts["image"] is not None else ()):
+    for key in ("max_iter", "spots") + (("image",) if opts["image"] is not None else ()):
         try:
             opts[key] = int(opts[key])
         except ValueError:
             raise InputError(f"--{key.replace('_', '-')} expects an integer, got '{opts[key]}'") from None
     if opts["max_iter"] < 1:
         raise InputError("--max-iter expects a number >= 1")
+    if opts["image"] is not None and opts["range"] is not None:
+        raise InputError("give --image N (one image) or --images FIRST:LAST (several), not both")
+    opts["experiment"] = parse_experiments(opts["experiment"])
     for key in ("adc_offset", "read_noise", "gain"):
         if opts[key] is not None:
             try:
@@ -101,6 +133,22 @@ def parse(argv: list[str]) -> dict:
     opts["groups"] = parse_groups(opts["refine"])
     refuse_geometry(opts["flags"])
     return opts
+
+
+def parse_experiments(text: str | None) -> list[int] | None:
+    """The --experiment list (None: every experiment of the file)."""
+    if text is None or text.strip() == "all":
+        return None
+    out = []
+    for part in text.split(","):
+        try:
+            k = int(part)
+        except ValueError:
+            raise InputError(f"--experiment expects an integer or a list K,K,..., got '{text}'") from None
+        if k in out:
+            raise InputError(f"--experiment names experiment {k} twice")
+        out.append(k)
+    return out
 
 
 def parse_groups(text: str | None) -> list[str]:
@@ -261,6 +309,70 @@ def pick_image(paths: list[str], experiment, number: int | None) -> tuple[str, i
     return paths[k], 0, (n if scan is not None else None)
 
 
+def _container(path: str) -> bool:
+    return path.lower().endswith(CONTAINERS)
+
+
+def plan_shots(opts, experiments) -> list[Shot]:
+    """The images to refine against, checked against the experiments and the
+    files given: one, several of one sweep, or one per experiment."""
+    count = len(experiments)
+    chosen = opts["experiment"] if opts["experiment"] is not None else list(range(count))
+    for k in chosen:
+        if not 0 <= k < count:
+            raise InputError(f"--experiment {k}: the file holds experiments 0..{count - 1}")
+        if experiments[k].crystal is None:
+            raise InputError(f"experiment {k} of {opts['expt']} has no crystal: index it first")
+    paths = opts["images"]
+    if len(chosen) == 1:
+        return _sweep_shots(opts, chosen[0], experiments[chosen[0]], paths)
+    if opts["image"] is not None or opts["range"] is not None:
+        raise InputError(f"--image and --images choose images of one sweep, but {len(chosen)} experiments are "
+                         "refined (one image each); choose one with --experiment K")
+    owner = {}
+    for k in chosen:
+        c = id(experiments[k].crystal)
+        if c in owner:
+            raise InputError(f"experiments {owner[c]} and {k} share one crystal; refine them one at a time "
+                             "with --experiment K")
+        owner[c] = k
+    if len(paths) == 1 and not _container(paths[0]):
+        raise InputError(f"{len(chosen)} experiments are refined but one image file was given: give one image per "
+                         "experiment (in order), one NeXus file with an image per experiment, or choose one "
+                         "experiment with --experiment K")
+    if len(paths) != 1 and len(paths) != len(chosen):
+        raise InputError(f"{len(chosen)} experiments are refined but {len(paths)} image files were given: give one "
+                         "image per experiment, in order")
+    shots = []
+    for j, k in enumerate(chosen):
+        scan = experiments[k].scan
+        number = scan.image_range[0] if scan is not None else None
+        shots.append(Shot(k, paths[0], k, number) if len(paths) == 1 else Shot(k, paths[j], 0, number))
+    return shots
+
+
+def _sweep_shots(opts, k, experiment, paths) -> list[Shot]:
+    """The image(s) of one experiment: --image, --images, one per file given, or its first."""
+    from ..dataset import _image_range
+    scan = experiment.scan
+    first, last = scan.image_range if scan is not None else (1, 1)
+    if len(paths) > last - first + 1:
+        what = f"the scan has {last - first + 1} images ({first}..{last})" if scan is not None else "it is a still"
+        raise InputError(f"{len(paths)} image files were given for experiment {k}, but {what}")
+    if opts["range"] is not None:
+        numbers = _image_range(opts["range"], scan)
+    elif opts["image"] is not None or len(paths) == 1:
+        numbers = [opts["image"]]
+    else:
+        numbers = list(range(first, first + len(paths)))
+    if len(numbers) > 1 and len(paths) == 1 and not _container(paths[0]):
+        raise InputError(f"--images {opts['range']} asks for {len(numbers)} images but {paths[0]} holds one: give "
+                         "one file per image (file k is image FIRST + k) or a NeXus file")
+    if scan is None and _container(paths[0]):  # a series of stills in one file: image k is experiment k's
+        return [Shot(k, paths[0], k, None)]
+    return [Shot(k, *pick_image(paths, experiment, n)) for n in numbers]
+
+
 # ----------------------------------------------------------------------------- refined experiment
 
 def refined_experiment(experiment, sim, groups):
@@ -287,6 +399,27 @@ def refined_experiment(experiment, sim, groups):
             beam.wavelength.copy_(sim.beam.wavelength.detach().to(beam.wavelength))
     return Experiment(beam=beam, detector=detector, crystal=crystal, goniometer=experiment.goniometer,
                       scan=experiment.scan, identifier=experiment.identifier, extras=experiment.extras)
+
+
+def refined_experiments(experiments, refined, groups) -> list:
+    """Every experiment of the file with the refined models: `refined` lists
+    (experiment index, its simulator after the fit). A model that several
+    experiments share in the file is replaced by one refined model, so it
+    stays shared when written."""
+    from ..dials import Experiment
+    swap = {}
+    for k, sim in refined:
+        e = experiments[k]
+        r = refined_experiment(e, sim, groups)
+        for attr in ("beam", "detector", "crystal"):
+            swap.setdefault(id(getattr(e, attr)), getattr(r, attr))
+
+    def pick(model):
+        return None if model is None else swap.get(id(model), model)
+
+    return [Experiment(beam=pick(e.beam), detector=pick(e.detector), crystal=pick(e.crystal),
+                       goniometer=e.goniometer, scan=e.scan, identifier=e.identifier, extras=e.extras)
+            for e in experiments]
 
 
 def misorientation(real_a: np.ndarray, real_b: np.ndarray) -> float:
@@ -351,64 +484,87 @@ def run(argv: list[str], out=None) -> int:
     from ..flags import parse_args
     cfg = parse_args(opts["flags"])
 
-    import torch
-
     from ..dials import read_experiments
-    from ..simulate import build_from_experiment
-    from .refiner import refine
-    from .roi import roi_mask
 
     experiments = read_experiments(opts["expt"])
-    k = opts["experiment"]
-    if not 0 <= k < len(experiments):
-        raise InputError(f"--experiment {k}: the file holds experiments 0..{len(experiments) - 1}")
-    experiment = experiments[k]
-    if experiment.crystal is None:
-        raise InputError(f"experiment {k} of {opts['expt']} has no crystal: index it first")
-    path, index, number = pick_image(opts["images"], experiment, opts["image"])
-    data, valid = read_image(path, experiment.detector, index, opts["adc_offset"])
+    shots = plan_shots(opts, experiments)
+    # every image is read (and checked) before anything is rendered
+    images = [read_image(s.path, experiments[s.experiment].detector, s.index, opts["adc_offset"]) for s in shots]
+    if len(shots) == 1:
+        return run_one(opts, cfg, experiments, shots[0], images[0], argv, out)
+    return run_many(opts, cfg, experiments, shots, images, argv, out)
 
+
+def _loss_options(opts) -> dict:
+    if opts["loss"] == "gaussian":
+        return dict(read_noise=opts["read_noise"] or 0.0, gain=opts["gain"] or 1.0)
+    return {}
+
+
+def _region(sim, data, valid, what):
+    """The region of interest of one image from its start model (a bool tensor)."""
+    import torch
+
+    from .roi import roi_mask
+    with torch.no_grad():
+        start_model = sim().detach()
+        roi = roi_mask(sim, data.to(start_model), model=start_model).cpu() & valid
+    if not bool(roi.any()):
+        raise InputError(f"no pixel of {what} is both valid and near a spot")
+    return roi
+
+
+def _with_background(model, parameters) -> np.ndarray:
+    """The rendered model plus each panel's refined background constant
+    (parameters: ParameterResults or their dicts; labels background.K.const)."""
+    background = np.zeros(model.shape[0])
+    for p in parameters:
+        p = p if isinstance(p, dict) else vars(p)
+        parts = p["name"].split(".")
+        if p["group"] == "background" and parts[-1] == "const":
+            background[int(parts[1])] = p["value"]
+    return model + background.reshape(-1, 1, 1)
+
+
+def run_one(opts, cfg, experiments, shot, image, argv, out) -> int:
+    """One image: the single-image refiner."""
+    import torch
+
+    from ..simulate import build_from_experiment
+    from .refiner import refine
+
+    k, path, number = shot.experiment, shot.path, shot.number
+    experiment = experiments[k]
+    data, valid = image
     sim, _ = build_from_experiment(experiment, cfg)
     if number is None:  # a still: no rotation whatever the goniometer
         sim.goniometer = sim.scan = None
     render_image(sim, number)
     start_real = sim.crystal.real_vectors().detach().double().cpu().numpy()
     data_t = torch.as_tensor(data, dtype=torch.float64)
-    valid_t = torch.as_tensor(valid)
-    with torch.no_grad():
-        start_model = sim().detach()
-        roi = roi_mask(sim, data_t.to(start_model), model=start_model).cpu() & valid_t
-    if not bool(roi.any()):
-        raise InputError("no pixel of the image is both valid and near a spot")
+    roi = _region(sim, data_t, torch.as_tensor(valid), "the image")
 
     made = _make_folder(opts["out"])
     try:
-        loss_options = {}
-        if opts["loss"] == "gaussian":
-            loss_options = dict(read_noise=opts["read_noise"] or 0.0, gain=opts["gain"] or 1.0)
         t0 = time.perf_counter()
         try:
             result = refine(sim, data_t, opts["groups"], loss=opts["loss"], roi=roi, max_iter=opts["max_iter"],
-                            loss_options=loss_options)
+                            loss_options=_loss_options(opts))
         except ValueError as exc:
             raise InputError(str(exc)) from None
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            model = sim().detach().double().cpu()
-        background = np.zeros(model.shape[0])
-        for label, value in result.background.items():  # background.K.const (and slopes)
-            parts = label.split(".")
-            if parts[-1] == "const":
-                background[int(parts[1])] = value
-        model = model.numpy() + background.reshape(-1, 1, 1)
+            model = sim().detach().double().cpu().numpy()
+        model = _with_background(model, [dict(group="background", name=n, value=v)
+                                         for n, v in result.background.items()])
 
-        refined = refined_experiment(experiment, sim, opts["groups"])
-        final_real = refined.crystal.real_vectors().detach().double().cpu().numpy()
-        doc = summary_document(opts, path, number, result, seconds, start_real, final_real)
+        listed = refined_experiments(experiments, [(k, sim)], opts["groups"])
+        final_real = listed[k].crystal.real_vectors().detach().double().cpu().numpy()
+        doc = summary_document(opts, k, path, number, result, seconds, start_real, final_real)
         from .report import build_report
         files = build_report(doc, result, data, model, valid, roi.numpy(), opts["spots"])
         files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
-        write_outputs(opts, experiments, k, refined, files, argv)
+        write_outputs(opts, experiments, listed, files, argv)
     except BaseException:
         if made:
             shutil.rmtree(opts["out"], ignore_errors=True)
@@ -420,23 +576,128 @@ def run(argv: list[str], out=None) -> int:
     return 0
 
 
-def summary_document(opts, path, number, result, seconds, start_real, final_real) -> dict:
+def image_simulators(experiments, shots, cfg) -> list:
+    """One simulator per image. One sweep: views of one set of models, each
+    rendering its own scan image, so the crystal is shared. Several
+    experiments: each its own models (beams included, so each still keeps its
+    own refined scale)."""
+    from ..simulate import build_from_experiment
+    from ..simulator import Simulator
+    sims = []
+    if len({s.experiment for s in shots}) == 1:
+        base, _ = build_from_experiment(experiments[shots[0].experiment], cfg)
+        for s in shots:
+            sim = Simulator(base.beam, base.crystal, base.detector, base.goniometer, base.scan, base.options,
+                            recommended=base.recommended_oversample)
+            render_image(sim, s.number)
+            sims.append(sim)
+        return sims
+    for s in shots:
+        sim, _ = build_from_experiment(experiments[s.experiment], cfg)
+        if s.number is None:
+            sim.goniometer = sim.scan = None
+        render_image(sim, s.number)
+        sims.append(sim)
+    return sims
+
+
+def run_many(opts, cfg, experiments, shots, images, argv, out) -> int:
+    """Several images refined together (joint.refine_joint): one sweep with
+    every group shared, or several stills with crystal groups per image."""
+    import torch
+
+    from .joint import refine_joint
+    from .report import FIGURE_IMAGES, build_joint_report
+
+    sweep = len({s.experiment for s in shots}) == 1
+    groups = opts["groups"]
+    per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
+    shared = [g for g in groups if g not in per_image]
+    sims = image_simulators(experiments, shots, cfg)
+    starts = [sim.crystal.real_vectors().detach().double().cpu().numpy() for sim in sims]
+    datas = [torch.as_tensor(d, dtype=torch.float64) for d, _ in images]
+    rois = [_region(sim, d, torch.as_tensor(v), f"image {j} ({s.path})")
+            for j, (sim, d, (_, v), s) in enumerate(zip(sims, datas, images, shots))]
+
+    made = _make_folder(opts["out"])
+    try:
+        try:
+            result = refine_joint(sims, datas, shared=shared, per_image=per_image, loss=opts["loss"], rois=rois,
+                                  max_iter=opts["max_iter"], image_max_iter=opts["max_iter"],
+                                  loss_options=_loss_options(opts))
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        listed = refined_experiments(experiments, [(s.experiment, sim) for s, sim in zip(shots, sims)], groups)
+        finals = [listed[s.experiment].crystal.real_vectors().detach().double().cpu().numpy() for s in shots]
+        doc = joint_document(opts, shots, result, sweep, shared, per_image, starts, finals)
+        shown = []
+        for j in range(min(len(shots), FIGURE_IMAGES)):
+            with torch.no_grad():
+                model = sims[j]().detach().double().cpu().numpy()
+            model = _with_background(model, result.shared + result.images[j])
+            shown.append((images[j][0], model, images[j][1], rois[j].numpy()))
+        files = build_joint_report(doc, result, shown, opts["spots"])
+        files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
+        write_outputs(opts, experiments, listed, files, argv)
+    except BaseException:
+        if made:
+            shutil.rmtree(opts["out"], ignore_errors=True)
+        raise
+    if not opts["quiet"]:
+        print(result.summary(), file=out)
+        for j, section in enumerate(doc["images"]):
+            where = f", scan image {section['image']}" if section["image"] is not None else ""
+            print(f"  image {j} (experiment {section['experiment']}{where}): loss {section['loss']:.3f}, "
+                  f"rotation from the start {section['crystal']['rotation_from_start_deg']:.4f} deg", file=out)
+        print(f"wrote {', '.join(os.path.join(opts['out'], n) for n in OUTPUTS)}", file=out)
+    return 0
+
+
+def _crystal_section(start_real, final_real) -> dict:
+    return dict(start_real_space=np.asarray(start_real).tolist(), refined_real_space=np.asarray(final_real).tolist(),
+                rotation_from_start_deg=misorientation(start_real, final_real))
+
+
+def summary_document(opts, k, path, number, result, seconds, start_real, final_real) -> dict:
     d = result.to_dict()
     return dict(
-        experiment_file=os.path.abspath(opts["expt"]), experiment=opts["experiment"], image_file=os.path.abspath(path),
+        experiment_file=os.path.abspath(opts["expt"]), experiment=k, image_file=os.path.abspath(path),
         image=number, groups=list(opts["groups"]), loss_function=opts["loss"], adc_offset=opts["adc_offset"],
         flags=list(opts["flags"]),
         parameters=d["parameters"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
         converged=d["converged"], renders=d["renders"], hessian_renders=d["hessian_renders"], pixels=d["pixels"],
         seconds=seconds, stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
-        correlation=d["correlation"],
-        crystal=dict(start_real_space=np.asarray(start_real).tolist(),
-                     refined_real_space=np.asarray(final_real).tolist(),
-                     rotation_from_start_deg=misorientation(start_real, final_real)),
+        correlation=d["correlation"], crystal=_crystal_section(start_real, final_real),
     )
 
 
-def write_outputs(opts, experiments, k, refined, files: dict, argv) -> None:
+def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals) -> dict:
+    """refined.json of several images: the shared parameters and the joint fit
+    at the top, one section per image (its own parameters, loss and history)."""
+    d = result.to_dict()
+    images = []
+    for j, s in enumerate(shots):
+        images.append(dict(
+            experiment=s.experiment, image_file=os.path.abspath(s.path), file_index=s.index, image=s.number,
+            parameters=d["images"][j], loss=d["image_loss"][j], loss_history=d["image_history"][j],
+            converged=d["converged"], pixels=d["image_pixels"][j],
+            undetermined=[lab for lab in d["undetermined"] if lab.startswith(f"image{j}.")],
+            crystal=_crystal_section(starts[j], finals[j])))
+    doc = dict(
+        experiment_file=os.path.abspath(opts["expt"]), mode="sweep" if sweep else "stills",
+        experiments=list(dict.fromkeys(s.experiment for s in shots)), groups=list(opts["groups"]),
+        shared_groups=list(shared), per_image_groups=list(per_image), loss_function=opts["loss"],
+        adc_offset=opts["adc_offset"], flags=list(opts["flags"]),
+        parameters=d["shared"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
+        converged=d["converged"], renders=d["renders"], hessian_renders=d["hessian_renders"], pixels=d["pixels"],
+        seconds=d["seconds"], stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
+        correlation=d["correlation"], not_written=d["not_written"], images=images)
+    if sweep:
+        doc["crystal"] = images[0]["crystal"]
+    return doc
+
+
+def write_outputs(opts, experiments, listed, files: dict, argv) -> None:
     """Every output file, each written whole; on a failure the ones already written go."""
     from ..dials import write_experiments
     from ..io.atomic import atomic_write
@@ -447,7 +708,6 @@ def write_outputs(opts, experiments, k, refined, files: dict, argv) -> None:
             atomic_write(target, data)
             written.append(target)
         target = os.path.join(opts["out"], "refined.expt")
-        listed = [refined if i == k else e for i, e in enumerate(experiments)]
         write_experiments(target, listed, history=list(experiments.history) + ["torchbragg refine " + " ".join(argv)])
         written.append(target)
     except BaseException:

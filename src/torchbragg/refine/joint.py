@@ -1,6 +1,8 @@
 """Joint refinement of several images: per-image crystals (orientation and,
 optionally, per-image scale, N, background, ...) with parameters shared by
-every image (the detector and the beam: the metrology use case).
+every image (the detector and the beam: the metrology use case), or one
+crystal shared by several images of a sweep (every group shared, none per
+image: each simulator renders its own scan image of the same models).
 
 The simulators usually share their Detector and Beam module objects (build
 them from one simulator with a deep copy of the crystal per image, or from an
@@ -20,7 +22,9 @@ Default strategy: each image alone first (its per-image groups through the
 single-image `Refiner` with the shared parameters at their start values),
 then every group together with the spots broadened, then with the real spot
 shape; the last stage is repeated in the last dtype of `dtype_schedule`,
-where the curvature is also computed.
+where the curvature is also computed. Without per-image groups the stages
+are the single-image refiner's coarse-to-fine ones (`default_strategy`),
+each over the sum of the images' losses.
 
 Writing: a per-image parameter stored in a module that several simulators
 share (per-image scale with a shared Beam) cannot hold one value per image;
@@ -39,8 +43,9 @@ import torch
 from torch.func import functional_call
 
 from .losses import LOSSES
-from .parameters import Parametrisation, make_group
-from .refiner import DTYPES, ParameterResult, Refiner, _as_data, resolve_stages, run_stage
+from .parameters import Background, Parametrisation, make_group
+from .refiner import (DTYPES, ParameterResult, Refiner, _as_data, default_strategy, fisher_diagonal, resolve_stages,
+                      run_stage)
 from .roi import mask_substitutions, roi_mask
 
 
@@ -55,9 +60,13 @@ class JointResult:
     data cannot determine. loss_history: the joint loss at every evaluation
     of the joint stages (the per-image stage's are in `stages`). renders:
     forward(+backward) renders of the fit (per-image stage included),
-    hessian_renders the passes of the curvature (preconditioners and
-    uncertainties: per image, one forward and two per parameter). not_written: model parameters left unwritten (see the
-    module's docstring)."""
+    hessian_renders the passes of the curvature (preconditioners: one
+    render with a few backward passes per image; uncertainties: per image,
+    one forward and two per parameter). not_written: model parameters left
+    unwritten (see the module's docstring). image_loss / image_history / image_pixels: per
+    image, its part of the final loss, its loss at every evaluation (its
+    per-image stage's, then its share of the joint stages') and the pixels
+    of its region."""
     labels: list
     x: torch.Tensor
     sigma_internal: torch.Tensor
@@ -75,6 +84,9 @@ class JointResult:
     hessian_renders: int = 0
     pixels: int = 0
     not_written: list = field(default_factory=list)
+    image_loss: list = field(default_factory=list)
+    image_history: list = field(default_factory=list)
+    image_pixels: list = field(default_factory=list)
 
     def value(self, name: str, image: int | None = None) -> ParameterResult:
         """A shared parameter by its physical name, or image `image`'s."""
@@ -89,7 +101,8 @@ class JointResult:
                     correlation=self.correlation.tolist(), loss=self.loss, loss_history=list(self.loss_history),
                     renders=self.renders, hessian_renders=self.hessian_renders, converged=self.converged,
                     undetermined=list(self.undetermined), stages=list(self.stages), seconds=self.seconds,
-                    pixels=self.pixels, not_written=list(self.not_written))
+                    pixels=self.pixels, not_written=list(self.not_written), image_loss=list(self.image_loss),
+                    image_history=[list(h) for h in self.image_history], image_pixels=list(self.image_pixels))
 
     def summary(self) -> str:
         lines = [f"loss {self.loss:.3f}, {len(self.images)} images, {self.renders} renders, {self.seconds:.1f} s, "
@@ -139,9 +152,10 @@ class JointRefiner:
     loss / loss_options: as `Refiner`. rois: None (roi.roi_mask per image),
     "all", or one boolean mask per image. priors: {joint label: (mean,
     sigma)} Gaussian restraints in internal units (per-image labels
-    "image{i}.{label}"). strategy: "default" (default_joint_strategy), None
-    (one stage of every group) or a list of stage dicts (groups: names of
-    shared or per-image groups, broaden, max_iter). image_strategy: the
+    "image{i}.{label}"). strategy: "default" (default_joint_strategy; with
+    no per-image groups the refiner's default_strategy), None (one stage of
+    every group) or a list of stage dicts (groups: names of shared or
+    per-image groups, broaden, max_iter). image_strategy: the
     strategy of the per-image stage ("default": default_image_strategy;
     "single": the single-image refiner's default; a list of stage dicts;
     None: skip it). dtype_schedule: stages in the first dtype, the last stage
@@ -234,7 +248,9 @@ class JointRefiner:
                 raise ValueError(f"priors: no parameter {label!r}; the refined ones are {self.labels}")
             self.priors[self.labels.index(label)] = (float(m), float(s))
         names = shared_names + self.per_names
-        self.stages = resolve_stages(strategy, names, broaden, max_iter, default_joint_strategy)
+        # nothing per image, so no per-image stage to start from: the single-image coarse-to-fine plan
+        default = default_joint_strategy if self.image_refiners else default_strategy
+        self.stages = resolve_stages(strategy, names, broaden, max_iter, default)
         self.uncertainties = uncertainties
         self.undetermined_sigma = undetermined_sigma
         self.precondition = precondition
@@ -242,6 +258,7 @@ class JointRefiner:
         self.renders = 0
         self.hessian_renders = 0
         self.history: list[float] = []
+        self.image_history: list[list[float]] = [[] for _ in sims]
         self._scale = None
 
     # ------------------------------------------------------------------ objective
@@ -250,8 +267,8 @@ class JointRefiner:
         xi = x[self.offsets[k]:self.offsets[k] + self.n_image[k]]
         return xs, xi
 
-    def _image_objective(self, k, sim, x, mask, data, broaden=None):
-        """Loss of image k (no priors) at joint vector x."""
+    def _image_model(self, k, sim, x, mask, broaden=None):
+        """Expected photons of image k at joint vector x, rendered over the mask only."""
         xs, xi = self._parts(k, x)
         subs = self.shared.substitutions(sim, xs) if self.shared else {}
         per = self.image_refiners[k].param if self.image_refiners else None
@@ -270,7 +287,11 @@ class JointRefiner:
                 extra = p.image_terms(sim, v, model.shape)
                 if extra is not None:
                     model = model + extra
-        return self.loss_fn(model, data, mask, **self.loss_options)
+        return model
+
+    def _image_objective(self, k, sim, x, mask, data, broaden=None):
+        """Loss of image k (no priors) at joint vector x."""
+        return self.loss_fn(self._image_model(k, sim, x, mask, broaden), data, mask, **self.loss_options)
 
     def _prior(self, x):
         loss = x.new_zeros(())
@@ -329,11 +350,21 @@ class JointRefiner:
         return H
 
     def _preconditioner(self, sims, x, active, masks, datas, broaden):
+        """Step scales 1 / sqrt(curvature) as the single-image refiner sets
+        them: the diagonal of the Fisher information (positive even far from
+        the minimum, where the Hessian need not be), summed over the images."""
         if not self.precondition:
             return torch.ones(len(active), dtype=x.dtype)
         d = torch.zeros(self.size, dtype=torch.float64)
-        for gi, block in self._blocks(sims, x, active, masks, datas, broaden):
-            d[torch.tensor(gi, dtype=torch.long)] += torch.diagonal(block)
+        for k, sim in enumerate(sims):
+            gi = self._image_indices(k, active)
+            if not gi:
+                continue
+            idx = torch.tensor(gi, dtype=torch.long)
+            v = x[idx].clone().requires_grad_(True)
+            model = self._image_model(k, sim, x.index_put((idx,), v), masks[k], broaden)
+            d[idx] += fisher_diagonal(model[masks[k]], v)
+            self.hessian_renders += 1
         for i, (_, sigma) in self.priors.items():
             d[i] += 1.0 / sigma ** 2
         d = d[torch.tensor(active, dtype=torch.long)]
@@ -369,6 +400,7 @@ class JointRefiner:
                 loss = self._image_objective(k, sims[k], x, masks[k], datas[k], broaden)
                 loss.backward()
                 total += float(loss.detach())
+                self.image_history[k].append(float(loss.detach()))
                 self.renders += 1
             if self.priors:
                 loss = self._prior(base.index_put((idx,), x0 + scale * xs))
@@ -395,6 +427,7 @@ class JointRefiner:
         masks = [r if r is not None else roi_mask(s, d) for r, s, d in zip(self.rois, lo, self.datas)]
         x = torch.zeros(self.size, dtype=torch.float64)
         stages = []
+        self._init_shared_background(lo[0], masks[0])
         # each image on its own (shared parameters at their start values)
         for k, r in enumerate(self.image_refiners):
             r.roi = masks[k]
@@ -404,6 +437,7 @@ class JointRefiner:
                 res = r.run(write=False)
                 x[self.offsets[k]:self.offsets[k] + self.n_image[k]] = res.x
                 self.renders += res.renders
+                self.image_history[k].extend(res.loss_history)
                 stages.append(dict(groups=list(self.per_names), image=k, broaden="staged",
                                    dtype=str(r.dtypes[0]).replace("torch.", ""),
                                    iterations=sum(s["iterations"] for s in res.stages), renders=res.renders,
@@ -425,6 +459,13 @@ class JointRefiner:
             result.not_written = self.write(x)
         result.seconds = time.perf_counter() - t_start
         return result
+
+    def _init_shared_background(self, sim, mask):
+        """A shared background starts where the single-image refiner would
+        start it on the first image (unless a start was given)."""
+        groups = [g for g in (self.shared.groups if self.shared else []) if isinstance(g, Background)]
+        if groups and bool((groups[0]._start == 0).all()):
+            Refiner(self.sims[0], self.datas[0], groups, roi=mask, strategy=None)._init_background(sim, mask)
 
     def _result(self, sims, x, masks, converged, stages):
         n = self.size
@@ -478,7 +519,10 @@ class JointRefiner:
                            correlation=corr, shared=shared, images=images, loss=self.history[-1],
                            loss_history=list(self.history), renders=self.renders, converged=converged,
                            undetermined=undetermined, stages=stages, hessian_renders=self.hessian_renders,
-                           pixels=int(sum(int(m.sum()) for m in masks)))
+                           pixels=int(sum(int(m.sum()) for m in masks)),
+                           image_loss=[h[-1] if h else float("nan") for h in self.image_history],
+                           image_history=[list(h) for h in self.image_history],
+                           image_pixels=[int(m.sum()) for m in masks])
 
     def write(self, x) -> list:
         """Put the values of joint vector `x` into the user's models; returns

@@ -232,8 +232,8 @@ class Refiner:
             if g.name in names:
                 idx.extend(range(offset, offset + n))
             offset += n
-        idx = torch.tensor(idx, dtype=torch.long)
         base = x_master.to(dtype)
+        idx = torch.tensor(idx, dtype=torch.long, device=base.device)
         broaden = stage.get("broaden")
         scale = self._preconditioner(sim, base, idx, mask, data, broaden)
         x0 = base[idx].clone()
@@ -260,7 +260,7 @@ class Refiner:
         diagonal of the Fisher information (always positive, unlike the
         Hessian far from the minimum), estimated from a few backward passes."""
         if not self.precondition:
-            return torch.ones(len(idx), dtype=base.dtype)
+            return torch.ones(len(idx), dtype=base.dtype, device=base.device)
         v = base[idx].clone().requires_grad_(True)
         model = self._model(sim, base.index_put((idx,), v), mask, broaden)
         d = fisher_diagonal(model[mask], v)
@@ -280,22 +280,25 @@ class Refiner:
         sims = {}
         for dt in dict.fromkeys(self.dtypes):
             sims[dt] = copy.deepcopy(self.sim).to(dt)
+        dev = self.sim.device  # the internal vector lives with the models
+        data = self.data.to(dev)
         mask = self.roi
         if mask is None:
-            mask = roi_mask(sims[self.dtypes[0]], self.data)
+            mask = roi_mask(sims[self.dtypes[0]], data)
+        mask = mask.to(dev)
         self._init_background(sims[self.dtypes[0]], mask)
-        x = torch.zeros(self.param.size, dtype=torch.float64)
+        x = torch.zeros(self.param.size, dtype=torch.float64, device=dev)
         stages = []
         for k, stage in enumerate(self.stages):
             dt = self.dtypes[0]
-            x, info = self._stage(sims[dt], x, stage, mask.to(sims[dt].device), self.data.to(dt), dt)
+            x, info = self._stage(sims[dt], x, stage, mask, data.to(dt), dt)
             info["oversample"] = self._rederive_oversample(sims, x)
             stages.append(info)
         if self.dtypes[-1] != self.dtypes[0] or not self.stages:
             dt = self.dtypes[-1]
             last = dict(self.stages[-1]) if self.stages else dict(groups=[g.name for g in self.param.groups])
             last["broaden"] = None
-            x, info = self._stage(sims[dt], x, last, mask, self.data.to(dt), dt)
+            x, info = self._stage(sims[dt], x, last, mask, data.to(dt), dt)
             stages.append(info)
         converged = stages[-1]["converged"]
         hi = sims[self.dtypes[-1]]
@@ -330,14 +333,14 @@ class Refiner:
                     starts = []
                     for k in range(model.shape[0]):
                         m = mask[k] & (model[k] <= torch.quantile(model[k][mask[k]], 0.5))
-                        starts.append(max(float((self.data[k][m] - model[k][m]).median()), 0.0) if m.any()
+                        starts.append(max(float((self.data[k].to(model)[m] - model[k][m]).median()), 0.0) if m.any()
                                       else 0.0)
                 g._start = torch.tensor(starts, dtype=torch.float64)
 
     def _curvature(self, sim, x, mask):
         """Hessian of the loss in the internal vector, by autograd (falling
         back to central differences of autograd gradients)."""
-        data = self.data.to(sim.dtype)
+        data = self.data.to(device=sim.device, dtype=sim.dtype)
         counter = [0]
 
         def f(v):
@@ -369,6 +372,7 @@ class Refiner:
         hessian_renders = 0
         if self.uncertainties:
             H, hessian_renders = self._curvature(sim, x, mask)
+            H = H.cpu()
             evals, evecs = torch.linalg.eigh(H)
             top = float(evals.abs().max()) if n else 0.0
             good = evals > 1e-10 * max(top, 1e-300)
@@ -395,9 +399,9 @@ class Refiner:
         x64 = x.double()
         orig = self.sim
         J = torch.autograd.functional.jacobian(lambda v: self.param.physical(orig, v), x64)
-        J = torch.nan_to_num(J.double())
-        phys_start = self.param.physical(orig, torch.zeros_like(x64)).detach()
-        phys = self.param.physical(orig, x64).detach()
+        J = torch.nan_to_num(J.double()).cpu()
+        phys_start = self.param.physical(orig, torch.zeros_like(x64)).detach().cpu()
+        phys = self.param.physical(orig, x64).detach().cpu()
         finite_cov = torch.where(torch.isfinite(cov), cov, torch.zeros_like(cov))
         psig = torch.sqrt(torch.clamp(torch.diagonal(J @ finite_cov @ J.T), min=0.0))
         for i in range(n):  # an undetermined parameter leaves what it moves undetermined
@@ -409,7 +413,7 @@ class Refiner:
         for g, xi in zip(self.param.groups, torch.split(x64, self.param.sizes)):
             if isinstance(g, Background):
                 background = dict(zip(g.labels, g.physical(orig, xi).tolist()))
-        return RefinementResult(labels=labels, x=x64.detach(), sigma_internal=sigma, covariance=cov,
+        return RefinementResult(labels=labels, x=x64.detach().cpu(), sigma_internal=sigma, covariance=cov,
                                 correlation=corr, parameters=params, loss=self.history[-1],
                                 loss_history=list(self.history), renders=self.renders, converged=converged,
                                 undetermined=undetermined, stages=stages, background=background,
@@ -417,7 +421,7 @@ class Refiner:
 
     def write(self, x) -> None:
         """Put the values of internal vector `x` into the user's models."""
-        assign(self.sim, self.param.substitutions(self.sim, x.double()))
+        assign(self.sim, self.param.substitutions(self.sim, x.to(self.sim.device, torch.float64)))
         if self.oversample is not None:
             self.sim.recommended_oversample = self.sim.oversample = self.oversample
 

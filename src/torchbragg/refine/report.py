@@ -1,14 +1,18 @@
 """The report of `torchbragg refine`: a Markdown page and its PNG figures
-(matplotlib, Agg backend), made in memory so the caller writes each file whole."""
+(matplotlib, Agg backend), made in memory so the caller writes each file whole.
+One image (`build_report`) or several refined together (`build_joint_report`)."""
 
 from __future__ import annotations
 
 import io
 import math
+import os
 
 import numpy as np
 
 FIGURES = ("spots.png", "loss.png", "correlation.png")
+FIGURE_IMAGES = 4  # several images: spot figures for the first few only
+MAX_TICK_LABELS = 60  # a larger correlation matrix is drawn without its labels
 
 
 def _pyplot():
@@ -85,7 +89,7 @@ def spots_figure(data, model, valid, roi, count: int = 12, half: int = 7) -> tup
     return _png(fig), len(spots)
 
 
-def loss_figure(history) -> bytes:
+def loss_figure(history, title: str = "loss per evaluation (all stages)") -> bytes:
     plt = _pyplot()
     h = np.asarray([v if v is not None else np.nan for v in history], dtype=float)
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -96,7 +100,7 @@ def loss_figure(history) -> bytes:
             ax.set_yscale("log")
     ax.set_xlabel("evaluation")
     ax.set_ylabel("loss")
-    ax.set_title("loss per evaluation (all stages)", fontsize=9)
+    ax.set_title(title, fontsize=9)
     return _png(fig)
 
 
@@ -104,13 +108,17 @@ def correlation_figure(labels, corr) -> bytes:
     plt = _pyplot()
     c = np.asarray(corr, dtype=float)
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * max(n, 2), 1.0 + 0.35 * max(n, 2)))
+    side = 0.35 * min(max(n, 2), MAX_TICK_LABELS)
+    fig, ax = plt.subplots(figsize=(1.2 + side, 1.0 + side))
     if n:
         im = ax.imshow(np.where(np.isfinite(c), c, np.nan), vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
-        ax.set_xticks(range(n))
-        ax.set_yticks(range(n))
-        ax.set_xticklabels(labels, rotation=90, fontsize=7)
-        ax.set_yticklabels(labels, fontsize=7)
+        if n <= MAX_TICK_LABELS:
+            ax.set_xticks(range(n))
+            ax.set_yticks(range(n))
+            ax.set_xticklabels(labels, rotation=90, fontsize=7)
+            ax.set_yticklabels(labels, fontsize=7)
+        else:
+            ax.set_xlabel(f"{n} parameters, in the order of refined.json's labels", fontsize=8)
         fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title("correlation of the refined parameters", fontsize=9)
     return _png(fig)
@@ -177,4 +185,95 @@ def build_report(doc: dict, result, data, model, valid, roi, spots: int = 12) ->
     files = {"spots.png": spots_png, "loss.png": loss_figure(doc["loss_history"]),
              "correlation.png": correlation_figure(list(result.labels), result.correlation.numpy())}
     files["report.md"] = markdown(doc, shown).encode()
+    return files
+
+
+# ----------------------------------------------------------------------------- several images
+
+def _parameter_rows(params, prefix: str = "") -> list[str]:
+    return [f"| {prefix}{p['group']} | {p['name']} | {_num(p['start'])} | {_num(p['value'])} | {_num(p['sigma'])} | "
+            f"{p['unit']} |" for p in params]
+
+
+def joint_markdown(doc: dict, figures: list[tuple[int, str, int]]) -> str:
+    """report.md of several images; figures: (image, file name, spots shown)."""
+    n = len(doc["images"])
+    sweep = doc["mode"] == "sweep"
+    lines = ["# torchbragg refine report", ""]
+    which = doc["experiments"]
+    lines.append(f"- experiment: `{doc['experiment_file']}` (experiment{'s' if len(which) > 1 else ''} "
+                 f"{', '.join(map(str, which))})")
+    lines.append(f"- {n} images refined together: " + (
+        "images of one sweep, one crystal, detector and beam shared by all" if sweep else
+        "a series of stills, a crystal each, detector and beam shared by all"))
+    lines.append(f"- shared groups: {', '.join(doc['shared_groups']) or 'none'}; per image: "
+                 f"{', '.join(doc['per_image_groups']) or 'none'}; loss: {doc['loss_function']}")
+    lines.append(f"- final loss {doc['loss']:.6g} over {doc['pixels']} pixels; {doc['renders']} renders "
+                 f"(+{doc['hessian_renders']} for the curvature); {doc['seconds']:.1f} s")
+    lines.append(f"- converged: {'yes' if doc['converged'] else 'NO'}")
+    lines.append("")
+    if doc["parameters"]:
+        lines += ["## Shared parameters", "", "| group | parameter | start | refined | uncertainty | unit |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += _parameter_rows(doc["parameters"])
+        lines.append("")
+    lines += ["## Images", "",
+              "| image | experiment | file | scan image | pixels | loss | rotation from the start (deg) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    one_file = len({im["image_file"] for im in doc["images"]}) == 1
+    for j, im in enumerate(doc["images"]):
+        name = os.path.basename(im["image_file"]) + (f" (image {im['file_index'] + 1})" if one_file else "")
+        lines.append(f"| {j} | {im['experiment']} | `{name}` | "
+                     f"{im['image'] if im['image'] is not None else 'still'} | {im['pixels']} | {_num(im['loss'])} | "
+                     f"{im['crystal']['rotation_from_start_deg']:.5f} |")
+    lines.append("")
+    if any(im["parameters"] for im in doc["images"]):
+        lines += ["## Parameters per image", "", "| image | group | parameter | start | refined | uncertainty | unit |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for j, im in enumerate(doc["images"]):
+            lines += _parameter_rows(im["parameters"], f"{j} | ")
+        lines.append("")
+    if doc["undetermined"]:
+        lines.append("Undetermined by these data (infinite uncertainty): " + ", ".join(doc["undetermined"]) + ".")
+    else:
+        lines.append("Every refined parameter is determined by the data.")
+    if doc.get("not_written"):
+        lines.append("")
+        lines.append("Per-image values that a model shared by several images cannot hold (in refined.json only): "
+                     + ", ".join(doc["not_written"]) + ".")
+    lines += ["", "## Spots", ""]
+    lines.append("Observed (top), refined model (middle) and residual (bottom) around the strongest spots of the "
+                 "model; masked pixels are blank"
+                 + (f"; the first {len(figures)} of the {n} images." if len(figures) < n else "."))
+    for j, name, shown in figures:
+        im = doc["images"][j]
+        where = f", scan image {im['image']}" if im["image"] is not None else ""
+        lines += ["", f"### Image {j} (experiment {im['experiment']}{where}): {shown} spots", "",
+                  f"![spots of image {j}]({name})"]
+    lines += ["", "## Loss", "", "The summed loss of all images per evaluation of the joint stages (the per-image "
+              "stages' histories are in refined.json).", "", "![loss](loss.png)", "",
+              "## Correlations", "", "![correlation](correlation.png)", "", "## Stages", "",
+              "| image | groups | broaden | dtype | iterations | renders | loss | converged |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for st in doc["stages"]:
+        lines.append(f"| {st.get('image', 'all')} | {', '.join(st['groups'])} | "
+                     f"{st['broaden'] if st['broaden'] else '-'} | {st['dtype']} | {st['iterations']} | "
+                     f"{st['renders']} | {_num(st['loss'])} | {'yes' if st['converged'] else 'no'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def build_joint_report(doc: dict, result, shown, spots: int = 12) -> dict[str, bytes]:
+    """{file name: bytes}: report.md and its figures for several images;
+    shown: (data, model, valid, roi) of the images given spot figures (the
+    first ones)."""
+    files, figures = {}, []
+    for j, (data, model, valid, roi) in enumerate(shown):
+        png, count = spots_figure(data, model, valid, roi, max(spots, 1))
+        name = f"spots_image{j}.png"
+        files[name] = png
+        figures.append((j, name, count))
+    files["loss.png"] = loss_figure(doc["loss_history"], "summed loss per evaluation (joint stages)")
+    files["correlation.png"] = correlation_figure(list(result.labels), result.correlation.numpy())
+    files["report.md"] = joint_markdown(doc, figures).encode()
     return files
