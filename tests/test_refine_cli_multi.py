@@ -84,7 +84,7 @@ def stills(tmp_path_factory):
 def stills_refined(stills):
     out = stills / "out"
     rc = tool(["refine", str(stills / "start.expt"), str(stills / "truth.nxs"), "--out", str(out),
-               "--refine", "scale,orientation,distance", "--max-iter", "10", "--spots", "4", "--quiet"] + PHYSICS)
+               "--refine", "scale,orientation,distance", "--max-iter", "20", "--spots", "4", "--quiet"] + PHYSICS)
     assert rc == 0
     return out
 
