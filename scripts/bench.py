@@ -18,7 +18,8 @@ Every measurement runs in a fresh subprocess inside a scratch folder:
            `torchbragg simulate`, against the original run once per image
 
 Usage: python scripts/bench.py [--cases 1,3] [--repeat N] [--dtype float64]
-                               [--against REV] [--sweep N] [--json out.json] [--list]
+                               [--against REV] [--sweep N] [--compile 0|1|auto]
+                               [--json out.json] [--list]
 """
 
 from __future__ import annotations
@@ -275,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-quick", action="store_true", help="skip the -h / bad-argument timing")
     p.add_argument("--against", metavar="REV", help="also time the render of git revision REV, interleaved")
     p.add_argument("--sweep", type=int, metavar="N", help="time an N-image sweep instead of the cases")
+    p.add_argument("--compile", choices=("0", "1", "auto"), default=None,
+                   help="set TORCHBRAGG_COMPILE for the torchbragg runs (default: the environment's)")
     opts = p.parse_args(argv)
     try:
         cases = parse_cases(opts.cases)
@@ -301,11 +304,13 @@ def main(argv=None) -> int:
     if opts.dtype:
         tb_extra += ["-dtype", opts.dtype]
     env = torchbragg_env()
+    if opts.compile is not None:
+        env["TORCHBRAGG_COMPILE"] = opts.compile
     tb_cmd = [sys.executable, "-m", "torchbragg"]
 
     report = {"python": sys.version.split()[0], "platform": platform.platform(),
               "cpus": os.cpu_count(), "repeat": opts.repeat, "dtype": opts.dtype,
-              "tb_extra": tb_extra, "c_bin": c_bin, "cases": []}
+              "tb_extra": tb_extra, "c_bin": c_bin, "compile": env.get("TORCHBRAGG_COMPILE"), "cases": []}
     failed = False
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
         scratch = Path(tmp)
@@ -317,6 +322,8 @@ def main(argv=None) -> int:
             if r.returncode != 0:
                 p.error(f"--against {opts.against}: {r.stderr.strip()}")
             base_env = torchbragg_env(tree)
+            if opts.compile is not None:
+                base_env["TORCHBRAGG_COMPILE"] = opts.compile
             report["against"] = opts.against
         hkl = None
         if 4 in cases and not opts.sweep:

@@ -20,7 +20,9 @@ from torchbragg.tool import main as tool
 
 # broad spots (small N, long wavelength) on a tiny detector: a smooth loss, cheap renders
 GEOMETRY = "-cell 100 110 120 90 90 90 -misset 10 20 30 -lambda 1.5 -distance 50 -detpixels 64 -pixel 0.25".split()
-PHYSICS = "-N 5 -default_F 100 -oversample 1 -fluence 1e28".split()
+# -water: a few photons of background everywhere, so no pixel's expectation nears zero (a
+# Poisson likelihood with a log(0) spike has many false minima)
+PHYSICS = "-N 5 -default_F 100 -oversample 1 -fluence 1e28 -water 0.045".split()
 SWEEP_PHYSICS = PHYSICS + ["-phisteps", "2"]
 SHIFT = 0.5  # mm, the start's detector is this much further than the truth's
 TURN = 0.05  # degrees, each start crystal is turned this much

@@ -234,34 +234,62 @@ def water_background(fluence: torch.Tensor, water_size: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------- lattice factors
-# F_latt^2 of a crystal of N (3,) cells at fractional Miller indices `hkl` (..., 3).
-# `recip` holds the reciprocal vectors (rows, 1/A) for the shapes defined in
-# reciprocal space; `fudge` scales the spot size.
+# F_latt^2 of a crystal of N (3,) cells at fractional Miller indices given
+# component first: three broadcastable tensors (h, k, l), or one tensor
+# (3, ...). Kept apart, each component is one contiguous block, which is what
+# lets a compiler vectorise the loop over the terms; as one tensor, each step
+# is one pass over all three. `recip` holds the reciprocal vectors (rows, 1/A)
+# for the shapes defined in reciprocal space; `fudge` scales the spot size.
+# `lattice_factor_sq` takes the indices as one (..., 3) tensor.
+
+def _per_component(n, hkl):
+    """N shaped to broadcast against indices stacked component first."""
+    return n.reshape(3, *([1] * (hkl.dim() - 1)))
+
 
 def _square_lattice_sq(hkl, n, recip, fudge):
     """Parallelepiped crystal: the product of three grating transforms."""
-    if not (hkl.requires_grad or n.requires_grad):
+    if not (any(x.requires_grad for x in hkl) or n.requires_grad):
         return _sincg_sq_product_inplace(hkl, n)
-    sq = sincg_sq(hkl - torch.round(hkl), n)
-    return sq[..., 0] * sq[..., 1] * sq[..., 2]
+    if isinstance(hkl, torch.Tensor):
+        sq = sincg_sq(hkl - torch.round(hkl), _per_component(n, hkl))
+        return sq[0] * sq[1] * sq[2]
+    h, k, l = hkl
+    return sincg_sq(h - torch.round(h), n[0]) * sincg_sq(k - torch.round(k), n[1]) * sincg_sq(l - torch.round(l), n[2])
 
 
 def _sincg_sq_product_inplace(hkl, n):
     """The same value as `_square_lattice_sq`, in place, for renders that need
     no gradient (2-3x faster)."""
-    # distance from the nearest node, nudged by 1e-30 so that a point exactly on
-    # a node gives sin(N x)/sin(x) = N instead of 0/0
-    x = torch.round(hkl).sub_(hkl).mul_(-math.pi).add_(1e-30)
-    s = torch.sin(x)
-    x.mul_(n).sin_().div_(s)
-    f = x.prod(-1)
-    return f.mul_(f)
+    if isinstance(hkl, torch.Tensor):
+        # distance from the nearest node, nudged by 1e-30 so that a point exactly on
+        # a node gives sin(N x)/sin(x) = N instead of 0/0
+        x = torch.round(hkl).sub_(hkl).mul_(-math.pi).add_(1e-30)
+        s = torch.sin(x)
+        x.mul_(_per_component(n, hkl)).sin_().div_(s)
+        return (x[0] * x[1]).mul_(x[2]).square_()
+    f = None
+    for axis, h in enumerate(hkl):
+        x = torch.round(h).sub_(h).mul_(-math.pi).add_(1e-30)
+        s = torch.sin(x)
+        x.mul_(n[axis]).sin_().div_(s)
+        f = x if f is None else f.mul_(x)
+    return f.square_()
+
+
+def _node_distance(h):
+    """h minus its nearest integer (halves round up, as the original)."""
+    return h - torch.ceil(h - 0.5)
 
 
 def _round_lattice_sq(hkl, n, recip, fudge):
     """Spherical crystal: the sphere transform in the index distance scaled by N."""
-    delta = hkl - torch.ceil(hkl - 0.5)
-    rs = (delta * delta * n * n).sum(-1) * fudge
+    rs = None
+    for axis, h in enumerate(hkl):
+        delta = _node_distance(h)
+        term = delta * delta * n[axis] * n[axis]
+        rs = term if rs is None else rs + term
+    rs = rs * fudge
     arg = math.pi * torch.sqrt(torch.clamp(rs, min=1e-30))
     # at the peak the clamp would zero the curvature: use the series in rs itself
     f = n[0] * n[1] * n[2] * ROUND_XTAL_SCALE * torch.where(rs < 1e-12, 1.0 - math.pi ** 2 * rs / 10.0, sinc3(arg))
@@ -269,10 +297,14 @@ def _round_lattice_sq(hkl, n, recip, fudge):
 
 
 def _reciprocal_radius_sq(hkl, n, recip):
-    delta = hkl - torch.ceil(hkl - 0.5)
-    dstar = delta @ recip  # 1/Angstrom
+    """|d*|^2 N_a^2 N_b^2 N_c^2 of the distance to the nearest node, and N_a N_b N_c."""
+    delta = [_node_distance(h) for h in hkl]
+    rad = None
+    for c in range(3):
+        dstar = delta[0] * recip[0, c] + delta[1] * recip[1, c] + delta[2] * recip[2, c]  # 1/Angstrom
+        rad = dstar * dstar if rad is None else rad + dstar * dstar
     nnn = n[0] * n[1] * n[2]
-    return (dstar * dstar).sum(-1) * nnn * nnn, nnn
+    return rad * nnn * nnn, nnn
 
 
 def _gauss_lattice_sq(hkl, n, recip, fudge):
@@ -285,32 +317,72 @@ def _gauss_lattice_sq(hkl, n, recip, fudge):
 def _tophat_lattice_sq(hkl, n, recip, fudge):
     """Flat spot of fixed reciprocal radius."""
     rad_sq, nnn = _reciprocal_radius_sq(hkl, n, recip)
-    f = nnn * (rad_sq * fudge < 0.3969).to(hkl.dtype)
+    f = nnn * (rad_sq * fudge < 0.3969).to(rad_sq.dtype)
     return f * f
 
 
 LATTICE_FACTORS = {"square": _square_lattice_sq, "round": _round_lattice_sq,
                    "gauss": _gauss_lattice_sq, "tophat": _tophat_lattice_sq}
 
+# Exponents beyond which exp(-x) rounds to exactly 0 (with a margin), per dtype.
+_EXP_UNDERFLOW = {torch.float16: 20.0, torch.bfloat16: 100.0, torch.float32: 110.0, torch.float64: 750.0}
+
+
+def _gauss_support(hkl, n, recip, fudge):
+    """Where the Gaussian spot is not exactly zero: it underflows far from a node."""
+    rad_sq, _ = _reciprocal_radius_sq(hkl, n, recip)
+    return rad_sq / 0.63 * fudge < _EXP_UNDERFLOW.get(rad_sq.dtype, 750.0)
+
+
+def _tophat_support(hkl, n, recip, fudge):
+    """Inside the spot: the top hat is exactly zero outside."""
+    rad_sq, _ = _reciprocal_radius_sq(hkl, n, recip)
+    return rad_sq * fudge < 0.3969
+
+
+# Spot shapes that are exactly zero (value and every derivative) away from the
+# reciprocal-lattice nodes: a mask of where F_latt^2 may be non-zero. A render
+# evaluates those shapes only there; the others (square, round) are never zero.
+LATTICE_SUPPORTS = {"gauss": _gauss_support, "tophat": _tophat_support}
+
 
 def lattice_factor_sq(shape: str, hkl, n, recip, fudge):
-    """Squared lattice transform F_latt^2 of the spot shape `shape`."""
-    return LATTICE_FACTORS[shape](hkl, n, recip, fudge)
+    """Squared lattice transform F_latt^2 of the spot shape `shape` at hkl (..., 3)."""
+    return LATTICE_FACTORS[shape](hkl.unbind(-1), n, recip, fudge)
 
 
 # ----------------------------------------------------------------------------- structure factors
 
+def padded_structure_factors(grid, default_F):
+    """The table with one layer of default_F around it: indices outside the
+    table clamp onto that layer (built once per image for `nearest_in_padded`)."""
+    return torch.nn.functional.pad(grid - default_F, (1, 1, 1, 1, 1, 1)) + default_F
+
+
+def nearest_in_padded(hkl, padded, hkl_min):
+    """F of the nearest node, hkl component first (three tensors or one (3, ...)
+    tensor), in a table made by `padded_structure_factors`."""
+    dtype, dims = hkl[0].dtype, padded.shape
+    if isinstance(hkl, torch.Tensor):  # each step one pass over all three components
+        top = torch.tensor(dims, dtype=dtype, device=hkl.device) - 1
+        rel = torch.ceil(hkl - 0.5) - _per_component((hkl_min - 1).to(dtype), hkl)
+        rel = torch.minimum(torch.clamp(rel, min=0), _per_component(top, hkl))
+    else:
+        rel = [torch.clamp(torch.ceil(h - 0.5) - (hkl_min[axis] - 1).to(dtype), 0, dims[axis] - 1)
+               for axis, h in enumerate(hkl)]
+    # the flat index in the fractional dtype while it is exact there (one
+    # conversion instead of three, half the bytes per pass), else in int64
+    exact = padded.numel() <= 2 / torch.finfo(dtype).eps
+    if not exact:
+        rel = [r.long() for r in rel]
+    lin = (rel[0] * dims[1] + rel[1]) * dims[2] + rel[2]
+    lin = lin.long() if exact else lin
+    return padded.reshape(-1).index_select(0, lin.reshape(-1)).view(lin.shape)
+
+
 def nearest_structure_factor(hkl, grid, hkl_min, default_F):
-    """F of the nearest node; nodes outside the table take `default_F`."""
-    mins = hkl_min.to(hkl.dtype)
-    size = torch.tensor(grid.shape, dtype=hkl.dtype, device=hkl.device)
-    # one layer of default_F around the table: indices clamp onto it when out of range
-    padded = torch.nn.functional.pad(grid - default_F, (1, 1, 1, 1, 1, 1)) + default_F
-    pdims = padded.shape
-    rel = torch.ceil(hkl - 0.5) - mins + 1
-    rel = torch.minimum(torch.clamp(rel, min=0), size + 1).long()
-    lin = (rel[..., 0] * pdims[1] + rel[..., 1]) * pdims[2] + rel[..., 2]
-    return padded.reshape(-1)[lin]
+    """F of the nearest node at hkl (..., 3); nodes outside the table take `default_F`."""
+    return nearest_in_padded(hkl.unbind(-1), padded_structure_factors(grid, default_F), hkl_min)
 
 
 def tricubic_structure_factor(hkl, grid, hkl_min, default_F):

@@ -4,20 +4,24 @@ stays bounded.
 
 Per pixel the sum runs over sensor layers, sub-pixels, sources, rotation
 steps and mosaic domains, all vectorised; pixels are chunked, and sources and
-orientations too when one pixel alone would exceed the chunk.
+orientations too when one pixel alone would exceed the chunk. The arithmetic
+of a chunk is in kernels.py (eager or compiled); this module gathers the
+per-image tensors, picks the kernel and assembles the image.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from . import physics as ph
+from .kernels import KERNELS, KernelPlan
 from .models import Beam, Crystal, Detector, Goniometer, Scan
 
 # elements of the (pixel, layer, sub-pixel, source, orientation) grid per chunk
@@ -167,6 +171,8 @@ class Simulator(nn.Module):
         roi = self.options.roi or (-1, -1, -1, -1)
         xmin, xmax = (roi[0] if roi[0] >= 0 else 0), (roi[1] if roi[1] >= 0 else nf)
         ymin, ymax = (roi[2] if roi[2] >= 0 else 0), (roi[3] if roi[3] >= 0 else ns)
+        if p.mask is None and xmin <= 0 and ymin <= 0 and xmax >= nf - 1 and ymax >= ns - 1:
+            return torch.arange(nf * ns, device=self.device)
         fs = torch.arange(nf, device=self.device)
         ss = torch.arange(ns, device=self.device)
         keep = ((fs >= xmin) & (fs <= xmax)).unsqueeze(0) & ((ss >= ymin) & (ss <= ymax)).unsqueeze(1)
@@ -206,210 +212,125 @@ class Simulator(nn.Module):
         incident, lam = beam.sources()
         frames = self.detector.panel_frames(beam.incident())
         orient = self.orientations(image)
-        recip = xtal.reciprocal_vectors().to(self.dtype)
         fluence = beam.fluence
-        i_bg = ph.water_background(fluence, beam.water_size)
-        scale = ph.R_E_SQR * fluence / self.steps()
-        return dict(frames=frames, incident=incident, lam=lam, orient=orient, recip=recip, i_bg=i_bg, scale=scale)
+        # cell vectors over each source's wavelength (Src, M, 3, 3) and their
+        # incident part i . a / lambda (Src, M, 3): per image, not per chunk
+        cells = orient.unsqueeze(0) / lam[:, None, None, None]
+        offset = (cells @ incident[:, None, :, None]).squeeze(-1)
+        t = dict(incident=incident, lam=lam, cells=cells, offset=offset, recip=xtal.reciprocal_vectors().to(self.dtype),
+                 n=xtal.N, fudge=xtal.fudge, kahn=beam.kahn_factor(), e_vector=beam.e_vector().to(self.dtype),
+                 i_bg=ph.water_background(fluence, beam.water_size), scale=ph.R_E_SQR * fluence / self.steps())
+        weights = beam.weights()
+        if weights is not None:
+            t["weights"] = weights.to(self.dtype)
+        sf = xtal.structure_factors
+        t["default_F"] = sf.default_F
+        if sf.has_grid:
+            t["hkl_min"] = sf.hkl_min
+            if sf.lookup == "nearest":
+                t["F_padded"] = ph.padded_structure_factors(sf.Fhkl, sf.default_F)
+            else:
+                t["Fhkl"] = sf.Fhkl
+        return dict(frames=frames, tensors=t)
 
     def _panel_geometry(self, k, shared):
         origin, fast, slow, normal = (t[k].to(self.dtype) for t in shared["frames"])
         panel = self.detector.panels[k]
         beam = self.beam.incident().to(self.dtype)
         close = ph.dot(origin, normal)
-        layers = max(self.options.sensor_layers, 1)
         return dict(origin=origin, fast=fast, slow=slow, normal=normal, close=close, beam=beam,
-                    distance=close / ph.dot(beam, normal), pixel_size=panel.pixel_size, fpixels=panel.fpixels,
-                    layers=layers, layer_step=panel.thickness / self.options.layer_divisor, mu=panel.mu)
+                    distance=close / ph.dot(beam, normal), pixel_size=panel.pixel_size,
+                    layer_step=panel.thickness / self.options.layer_divisor, mu=panel.mu)
+
+    def _plan(self, k, t) -> KernelPlan:
+        opt, panel = self.options, self.detector.panels[k]
+        return KernelPlan(fpixels=panel.fpixels, oversample=self.oversample, layers=max(opt.sensor_layers, 1),
+                          sensor=opt.sensor_layers > 0, absorbed=opt.absorbed_layers, curved=opt.curved,
+                          point_pixel=opt.point_pixel, polarization=opt.polarization,
+                          oversample_thick=opt.oversample_thick, oversample_polar=opt.oversample_polar,
+                          oversample_omega=opt.oversample_omega, dmin=float(opt.dmin), shape=self.crystal.shape,
+                          lookup=self.crystal.structure_factors.lookup, weighted="weights" in t)
 
     def _render_panel(self, k, shared, progress):
         panel = self.detector.panels[k]
-        geo = self._panel_geometry(k, shared)
-        per_pixel = geo["layers"] * self.oversample ** 2 * shared["incident"].shape[0] * shared["orient"].shape[0]
-        interpolate = self.crystal.structure_factors.lookup == "tricubic"
-        budget = self.chunk_elements // (16 if interpolate else 1)
-        chunk = max(1, budget // max(per_pixel, 1))
+        if self.device.type == "cpu":
+            kernels.prime_allocator()
+        t = {**shared["tensors"], **self._panel_geometry(k, shared)}
+        plan = self._plan(k, t)
+        per_pixel = plan.layers * self.oversample ** 2 * t["cells"].shape[0] * t["cells"].shape[1]
         pixels = self.active_pixels(k)
-        args = (geo, shared["incident"], shared["lam"], shared["orient"], shared["recip"], shared["i_bg"],
-                shared["scale"])
-        use_ckpt = torch.is_grad_enabled() and pixels.numel() > chunk and any(
-            t.requires_grad for t in self.parameters())
-        values = []
-        for start in range(0, pixels.numel(), chunk):
-            idx = pixels[start:start + chunk]
-            if use_ckpt:
-                values.append(checkpoint(self._pixels, idx, *args, use_reentrant=False))
-            else:
-                values.append(self._pixels(idx, *args))
-            if progress is not None:
-                progress(min(start + chunk, pixels.numel()), pixels.numel())
-        flat = torch.zeros(panel.spixels * panel.fpixels, dtype=self.dtype, device=self.device)
+        n, size = pixels.numel(), panel.spixels * panel.fpixels
+        grad = torch.is_grad_enabled() and any(v.requires_grad for v in t.values())
+        values = None
+        if n and KERNELS.should_compile(plan, self.device, n * per_pixel, grad,
+                                        per_pixel // (plan.layers * self.oversample ** 2)):
+            values = self._compiled_chunks(plan.compiled(), pixels, t, per_pixel, grad, progress)
+        if values is None:
+            values = self._eager_chunks(plan, pixels, t, per_pixel, grad, progress, size)
+        if isinstance(values, torch.Tensor):  # the chunks wrote the image themselves
+            return values.reshape(panel.spixels, panel.fpixels)
+        flat = torch.zeros(size, dtype=self.dtype, device=self.device)
         if values:
             flat = flat.index_put((pixels,), torch.cat(values))
         return flat.reshape(panel.spixels, panel.fpixels)
 
-    def _positions(self, idx, geo):
-        """Sub-pixel positions (P, layers, sub-pixels, 3) in mm."""
-        os_ = self.oversample
-        sub = geo["pixel_size"] / os_  # (fast, slow)
-        fpix = (idx % geo["fpixels"]).to(self.dtype)
-        spix = torch.div(idx, geo["fpixels"], rounding_mode="floor").to(self.dtype)
-        k = torch.arange(os_, dtype=self.dtype, device=self.device)
-        fdet = sub[0] * (fpix[:, None] * os_ + k) + sub[0] / 2  # (P, os)
-        sdet = sub[1] * (spix[:, None] * os_ + k) + sub[1] / 2
-        T = geo["layers"]
-        depth = torch.arange(T, dtype=self.dtype, device=self.device)
-        if self.options.absorbed_layers:
-            depth = depth + 0.5  # mid-depth of each slab
-        odet = geo["layer_step"] * depth  # (T,)
-        # (fast, slow, depth) coordinates of every sub-pixel, then one product with the frame
-        coords = torch.stack(torch.broadcast_tensors(fdet[:, None, None, :], sdet[:, None, :, None],
-                                                     odet[None, :, None, None]), -1)
-        frame = torch.stack([geo["fast"], geo["slow"], geo["normal"]])
-        pos = (coords.reshape(-1, 3) @ frame + geo["origin"]).reshape(idx.numel(), T, os_ * os_, 3)
-        if self.options.curved:
-            # keep every pixel at the beam distance: flat coordinates become angles
-            dist = geo["distance"]
-            start = dist * geo["beam"]
-            rot_s = ph.rotation_axis_angle(geo["slow"], pos[..., 1] / dist)
-            rot_f = ph.rotation_axis_angle(geo["fast"], pos[..., 2] / dist)
-            pos = ph.rotate(rot_f, ph.rotate(rot_s, start))
-        return pos
+    def _eager_chunks(self, plan, pixels, t, per_pixel, grad, progress, size):
+        """Chunks of at most chunk_elements grid elements and a few hundred
+        thousand points; without gradients on the CPU they run side by side on
+        the threads (each single-threaded), writing into the image."""
+        n = pixels.numel()
+        budget = self.chunk_elements // (16 if plan.lookup == "tricubic" else 1)
+        chunk = max(1, budget // per_pixel)
+        if grad:  # one thread pass per op: large blocks, few hand-offs between threads
+            chunk = min(chunk, max(1, kernels.GRAD_POINTS // (plan.layers * self.oversample ** 2)))
+            plan = replace(plan, block=self.chunk_elements)
+        else:  # cache-sized blocks, the chunks side by side on the threads
+            chunk = min(chunk, max(1, kernels.EAGER_POINTS // (plan.layers * self.oversample ** 2)))
+            plan = replace(plan, block=min(kernels.EAGER_BLOCK, self.chunk_elements))
+        pool = None if grad or self.device.type != "cpu" else kernels.eager_pool()
+        if pool is not None:  # at least a chunk per thread, unless that makes them tiny
+            points = plan.layers * self.oversample ** 2
+            chunk = min(chunk, max(-(-n // pool._max_workers), kernels.MIN_POINTS // points, 1))
+        starts = range(0, n, chunk)
+        if pool is not None:
+            whole = n == size  # then the pixels are 0 .. size-1 in order
+            flat = (torch.empty if whole else torch.zeros)(size, dtype=self.dtype, device=self.device)
 
-    def _pixels(self, idx, geo, incident, lam, orient, recip, i_bg, scale):
-        opt, beam = self.options, self.beam
-        P, T = idx.numel(), geo["layers"]
-        running = opt.oversample_thick or opt.oversample_polar or opt.oversample_omega
-        pos = self._positions(idx, geo)
-        airpath = torch.linalg.vector_norm(pos, dim=-1)  # (P,T,Sub)
-        diffracted = pos / airpath.unsqueeze(-1)
-        d = diffracted.unsqueeze(-2)  # (P,T,Sub,1,3)
-        valid = None
-        if opt.dmin > 0:
-            # |d - i| of unit vectors from their dot product: no (P,T,Sub,Src,3) array needed
-            cos2t = (diffracted.reshape(-1, 3) @ incident.T).reshape(*diffracted.shape[:-1], -1)
-            stol = 0.5 * torch.sqrt(torch.clamp(2.0 - 2.0 * cos2t, min=0.0)) / lam
-            valid = ~((stol > 0) & (opt.dmin > 0.5 / stol))
+            def fill(start):
+                idx = pixels[start:start + chunk]
+                value = kernels.chunk_photons(plan, idx, t)
+                if whole:
+                    flat[start:start + idx.numel()] = value
+                else:
+                    flat.index_put_((idx,), value)
+            kernels.pool_map(pool, fill, starts, lambda s: progress and progress(min(s + chunk, n), n))
+            return flat
+        use_ckpt = grad and n > chunk
+        values = []
+        for start in starts:
+            idx = pixels[start:start + chunk]
+            values.append(checkpoint(kernels.chunk_photons, plan, idx, t, use_reentrant=False) if use_ckpt
+                          else kernels.chunk_photons(plan, idx, t))
+            if progress is not None:
+                progress(min(start + chunk, n), n)
+        return values
 
-        # Per-pixel factors; the original evaluates them once per pixel unless
-        # an -oversample_* switch asks for every sub-pixel, so compute only what is used.
-        full_omega = running and opt.oversample_omega
-        ap = airpath if full_omega else airpath[:, :1, :1]
-        px = geo["pixel_size"]
-        omega = ph.solid_angle(px[0] * px[1], ap, geo["close"], opt.point_pixel)
-        full_thick = (running and opt.oversample_thick) or opt.absorbed_layers
-        if opt.sensor_layers > 0:
-            layer = torch.arange(T, dtype=self.dtype, device=self.device)[None, :, None]
-            dd = diffracted if full_thick else diffracted[:, :, :1]
-            capture = ph.capture_fraction(layer, geo["layer_step"], geo["mu"], ph.dot(dd, geo["normal"]))
-        else:
-            capture = torch.ones((P, T, 1), dtype=self.dtype, device=self.device)
-        full_polar = (running and opt.oversample_polar) or valid is not None
-        if not opt.polarization:
-            polar = torch.ones((P, 1, 1, 1), dtype=self.dtype, device=self.device)
-        else:
-            dp = d if full_polar else d[:, :1, :1]
-            inc = incident if full_polar else incident[:1]
-            polar = ph.polarization_factor(beam.kahn_factor(), inc, dp, beam.e_vector().to(self.dtype))
-
-        if running:
-            terms = self._bragg_terms(diffracted, incident, lam, orient, recip, valid, capture, beam.weights())
-            total = self._running_product(terms, capture, polar, omega, valid, i_bg)
-        else:
-            total = i_bg + self._bragg_sum(diffracted, incident, lam, orient, recip, valid, capture)
-
-        result = scale * total
-        if not (opt.oversample_thick or opt.absorbed_layers):
-            result = result * capture[:, -1, 0]  # the last layer's value, as the original
-        if not opt.oversample_polar:
-            result = result * self._first_polar(polar, valid)
-        if not opt.oversample_omega:
-            result = result * omega[:, 0, 0]
-        return result
-
-    def _bragg_terms(self, diffracted, incident, lam, orient, recip, valid, capture, weights):
-        """F_latt^2 |F|^2 (P, T, Sub, Src, M) for these sources and orientations,
-        with the source weights, the -dmin cut and absorbed-slab weights."""
-        opt = self.options
-        hkl = self._miller_indices(diffracted, incident, lam, orient)  # (P,T,Sub,Src,M,3)
-        intensity = self.crystal.lattice_factor_sq(hkl, recip)  # (P,T,Sub,Src,M)
-        if weights is not None:
-            intensity = intensity * weights.to(intensity)[:, None]
-        if valid is not None:
-            intensity = intensity * valid.unsqueeze(-1)
-        if opt.absorbed_layers and opt.sensor_layers > 0:
-            intensity = intensity * capture[..., None, None]  # each slab counts what it absorbs
-        return intensity * self.crystal.structure_factors.amplitude_sq(hkl)
-
-    def _bragg_sum(self, diffracted, incident, lam, orient, recip, valid, capture):
-        """The Bragg terms summed per pixel, (P,), over sources and orientations
-        taken in slices small enough for the chunk budget: memory stays bounded
-        however many sources, rotation steps and mosaic domains there are."""
-        P = diffracted.shape[0]
-        points = diffracted.numel() // 3  # P * T * Sub
-        n_src, n_orient = lam.shape[0], orient.shape[0]
-        budget = self.chunk_elements // (16 if self.crystal.structure_factors.lookup == "tricubic" else 1)
-        s_step, m_step = n_src, n_orient
-        if points * n_src * n_orient > budget:
-            m_step = budget // (points * n_src)
-            if m_step < 1:
-                m_step, s_step = 1, max(1, budget // points)
-        weights = self.beam.weights()
-        total = 0.0
-        for s0 in range(0, n_src, s_step):
-            sl = slice(s0, s0 + s_step)
-            w = None if weights is None else weights[sl]
-            v = None if valid is None else valid[..., sl]
-            for m0 in range(0, n_orient, m_step):
-                terms = self._bragg_terms(diffracted, incident[sl], lam[sl], orient[m0:m0 + m_step], recip, v,
-                                          capture, w)
-                total = total + terms.reshape(P, -1).sum(-1)
-        return total
-
-    @staticmethod
-    def _miller_indices(diffracted, incident, lam, orient):
-        """h = a . (d - i) / lambda for every sub-pixel, source and orientation,
-        as one product of the diffracted rays with the cell vectors (the
-        incident part is the same for every pixel)."""
-        n_src, n_orient = lam.shape[0], orient.shape[0]
-        cells = orient.reshape(-1, 3).T  # (3, M*3)
-        per_source = cells.unsqueeze(0) / lam[:, None, None]  # (Src, 3, M*3)
-        offset = (incident.unsqueeze(1) @ per_source).reshape(n_src, n_orient, 3)
-        hkl = diffracted.reshape(-1, 3) @ per_source.permute(1, 0, 2).reshape(3, -1)
-        hkl = hkl.reshape(*diffracted.shape[:-1], n_src, n_orient, 3)
-        if hkl.requires_grad or offset.requires_grad:
-            return hkl - offset
-        return hkl.sub_(offset)
-
-    @staticmethod
-    def _first_polar(polar, valid):
-        """The polarization factor of the first sub-pixel and source that was
-        not culled by -dmin (the original computes it once per pixel)."""
-        flat = polar.reshape(polar.shape[0], -1)
-        if valid is None:
-            return flat[:, 0]
-        v = valid.reshape(valid.shape[0], -1)
-        first = torch.argmax(v.to(torch.uint8), dim=1)
-        return flat.gather(1, first[:, None]).squeeze(1) * v.any(dim=1)
-
-    def _running_product(self, intensity, capture, polar, omega, valid, i_bg):
-        """The original multiplies the running pixel sum by each per-sub-pixel
-        factor after every term when an -oversample_* switch is on; this is the
-        closed form of that recurrence."""
-        opt = self.options
-        P, T, Sub, Src, M = intensity.shape
-        w = torch.ones((P, T, Sub, Src), dtype=self.dtype, device=self.device)
-        if opt.oversample_thick:
-            w = w * capture.unsqueeze(-1)
-        if opt.oversample_polar:
-            w = w * polar
-        if opt.oversample_omega:
-            w = w * omega.unsqueeze(-1)
-        if valid is not None:
-            w = torch.where(valid, w, torch.ones_like(w))
-        exponents = torch.arange(M, 0, -1, dtype=self.dtype, device=self.device)  # M .. 1
-        inner = (intensity * w.unsqueeze(-1) ** exponents).sum(-1).reshape(P, -1)  # (P, G)
-        whole = (w ** M).reshape(P, -1)
-        after = torch.flip(torch.cumprod(torch.flip(whole, [1]), 1), [1])  # prod over g' >= g
-        after_excl = torch.cat([after[:, 1:], torch.ones_like(after[:, :1])], 1)
-        return i_bg * after[:, 0] + (inner * after_excl).sum(-1)
+    def _compiled_chunks(self, plan, pixels, t, per_pixel, grad, progress):
+        """Chunks of one fixed shape (the last padded with its first pixel) so
+        that one compiled graph serves them all; None if compiling failed."""
+        n = pixels.numel()
+        points = plan.layers * self.oversample ** 2
+        chunk = min(n, max(1, min(kernels.COMPILED_CHUNK // per_pixel, kernels.COMPILED_POINTS // points)))
+        values = []
+        for start in range(0, n, chunk):
+            idx = pixels[start:start + chunk]
+            m = idx.numel()
+            if m < chunk:
+                idx = torch.cat([idx, idx[:1].expand(chunk - m)])
+            out = KERNELS.run(plan, idx, t, use_ckpt=grad and n > chunk)
+            if out is None:
+                return None
+            values.append(out[:m])
+            if progress is not None:
+                progress(min(start + chunk, n), n)
+        return values
