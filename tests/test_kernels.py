@@ -121,6 +121,34 @@ def test_culled_render_equals_unculled_exactly(name, flags, dtype, hkl_file, mon
     assert torch.equal(images[1.0], images[-1.0])
 
 
+@pytest.mark.parametrize("flags", [
+    "-hkl {hkl} -default_F 0 -distance 20 -pixel 0.5",  # the table covers the middle of the detector
+    "-hkl {hkl} -default_F 0 -distance 20 -pixel 0.5 -interpolate -N 6",
+    "-default_F 100 -dmin 6 -distance 20 -pixel 0.5 -dispersion 4 -dispsteps 2",
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unreachable_pixels_are_skipped_exactly(flags, dtype, hkl_file, monkeypatch):
+    """Pixels whose every term is cut by -dmin, or lies beyond the reach of the
+    structure-factor table (F = 0 there), skip the Bragg sum; the image is the
+    one that evaluates it, to the rounding of sums reduced in another order."""
+    sim = simulator(flags, hkl_file, dtype)
+    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
+    summed, images = [], {}
+    bragg_sum = kernels.bragg_sum
+    monkeypatch.setattr(kernels, "bragg_sum", lambda plan, points, *a: summed.append(points.shape[1])
+                        or bragg_sum(plan, points, *a))
+    for fraction in (-1.0, 1.0):
+        monkeypatch.setattr(kernels, "CULL_FRACTION", fraction)
+        summed.clear()
+        with torch.no_grad():
+            images[fraction] = sim.render()
+        pixels = sum(summed)
+    assert 0 < pixels < 0.5 * images[1.0].numel()
+    assert images[1.0].abs().max() > images[1.0].min() >= 0
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(images[1.0], images[-1.0], rtol=rtol, atol=0.0)
+
+
 @pytest.mark.parametrize("flags, param", [("-default_F 100 -tophat_spots -fudge 1.3", "crystal.N"),
                                           ("-default_F 100 -dmin 3", "crystal.cell")])
 def test_culled_gradient_equals_unculled(flags, param, hkl_file, monkeypatch):
@@ -209,3 +237,36 @@ def test_failed_compilation_falls_back_to_eager(hkl_file, monkeypatch):
         warnings.simplefilter("error")
         again, _ = render(sim, "1", monkeypatch)
     assert torch.equal(again, eager)
+
+
+def test_square_lattice_function_matches_the_formula_to_second_order():
+    """The parallelepiped's F_latt^2 on indices stacked component first is one
+    autograd node with its derivatives written out; value, gradient and second
+    derivatives (Hessians for uncertainties) are those of the grating formula,
+    on and off the nodes, for integer and non-integer N."""
+    from torchbragg import physics as ph
+    gen = torch.Generator().manual_seed(3)
+    hkl = torch.randn(3, 30, dtype=torch.float64, generator=gen) * 4
+    hkl[:, :3] = torch.round(hkl[:, :3])  # exactly on nodes
+    hkl[1, 4] = 2.0 + 1e-8  # within the series' reach of a node
+    hkl.requires_grad_(True)
+    n = torch.tensor([4.0, 7.0, 3.5], dtype=torch.float64, requires_grad=True)
+    recip, fudge = torch.eye(3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+
+    def fused(h, n_):
+        return ph.LATTICE_FACTORS["square"](h, n_, recip, fudge)
+
+    def formula(h, n_):
+        return torch.stack([ph.sincg_sq(h[j] - torch.round(h[j]), n_[j]) for j in range(3)]).prod(0)
+
+    torch.testing.assert_close(fused(hkl, n), formula(hkl, n), rtol=1e-12, atol=0.0)
+    assert torch.autograd.gradcheck(fused, (hkl, n))
+    assert torch.autograd.gradgradcheck(fused, (hkl, n))
+    g_fused = torch.autograd.grad(fused(hkl, n).sum(), (hkl, n), create_graph=True)
+    g_formula = torch.autograd.grad(formula(hkl, n).sum(), (hkl, n), create_graph=True)
+    for a, b in zip(g_fused, g_formula):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+    h_fused = torch.autograd.grad(sum(g.sum() for g in g_fused), (hkl, n))
+    h_formula = torch.autograd.grad(sum(g.sum() for g in g_formula), (hkl, n))
+    for a, b in zip(h_fused, h_formula):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))

@@ -126,13 +126,19 @@ def sub_pixel_positions(plan: KernelPlan, pix: torch.Tensor, t: dict) -> torch.T
     if plan.absorbed:
         depth = depth + 0.5  # mid-depth of each slab
     odet = t["layer_step"] * depth  # (T,)
-    comps = []
-    for c in range(3):
-        # in-plane part per (sub-pixel row, column, pixel), then depth and origin per layer
-        plane = (fdet * t["fast"][c])[None, None] + (sdet * t["slow"][c])[None, :, None]
-        layer = (odet * t["normal"][c] + t["origin"][c])[:, None, None, None]
-        comps.append((plane + layer).reshape(T, -1, pix.shape[1]))
-    pos = _planar(comps)
+    P = pix.shape[1]
+    # per component: the small (layer, column, pixel) part, then one pass that
+    # adds the row part and writes the planar vectors
+    across = [(fdet * t["fast"][c])[None] + (odet * t["normal"][c] + t["origin"][c])[:, None, None]
+              for c in range(3)]  # (T, os, P)
+    down = [(sdet * t["slow"][c])[None, :, None] for c in range(3)]  # (1, os, 1, P)
+    if any(x.requires_grad for x in across + down):
+        pos = _planar([(a[:, None] + d).reshape(T, -1, P) for a, d in zip(across, down)])
+    else:
+        planar = torch.empty((3, T, os_, os_, P), dtype=dtype, device=device)
+        for c in range(3):
+            torch.add(across[c][:, None], down[c], out=planar[c])
+        pos = planar.view(3, T, os_ * os_, P).movedim(0, -1)
     if plan.curved:
         # keep every pixel at the beam distance: flat coordinates become angles
         dist = t["distance"]
@@ -199,7 +205,17 @@ def chunk_photons(plan: KernelPlan, idx: torch.Tensor, t: dict, stages=None) -> 
                                 omega.permute(2, 0, 1), None if valid is None else valid.permute(2, 0, 1, 3),
                                 t["i_bg"])
     else:
-        total = t["i_bg"] + summed(plan, points, t, valid, capture)
+        skip = plan.cull and not plan.fused and not torch.is_grad_enabled()
+        rows = reachable_pixels(plan, points, t, valid) if skip else None
+        if rows is None:
+            total = t["i_bg"] + summed(plan, points, t, valid, capture)
+        else:  # the Bragg sum of the pixels that can have one
+            bragg = torch.zeros(P, dtype=points.dtype, device=points.device)
+            if rows.numel():
+                bragg = bragg.index_put((rows,), summed(plan, points[:, rows], t,
+                                                        None if valid is None else valid[:, :, rows],
+                                                        capture[..., rows]))
+            total = t["i_bg"] + bragg
 
     result = t["scale"] * total
     if not (plan.oversample_thick or plan.absorbed):
@@ -209,6 +225,26 @@ def chunk_photons(plan: KernelPlan, idx: torch.Tensor, t: dict, stages=None) -> 
     if not plan.oversample_omega:
         result = result * omega[0, 0]
     return result
+
+
+def reachable_pixels(plan, points, t, valid):
+    """Flat positions (in the chunk) of the pixels where some Bragg term can
+    be non-zero, when at most CULL_FRACTION of them can; else None. A term is
+    exactly zero where -dmin cuts it and where |d*| = |d - i| / lambda lies
+    beyond the structure-factor table's reach (`reach_sq`). No-gradient renders only."""
+    G, P = points.shape[:2]
+    keep = None
+    if "reach_sq" in t:
+        cos2t = points.reshape(-1, 3) @ t["incident"].T  # (G*P, Src)
+        keep = ((2.0 - 2.0 * cos2t) / (t["lam"] * t["lam"]) <= t["reach_sq"]).view(G, P, -1)
+    if valid is not None:
+        v = valid.reshape(G, P, -1)
+        keep = v if keep is None else keep & v
+    if keep is None:
+        return None
+    keep = keep.any(-1).any(0)
+    rows = keep.nonzero().squeeze(1)
+    return rows if rows.numel() <= CULL_FRACTION * P else None
 
 
 def first_polar(polar, valid):
@@ -353,7 +389,7 @@ def bragg_terms(plan, points, t, valid, capture, s0, s1, m0, m1):
 
                 def pick(x, at=sel):
                     return None if x is None else x.reshape(-1).index_select(0, at)
-                hkl_s = tuple(pick(h) for h in hkl)
+                hkl_s = torch.stack([pick(h) for h in hkl])  # as unculled: stacked, component first
                 f_s = amplitude_sq(plan, hkl_s, t) if f_sq is None else pick(f_sq)
                 value = terms_at(hkl_s, f_s, pick(weights, torch.div(sel, G * P, rounding_mode="floor")), None,
                                  pick(slab, sel % (G * P)))

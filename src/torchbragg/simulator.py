@@ -231,6 +231,9 @@ class Simulator(nn.Module):
                 t["F_padded"] = ph.padded_structure_factors(sf.Fhkl, sf.default_F)
             else:
                 t["Fhkl"] = sf.Fhkl
+            if not torch.is_grad_enabled():  # a zero |F|^2 has a non-zero second derivative
+                t["reach_sq"] = ph.structure_factor_reach_sq(sf.Fhkl, sf.hkl_min, t["recip"], sf.default_F,
+                                                             sf.lookup).to(self.dtype)
         return dict(frames=frames, tensors=t)
 
     def _panel_geometry(self, k, shared):

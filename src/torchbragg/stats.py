@@ -97,15 +97,28 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
     spixels, fpixels = img.shape
     sy, sx = _roi_slices(roi, spixels, fpixels)
     sub = img[sy, sx]
-    sel = np.ones(sub.shape, dtype=bool)
-    if mask is not None:
-        sel = np.asarray(mask)[sy, sx] != 0
-    vals = sub[sel]  # row-major order
-    n = int(vals.size)
+    y0, x0 = sy.start or 0, sx.start or 0
+    if mask is None:  # every ROI pixel: rows follow from positions
+        vals = sub.reshape(-1)
+        width = sub.shape[1]
 
-    rows, cols = np.nonzero(sel)
-    rows = rows + (sy.start or 0)
-    cols = cols + (sx.start or 0)
+        def where(flat):
+            return flat // width + y0, flat % width + x0
+
+        def row_start(row):
+            return min(max(row - y0, 0), sub.shape[0]) * width
+    else:
+        sel = np.asarray(mask)[sy, sx] != 0
+        vals = sub[sel]  # row-major order
+        rows, cols = np.nonzero(sel)
+        rows, cols = rows + y0, cols + x0
+
+        def where(flat):
+            return rows[flat], cols[flat]
+
+        def row_start(row):
+            return int(np.searchsorted(rows, row))
+    n = int(vals.size)
     chunks = _omp_chunks(spixels, omp_threads)
 
     max_I, max_x, max_y = 0.0, 0.0, 0.0
@@ -114,8 +127,7 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
         top = float(finite.max())
         if top > 0.0:
             max_I = top
-            hits = np.nonzero(finite == top)[0]
-            hr, hc = rows[hits], cols[hits]
+            hr, hc = where(np.nonzero(finite == top)[0])
             starts = np.array([lo for lo, _ in chunks])
             thread = np.searchsorted(starts, hr, side="right") - 1
             # earliest in a lockstep run: local row, then column, then thread
@@ -133,8 +145,8 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
     v64 = vals.astype(np.float64)
     total = 0.0
     sumsqr = 0.0
-    for lo, hi in chunks:
-        part = (rows >= lo) & (rows < hi)
+    for lo, hi in chunks:  # each thread's rows are one run of the selected pixels
+        part = slice(row_start(lo), row_start(hi))
         total += _seq_sum(v64[part])
         sumsqr += _seq_sum(sq[part])
     sumn = n if n > 0 else 1

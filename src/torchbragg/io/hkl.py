@@ -81,6 +81,9 @@ def read_hkl(path, default_F: float = 0.0) -> HKLTable:
     except OSError as exc:
         raise InputError(f"cannot read HKL file {path}: {exc.strerror or exc}") from None
 
+    data = _plain_table(lines)
+    if data is not None:
+        return _table(path, data, default_F, ())
     rows: list[list[float]] = []
     warnings: list[str] = []
     for lineno, line in enumerate(lines, 1):
@@ -109,7 +112,33 @@ def read_hkl(path, default_F: float = 0.0) -> HKLTable:
     if not rows:
         raise InputError(f"{path}: no reflections (expected lines of 'h k l F')")
 
-    data = np.asarray(rows, dtype=np.float64)
+    return _table(path, np.asarray(rows, dtype=np.float64), default_F, tuple(warnings))
+
+
+_PLAIN = re.compile(r"[0-9eE+\-.\s]*")
+
+
+def _plain_table(lines: list[str]) -> np.ndarray | None:
+    """The (n, 4) numbers of a table whose every line is four plain decimal
+    numbers with integer indices, read at numpy's speed; None for anything
+    else, which the line-by-line reader then explains."""
+    text = "\n".join(lines)
+    if not _PLAIN.fullmatch(text):
+        return None
+    tokens = text.split()
+    if not tokens or any(len(line.split()) not in (0, 4) for line in lines):
+        return None
+    try:
+        data = np.array(tokens, dtype=np.float64).reshape(-1, 4)
+    except ValueError:
+        return None
+    idx = data[:, :3]
+    if not (np.isfinite(data).all() and (np.abs(idx) < _MAX_INDEX).all() and (idx == np.trunc(idx)).all()):
+        return None
+    return data
+
+
+def _table(path, data: np.ndarray, default_F: float, warnings: tuple[str, ...]) -> HKLTable:
     idx = np.trunc(data[:, :3]).astype(np.int64)  # the original keeps indices in ints
     lo = idx.min(axis=0)
     hi = idx.max(axis=0)
@@ -118,7 +147,7 @@ def read_hkl(path, default_F: float = 0.0) -> HKLTable:
         raise InputError(f"{path}: index range {shape} is too large for a dense table")
     grid = np.full(shape, float(default_F), dtype=np.float64)
     grid[idx[:, 0] - lo[0], idx[:, 1] - lo[1], idx[:, 2] - lo[2]] = data[:, 3]
-    return HKLTable(grid, int(lo[0]), int(lo[1]), int(lo[2]), count=len(rows), warnings=tuple(warnings))
+    return HKLTable(grid, int(lo[0]), int(lo[1]), int(lo[2]), count=len(data), warnings=warnings)
 
 
 def fdump_bytes(table: HKLTable) -> bytes:
