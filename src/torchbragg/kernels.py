@@ -218,7 +218,7 @@ def chunk_photons(plan: KernelPlan, idx: torch.Tensor, t: dict, stages=None) -> 
             total = t["i_bg"] + bragg
 
     result = t["scale"] * total
-    if not (plan.oversample_thick or plan.absorbed):
+    if plan.sensor and not (plan.oversample_thick or plan.absorbed):
         result = result * capture[-1, 0]  # the last layer's value, as the original
     if not plan.oversample_polar:
         result = result * first_polar(polar, valid)
