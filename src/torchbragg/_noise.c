@@ -162,3 +162,39 @@ double tb_running_sum(const double *values, long n) {
     for (long i = 0; i < n; i++) total += values[i];
     return total;
 }
+
+/* The integer image of floats img[0..n): floorf(pixel*scale + adc + 0.5)
+   clamped to 0..65535, converted as a C double -> unsigned short; `fused`:
+   pixel*scale + adc with one rounding. */
+void tb_int_image(const float *img, long n, double scale, double adc, int fused, unsigned short *out) {
+    for (long i = 0; i < n; i++) {
+        double v = (double)img[i];
+        double test = fused ? fma(v, scale, adc) : v * scale + adc;
+        if (test > 65535.0) test = 65535.0;
+        if (test < 0.0) test = 0.0;
+        out[i] = to_ushort((double)floorf((float)(test + 0.5)));
+    }
+}
+
+/* Running sums, left to right in double, of the pixels and of their squares
+   taken in float (as the reference's float*float). */
+void tb_float_moments(const float *v, long n, double *sum, double *sumsq) {
+    double s = 0.0, q = 0.0;
+    for (long i = 0; i < n; i++) {
+        float sq = v[i] * v[i];
+        s += (double)v[i];
+        q += (double)sq;
+    }
+    *sum = s;
+    *sumsq = q;
+}
+
+/* Running sum of (pixel - mean)^2 in double. */
+double tb_deviation_sq(const float *v, long n, double mean) {
+    double q = 0.0;
+    for (long i = 0; i < n; i++) {
+        double d = (double)v[i] - mean;
+        q += d * d;
+    }
+    return q;
+}

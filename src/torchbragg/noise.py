@@ -58,10 +58,20 @@ def compiled_library():
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
+    if not hasattr(lib, "tb_deviation_sq"):  # built from an older source
+        return None
     lib.tb_fma_array.restype = None
     lib.tb_fma_array.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_double, ctypes.c_double, ctypes.c_void_p]
     lib.tb_running_sum.restype = ctypes.c_double
     lib.tb_running_sum.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    lib.tb_int_image.restype = None
+    lib.tb_int_image.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+                                 ctypes.c_void_p]
+    lib.tb_float_moments.restype = None
+    lib.tb_float_moments.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.POINTER(ctypes.c_double),
+                                     ctypes.POINTER(ctypes.c_double)]
+    lib.tb_deviation_sq.restype = ctypes.c_double
+    lib.tb_deviation_sq.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_double]
     fn = lib.tb_noise_image
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,

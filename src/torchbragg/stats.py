@@ -6,6 +6,7 @@ accumulators are doubles, sums run in row-major pixel order.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -138,26 +139,40 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
             max_x = sub_size * (fpixel * oversample + last) + sub_size / 2.0
             max_y = sub_size * (spixel * oversample + last) + sub_size / 2.0
 
-    # float * float is rounded to float before the double accumulation
-    # (and overflows to inf for huge pixels, as in the original: no warning)
-    with np.errstate(over="ignore"):
-        sq = (vals * vals).astype(np.float64)
-    v64 = vals.astype(np.float64)
     total = 0.0
     sumsqr = 0.0
-    for lo, hi in chunks:  # each thread's rows are one run of the selected pixels
-        part = slice(row_start(lo), row_start(hi))
-        total += _seq_sum(v64[part])
-        sumsqr += _seq_sum(sq[part])
+    parts = [slice(row_start(lo), row_start(hi)) for lo, hi in chunks]  # each thread's rows: one run
+    from .noise import _LIB
+    if _LIB is not None:
+        vals = np.ascontiguousarray(vals, dtype=np.float32)
+        for part in parts:
+            run = vals[part]
+            s, q = ctypes.c_double(), ctypes.c_double()
+            _LIB.tb_float_moments(run.ctypes.data, run.size, ctypes.byref(s), ctypes.byref(q))
+            total += s.value
+            sumsqr += q.value
+    else:
+        # float * float is rounded to float before the double accumulation
+        # (and overflows to inf for huge pixels, as in the original: no warning)
+        with np.errstate(over="ignore"):
+            sq = (vals * vals).astype(np.float64)
+        v64 = vals.astype(np.float64)
+        for part in parts:
+            total += _seq_sum(v64[part])
+            sumsqr += _seq_sum(sq[part])
     sumn = n if n > 0 else 1
     avg = total / sumn
     if sumn <= 1:
         sumn = 2
     rms = math.sqrt(sumsqr / (sumn - 1))
 
-    dev = sub.astype(np.float64).ravel() - avg
-    sumsqr2 = _seq_sum(dev * dev)
-    n2 = int(dev.size)
+    if _LIB is not None:
+        every = np.ascontiguousarray(sub, dtype=np.float32)
+        sumsqr2 = float(_LIB.tb_deviation_sq(every.ctypes.data, every.size, avg))
+    else:
+        dev = sub.astype(np.float64).ravel() - avg
+        sumsqr2 = _seq_sum(dev * dev)
+    n2 = int(sub.size)
     if n2 <= 1:
         n2 = 2
     rmsd = math.sqrt(sumsqr2 / (n2 - 1))
@@ -234,6 +249,14 @@ def int_image(image, scale: float, adc_offset: float = 40.0, roi=None,
         scale = intfile_scale(scale, max_I)
     out = np.zeros(img.shape, dtype=np.uint16)
     sy, sx = _roi_slices(roi, *img.shape)
+    from .noise import _LIB
+    if _LIB is not None:
+        vals = np.ascontiguousarray(img[sy, sx])
+        part = np.empty(vals.shape, dtype=np.uint16)
+        _LIB.tb_int_image(vals.ctypes.data, vals.size, float(scale), float(adc_offset), int(bool(fma)),
+                          part.ctypes.data)
+        out[sy, sx] = part
+        return out
     vals = img[sy, sx].astype(np.float64)
     if fma:
         test = _fma_np(vals, float(scale), float(adc_offset))
