@@ -109,7 +109,8 @@ def _planar(components: list[torch.Tensor]) -> torch.Tensor:
 def pixel_coordinates(plan: KernelPlan, idx: torch.Tensor, dtype) -> torch.Tensor:
     """(fast, slow) pixel numbers (2, P) of the flat indices `idx`; apart from
     the compiled stages, which would repeat the integer division per point."""
-    return torch.stack([idx % plan.fpixels, torch.div(idx, plan.fpixels, rounding_mode="floor")]).to(dtype)
+    slow = torch.div(idx, plan.fpixels, rounding_mode="floor")
+    return torch.stack([idx - slow * plan.fpixels, slow]).to(dtype)
 
 
 def sub_pixel_positions(plan: KernelPlan, pix: torch.Tensor, t: dict) -> torch.Tensor:
@@ -159,8 +160,8 @@ def point_factors(plan: KernelPlan, pix: torch.Tensor, t: dict):
     P, T = pix.shape[1], plan.layers
     incident, lam = t["incident"], t["lam"]
     pos = sub_pixel_positions(plan, pix, t)
-    sq = pos * pos
-    airpath = torch.sqrt(sq[..., 0] + sq[..., 1] + sq[..., 2])  # (T,Sub,P)
+    x, y, z = pos.unbind(-1)  # each contiguous
+    airpath = torch.sqrt(x * x + y * y + z * z)  # (T,Sub,P)
     diffracted = pos / airpath.unsqueeze(-1)
     d = diffracted.unsqueeze(-2)  # (T,Sub,P,1,3)
     valid = None

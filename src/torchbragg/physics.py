@@ -181,20 +181,22 @@ def sinc3(x: torch.Tensor) -> torch.Tensor:
 
 def polarization_factor(kahn: torch.Tensor, incident: torch.Tensor, diffracted: torch.Tensor,
                         axis: torch.Tensor) -> torch.Tensor:
-    """Kahn polarization correction for unit incident and diffracted rays;
-    `axis` is the E-vector direction of the source."""
-    cos2t = dot(incident, diffracted)
-    cos2t_sq = cos2t * cos2t
-    sin2t_sq = 1.0 - cos2t_sq
+    """Kahn polarization correction 0.5 (1 + cos^2 2theta - kahn cos 2psi
+    sin^2 2theta) for unit incident and unit diffracted rays; `axis` is the
+    E-vector direction of the source. In the frame (incident, E, B) a unit ray
+    has components (c, e, b), so cos 2psi sin^2 2theta = e^2 - b^2: no
+    angle, smooth gradients even along the beam."""
     b_in = unitize(cross(axis, incident))
     e_in = unitize(cross(incident, b_in))
-    e_out = dot(diffracted, e_in)
-    b_out = dot(diffracted, b_in)
-    # cos(2 psi) with psi = -atan2(B, E), written without atan2 for smooth gradients.
-    r2 = e_out * e_out + b_out * b_out
-    cos_2psi = torch.where(r2 > 0, (e_out * e_out - b_out * b_out) / torch.where(r2 > 0, r2, torch.ones_like(r2)),
-                           torch.ones_like(r2))
-    return 0.5 * (1.0 + cos2t_sq - kahn * cos_2psi * sin2t_sq)
+    frame = torch.stack(torch.broadcast_tensors(incident, e_in, b_in), -2)  # (..., 3 axes, 3)
+    if diffracted.dim() > 1 and diffracted.shape[-2] == 1 and frame.dim() == 3:
+        # rays (..., 1, 3) against sources (Src, 3): one product, component-major
+        proj = torch.mm(frame.reshape(-1, 3), diffracted.reshape(-1, 3).T)  # (Src * 3, rays)
+        proj = proj.view(frame.shape[0], 3, *diffracted.shape[:-2]).movedim(0, -1)  # (3, ..., Src)
+        c, e, b = proj.unbind(0)
+    else:
+        c, e, b = (dot(diffracted, v) for v in frame.unbind(-2))
+    return 0.5 * (1.0 + c * c - kahn * (e * e - b * b))
 
 
 def solid_angle(pixel_area: torch.Tensor, airpath: torch.Tensor, close_distance: torch.Tensor,
