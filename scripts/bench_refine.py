@@ -12,8 +12,9 @@ tests/test_refine_recovery.py.
   per still    seconds of the refinement, renders of the fit and of the
                curvature (Hessian), errors from the truth and success
   per render   forward+backward of the loss, timed on the region of interest
-               (what the fit renders) and on the full image, in the fit's
-               first precision (float32) after one warm-up
+               (what the fit renders) and on the full image, and the forward
+               alone on the full image (with its graph), in the fit's first
+               precision (float32) after one warm-up
   overall      seconds per refined still, shots per second (stills / summed
                refinement seconds), successes
 
@@ -126,9 +127,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_render(sim, data, mask, repeat: int, device: str) -> dict:
+def time_render(sim, data, mask, repeat: int, device: str, backward: bool = True) -> dict:
     """Forward+backward of the Poisson loss over `mask` in float32 (the fit's
-    first precision): min and median seconds over `repeat` runs after a warm-up."""
+    first precision), or the forward alone (building the same graph): min and
+    median seconds over `repeat` runs after a warm-up."""
     import copy
 
     import torch
@@ -149,7 +151,9 @@ def time_render(sim, data, mask, repeat: int, device: str) -> dict:
         model = functional_call(s, subs, ())
         extra = p.image_terms(s, x, model.shape)
         model = model if extra is None else model + extra
-        poisson_nll(model, d, mask).backward()
+        loss = poisson_nll(model, d, mask)
+        if backward:
+            loss.backward()
         sync(device)
         times.append(time.perf_counter() - t0)
     return {"min": min(times[1:]), "median": statistics.median(times[1:])}
@@ -175,6 +179,7 @@ def run_still(k: int, rotation, opts, rng) -> dict:
     row["roi_pixels"] = int(roi.sum())
     row["render_roi_s"] = time_render(sim, data, roi, opts.repeat, opts.device)
     row["render_full_s"] = time_render(sim, data, torch.ones_like(roi), opts.repeat, opts.device)
+    row["forward_full_s"] = time_render(sim, data, torch.ones_like(roi), opts.repeat, opts.device, backward=False)
     t0 = time.perf_counter()
     result = refine(sim, data, GROUPS, roi=roi, max_iter=opts.max_iter)
     sync(opts.device)
@@ -202,7 +207,7 @@ def table(head: list[str], rows: list[list[str]]) -> list[str]:
 STILL_COLUMNS = ["still", "s", "fit renders", "hessian renders", "misorientation deg", "cell %", "angle deg",
                  "N %", "beam centre px", "scale %", "success"]
 SUMMARY_COLUMNS = ["stills", "device", "s/still", "fit renders/still", "hessian renders/still",
-                   "fwd+bwd ROI s", "fwd+bwd full s", "ROI px", "success", "shots/s"]
+                   "fwd+bwd ROI s", "fwd full s", "fwd+bwd full s", "fwd+bwd/fwd", "ROI px", "success", "shots/s"]
 
 
 def summarize(report: dict) -> dict:
@@ -216,6 +221,8 @@ def summarize(report: dict) -> dict:
         "hessian_renders_per_still": statistics.mean(r["hessian_renders"] for r in rows),
         "render_roi_s": statistics.median(r["render_roi_s"]["min"] for r in rows),
         "render_full_s": statistics.median(r["render_full_s"]["min"] for r in rows),
+        "forward_full_s": statistics.median(r["forward_full_s"]["min"] for r in rows),
+        "backward_ratio": statistics.median(r["render_full_s"]["min"] / r["forward_full_s"]["min"] for r in rows),
         "roi_pixels": statistics.median(r["roi_pixels"] for r in rows),
         "successes": sum(r["success"] for r in rows), "shots_per_second": len(rows) / seconds,
     }
@@ -239,7 +246,8 @@ def print_tables(report: dict) -> None:
         print()
         print("\n".join(table(SUMMARY_COLUMNS, [[
             str(s["stills"]), report["device"], fmt(s["seconds_per_still"], ".1f"), fmt(s["renders_per_still"], ".0f"),
-            fmt(s["hessian_renders_per_still"], ".0f"), fmt(s["render_roi_s"], ".4f"), fmt(s["render_full_s"], ".4f"),
+            fmt(s["hessian_renders_per_still"], ".0f"), fmt(s["render_roi_s"], ".4f"),
+            fmt(s["forward_full_s"], ".4f"), fmt(s["render_full_s"], ".4f"), fmt(s["backward_ratio"], ".2f"),
             fmt(s["roi_pixels"], ".0f"), f"{s['successes']}/{s['stills']}", fmt(s["shots_per_second"], ".4f")]])))
     limits = ", ".join(f"{k} < {v:g}" for k, v in SUCCESS.items())
     print(f"(success: {limits}; fwd+bwd: minimum over {report['repeat']} runs, float32, median over stills)")

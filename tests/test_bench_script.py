@@ -89,7 +89,7 @@ def test_refine_bench_tiny_run(tmp_path):
     lines = r.stdout.splitlines()
     for columns in (["still", "s", "fit renders", "hessian renders", "misorientation deg", "success"],
                     ["stills", "device", "s/still", "fit renders/still", "hessian renders/still", "fwd+bwd ROI s",
-                     "fwd+bwd full s", "success", "shots/s"]):
+                     "fwd full s", "fwd+bwd full s", "fwd+bwd/fwd", "success", "shots/s"]):
         header = next(line for line in lines if line.startswith(columns[0] + "  "))
         assert [c for c in columns if c not in header] == []
     summary = lines[lines.index(next(line for line in lines if line.startswith("stills  "))) + 2].split()
@@ -97,4 +97,5 @@ def test_refine_bench_tiny_run(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["summary"]["stills"] == 1 and doc["stills"][0]["renders"] > 0
     assert doc["stills"][0]["render_roi_s"]["min"] > 0 and doc["stills"][0]["render_full_s"]["min"] > 0
+    assert doc["stills"][0]["forward_full_s"]["min"] > 0 and doc["summary"]["backward_ratio"] > 0
     assert "-detpixels" in doc["case"] and doc["case"][doc["case"].index("-detpixels") + 1] == "48"
