@@ -99,3 +99,27 @@ def test_refine_bench_tiny_run(tmp_path):
     assert doc["stills"][0]["render_roi_s"]["min"] > 0 and doc["stills"][0]["render_full_s"]["min"] > 0
     assert doc["stills"][0]["forward_full_s"]["min"] > 0 and doc["summary"]["backward_ratio"] > 0
     assert "-detpixels" in doc["case"] and doc["case"][doc["case"].index("-detpixels") + 1] == "48"
+
+
+# ----------------------------------------------------------------------------- scripts/bench_device.py
+
+DEVICE_SCRIPT = SCRIPT.parent / "bench_device.py"
+
+
+def test_device_bench_bad_options():
+    for args, message in ((["--rows", "nope"], "--rows"), (["--dtypes", "float16"], "--dtypes"),
+                          (["--images", "0"], "at least 1"), (["--device", "tpu"], "use cpu or cuda")):
+        r = subprocess.run([sys.executable, str(DEVICE_SCRIPT), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_device_bench_tiny_run(tmp_path):
+    out = tmp_path / "device.json"
+    r = subprocess.run([sys.executable, str(DEVICE_SCRIPT), "--device", "cpu", "--images", "1", "--repeat", "1",
+                        "--dtypes", "float32", "--rows", "series,fwd,fwd+bwd", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "fwd+bwd / fwd:" in r.stdout and "series" in r.stdout
+    doc = json.loads(out.read_text())
+    s = doc["seconds"]["float32"]
+    assert set(s) == {"series", "fwd", "fwd+bwd"} and all(v > 0 for v in s.values())
