@@ -300,15 +300,20 @@ class _SquareLatticeSq(torch.autograd.Function):
         hkl, n = ctx.saved_tensors
         if not torch.is_grad_enabled():
             return _square_lattice_grads_blocked(hkl, n, grad, ctx.needs_input_grad)
-        nn_ = _per_component(n, hkl)
-        g, dg_dh, dg_dn = _grating(hkl - torch.round(hkl), nn_)
-        twice = 2 * grad * (g[0] * g[1] * g[2])
-        others = torch.stack([g[1] * g[2], g[0] * g[2], g[0] * g[1]]) * twice  # d F / d g_j
+        others, dg_dh, dg_dn = _square_lattice_chain(hkl, n, grad)
         grad_hkl = others * dg_dh if ctx.needs_input_grad[0] else None
         grad_n = None
         if ctx.needs_input_grad[1]:
             grad_n = (others * dg_dn).reshape(3, -1).sum(1).reshape(n.shape)
         return grad_hkl, grad_n
+
+
+def _square_lattice_chain(hkl, n, grad):
+    """grad times d F_latt^2 / d g_j (3, ...), and the gratings' dg/dh and
+    dg/dN, at indices `hkl` stacked component first."""
+    g, dg_dh, dg_dn = _grating(hkl - torch.round(hkl), _per_component(n, hkl))
+    twice = 2 * grad * (g[0] * g[1] * g[2])
+    return torch.stack([g[1] * g[2], g[0] * g[2], g[0] * g[1]]) * twice, dg_dh, dg_dn
 
 
 # grid points per block of a first-order backward: its dozen temporaries stay in cache
@@ -319,14 +324,11 @@ def _square_lattice_grads_blocked(hkl, n, grad, needs):
     """The first derivatives of _SquareLatticeSq, in blocks of grid points."""
     flat = hkl.reshape(3, -1)
     g_out = grad.expand(hkl.shape[1:]).reshape(-1)
-    nn_ = n.reshape(3, 1)
     grad_hkl = torch.empty_like(flat) if needs[0] else None
     grad_n = torch.zeros(3, dtype=hkl.dtype, device=hkl.device) if needs[1] else None
     for a in range(0, flat.shape[1], _BACKWARD_BLOCK):
-        h = flat[:, a:a + _BACKWARD_BLOCK]
-        g, dg_dh, dg_dn = _grating(h - torch.round(h), nn_)
-        twice = 2 * g_out[a:a + _BACKWARD_BLOCK] * (g[0] * g[1] * g[2])
-        others = torch.stack([g[1] * g[2], g[0] * g[2], g[0] * g[1]]).mul_(twice)
+        others, dg_dh, dg_dn = _square_lattice_chain(flat[:, a:a + _BACKWARD_BLOCK], n,
+                                                     g_out[a:a + _BACKWARD_BLOCK])
         if grad_hkl is not None:
             torch.mul(others, dg_dh, out=grad_hkl[:, a:a + _BACKWARD_BLOCK])
         if grad_n is not None:
