@@ -25,6 +25,7 @@ Usage: python scripts/bench.py [--cases 1,3] [--repeat N] [--dtype float64]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -157,6 +158,21 @@ def run_measured(cmd: list[str], cwd: Path, env: dict | None = None,
     scale = 1.0 / (1024 * 1024) if sys.platform == "darwin" else 1.0 / 1024
     return {"wall_s": wall, "rc": proc.returncode, "rss_mb": ru.ru_maxrss * scale,
             "stderr": (cwd / "stderr.txt").read_text(errors="replace")[-500:]}
+
+
+@contextlib.contextmanager
+def revision_tree(rev: str, path: Path):
+    """A detached worktree of git revision `rev` at `path` for the duration;
+    ValueError when git cannot make it."""
+    r = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), rev],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ValueError(f"--against {rev}: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fresh_dir(base: Path, name: str) -> Path:
@@ -312,15 +328,14 @@ def main(argv=None) -> int:
               "cpus": os.cpu_count(), "repeat": opts.repeat, "dtype": opts.dtype,
               "tb_extra": tb_extra, "c_bin": c_bin, "compile": env.get("TORCHBRAGG_COMPILE"), "cases": []}
     failed = False
-    with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp, contextlib.ExitStack() as trees:
         scratch = Path(tmp)
         base_env = None
         if opts.against:
-            tree = scratch / "against"
-            r = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree),
-                                opts.against], capture_output=True, text=True)
-            if r.returncode != 0:
-                p.error(f"--against {opts.against}: {r.stderr.strip()}")
+            try:
+                tree = trees.enter_context(revision_tree(opts.against, scratch / "against"))
+            except ValueError as exc:
+                p.error(str(exc))
             base_env = torchbragg_env(tree)
             if opts.compile is not None:
                 base_env["TORCHBRAGG_COMPILE"] = opts.compile
@@ -379,9 +394,6 @@ def main(argv=None) -> int:
                 print(f"  FAILED: {exc}", flush=True)
             report["cases"].append(row)
 
-        if base_env is not None:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(scratch / "against")],
-                           capture_output=True)
         if not opts.skip_quick:
             try:
                 report["quick"] = quick_checks(env, scratch, max(opts.repeat, 3))

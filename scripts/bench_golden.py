@@ -14,9 +14,8 @@ Prints one row per case (minimum over the runs) and the worst ratio; exits
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,38 +39,32 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown case(s) {unknown}")
     rows, failed = [], False
-    with tempfile.TemporaryDirectory(prefix="tb-golden-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tb-golden-") as tmp, contextlib.ExitStack() as trees:
         scratch = Path(tmp)
-        tree = scratch / "against"
-        r = subprocess.run(["git", "-C", str(bench.ROOT), "worktree", "add", "--detach", "-q", str(tree),
-                            opts.against], capture_output=True, text=True)
-        if r.returncode != 0:
-            p.error(f"--against {opts.against}: {r.stderr.strip()}")
-        envs = {"tb": bench.torchbragg_env(), opts.against: bench.torchbragg_env(tree)}
         try:
-            for name in names:
-                times = {k: [] for k in envs}
-                for _ in range(opts.repeat):
-                    for label, env in envs.items():
-                        d = bench.fresh_dir(scratch, "run")
-                        golden.materialize(name, d)
-                        args = golden.args(name) + ["-floatfile", "float.bin", "-nopgm"]
-                        res = bench.run_measured([sys.executable, "-m", "torchbragg"] + args, d, env)
-                        if res["rc"] != 0:
-                            print(f"{name}: {label} failed (status {res['rc']}): {res['stderr']}", file=sys.stderr)
-                            failed = True
-                        times[label].append(res["wall_s"])
-                row = {"case": name, "tb_s": min(times["tb"]), "against_s": min(times[opts.against]),
-                       "c_s": golden.MANIFEST[name].get("c_seconds")}
-                row["ratio"] = row["tb_s"] / row["against_s"]
-                rows.append(row)
-                c = "" if row["c_s"] is None else f"{row['c_s']:.3f}"
-                print(f"{name:32s} {row['tb_s']:7.3f} {row['against_s']:7.3f} {row['ratio']:6.2f} {c:>7s}",
-                      flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(bench.ROOT), "worktree", "remove", "--force", str(tree)],
-                           capture_output=True)
-            shutil.rmtree(tree, ignore_errors=True)
+            tree = trees.enter_context(bench.revision_tree(opts.against, scratch / "against"))
+        except ValueError as exc:
+            p.error(str(exc))
+        envs = {"tb": bench.torchbragg_env(), opts.against: bench.torchbragg_env(tree)}
+        for name in names:
+            times = {k: [] for k in envs}
+            for _ in range(opts.repeat):
+                for label, env in envs.items():
+                    d = bench.fresh_dir(scratch, "run")
+                    golden.materialize(name, d)
+                    args = golden.args(name) + ["-floatfile", "float.bin", "-nopgm"]
+                    res = bench.run_measured([sys.executable, "-m", "torchbragg"] + args, d, env)
+                    if res["rc"] != 0:
+                        print(f"{name}: {label} failed (status {res['rc']}): {res['stderr']}", file=sys.stderr)
+                        failed = True
+                    times[label].append(res["wall_s"])
+            row = {"case": name, "tb_s": min(times["tb"]), "against_s": min(times[opts.against]),
+                   "c_s": golden.MANIFEST[name].get("c_seconds")}
+            row["ratio"] = row["tb_s"] / row["against_s"]
+            rows.append(row)
+            c = "" if row["c_s"] is None else f"{row['c_s']:.3f}"
+            print(f"{name:32s} {row['tb_s']:7.3f} {row['against_s']:7.3f} {row['ratio']:6.2f} {c:>7s}",
+                  flush=True)
     worst = max(rows, key=lambda r: r["ratio"])
     total_tb, total_against = sum(r["tb_s"] for r in rows), sum(r["against_s"] for r in rows)
     print(f"\ncolumns: case, tb command s, {opts.against} command s, tb/{opts.against}, original's recorded s")
