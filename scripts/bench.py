@@ -3,7 +3,7 @@
 
 Every measurement runs in a fresh subprocess inside a scratch folder:
 
-  render   time of torchbragg.cli.main(argv + ['-floatfile', tmp, '-nonoise',
+  render   time of torchbragg.commands.nanobragg.main(argv + ['-floatfile', tmp, '-nonoise',
            '-nopgm']) inside a
            child process, after its imports
   command  wall time of `python -m torchbragg ...` as a whole process
@@ -65,9 +65,9 @@ RENDER_CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch  # the render time excludes imports, as the original's has none
-import torchbragg.cli as cli
+import torchbragg.commands.nanobragg as cli
 import torchbragg.outputs, torchbragg.simulator
-for name in ("torchbragg.nanobragg", "torchbragg.build"):  # the factory (older trees: build)
+for name in ("torchbragg.build.nanobragg", "torchbragg.build"):  # the factory (older trees: build)
     try:
         __import__(name)
     except ImportError:
@@ -193,7 +193,7 @@ def bench_render(argv, scratch: Path, env) -> dict:
         raise RuntimeError(f"torchbragg render failed (status {r['rc']}): {r['stderr']}")
     info = json.loads(out.read_text())
     if info["rc"] not in (0, None):
-        raise RuntimeError(f"torchbragg.cli.main returned {info['rc']}: {r['stderr']}")
+        raise RuntimeError(f"torchbragg.commands.nanobragg.main returned {info['rc']}: {r['stderr']}")
     info["rss_mb"] = r["rss_mb"]
     return info
 
@@ -243,7 +243,7 @@ def bench_sweep(n: int, scratch: Path, env, c_bin, tb_extra) -> dict:
                                     "exposure_time": [1.0] * n, "epochs": [0.0] * n}
     (d / "sweep.expt").write_text(json.dumps(doc))
     physics = ["-N", "10", "-default_F", "100", "-phisteps", str(SWEEP_PHISTEPS), "-seed", "1"]
-    r = run_measured([sys.executable, "-m", "torchbragg.tool", "simulate", str(d / "sweep.expt"), "--out",
+    r = run_measured([sys.executable, "-m", "torchbragg.commands.tool", "simulate", str(d / "sweep.expt"), "--out",
                       str(d / "tb"), "--quiet", "--format", "smv"] + physics + tb_extra, d, env)
     if r["rc"] != 0:
         raise RuntimeError(f"torchbragg simulate failed: {r['stderr']}")

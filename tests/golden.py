@@ -71,7 +71,7 @@ def materialize(case: str, folder: Path) -> Path:
 
 def run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
     """Run the nanoBragg command in-process in `cwd`; returns (status, stdout)."""
-    from torchbragg.cli import main
+    from torchbragg.commands.nanobragg import main
     old = os.getcwd()
     buf = io.StringIO()
     try:

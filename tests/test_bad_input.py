@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from torchbragg.cli import main
+from torchbragg.commands.nanobragg import main
 
 GOOD = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "10", "-N", "2", "-detpixels", "16",
         "-nonoise", "-nopgm"]
@@ -104,7 +104,7 @@ def test_help_lists_every_flag(capsys):
 def test_help_and_errors_do_not_import_torch():
     """A fresh process answers -h, a bad flag and a missing file without
     importing torch (what keeps them fast; scripts/bench.py times them)."""
-    code = ("import sys; from torchbragg.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from torchbragg.commands.nanobragg import main; rc = main(sys.argv[1:]); "
             "print('torch' in sys.modules); sys.exit(rc)")
     for argv, status in ((["-h"], 0), (["-cell", "1", "-oops"], 2),
                          (["-cell", "1", "-default_F", "1", "-hkl", "/no/such.hkl"], 2)):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import torchbragg
-from torchbragg.dials import Experiment, experiments_from_dict
+from torchbragg.io.dials import Experiment, experiments_from_dict
 from torchbragg.io.cbf import pilatus_header, write_minicbf
 
 PX = 0.172

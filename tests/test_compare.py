@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from torchbragg import compare
+from torchbragg.commands import compare
 from torchbragg.io.png import PNG_SIGNATURE, diff_preview, encode_png, preview, write_png
 
 ARGS = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-detpixels", "8"]

@@ -16,8 +16,8 @@ import pytest
 
 import golden
 from torchbragg import dataset as ds
-from torchbragg.dials import read_experiments
-from torchbragg.simulate import run
+from torchbragg.io.dials import read_experiments
+from torchbragg.commands.simulate import run
 
 GEOMETRY = ["-cell", "70", "80", "90", "75", "85", "95", "-lambda", "1.2", "-distance", "100", "-detpixels", "64",
             "-misset", "10", "20", "30", "-pixel", "0.2"]
@@ -72,7 +72,7 @@ def test_sweep_equals_single_nanobragg_runs(sweep):
 
 
 def test_resume_after_a_kill_completes_the_set(sweep):
-    argv = [sys.executable, "-m", "torchbragg.tool", "simulate", "sweep.expt", "--out", "k", "--quiet",
+    argv = [sys.executable, "-m", "torchbragg.commands.tool", "simulate", "sweep.expt", "--out", "k", "--quiet",
             "--format", "smv", *PHYSICS, "-N", "12", "-oversample", "6"]
     proc = subprocess.Popen(argv, cwd=sweep, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
@@ -151,7 +151,7 @@ def test_orientations_file_and_spectra_with_weights(sweep):
 
 
 def test_bad_dataset_options_are_one_line(sweep, capsys):
-    from torchbragg.simulate import main
+    from torchbragg.commands.simulate import main
     (sweep / "bad.txt").write_text("1 2\n")
     for argv, words in ((["--format", "tiff"], "unknown --format 'tiff'"),
                         (["--stills", "0"], "--stills expects"),

@@ -3,7 +3,7 @@
 import numpy as np
 
 from torchbragg.io.smv import read_smv
-from torchbragg.tool import main
+from torchbragg.commands.tool import main
 
 
 def test_demo_writes_all_images(tmp_path, capsys):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchbragg.dials import experiments_from_dict, experiments_to_dict, read_experiments, write_experiments
+from torchbragg.io.dials import experiments_from_dict, experiments_to_dict, read_experiments, write_experiments
 from torchbragg.errors import InputError
 
 DATA = Path(__file__).parent / "data" / "dials"

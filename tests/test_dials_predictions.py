@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 import torch
 
-from torchbragg.dials import Experiment, read_experiments
+from torchbragg.io.dials import Experiment, read_experiments
 from torchbragg.flags import parse_args
 from torchbragg.models import Detector, Frame, Panel
-from torchbragg.simulate import build_from_experiment
+from torchbragg.build.experiment import build_from_experiment
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "dials")
 EXPT = os.path.join(DATA, "thaum_0500_still.expt")

@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from torchbragg import gradaudit
+from torchbragg.commands import gradcheck as gradaudit
 
 CHECKS = "torchbragg/checks/gradients.py"
 ONE = f"{CHECKS}::test_gradcheck[detector.panels.0.frame.distance]"
 FILES = ("report.md", "gradcheck.log", "collect_only.log", "commands.txt", "env.json", "sha256.txt")
-PACKAGE = Path(gradaudit.__file__).resolve().parent
+PACKAGE = Path(gradaudit.__file__).resolve().parent.parent
 
 
 def _snapshot(folder):
@@ -82,7 +82,7 @@ def test_audit_runs_from_an_installed_package(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHBRAGG_", "PYTEST_"))}
     env["PYTHONPATH"] = str(site)
     out = work / "bundle"
-    cmd = [sys.executable, "-c", "import sys; from torchbragg.tool import main; sys.exit(main())",
+    cmd = [sys.executable, "-c", "import sys; from torchbragg.commands.tool import main; sys.exit(main())",
            "gradcheck", "--out", str(out), "--tests", "test_gradcheck[beam.wavelength]"]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

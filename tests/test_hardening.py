@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import torchbragg
-from torchbragg.cli import main
+from torchbragg.commands.nanobragg import main
 from torchbragg.errors import InputError
 
 GOOD = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "10", "-N", "2", "-detpixels", "16",
@@ -353,7 +353,7 @@ def test_unwritable_dumpfile_is_a_warning(dump, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("out", ["/dev/null/x", "/proc/version/demo"])
 def test_demo_into_an_impossible_folder(out, capsys):
-    from torchbragg.tool import main as tool
+    from torchbragg.commands.tool import main as tool
     assert tool(["demo", "--out", out]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "cannot create the folder" in err and "Traceback" not in err
@@ -385,7 +385,7 @@ ARGS8 = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "1", "-de
     (["--py-bin", ""], "--py-bin is empty"),
 ])
 def test_compare_bad_py_cmd_is_one_line(opts, words, tmp_path, capsys, monkeypatch):
-    from torchbragg import compare
+    from torchbragg.commands import compare
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NB_PY_BIN", raising=False)
     c = _stand_in(tmp_path, "c_prog", "1.0")
@@ -397,7 +397,7 @@ def test_compare_bad_py_cmd_is_one_line(opts, words, tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("c_value,py_value", [("1.0", "np.nan"), ("np.nan", "1.0"), ("1.0", "np.inf"),
                                               ("np.nan", "np.nan")])
 def test_compare_refuses_non_finite_images(c_value, py_value, tmp_path, capsys, monkeypatch):
-    from torchbragg import compare
+    from torchbragg.commands import compare
     monkeypatch.chdir(tmp_path)
     c, py = _stand_in(tmp_path, "c_prog", c_value), _stand_in(tmp_path, "py_prog", py_value)
     rc = compare.main(["--outdir", str(tmp_path / "o"), "--c-bin", c, "--py-bin", py, "--"] + ARGS8)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchbragg import Simulator, kernels
-from torchbragg.gradaudit import _uses_compile
+from torchbragg.commands.gradcheck import _uses_compile
 
 BASE = "-cell 70 80 90 75 85 95 -N 4 -lambda 1.0 -pixel 0.2 -distance 60 -detpixels 24 -Xbeam 2 -Ybeam 2"
 HKL = "\n".join(f"{h} {k} {l} {20 + 3 * h + 5 * k + 7 * l + (h * k * l) % 11}"

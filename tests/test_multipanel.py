@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from torchbragg import simulate
-from torchbragg.dials import experiments_from_dict, read_experiments, write_experiments
+from torchbragg.commands import simulate
+from torchbragg.io.dials import experiments_from_dict, read_experiments, write_experiments
 from torchbragg.flags import parse_args
-from torchbragg.simulate import build_from_experiment
+from torchbragg.build.experiment import build_from_experiment
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "dials")
 

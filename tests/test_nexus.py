@@ -13,7 +13,7 @@ h5py = pytest.importorskip("h5py")
 nxmx = pytest.importorskip("nxmx")
 
 import torchbragg  # noqa: E402
-from torchbragg.dials import Experiment, experiments_from_dict  # noqa: E402
+from torchbragg.io.dials import Experiment, experiments_from_dict  # noqa: E402
 from torchbragg.io.nexus import NXmxWriter, mcstas_rotation, write_nxmx  # noqa: E402
 
 DIALS_TO_MCSTAS = np.diag([-1.0, 1.0, -1.0])

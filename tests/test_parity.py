@@ -94,7 +94,7 @@ def test_counts_match_original(case, rendered):
 def physics_flags(argv: list[str]) -> list[str]:
     """The flags of a nanoBragg command that an experiment file cannot hold."""
     from torchbragg.flags import FLAG_BY_NAME
-    from torchbragg.simulate import GEOMETRY_FLAGS
+    from torchbragg.commands.options import GEOMETRY_FLAGS
     kept, i = [], 0
     while i < len(argv):
         name, spec = argv[i], FLAG_BY_NAME[argv[i]]
@@ -121,7 +121,7 @@ def test_experiment_round_trip(case, tmp_path):
     import os
     from contextlib import redirect_stdout
 
-    from torchbragg.simulate import run
+    from torchbragg.commands.simulate import run
     folder = golden.materialize(case, tmp_path / case)
     rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise", "-dtype",
                                                    "float64", "-write_expt", "run.expt"], folder)

@@ -11,10 +11,10 @@ import re
 import numpy as np
 import pytest
 
-from torchbragg.cli import main as nanobragg
-from torchbragg.dials import read_experiments
-from torchbragg.refine.cli import misorientation, read_image
-from torchbragg.tool import main as tool
+from torchbragg.commands.nanobragg import main as nanobragg
+from torchbragg.io.dials import read_experiments
+from torchbragg.commands.refine import misorientation, read_image
+from torchbragg.commands.tool import main as tool
 
 SIM = ("-cell 60 70 80 90 90 90 -misset 10 20 30 -default_F 100 -N 12 -lambda 1 -distance 80 "
        "-detpixels 128 -pixel 0.2 -oversample 1 -fluence 1e26").split()
@@ -202,7 +202,7 @@ def test_read_cbf(tmp_path, experiment):
 
 
 def test_read_nexus(tmp_path, experiment):
-    from torchbragg.dials import Experiment
+    from torchbragg.io.dials import Experiment
     from torchbragg.io.nexus import NXmxWriter
     first, second = counts(), counts() * 2
     still = Experiment(beam=experiment.beam, detector=experiment.detector, crystal=experiment.crystal)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from torchbragg.cli import main as nanobragg
-from torchbragg.dials import read_experiments
-from torchbragg.refine.cli import misorientation, parse, plan_shots
-from torchbragg.tool import main as tool
+from torchbragg.commands.nanobragg import main as nanobragg
+from torchbragg.io.dials import read_experiments
+from torchbragg.commands.refine import misorientation, parse, plan_shots
+from torchbragg.commands.tool import main as tool
 
 # broad spots (small N, long wavelength) on a tiny detector: a smooth loss, cheap renders
 GEOMETRY = "-cell 100 110 120 90 90 90 -misset 10 20 30 -lambda 1.5 -distance 50 -detpixels 64 -pixel 0.25".split()

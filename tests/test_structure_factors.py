@@ -14,7 +14,7 @@ import torch
 gemmi = pytest.importorskip("gemmi")
 
 from torchbragg import Simulator  # noqa: E402
-from torchbragg.cli import main  # noqa: E402
+from torchbragg.commands.nanobragg import main  # noqa: E402
 from torchbragg.io.structure_factors import model_structure_factors, read_mtz  # noqa: E402
 
 CELLS = {"P 1": (20, 22, 24, 80, 85, 95), "P 21 21 21": (20, 22, 24, 90, 90, 90), "P 4 3 2": (22, 22, 22, 90, 90, 90),
@@ -281,7 +281,7 @@ def test_model_renders_and_resolution_default(tmp_path):
     st.write_pdb(path)
     image = render(geometry(CELLS[sg]) + ["-model", path])
     assert np.isfinite(image).all() and image.sum() > 0
-    from torchbragg.nanobragg import build_from_args
+    from torchbragg.build.nanobragg import build_from_args
     _, info = build_from_args(geometry(CELLS[sg]) + ["-model", path, "-dmin", "4"])
     assert any("to 4 A" in m for m in info.messages)
     _, info = build_from_args(geometry(CELLS[sg]) + ["-model", path, "-model_dmin", "3.5"])
@@ -291,7 +291,7 @@ def test_model_renders_and_resolution_default(tmp_path):
 # ----------------------------------------------------------------------------- torchbragg simulate
 
 def test_simulate_reads_mtz(tmp_path, monkeypatch):
-    from torchbragg.simulate import run
+    from torchbragg.commands.simulate import run
     monkeypatch.chdir(tmp_path)
     path, rows, _ = anomalous_mtz(tmp_path)
     cell = CELLS["P 21 21 21"]

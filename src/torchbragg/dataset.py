@@ -200,7 +200,7 @@ class Renderer:
 
     def simulator(self, k: int):
         if k not in self._sims:
-            from .simulate import build_from_experiment
+            from .build.experiment import build_from_experiment
             sim, info = build_from_experiment(self.experiments[k], self.cfg, self.dtype, self.device)
             self._sims[k] = (sim, sim.crystal.U.detach().clone(), sim.beam)
         return self._sims[k]
@@ -227,7 +227,7 @@ class Renderer:
         """The experiment of a shot as rendered (crystal turned for stills)."""
         import torch
 
-        from .dials import Experiment
+        from .io.dials import Experiment
         from .models import Crystal
         e = self.experiments[shot.experiment]
         if shot.image is None and e.scan is not None:
@@ -355,7 +355,7 @@ def _worker(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> 
     import torch
     if threads:
         torch.set_num_threads(threads)
-    from .dials import read_experiments
+    from .io.dials import read_experiments
     from .flags import parse_args
     renderer = Renderer(read_experiments(dataset.expt_path), parse_args(dataset.flags), dataset.dtype,
                         dataset.device)
@@ -371,7 +371,7 @@ def pending(dataset: Dataset, resume: bool) -> list[Shot]:
 def images(expt_path: str, flags: list[str] | None = None, **plan_kw):
     """The dataset as a generator of (shot, float image (panels, slow, fast)),
     for code that consumes images directly."""
-    from .dials import read_experiments
+    from .io.dials import read_experiments
     from .flags import parse_args
     experiments = read_experiments(expt_path)
     renderer = Renderer(experiments, parse_args(list(flags or [])))

@@ -114,12 +114,12 @@ class Simulator(nn.Module):
     @classmethod
     def from_args(cls, argv: list[str], dtype=None, device=None, **kw) -> "Simulator":
         """A simulator for nanoBragg flags (panel 0 is the original's detector)."""
-        from .nanobragg import build_from_args
+        from .build.nanobragg import build_from_args
         return build_from_args(argv, dtype=dtype, device=device, **kw)[0]
 
     @classmethod
     def from_config(cls, cfg, dtype=None, device=None, **kw) -> "Simulator":
-        from .nanobragg import build_from_config
+        from .build.nanobragg import build_from_config
         return build_from_config(cfg, dtype=dtype, device=device, **kw)[0]
 
     @property

@@ -34,7 +34,7 @@ def demo(argv: list[str]) -> int:
     except OSError as exc:
         print(f"torchbragg: error: cannot create the folder {out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    from .cli import main as nanobragg
+    from .nanobragg import main as nanobragg
     files = {"-floatfile": "demo.bin", "-intfile": "demo.img", "-noisefile": "noise.img",
              "-pgmfile": "demo.pgm"}
     args = list(DEMO_ARGS)
@@ -46,8 +46,8 @@ def demo(argv: list[str]) -> int:
         return rc
     import numpy as np
 
-    from .errors import InputError
-    from .io.png import preview, write_png
+    from ..errors import InputError
+    from ..io.png import preview, write_png
     try:
         image = np.fromfile(os.path.join(out, "demo.bin"), "<f4").reshape(512, 512)
         write_png(os.path.join(out, "demo.png"), preview(image))
@@ -71,20 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "demo":
         return demo(rest)
     if cmd == "gradcheck":
-        from .gradaudit import main as gradcheck
+        from .gradcheck import main as gradcheck
         return gradcheck(rest)
     if cmd == "simulate":
         from .simulate import main as simulate
         return simulate(rest)
     if cmd == "refine":
-        from .refine.cli import main as refine
+        from .refine import main as refine
         return refine(rest)
     if cmd == "render":
-        from .cli import main as nanobragg
+        from .nanobragg import main as nanobragg
         return nanobragg(rest)
     if cmd == "bench":
         import runpy
-        script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench.py")
+        script = os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts", "bench.py")
         if not os.path.exists(script):
             print("torchbragg bench needs the source checkout (scripts/bench.py)", file=sys.stderr)
             return 2

@@ -92,7 +92,7 @@ Shot = namedtuple("Shot", "experiment path index number")
 # ----------------------------------------------------------------------------- arguments
 
 def parse(argv: list[str]) -> dict:
-    from ..simulate import refuse_geometry, split_options
+    from .options import refuse_geometry, split_options
     opts = dict(expt=None, images=None, out=None, refine=None, experiment=None, image=None, adc_offset="0",
                 loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[])
     valued = ("--out", "--refine", "--experiment", "--image", "--images", "--adc-offset", "--loss", "--read-noise",
@@ -152,7 +152,7 @@ def parse_experiments(text: str | None) -> list[int] | None:
 
 
 def parse_groups(text: str | None) -> list[str]:
-    from .parameters import GROUPS
+    from ..refine.parameters import GROUPS
     if text is None:
         return list(DEFAULT_GROUPS)
     names = []
@@ -383,7 +383,7 @@ def refined_experiment(experiment, sim, groups):
 
     import torch
 
-    from ..dials import Experiment
+    from ..io.dials import Experiment
     from ..models import Crystal
     given = experiment.crystal
     with torch.no_grad():
@@ -406,7 +406,7 @@ def refined_experiments(experiments, refined, groups) -> list:
     (experiment index, its simulator after the fit). A model that several
     experiments share in the file is replaced by one refined model, so it
     stays shared when written."""
-    from ..dials import Experiment
+    from ..io.dials import Experiment
     swap = {}
     for k, sim in refined:
         e = experiments[k]
@@ -484,7 +484,7 @@ def run(argv: list[str], out=None) -> int:
     from ..flags import parse_args
     cfg = parse_args(opts["flags"])
 
-    from ..dials import read_experiments
+    from ..io.dials import read_experiments
 
     experiments = read_experiments(opts["expt"])
     shots = plan_shots(opts, experiments)
@@ -505,7 +505,7 @@ def _region(sim, data, valid, what):
     """The region of interest of one image from its start model (a bool tensor)."""
     import torch
 
-    from .roi import roi_mask
+    from ..refine.roi import roi_mask
     with torch.no_grad():
         start_model = sim().detach()
         roi = roi_mask(sim, data.to(start_model), model=start_model).cpu() & valid
@@ -530,8 +530,8 @@ def run_one(opts, cfg, experiments, shot, image, argv, out) -> int:
     """One image: the single-image refiner."""
     import torch
 
-    from ..simulate import build_from_experiment
-    from .refiner import refine
+    from ..build.experiment import build_from_experiment
+    from ..refine.refiner import refine
 
     k, path, number = shot.experiment, shot.path, shot.number
     experiment = experiments[k]
@@ -561,7 +561,7 @@ def run_one(opts, cfg, experiments, shot, image, argv, out) -> int:
         listed = refined_experiments(experiments, [(k, sim)], opts["groups"])
         final_real = listed[k].crystal.real_vectors().detach().double().cpu().numpy()
         doc = summary_document(opts, k, path, number, result, seconds, start_real, final_real)
-        from .report import build_report
+        from ..refine.report import build_report
         files = build_report(doc, result, data, model, valid, roi.numpy(), opts["spots"])
         files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
         write_outputs(opts, experiments, listed, files, argv)
@@ -581,7 +581,7 @@ def image_simulators(experiments, shots, cfg) -> list:
     rendering its own scan image, so the crystal is shared. Several
     experiments: each its own models (beams included, so each still keeps its
     own refined scale)."""
-    from ..simulate import build_from_experiment
+    from ..build.experiment import build_from_experiment
     from ..simulator import Simulator
     sims = []
     if len({s.experiment for s in shots}) == 1:
@@ -606,8 +606,8 @@ def run_many(opts, cfg, experiments, shots, images, argv, out) -> int:
     every group shared, or several stills with crystal groups per image."""
     import torch
 
-    from .joint import refine_joint
-    from .report import FIGURE_IMAGES, build_joint_report
+    from ..refine.joint import refine_joint
+    from ..refine.report import FIGURE_IMAGES, build_joint_report
 
     sweep = len({s.experiment for s in shots}) == 1
     groups = opts["groups"]
@@ -699,7 +699,7 @@ def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals
 
 def write_outputs(opts, experiments, listed, files: dict, argv) -> None:
     """Every output file, each written whole; on a failure the ones already written go."""
-    from ..dials import write_experiments
+    from ..io.dials import write_experiments
     from ..io.atomic import atomic_write
     written = []
     try:
@@ -723,5 +723,5 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    from ..cli import guarded
+    from .nanobragg import guarded
     return guarded("torchbragg refine", lambda: run(argv))

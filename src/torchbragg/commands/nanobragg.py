@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import InputError
+from ..errors import InputError
 
 RTD = 180.0 / 3.141592653589793
 
@@ -26,7 +26,7 @@ def geometry_report(sim, info) -> list[str]:
     numbers, plus the detector origin (pix0) which it leaves implicit."""
     import torch
 
-    from .outputs import smv_geometry
+    from ..outputs import smv_geometry
 
     beam, xtal, opt = sim.beam, sim.crystal, sim.options
     panel = sim.detector.panels[0]
@@ -122,16 +122,16 @@ def geometry_report(sim, info) -> list[str]:
 def run(argv: list[str], out=None) -> int:
     """Parse, render, write the outputs and print the report. Raises InputError."""
     out = out or sys.stdout
-    from .flags import parse_args
-    from .validate import check_config, check_writable
+    from ..flags import parse_args
+    from ..validate import check_config, check_writable
     cfg = parse_args(argv)  # bad flags, files and geometry fail fast, before torch is imported
     check_config(cfg)
     check_writable(cfg)
 
     import torch
 
-    from . import outputs
-    from .nanobragg import build_from_args
+    from .. import outputs
+    from ..build.nanobragg import build_from_args
 
     sim, info = build_from_args(argv, write_dump=True)
     for line in info.messages:
@@ -147,7 +147,7 @@ def run(argv: list[str], out=None) -> int:
         check_image(image)  # before any file is written
     outputs.write_all(sim, info, image, out)
     if info.config.output.write_expt:
-        from .nanobragg import write_experiment
+        from ..build.nanobragg import write_experiment
         write_experiment(info.config.output.write_expt, argv, info)
         print(f"writing {info.config.output.write_expt} (DIALS experiment list)", file=out)
     return 0
@@ -203,7 +203,7 @@ def guarded(prog: str, fn) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or any(a in ("-h", "--help", "-help") for a in argv):
-        from .flags import help_text
+        from ..flags import help_text
         print(help_text())
         return 0 if argv else 2
     return guarded("nanoBragg", lambda: run(argv))

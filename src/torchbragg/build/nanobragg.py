@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import rng
-from .config import CONVENTION_VECTORS, CUSTOM_START, FORCED_PIVOT, SimulationConfig, auto_steps, sweep_is_off
-from .errors import InputError
-from .flags import parse_args
-from .validate import check_config, check_device
-from .models import Beam, Crystal, Detector, DistanceMount, Goniometer, Panel, Scan, StructureFactors
-from .simulator import RenderOptions, Simulator, oversample_for, sensor_sampling
+from .. import rng
+from ..config import CONVENTION_VECTORS, CUSTOM_START, FORCED_PIVOT, SimulationConfig, auto_steps, sweep_is_off
+from ..errors import InputError
+from ..flags import parse_args
+from ..validate import check_config, check_device
+from ..models import Beam, Crystal, Detector, DistanceMount, Goniometer, Panel, Scan, StructureFactors
+from ..simulator import RenderOptions, Simulator, oversample_for, sensor_sampling
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -72,7 +72,7 @@ def header_defaults(argv: list[str]) -> SimulationConfig:
     for path, is_mask in ((pre.detector.mask_file, True), (pre.detector.img_file, False)):
         if path is None:
             continue
-        from .io.smv import read_smv
+        from ..io.smv import read_smv
         header, data = read_smv(path)
         apply_header(cfg, header, data.shape, is_mask)
     return cfg
@@ -288,12 +288,12 @@ def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False
     if c.model_dmin is not None and c.model_file is None:
         raise InputError("-model_dmin sets the resolution of -model FILE; give -model")
     if given:
-        from .io.hkl import write_fdump
+        from ..io.hkl import write_fdump
         if c.hkl_file is not None:
-            from .io.hkl import read_hkl
+            from ..io.hkl import read_hkl
             table = read_hkl(c.hkl_file, default_F=c.default_F)
         else:
-            from .io import structure_factors as sfio
+            from ..io import structure_factors as sfio
             if c.mtz_file is not None:
                 table = sfio.read_mtz(c.mtz_file, c.mtz_column, default_F=c.default_F)
                 what = "column " + "/".join(table.columns) + (" (anomalous pair)" if table.anomalous else "")
@@ -321,7 +321,7 @@ def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False
             except OSError as exc:
                 info.messages.append(f"WARNING: unable to open dump file: {c.dump_file} ({exc.strerror})")
     elif os.path.exists(c.dump_file):
-        from .io.hkl import read_fdump
+        from ..io.hkl import read_fdump
         table = read_fdump(c.dump_file)
         info.hkl_count = int(np.prod(table.grid.shape))
         info.messages.append(f"reading Fs from {c.dump_file}")
@@ -331,12 +331,12 @@ def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False
 
     sources = None
     if b.source_file is not None:
-        from .io.sources import read_sources
+        from ..io.sources import read_sources
         sources = read_sources(b.source_file)
 
     mask = None
     if d.mask_file is not None:
-        from .io.smv import read_smv
+        from ..io.smv import read_smv
         _, mask_data = read_smv(d.mask_file)
         mask = np.asarray(mask_data).reshape(-1)
     return table, sources, mask
@@ -422,7 +422,7 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
 
     A_matrix = None
     if c.mat_file is not None:
-        from .io.matrix import read_mosflm_matrix
+        from ..io.matrix import read_mosflm_matrix
         A_matrix = read_mosflm_matrix(c.mat_file)
         info.messages.append(f"reading {c.mat_file}")
     if c.cell is None and A_matrix is None:
@@ -473,8 +473,8 @@ def write_experiment(path: str, argv: list[str], info: BuildInfo) -> None:
     the detector as one panel in the lab frame (the convention's), spindle,
     a one-image scan, the crystal at phi = 0, and the SMV image (the noise
     image when there is one) as its imageset."""
-    from .dials import Experiment, write_experiments
-    from .validate import output_paths
+    from ..io.dials import Experiment, write_experiments
+    from ..validate import output_paths
     sim, _ = build_from_args(argv, dtype=torch.float64)
     paths = output_paths(info.config)
     images = [os.path.abspath(paths.get("noisefile", paths["intfile"]))]  # what a detector would record

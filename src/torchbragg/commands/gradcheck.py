@@ -35,7 +35,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CHECKS_FILE = PACKAGE_DIR / "checks" / "gradients.py"
 # pytest's rootdir: the folder holding the package (src/ of a checkout, site-packages when installed)
 ROOTDIR = PACKAGE_DIR.parent
@@ -181,16 +181,16 @@ class _Recorder:
 
 def _uses_compile() -> bool:
     """Whether any module of the package calls torch.compile (read from the source)."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent.parent
     return any("torch.compile(" in p.read_text(errors="replace") for p in pkg.rglob("*.py")
-               if p.name != "gradaudit.py")
+               if p.name != "gradcheck.py")
 
 
 def _environment(root: Path | None, commit: str, dirty: bool | None, device: str, child_env: dict) -> dict:
     import numpy
     import torch
 
-    from . import __version__
+    from .. import __version__
     cuda = torch.cuda.is_available()
     return {
         "torchbragg": __version__,

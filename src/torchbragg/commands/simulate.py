@@ -4,13 +4,12 @@ factory from an experiment (plus those flags) to a Simulator."""
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
-from .config import SimulationConfig
-from .dataset import FORMATS
-from .errors import InputError
+from ..dataset import FORMATS
+from ..errors import InputError
+from .options import refuse_geometry, split_options
 
 USAGE = """usage: torchbragg simulate EXPERIMENTS.expt --out PREFIX [options] [nanoBragg flags]
 
@@ -46,106 +45,6 @@ output:
                             ADDRESS); each worker uses a GPU when it has one
   --quiet                   no progress bar or per-image lines
 """
-
-# Flags whose values the experiment file holds: refused, so a run never mixes two geometries.
-GEOMETRY_FLAGS = {
-    "-cell", "-mat", "-misset", "-lambda", "-wave", "-wavelength", "-energy", "-pixel", "-detpixels",
-    "-detpixels_f", "-detpixels_x", "-detpixels_s", "-detpixels_y", "-detsize", "-detsize_f", "-detsize_s",
-    "-distance", "-close_distance", "-Xbeam", "-Ybeam", "-Xclose", "-Yclose", "-ORGX", "-ORGY", "-mosflm", "-xds",
-    "-adxv", "-denzo", "-dials", "-pivot", "-fdet_vector", "-sdet_vector", "-odet_vector", "-pix0_vector",
-    "-beam_vector", "-polar_vector", "-spindle_axis", "-twotheta_axis", "-twotheta", "-detector_rotx",
-    "-detector_roty", "-detector_rotz", "-phi", "-osc", "-phistep", "-detector_thick", "-detector_abs",
-    "-detector_absorb", "-detector_absorption", "-polar", "-img", "-floatfile", "-floatimage", "-intfile",
-    "-intimage", "-noisefile", "-noiseimage", "-pgmfile", "-pgmimage", "-write_expt",
-}
-
-
-def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype=None, device=None,
-                          chunk_elements=None):
-    """A Simulator for a dials.Experiment; `cfg` (nanoBragg flags parsed into a
-    SimulationConfig) supplies what the experiment does not say. Returns
-    (simulator, BuildInfo)."""
-    import torch
-
-    from .models import Crystal
-    from .nanobragg import BuildInfo, _device, make_beam, make_crystal, read_inputs, render_options
-    from .simulator import Simulator
-
-    cfg = cfg or SimulationConfig()
-    dtype, device = _device(cfg, dtype, device)
-    info = BuildInfo(cfg, messages=list(cfg.notes))
-    if experiment.crystal is None:
-        raise InputError("the experiment has no crystal: index it first, or give one in the file")
-    table, sources, mask = read_inputs(cfg, info)
-    f64 = torch.float64
-    src = experiment.beam
-    with torch.no_grad():
-        travel, e_vector = src.incident().cpu().numpy(), src.e_vector().cpu().numpy()
-        fraction = float(src.polarization_fraction)
-    beam = make_beam(cfg, info, sources, travel, e_vector, float(src.wavelength), fraction, device)
-    given = experiment.crystal
-    probe = Crystal(given.cell, given.U, misset=given.misset, space_group=given.space_group, setting=given.setting,
-                    dtype=f64, device=device)
-    crystal = make_crystal(cfg, info, probe, table, device)
-    # copies: the experiment's own models keep their precision whatever the render dtype
-    detector = copy.deepcopy(experiment.detector).to(device=device, dtype=f64)
-    if mask is not None:
-        if len(detector.panels) != 1:
-            raise InputError("-mask applies to single-panel detectors; this one has %d panels" % len(detector.panels))
-        try:
-            detector.panels[0].set_mask(mask)
-        except ValueError as exc:
-            raise InputError(f"-mask {cfg.detector.mask_file}: {exc}") from None
-    with torch.no_grad():
-        absorbing = all(float(p.thickness) > 0 and float(p.mu) > 0 for p in detector.panels)
-    options = render_options(cfg, absorbing, chunk_elements)
-    options.phisteps = max(cfg.crystal.phisteps or 1, 1)
-    goniometer = None if experiment.goniometer is None else copy.deepcopy(experiment.goniometer).to(device, f64)
-    scan = None if experiment.scan is None else copy.deepcopy(experiment.scan).to(device, f64)
-    sim = Simulator(beam, crystal, detector, goniometer, scan, options)
-    return sim.to(dtype), info
-
-
-def split_options(argv: list[str], opts: dict, valued, switches, command: str, max_positional=None,
-                  optional=None) -> list[str]:
-    """Fill `opts` from the command's --options found anywhere in `argv`:
-    `valued` take the next word, `switches` none, `optional` maps an option
-    to (test of the next word, value when it fails the test). Words before the
-    first nanoBragg flag are returned as positionals (up to `max_positional`);
-    the rest, nanoBragg flags and their values, go to opts["flags"]."""
-    positionals, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a in valued:
-            if i + 1 >= len(argv):
-                raise InputError(f"{a} expects a value")
-            opts[a[2:].replace("-", "_")] = argv[i + 1]
-            i += 2
-            continue
-        if optional and a in optional:
-            takes, default = optional[a]
-            nxt = argv[i + 1] if i + 1 < len(argv) else ""
-            opts[a[2:]] = nxt if takes(nxt) else default
-            i += 2 if takes(nxt) else 1
-            continue
-        if a in switches:
-            opts[a[2:]] = True
-        elif a.startswith("--"):
-            raise InputError(f"unknown option '{a}' (see torchbragg {command} -h)")
-        elif (not opts["flags"] and not a.startswith("-")
-              and (max_positional is None or len(positionals) < max_positional)):
-            positionals.append(a)
-        else:
-            opts["flags"].append(a)  # nanoBragg flags and their values
-        i += 1
-    return positionals
-
-
-def refuse_geometry(flags: list[str]) -> None:
-    refused = [f for f in flags if f in GEOMETRY_FLAGS]
-    if refused:
-        raise InputError(f"{refused[0]} is held by the experiment file; edit the experiment to change it")
-
 
 def parse(argv: list[str]) -> dict:
     opts = dict(expt=None, out=None, images=None, experiment=None, format="npy", quiet=False, resume=False,
@@ -188,14 +87,14 @@ def _progress(total: int, quiet: bool):
 def run(argv: list[str], out=None) -> int:
     out = out or sys.stdout
     opts = parse(argv)
-    from .flags import parse_args
+    from ..flags import parse_args
     cfg = parse_args(opts["flags"])
     folder = os.path.dirname(os.path.abspath(opts["out"]))
     if not os.path.isdir(folder):
         raise InputError(f"cannot write {opts['out']}: folder {folder} does not exist")
 
-    from . import dataset as ds
-    from .dials import read_experiments, write_experiments
+    from .. import dataset as ds
+    from ..io.dials import read_experiments, write_experiments
     experiments = read_experiments(opts["expt"])
     orientations = ds.read_orientations(opts["orientations"]) if opts["orientations"] else None
     spectra = ds.read_spectra(opts["spectra"]) if opts["spectra"] else None
@@ -211,7 +110,7 @@ def run(argv: list[str], out=None) -> int:
         [experiments[k] for k in dict.fromkeys(s.experiment for s in shots)]
 
     if data.format == "cbf":  # refuse geometry a miniCBF header cannot hold before rendering anything
-        from .io.cbf import pilatus_header
+        from ..io.cbf import pilatus_header
         for shot in shots[:1]:
             pilatus_header(renderer.truth(shot), shot.image if shot.image is not None else 1)
     todo = ds.pending(data, opts["resume"])
@@ -254,7 +153,7 @@ def _chunks(todo, n):
 def _run_local(data, todo, workers, advance) -> None:
     import multiprocessing as mp
 
-    from .dataset import _worker
+    from ..dataset import _worker
     threads = max(1, (os.cpu_count() or 1) // workers)
     with mp.get_context("spawn").Pool(workers) as pool:
         for paths in pool.starmap(_worker, [(data, c, threads) for c in _chunks(todo, workers)]):
@@ -266,7 +165,7 @@ def _run_ray(data, todo, address, workers, advance) -> None:
         import ray
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'torchbragg[ray]'") from None
-    from .dataset import _worker
+    from ..dataset import _worker
     try:
         if address == "local":
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -295,7 +194,7 @@ def _assemble_nxs(data, renderer, out) -> None:
 
     import numpy as np
 
-    from .io.nexus import NXmxWriter
+    from ..io.nexus import NXmxWriter
     first = data.shots[0]
     with NXmxWriter(data.prefix + ".nxs", renderer.truth(first), len(data.shots),
                     start_image=first.image or 1) as writer:
@@ -309,5 +208,5 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    from .cli import guarded
+    from .nanobragg import guarded
     return guarded("torchbragg simulate", lambda: run(argv))

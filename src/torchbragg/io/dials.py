@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import InputError
-from .models import Beam, Crystal, Detector, Frame, Goniometer, Panel, PanelGroup, Scan
+from ..errors import InputError
+from ..models import Beam, Crystal, Detector, Frame, Goniometer, Panel, PanelGroup, Scan
 
 MODEL_KEYS = ("beam", "detector", "goniometer", "scan", "crystal", "imageset", "profile", "scaling_model")
 PANEL_FIELDS = ("name", "type", "fast_axis", "slow_axis", "origin", "raw_image_offset", "image_size", "pixel_size",
@@ -391,6 +391,6 @@ def experiments_to_dict(experiments: list[Experiment], history: list | None = No
 
 
 def write_experiments(path: str, experiments: list[Experiment], history: list | None = None) -> None:
-    from .io.atomic import atomic_write
+    from .atomic import atomic_write
     text = json.dumps(experiments_to_dict(experiments, history), indent=2)
     atomic_write(path, (text + "\n").encode())
