@@ -13,7 +13,8 @@ import pytest
 
 from torchbragg.commands.nanobragg import main as nanobragg
 from torchbragg.io.dials import read_experiments
-from torchbragg.commands.refine import misorientation, read_image
+from torchbragg.commands.refine import misorientation
+from torchbragg.io.images import read_image
 from torchbragg.commands.tool import main as tool
 
 SIM = ("-cell 60 70 80 90 90 90 -misset 10 20 30 -default_F 100 -N 12 -lambda 1 -distance 80 "

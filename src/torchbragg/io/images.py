@@ -1,0 +1,139 @@
+"""Measured images in: npy, SMV, miniCBF and NeXus frames as (panels, slow,
+fast) photons with the mask of pixels to use."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import InputError
+
+# files that hold several images (one per scan image or still)
+CONTAINERS = (".nxs", ".h5", ".hdf5", ".nx5")
+
+
+def is_container(path: str) -> bool:
+    return path.lower().endswith(CONTAINERS)
+
+
+def split_frame(frame: np.ndarray, detector, path: str) -> np.ndarray:
+    """(panels, slow, fast) from a stored image: (slow, fast) for one panel or
+    for panels tiled by their raw_image_offset, or already (panels, slow, fast)."""
+    panels = detector.panels
+    sizes = [(int(p.image_size[1]), int(p.image_size[0])) for p in panels]  # (slow, fast)
+    frame = np.asarray(frame)
+    want = f"{len(panels)} panel(s) of (slow, fast) {sizes[0] if len(set(sizes)) == 1 else sizes}"
+    if frame.ndim == 3:
+        if frame.shape[0] == len(panels) and all(frame.shape[1:] == s for s in sizes):
+            return frame
+        raise InputError(f"{path}: image of shape {frame.shape} does not match the detector's {want}")
+    if frame.ndim != 2:
+        raise InputError(f"{path}: image of shape {frame.shape} does not match the detector's {want}")
+    if len(panels) == 1:
+        if frame.shape != sizes[0]:
+            raise InputError(f"{path}: image of shape {frame.shape} (slow, fast) does not match the detector's "
+                             f"{sizes[0]}")
+        return frame[None]
+    offsets = [p.extras.get("raw_image_offset") for p in panels]
+    if len(set(sizes)) != 1 or not all(o is not None and len(o) == 2 for o in offsets):
+        raise InputError(f"{path}: one {frame.shape} frame, but the detector's {len(panels)} panels carry no "
+                         "raw_image_offset placing them in it")
+    out = []
+    for (s, f), (of, os_) in zip(sizes, offsets):
+        of, os_ = int(of), int(os_)
+        if of < 0 or os_ < 0 or os_ + s > frame.shape[0] or of + f > frame.shape[1]:
+            raise InputError(f"{path}: image of shape {frame.shape} does not hold the detector's panel at "
+                             f"raw_image_offset {[of, os_]} of size (slow, fast) {(s, f)}")
+        out.append(frame[os_:os_ + s, of:of + f])
+    return np.stack(out)
+
+
+def read_npy(path):
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"cannot read image {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(a, np.ndarray) or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise InputError(f"{path} does not hold a numeric array")
+    return a, None
+
+
+def read_smv_image(path):
+    from .smv import read_smv
+    return read_smv(path)[1], None
+
+
+def read_cbf(path):
+    import fabio
+    try:
+        img = fabio.open(path)
+        data = np.asarray(img.data)
+    except Exception as exc:  # fabio raises many kinds on foreign or broken files
+        text = str(exc).strip()
+        reason = getattr(exc, "strerror", None) or (text.splitlines()[0][:200] if text else type(exc).__name__)
+        raise InputError(f"cannot read CBF image {path}: not a CBF file fabio can decode ({reason})") from None
+    if data is None or data.ndim != 2:
+        raise InputError(f"cannot read CBF image {path}: no 2-D image in it")
+    return data, None
+
+
+def read_nexus(path, index):
+    import hdf5plugin  # noqa: F401  (registers the bitshuffle-LZ4 filter before h5py reads)
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            if "entry/data/data" not in f:
+                raise InputError(f"{path} has no /entry/data/data")
+            ds = f["entry/data/data"]
+            if ds.ndim not in (3, 4):
+                raise InputError(f"{path}: /entry/data/data has shape {ds.shape}; expected (images, slow, fast) "
+                                 "or (images, panels, slow, fast)")
+            if not 0 <= index < ds.shape[0]:
+                raise InputError(f"{path} holds images 1..{ds.shape[0]}, not image {index + 1}")
+            data = np.asarray(ds[index])
+            flags = None
+            key = "entry/instrument/detector/pixel_mask"
+            if key in f and tuple(f[key].shape) == data.shape:
+                flags = np.asarray(f[key]) != 0
+    except InputError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"cannot read NeXus image {path}: {str(exc).strip()[:200]}") from None
+    return data, flags
+
+
+def read_image(path: str, detector, index: int = 0, adc_offset: float = 0.0):
+    """(data, valid): float64 photons (panels, slow, fast) with invalid pixels
+    set to 0, and the boolean mask of pixels to use. `index`: 0-based image of
+    a NeXus file. Raises InputError for a missing, unreadable or mis-shaped image."""
+    if not os.path.exists(path):
+        raise InputError(f"cannot read image {path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"cannot read image {path}: it is a folder")
+    low = path.lower()
+    if low.endswith(".npy"):
+        raw, flags = read_npy(path)
+    elif low.endswith((".img", ".smv")):
+        raw, flags = read_smv_image(path)
+    elif low.endswith(".cbf"):
+        raw, flags = read_cbf(path)
+    elif low.endswith(CONTAINERS):
+        raw, flags = read_nexus(path, index)
+    else:
+        raise InputError(f"cannot read image {path}: unknown format (use .npy, .img/.smv, .cbf or .nxs/.h5)")
+    raw = split_frame(raw, detector, path)
+    data = raw.astype(np.float64) - float(adc_offset)
+    valid = np.isfinite(data) & (raw.astype(np.float64) >= 0) & (data >= 0)
+    if flags is not None:
+        valid &= ~split_frame(flags, detector, path)
+    for k, p in enumerate(detector.panels):
+        top = float(p.trusted_range[1])
+        if top > 0:
+            valid[k] &= data[k] <= top
+        if p.mask is not None:
+            valid[k] &= p.mask.detach().cpu().numpy().astype(bool)
+    if not valid.any():
+        raise InputError(f"{path}: no valid pixel in the image")
+    data = np.where(valid, data, 0.0)
+    return data, valid
