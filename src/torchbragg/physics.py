@@ -235,6 +235,75 @@ def water_background(fluence: torch.Tensor, water_size: torch.Tensor) -> torch.T
     return (WATER_F * WATER_F * R_E_SQR * fluence * water_size ** 3 * 1e6 * AVOGADRO / WATER_MW)
 
 
+# ----------------------------------------------------------------------------- amorphous scattering
+# A .stol table gives the structure factor F of one molecule of an amorphous
+# material (water, air, ice, ...) against sin(theta)/lambda. Between its points
+# the original interpolates with the cubic through the two points on either side
+# (4-point Lagrange); past either end the missing points sit at +-infinity, which
+# leaves the quadratic (or the line) through the points that remain.
+
+def stol_cubic_coefficients(stol: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Piecewise cubic of a table with strictly increasing `stol` (n,): interval j
+    (j = 0..n) holds the x with j table points <= x. Returns origins (n+1,) and
+    coefficients (n+1, 4) of c0 + c1 u + c2 u^2 + c3 u^3, u = x - origin."""
+    n = stol.numel()
+    j = torch.arange(n + 1, device=stol.device)
+    origin = stol[(j - 1).clamp(0, n - 1)]
+    idx = j[:, None] + torch.arange(-2, 2, device=stol.device)[None, :]  # the four nodes of each interval
+    real = (idx >= 0) & (idx < n)
+    x = torch.where(real, stol[idx.clamp(0, n - 1)] - origin[:, None], torch.zeros_like(origin[:, None]))
+    y = F[idx.clamp(0, n - 1)]
+    coeffs = torch.zeros(n + 1, 4, dtype=stol.dtype, device=stol.device)
+    one, zero = torch.ones_like(origin), torch.zeros_like(origin)
+    for a in range(4):
+        poly = [one, zero, zero, zero]
+        denom = one
+        for b in range(4):
+            if b == a:
+                continue
+            # factor (u - x_b) / (x_a - x_b); a node at infinity contributes 1
+            lin0 = torch.where(real[:, b], -x[:, b], one)
+            lin1 = torch.where(real[:, b], one, zero)
+            denom = denom * torch.where(real[:, b], x[:, a] - x[:, b], one)
+            poly = [lin0 * poly[0]] + [lin0 * poly[k] + lin1 * poly[k - 1] for k in range(1, 4)]
+        w = torch.where(real[:, a], y[:, a] / denom, zero)
+        coeffs = coeffs + torch.stack([w * p for p in poly], -1)
+    return origin, coeffs
+
+
+def amorphous_structure_factor(stol: torch.Tensor, origins: torch.Tensor, coeffs: torch.Tensor,
+                               interval: torch.Tensor) -> torch.Tensor:
+    """F of one molecule at `stol` (1/A), from the piecewise cubic of
+    `stol_cubic_coefficients` and each point's `interval` index."""
+    c = coeffs.index_select(0, interval.reshape(-1)).reshape(*interval.shape, 4)
+    u = stol - origins.index_select(0, interval.reshape(-1)).reshape(interval.shape)
+    return ((c[..., 3] * u + c[..., 2]) * u + c[..., 1]) * u + c[..., 0]
+
+
+def kahn_polarization(kahn: torch.Tensor, cos2theta: torch.Tensor, e_component: torch.Tensor) -> torch.Tensor:
+    """The factor of `polarization_factor` from the diffracted ray's cosine to
+    the beam and its component along the E-vector: with b^2 = 1 - c^2 - e^2,
+    e^2 - b^2 = 2 e^2 + c^2 - 1."""
+    c2 = cos2theta * cos2theta
+    return 0.5 * (1.0 + c2 - kahn * (2.0 * e_component * e_component + c2 - 1.0))
+
+
+def amorphous_scattering(F: torch.Tensor, molecules: torch.Tensor, fluence: torch.Tensor) -> torch.Tensor:
+    """Photons per steradian (before polarization) scattered by `molecules`
+    molecules of structure factor F under `fluence` photons/m^2: incoherent
+    sum, F^2 r_e^2 per molecule; a negative F gives negative intensity, as in
+    the original."""
+    return F * torch.abs(F) * (R_E_SQR * fluence * molecules)
+
+
+def sample_molecules(thickness: torch.Tensor, height: torch.Tensor, width: torch.Tensor, density: torch.Tensor,
+                     molecular_weight: torch.Tensor) -> torch.Tensor:
+    """Molecules in a box of the given edges (mm) of a material of `density`
+    (g/cm^3) and `molecular_weight` (g/mol)."""
+    volume_cm3 = thickness * height * width * 1e-3
+    return volume_cm3 * density * AVOGADRO / molecular_weight
+
+
 # ----------------------------------------------------------------------------- lattice factors
 # F_latt^2 of a crystal of N (3,) cells at fractional Miller indices given
 # component first: three broadcastable tensors (h, k, l), or one tensor
