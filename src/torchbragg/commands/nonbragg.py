@@ -510,7 +510,8 @@ def smv_header(setup: Setup, geometry) -> str:
              "TYPE=unsigned_short;", "SIZE1=%d;" % setup.fpixels, "SIZE2=%d;" % setup.spixels,
              "PIXEL_SIZE=%g;" % (px * 1000.0), "DISTANCE=%g;" % (g["distance"] * 1000.0),
              "WAVELENGTH=%g;" % (setup.wavelength * 1e10),
-             "BEAM_CENTER_X=%g;" % (g["Fbeam"] * 1000.0), "BEAM_CENTER_Y=%g;" % ((setup.detsize[1] - g["Sbeam"]) * 1000),
+             "BEAM_CENTER_X=%g;" % (g["Fbeam"] * 1000.0),
+             "BEAM_CENTER_Y=%g;" % ((setup.detsize[1] - g["Sbeam"]) * 1000),
              "ORGX=%g;" % (g["Fclose"] / px), "ORGY=%g;" % (g["Sclose"] / px),
              "CLOSE_DISTANCE=%g;" % (g["close_distance"] * 1000.0),
              "PHI=%g;" % setup.phi0, "OSC_START=%g;" % setup.phi0, "OSC_RANGE=%g;" % setup.osc,
@@ -537,7 +538,8 @@ def image_statistics(img, roi, pixel, oversample):
         max_I = float(flat[k])
         sub = pixel / oversample
         s, f = divmod(k, nf)
-        where = (sub * (f * oversample + oversample - 1) + sub / 2.0, sub * (s * oversample + oversample - 1) + sub / 2.0)
+        last = oversample - 1  # the original reports the last sub-pixel's position
+        where = (sub * (f * oversample + last) + sub / 2.0, sub * (s * oversample + last) + sub / 2.0)
     avg = total / n
     rms = math.sqrt(float((sel * sel).sum()) / (max(n, 2) - 1))
     shifted = np.append(flat[1:], 0.0)[inside.reshape(-1)]

@@ -8,5 +8,5 @@ from .crystal import Crystal, StructureFactors
 from .detector import Detector, DistanceMount, Frame, Panel, PanelGroup
 from .goniometer import Goniometer, Scan
 
-__all__ = ["Background", "Beam", "Crystal", "StructureFactors", "Detector", "Panel", "PanelGroup", "Frame", "DistanceMount",
-           "Goniometer", "Scan"]
+__all__ = ["Background", "Beam", "Crystal", "StructureFactors", "Detector", "Panel", "PanelGroup", "Frame",
+           "DistanceMount", "Goniometer", "Scan"]

@@ -209,8 +209,8 @@ class Background(Model):
 
         block = max(1, _BLOCK_POINTS // (nf * os_ * os_)) * os_
         starts = list(range(0, ns * os_, block))
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights, molecules,
-                                                                           fluence))
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights,
+                                                                           molecules, fluence))
         from .. import kernels
         pool = None if grad or device.type != "cpu" else kernels.eager_pool()
         if device.type != "cpu":

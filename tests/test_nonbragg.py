@@ -1,0 +1,287 @@
+"""The nonBragg command and the amorphous Background model: parity with the
+original's outputs (tests/data/golden_suite/nonBragg), first principles,
+gradients and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from torchbragg import physics as ph
+from torchbragg.commands.nonbragg import FLAGS, main
+from torchbragg.errors import InputError
+from torchbragg.io.stol import read_stol
+from torchbragg.models import Background, Beam, Detector, DistanceMount, Frame, Panel
+
+SUITE = Path(__file__).parent / "data" / "golden_suite" / "nonBragg"
+MANIFEST = json.loads((SUITE / "manifest.json").read_text())
+CASES = sorted(MANIFEST)
+
+
+def stol_file(name: str, folder: Path) -> Path:
+    path = folder / name
+    if not path.exists():
+        path.write_bytes(gzip.decompress((SUITE / "stol" / f"{name}.gz").read_bytes()))
+    return path
+
+
+def run(argv, cwd: Path):
+    """main() in `cwd`; (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def run_case(case: str, tmp_path: Path, extra=()):
+    args = shlex.split(MANIFEST[case]["args"])
+    for a in args:
+        if a.endswith(".stol"):
+            stol_file(a, tmp_path)
+    outputs = ["-floatfile", "float.bin", "-noprogress"]
+    if "-intfile" not in args:
+        outputs += ["-intfile", "intimage.img"]
+    if "-noisefile" not in args:
+        outputs.append("-nonoise")
+    return run(args + outputs + list(extra), tmp_path)
+
+
+def reference(case: str, name: str) -> bytes:
+    return gzip.decompress((SUITE / case / f"{name}.gz").read_bytes())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_case(case, tmp_path):
+    rc, out, err = run_case(case, tmp_path)
+    assert rc == 0, err
+    ref = np.frombuffer(reference(case, "float.bin"), "<f4").astype(np.float64)
+    mine = np.fromfile(tmp_path / "float.bin", "<f4").astype(np.float64)
+    assert mine.shape == ref.shape
+    assert np.isfinite(mine).all()
+    top = np.abs(ref).max()
+    assert np.abs(mine - ref).max() <= 1e-3 * top
+    assert abs(mine.sum() - ref.sum()) <= 1e-3 * abs(ref.sum())
+    assert ref.sum() == pytest.approx(MANIFEST[case]["sum"], rel=1e-6, abs=0)
+    for gz in (SUITE / case).glob("*.img.gz"):
+        name = gz.name[:-3]
+        assert (tmp_path / name).read_bytes() == reference(case, name), f"{name} differs from the original's"
+
+
+REPORTED = ("  sample is", "  distance=", "  Xbeam=", "  detector origin:", "  DIRECTION_OF_DETECTOR",
+            "  incident fluence", "  created a total", "solid angle", "max_I", "intfile_scale", "pgm_scale",
+            "  wave=", "  hdivrange", "  vdivrange", "  roi:")
+
+
+@pytest.mark.parametrize("case", ["water_divergence_dispersion", "shortwater_tilted", "water_thick_flux",
+                                  "water_molecules", "ice_oversample"])
+def test_report_matches_original(case, tmp_path):
+    rc, out, _ = run_case(case, tmp_path)
+    assert rc == 0
+    ref = (SUITE / case / "stdout.txt").read_text().splitlines()
+    mine = out.splitlines()
+    for prefix in REPORTED:
+        want = [line for line in ref if line.startswith(prefix)]
+        got = [line for line in mine if line.startswith(prefix)]
+        assert got == want, prefix
+
+
+def test_float32_within_tolerance(tmp_path):
+    rc, _, err = run_case("water_divergence_dispersion", tmp_path, ["-dtype", "float32"])
+    assert rc == 0, err
+    ref = np.frombuffer(reference("water_divergence_dispersion", "float.bin"), "<f4").astype(np.float64)
+    mine = np.fromfile(tmp_path / "float.bin", "<f4").astype(np.float64)
+    assert np.abs(mine - ref).max() <= 1e-5 * ref.max()
+
+
+def test_pgm_is_deterministic(tmp_path):
+    stol_file("water.stol", tmp_path)
+    argv = "-stol water.stol -detpixels 32 -pixel 0.5 -nonoise -pgmfile a.pgm".split()
+    assert run(argv, tmp_path)[0] == 0
+    assert run(argv[:-1] + ["b.pgm"], tmp_path)[0] == 0
+    a = (tmp_path / "a.pgm").read_bytes()
+    assert a == (tmp_path / "b.pgm").read_bytes()
+    assert a.startswith(b"P5\n32 32\n# pixels scaled by ")
+    assert len(a.split(b"\n255\n", 1)[1]) == 32 * 32  # one byte a pixel
+
+
+def test_help_lists_every_flag_with_unit_and_default(capsys):
+    assert main(["-h"]) == 0
+    text = capsys.readouterr().out
+    for flag in FLAGS:
+        assert flag.names[0] in text
+    for phrase in ("mm, default 0.1", "g/cm^3, default 1", "g/mol, default 18", "Angstrom, default 1",
+                   "photons/m^2, default 1.25932e29", "mm, default 100"):
+        assert phrase in text
+
+
+# ----------------------------------------------------------------------------- .stol tables
+
+def test_nanoice_table_skips_comments_and_warns_about_third_column(tmp_path):
+    path = stol_file("nanoice.stol", tmp_path)
+    table = read_stol(path)
+    assert table.stol[0] == 0.0 and table.F[0] == pytest.approx(1.34812)
+    assert len(table.stol) == 1000
+    assert any("column 3" in w for w in table.warnings)
+    rc, out, err = run(["-stol", path, "-detpixels", "16", "-pixel", "1", "-nonoise", "-nopgm"], tmp_path)
+    assert rc == 0
+    assert "warning" in err and "column 3" in err
+    assert np.isfinite(np.fromfile(tmp_path / "floatimage.bin", "<f4")).all()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0 2.5\n", "at least 2"),
+    ("# only a comment\n", "at least 2"),
+    ("0 2.5\n0.1 nan\n", "finite"),
+    ("0 2.5\n0.1 x\n", "two numbers"),
+    ("0 2.5\n0.1 2\n0.1 1\n", "appears twice"),
+    ("0\n", "expected 'stol F'"),
+])
+def test_bad_tables_are_refused(tmp_path, text, message):
+    (tmp_path / "bad.stol").write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_stol(tmp_path / "bad.stol")
+    rc, out, err = run(["-stol", "bad.stol", "-detpixels", "8"], tmp_path)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("nonBragg: error:")
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.img"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("-stol water.stol -bogus 3", "unknown flag '-bogus'"),
+    ("-detpixels 8", "no .stol file"),
+    ("-stol missing.stol", "no such file"),
+    ("-stol water.stol -pixel 0", "-pixel must be positive"),
+    ("-stol water.stol -distance", "expects 1 value"),
+    ("-stol water.stol -lambda abc", "expects a number"),
+    ("-stol water.stol -detpixels 8 -floatfile nowhere/f.bin", "does not exist"),
+    ("-stol water.stol -detpixels 8 -roi 20 30 0 4", "selects no pixel"),
+    ("-stol water.stol -detpixels 8 -img x.img", "not supported"),
+    ("-stol water.stol -detpixels 8 -beam_vector 0 0 0", "zero vector"),
+    ("-stol water.stol -detpixels 100000", "too large"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, argv, message):
+    stol_file("water.stol", tmp_path)
+    rc, out, err = run(shlex.split(argv), tmp_path)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("nonBragg: error:") and message in err, err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.img"))
+
+
+# ----------------------------------------------------------------------------- the model
+
+def water(tmp_path, **kw) -> Background:
+    return Background.from_stol(stol_file("water.stol", tmp_path), dtype=torch.float64, **kw)
+
+
+def one_pixel_setup(distance=100.0, offset=(7.0, 3.0), pixel=0.2, wavelength=1.0):
+    """A single pixel centred `offset` mm (fast, slow) from the direct beam."""
+    mount = DistanceMount((0, 0, 1), (0, -1, 0), (1, 0, 0), (0, 1, 0), distance=distance,
+                          beam_center=(pixel / 2 - offset[0], pixel / 2 - offset[1]), dtype=torch.float64)
+    det = Detector([Panel(mount, (1, 1), (pixel, pixel), dtype=torch.float64)], dtype=torch.float64)
+    beam = Beam((-1.0, 0.0, 0.0), wavelength, polarization_normal=(0.0, -1.0, 0.0), dtype=torch.float64)
+    return beam, det
+
+
+def test_single_pixel_from_first_principles(tmp_path):
+    bg = water(tmp_path)
+    beam, det = one_pixel_setup()
+    photons = float(bg(beam, det)[0, 0, 0])
+    # the pixel centre in the lab frame (mm): beam along x, fast along z, slow along -y
+    pos = np.array([100.0, -3.0, 7.0])
+    r = np.linalg.norm(pos)
+    cos2t = pos[0] / r
+    stol = math.sin(math.acos(cos2t) / 2.0) / 1.0
+    table = read_stol(tmp_path / "water.stol")
+    k = int(np.searchsorted(table.stol, stol, side="right")) - 1
+    xs, ys = table.stol[k - 1:k + 3], table.F[k - 1:k + 3]
+    F = float(np.polyval(np.polyfit(xs, ys, 3), stol))  # the cubic through the four neighbours
+    unpolarized = 0.5 * (1.0 + cos2t ** 2)
+    omega = 0.2 * 0.2 / r ** 2 * (100.0 / r)
+    molecules = 0.1 * 0.1 * 0.1 * 1e-3 * 1.0 * 6.02214179e23 / 18.0
+    expected = F * F * 7.94079248018965e-30 * 125932015286227086360700780544.0 * molecules * unpolarized * omega
+    assert photons == pytest.approx(expected, rel=1e-9)
+
+
+def test_water_default_sample(tmp_path):
+    bg = water(tmp_path)
+    assert float(bg.molecule_count()) == pytest.approx(3.34563e16, rel=1e-5)  # what the original reports
+    # forward scattering of water is 2.57 electrons
+    assert float(bg.structure_factor(torch.tensor([0.0], dtype=torch.float64))) == pytest.approx(2.57, abs=0.01)
+
+
+def test_intensity_scales_linearly_with_thickness_density_and_molecules(tmp_path):
+    beam, det = one_pixel_setup()
+    base = float(water(tmp_path)(beam, det).sum())
+    assert float(water(tmp_path, thickness=0.3)(beam, det).sum()) == pytest.approx(3 * base, rel=1e-12)
+    assert float(water(tmp_path, density=0.5)(beam, det).sum()) == pytest.approx(0.5 * base, rel=1e-12)
+    assert float(water(tmp_path, molecular_weight=36.0)(beam, det).sum()) == pytest.approx(0.5 * base, rel=1e-12)
+    assert float(water(tmp_path, size=(0.2, 0.05))(beam, det).sum()) == pytest.approx(base, rel=1e-12)
+    n = float(water(tmp_path).molecule_count())
+    fixed = water(tmp_path, molecules=2 * n, thickness=5.0)  # a molecule count overrides the box
+    assert float(fixed(beam, det).sum()) == pytest.approx(2 * base, rel=1e-12)
+    assert float(water(tmp_path, scale=1.7)(beam, det).sum()) == pytest.approx(1.7 * base, rel=1e-12)
+
+
+def test_multipanel_detector_matches_panels_alone(tmp_path):
+    bg = water(tmp_path)
+    beam = Beam((0.0, 0.0, -1.0), 1.0, dtype=torch.float64)  # travelling along +z, towards the panels
+    frames = [Frame((-6.0, -3.0, 80.0), (1, 0, 0), (0, 1, 0), dtype=torch.float64),
+              Frame((2.0, -3.0, 80.0), (0.98, 0.0, 0.2), (0, 1, 0), dtype=torch.float64)]
+    panels = [Panel(f, (12, 6), (0.5, 0.5), dtype=torch.float64) for f in frames]
+    both = bg(beam, Detector(panels, dtype=torch.float64), oversample=2)
+    assert both.shape == (2, 6, 12)
+    for k, f in enumerate(frames):
+        alone = bg(beam, Detector([Panel(f, (12, 6), (0.5, 0.5), dtype=torch.float64)], dtype=torch.float64),
+                   oversample=2)
+        torch.testing.assert_close(both[k], alone[0], rtol=0, atol=0)
+    assert (both > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_of_scale_and_thickness_match_finite_differences(tmp_path, dtype):
+    beam, det = one_pixel_setup()
+    beam, det = beam.to(dtype), det.to(dtype)
+    bg = Background.from_stol(stol_file("water.stol", tmp_path), dtype=dtype, thickness=0.2, scale=1.3)
+    weights = torch.linspace(0.5, 1.5, 1, dtype=dtype)
+    for name in ("scale", "thickness"):
+        p = getattr(bg, name)
+        p.requires_grad_(True)
+        loss = (bg(beam, det).flatten() * weights).sum() / 1e9
+        (grad,) = torch.autograd.grad(loss, p)
+        p.requires_grad_(False)
+        h = 1e-3 * float(p)
+        with torch.no_grad():
+            p += h
+            up = float((bg(beam, det).flatten() * weights).sum() / 1e9)
+            p -= 2 * h
+            down = float((bg(beam, det).flatten() * weights).sum() / 1e9)
+            p += h
+        assert float(grad) == pytest.approx((up - down) / (2 * h), rel=1e-3 if dtype == torch.float32 else 1e-7)
+        assert float(grad) > 0
+
+
+def test_interpolation_is_the_original_cubic():
+    stol = torch.tensor([0.0, 0.1, 0.25, 0.3, 0.5], dtype=torch.float64)
+    F = torch.tensor([2.0, 3.0, 1.0, 4.0, 0.5], dtype=torch.float64)
+    bg = Background(stol, F, dtype=torch.float64)
+    x = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.29, 0.4, 0.5, 0.7, -0.1], dtype=torch.float64)
+    got = bg.structure_factor(x)
+    s, f = stol.numpy(), F.numpy()
+    for xv, gv in zip(x.tolist(), got.tolist()):
+        k = int(np.searchsorted(s, xv, side="right")) - 1  # last point <= x
+        nodes = [i for i in range(k - 1, k + 3) if 0 <= i < len(s)]  # neighbours past the ends are dropped
+        want = np.polyval(np.polyfit(s[nodes], f[nodes], len(nodes) - 1), xv)
+        assert gv == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # the table points themselves are reproduced
+    torch.testing.assert_close(bg.structure_factor(stol), F)
+    assert ph.amorphous_scattering(torch.tensor(-2.0), torch.tensor(1.0), torch.tensor(1.0)) < 0
