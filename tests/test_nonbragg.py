@@ -285,3 +285,60 @@ def test_interpolation_is_the_original_cubic():
     # the table points themselves are reproduced
     torch.testing.assert_close(bg.structure_factor(stol), F)
     assert ph.amorphous_scattering(torch.tensor(-2.0), torch.tensor(1.0), torch.tensor(1.0)) < 0
+
+
+# ----------------------------------------------------------------------------- composed with the Simulator
+
+def test_simulator_adds_background_python_api(tmp_path):
+    from torchbragg import Simulator
+    from torchbragg.models import Crystal, StructureFactors
+    from torchbragg.simulator import RenderOptions
+    f64 = torch.float64
+    beam = Beam((-1.0, 0.0, 0.0), 1.0, polarization_normal=(0.0, -1.0, 0.0), dtype=f64)
+    frames = [Frame((100.0, 3.2, -3.2), (0, 0, 1), (0, -1, 0), dtype=f64),
+              Frame((100.0, 3.2, 0.0), (0, 0, 1), (0, -1, 0), dtype=f64)]
+    det = Detector([Panel(f, (16, 16), (0.4, 0.4), dtype=f64) for f in frames], dtype=f64)
+    crystal = Crystal((50.0, 60.0, 70.0, 90.0, 90.0, 90.0), N=(5.0, 5.0, 5.0),
+                      structure_factors=StructureFactors(default_F=100.0, dtype=f64), dtype=f64)
+    bg = Background.from_stol(stol_file("water.stol", tmp_path), thickness=0.5, dtype=f64)
+    options = RenderOptions(oversample=1)
+    bragg = Simulator(beam, crystal, det, options=options).render()
+    both = Simulator(beam, crystal, det, options=options, background=bg).render()
+    torch.testing.assert_close(both - bragg, bg(beam, det), rtol=1e-12, atol=0)
+    assert float(bg(beam, det).min()) > 0
+    # the background's scale carries a gradient through the composed render
+    bg.scale.requires_grad_(True)
+    sim = Simulator(beam, crystal, det, options=options, background=bg)
+    (grad,) = torch.autograd.grad(sim.render().sum(), bg.scale)
+    with torch.no_grad():
+        assert float(grad) == pytest.approx(float(bg(beam, det).sum()), rel=1e-9)
+
+
+def test_simulate_command_with_background(tmp_path):
+    import golden
+    from torchbragg.build.experiment import build_from_experiment
+    from torchbragg.commands.simulate import run as simulate
+    from torchbragg.flags import parse_args
+    from torchbragg.io.dials import read_experiments
+    geometry = ["-cell", "70", "80", "90", "75", "85", "95", "-lambda", "1.2", "-distance", "100", "-detpixels", "32",
+                "-misset", "10", "20", "30", "-pixel", "0.4"]
+    physics = ["-N", "4", "-default_F", "100", "-dtype", "float64"]
+    rc, text = golden.run_cli(geometry + physics + ["-floatfile", "x.bin", "-nonoise", "-nopgm", "-write_expt",
+                                                    "one.expt"], tmp_path)
+    assert rc == 0, text
+    stol_file("water.stol", tmp_path)
+    with contextlib.chdir(tmp_path), contextlib.redirect_stdout(io.StringIO()):
+        assert simulate(["one.expt", "--out", "plain", "--quiet", *physics]) == 0
+        assert simulate(["one.expt", "--out", "wet", "--quiet", "--background", "water.stol", "-sample_thick",
+                         "0.3", "-density", "0.9", *physics]) == 0
+    plain, wet = np.load(tmp_path / "plain_00001.npy"), np.load(tmp_path / "wet_00001.npy")
+    sim, _ = build_from_experiment(read_experiments(tmp_path / "one.expt")[0], parse_args(physics))
+    bg = Background.from_stol(tmp_path / "water.stol", thickness=0.3, density=0.9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = bg(sim.beam, sim.detector).numpy()
+    # the sample flags went to the background, not to the crystal
+    np.testing.assert_allclose(wet - plain, expected, rtol=1e-5, atol=1e-3 * expected.max())
+    assert expected.min() > 0
+    with pytest.raises(InputError, match="must be positive"):
+        with contextlib.chdir(tmp_path):
+            simulate(["one.expt", "--out", "bad", "--background", "water.stol", "-sample_thick", "0"])

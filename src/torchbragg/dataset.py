@@ -194,14 +194,16 @@ class Renderer:
     still's orientation turns the crystal, a spectrum replaces the beam's
     sources."""
 
-    def __init__(self, experiments, cfg, dtype=None, device=None):
+    def __init__(self, experiments, cfg, dtype=None, device=None, background: dict | None = None):
         self.experiments, self.cfg, self.dtype, self.device = experiments, cfg, dtype, device
+        self.background = background  # keywords of Background.from_stol, or None
         self._sims: dict = {}
 
     def simulator(self, k: int):
         if k not in self._sims:
             from .build.experiment import build_from_experiment
-            sim, info = build_from_experiment(self.experiments[k], self.cfg, self.dtype, self.device)
+            sim, info = build_from_experiment(self.experiments[k], self.cfg, self.dtype, self.device,
+                                              background=self.background)
             self._sims[k] = (sim, sim.crystal.U.detach().clone(), sim.beam)
         return self._sims[k]
 
@@ -358,7 +360,7 @@ def _worker(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> 
     from .io.dials import read_experiments
     from .flags import parse_args
     renderer = Renderer(read_experiments(dataset.expt_path), parse_args(dataset.flags), dataset.dtype,
-                        dataset.device)
+                        dataset.device, background=dataset.extras.get("background"))
     return [write_shot(dataset, renderer, s) for s in shots]
 
 

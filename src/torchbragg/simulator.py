@@ -100,9 +100,11 @@ class Simulator(nn.Module):
     """Renders the expected photons per pixel, shape (panels, slow, fast)."""
 
     def __init__(self, beam: Beam, crystal: Crystal, detector: Detector, goniometer: Goniometer | None = None,
-                 scan: Scan | None = None, options: RenderOptions | None = None, recommended: int | None = None):
+                 scan: Scan | None = None, options: RenderOptions | None = None, recommended: int | None = None,
+                 background: nn.Module | None = None):
         super().__init__()
         self.beam, self.crystal, self.detector = beam, crystal, detector
+        self.background = background  # e.g. models.Background: its photons are added to every panel
         self.goniometer, self.scan = goniometer, scan
         self.options = options or RenderOptions()
         self.recommended_oversample = recommended or recommended_oversample(crystal, beam, detector)
@@ -271,11 +273,23 @@ class Simulator(nn.Module):
         if values is None:
             values = self._eager_chunks(plan, pixels, t, per_pixel, grad, progress, size)
         if isinstance(values, torch.Tensor):  # the chunks wrote the image themselves
-            return values.reshape(panel.spixels, panel.fpixels)
+            return self._add_background(k, values.reshape(panel.spixels, panel.fpixels), pixels)
         flat = torch.zeros(size, dtype=self.dtype, device=self.device)
         if values:
             flat = flat.index_put((pixels,), torch.cat(values))
-        return flat.reshape(panel.spixels, panel.fpixels)
+        return self._add_background(k, flat.reshape(panel.spixels, panel.fpixels), pixels)
+
+    def _add_background(self, k, image, pixels):
+        """The Bragg image of panel k plus the background's photons on its rendered pixels
+        (one sample per pixel: the background is smooth)."""
+        if self.background is None:
+            return image
+        extra = self.background.render_panel(self.beam, self.detector, k, polarization=self.options.polarization,
+                                             point_pixel=self.options.point_pixel).to(image)
+        if pixels.numel() < image.numel():  # outside the ROI and the mask, as the Bragg term: 0
+            keep = torch.zeros(image.numel(), dtype=image.dtype, device=image.device).index_fill_(0, pixels, 1.0)
+            extra = extra * keep.reshape(image.shape)
+        return image + extra
 
     def _eager_chunks(self, plan, pixels, t, per_pixel, grad, progress, size):
         """Chunks of at most chunk_elements grid elements and a few hundred

@@ -10,10 +10,11 @@ from ..errors import InputError
 
 
 def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype=None, device=None,
-                          chunk_elements=None):
+                          chunk_elements=None, background: dict | None = None):
     """A Simulator for a dials.Experiment; `cfg` (nanoBragg flags parsed into a
-    SimulationConfig) supplies what the experiment does not say. Returns
-    (simulator, BuildInfo)."""
+    SimulationConfig) supplies what the experiment does not say; `background`:
+    keywords of `Background.from_stol` (path, thickness, ...) for an amorphous
+    background added to the Bragg image. Returns (simulator, BuildInfo)."""
     import torch
 
     from ..models import Crystal
@@ -51,5 +52,10 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     options.phisteps = max(cfg.crystal.phisteps or 1, 1)
     goniometer = None if experiment.goniometer is None else copy.deepcopy(experiment.goniometer).to(device, f64)
     scan = None if experiment.scan is None else copy.deepcopy(experiment.scan).to(device, f64)
-    sim = Simulator(beam, crystal, detector, goniometer, scan, options)
+    amorphous = None
+    if background is not None:
+        from ..models import Background
+        amorphous = Background.from_stol(**background, dtype=f64, device=device)
+        info.messages.extend(f"WARNING: {w}" for w in amorphous.warnings)
+    sim = Simulator(beam, crystal, detector, goniometer, scan, options, background=amorphous)
     return sim.to(dtype), info

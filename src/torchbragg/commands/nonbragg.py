@@ -38,8 +38,8 @@ FLAGS = [
     _f("-Q", "FILE: the same with Q = 4 pi sin(theta)/lambda in the first column", kind="str"),
     _f("-thickness -thick -sample_thick -sample_x", "sample thickness along the beam (mm, default 0.1)"),
     _f("-samplesize -sample_size", "edge of a cube-shaped sample (mm, default 0.1)"),
-    _f("-width -sample_width -sample_y", "sample height (mm, default 0.1; the original calls this axis 'high')"),
-    _f("-height -sample_height -sample_z", "sample width (mm, default 0.1; the original calls this axis 'wide')"),
+    _f("-width -sample_width -sample_y", "sample width across the beam (mm, default 0.1)"),
+    _f("-height -sample_height -sample_z", "sample height across the beam (mm, default 0.1)"),
     _f("-density -sample_density", "sample density (g/cm^3, default 1)"),
     _f("-molecules -sample_molecules", "number of molecules in the beam, instead of size and density"),
     _f("-MW -molecular_weight", "molecular weight of the sample material (g/mol, default 18)"),
@@ -131,6 +131,40 @@ REFUSED = {
     "-curved_det": "-curved_det is not supported by torchbragg's nonBragg",
     "-Fmap": "-Fmap is not supported by torchbragg's nonBragg",
 }
+
+
+# the sample of an amorphous background in `torchbragg simulate --background`
+SAMPLE_FLAGS = {"-thickness": "thickness", "-samplesize": "samplesize", "-width": "width", "-height": "height",
+                "-density": "density", "-molecules": "molecules", "-MW": "molecular_weight"}
+
+
+def background_sample(path: str, flags: list[str]) -> tuple[dict, list[str]]:
+    """(keywords of Background.from_stol, the other flags) from a .stol file and
+    flags among which the sample flags describe the amorphous sample."""
+    from ..io.stol import read_stol
+    read_stol(path)  # a bad table fails before anything renders
+    rest, sample, i = [], {}, 0
+    while i < len(flags):
+        flag = BY_NAME.get(flags[i])
+        key = None if flag is None else SAMPLE_FLAGS.get(flag.names[0])
+        if key is None:
+            rest.append(flags[i])
+            i += 1
+            continue
+        if i + 1 >= len(flags):
+            raise InputError(f"{flags[i]} expects 1 value")
+        value = _number(flag, flags[i + 1])
+        if not value > 0:
+            raise InputError(f"{flags[i]} must be positive, got {value:g}")
+        sample[key] = value
+        i += 2
+    edge = sample.pop("samplesize", 0.1)
+    kw = dict(path=path, thickness=sample.get("thickness", edge),
+              size=(sample.get("height", edge), sample.get("width", edge)),
+              density=sample.get("density", 1.0), molecular_weight=sample.get("molecular_weight", 18.0))
+    if "molecules" in sample:
+        kw["molecules"] = sample["molecules"]
+    return kw, rest
 
 
 def help_text() -> str:
@@ -585,7 +619,7 @@ def run(argv: list[str], out=None) -> int:
     print("", file=out)
     print("solid angle subtended by detector = %g steradian ( %g%% sphere)" % (omega, 100 * omega / 4 / math.pi),
           file=out)
-    if setup.opts.get("-printout"):
+    if setup.opts.get("-printout") or "-printout_pixel" in setup.opts:
         pick = setup.opts.get("-printout_pixel")
         for s in range(setup.spixels):
             for f in range(setup.fpixels):

@@ -44,14 +44,21 @@ output:
   --ray [ADDRESS]           spread images over a Ray cluster (a local one without
                             ADDRESS); each worker uses a GPU when it has one
   --quiet                   no progress bar or per-image lines
+amorphous background (as nonBragg computes it), added to every image:
+  --background FILE.stol    table of sin(theta)/lambda (1/A) against the structure factor
+                            of one molecule; with it the sample flags describe the
+                            amorphous sample, not the crystal: -sample_thick (mm, default
+                            0.1), -sample_width, -sample_height (mm, default 0.1),
+                            -samplesize (mm, all three), -density (g/cm^3, default 1),
+                            -MW (g/mol, default 18), -molecules (a count, instead)
 """
 
 def parse(argv: list[str]) -> dict:
     opts = dict(expt=None, out=None, images=None, experiment=None, format="npy", quiet=False, resume=False,
                 stills=None, orientation_seed=None, orientations=None, spectra=None, workers=1, ray=None,
-                flags=[])
+                background=None, flags=[])
     valued = ("--out", "--images", "--experiment", "--format", "--stills", "--orientation-seed", "--orientations",
-              "--spectra", "--workers")
+              "--spectra", "--workers", "--background")
     # --ray takes an optional cluster address (host:port or 'auto'); none: a local cluster
     optional = {"--ray": (lambda w: ":" in w or w == "auto", "local")}
     positionals = split_options(argv, opts, valued, ("--quiet", "--resume"), "simulate", 1, optional)
@@ -73,6 +80,9 @@ def parse(argv: list[str]) -> dict:
     if opts["workers"] < 1:
         raise InputError("--workers expects a number >= 1")
     refuse_geometry(opts["flags"])
+    if opts["background"] is not None:
+        from .nonbragg import background_sample
+        opts["background"], opts["flags"] = background_sample(opts["background"], opts["flags"])
     return opts
 
 
@@ -102,10 +112,10 @@ def run(argv: list[str], out=None) -> int:
                     orientation_seed=opts["orientation_seed"], orientations=orientations, spectra=spectra)
     data = ds.Dataset(os.path.abspath(opts["expt"]), opts["flags"], shots, os.path.abspath(opts["out"]),
                       opts["format"], seed=1 if cfg.output.seed is None else cfg.output.seed,
-                      noise=cfg.output.calculate_noise)
+                      noise=cfg.output.calculate_noise, extras={"background": opts["background"]})
     if data.format == "nxs":
         os.makedirs(data.prefix + "_work", exist_ok=True)
-    renderer = ds.Renderer(experiments, cfg)
+    renderer = ds.Renderer(experiments, cfg, background=opts["background"])
     truth = [renderer.truth(s) for s in shots] if orientations is not None or opts["stills"] else \
         [experiments[k] for k in dict.fromkeys(s.experiment for s in shots)]
 
