@@ -37,6 +37,7 @@ from torchbragg.models import Detector, Frame, Goniometer, Panel, PanelGroup
 __all__ = ["CASES", "inputs", "test_gradcheck", "test_gradgradcheck", "test_gradient_reaches_parameter",
            "test_every_parameter_is_checked", "test_chunked_render_gradient_matches",
            "test_float32_loss_gradient_matches_finite_differences", "test_loss_gradients",
+           "test_background_float32_gradients_match_finite_differences",
            "test_parametrisation_gradients", "test_every_parameter_group_is_checked"]
 
 EPS, ATOL, RTOL = 1e-6, 1e-5, 1e-3
@@ -124,7 +125,21 @@ def _two_axes(sim):
                                 dtype=torch.float64, device=DEVICE)
 
 
-SETUPS = {"tilted_beam": _tilted_beam, "two_panels": _two_panels, "two_axes": _two_axes}
+# a smooth amorphous table over the stol the cases' detector sees (0 .. 0.02 1/A)
+BACKGROUND_STOL = [0.005 * i for i in range(9)]
+BACKGROUND_F = [2.57 + 40.0 * s - 300.0 * s * s for s in BACKGROUND_STOL]
+
+
+def _background(sim, **kw):
+    """An amorphous background (models.Background) added to the image, strong
+    enough to matter next to the spots."""
+    from torchbragg.models import Background
+    sim.background = Background(BACKGROUND_STOL, BACKGROUND_F, thickness=0.2, size=(0.1, 0.1), density=0.9,
+                                molecular_weight=18.0, scale=300.0, dtype=torch.float64, device=DEVICE, **kw)
+
+
+SETUPS = {"tilted_beam": _tilted_beam, "two_panels": _two_panels, "two_axes": _two_axes, "background": _background,
+          "background_molecules": lambda sim: _background(sim, molecules=3e16)}
 
 # ----------------------------------------------------------------------------- the cases
 
@@ -174,6 +189,13 @@ CASES = [
     case("beam.fluence@flux", "-flux 1e12 -exposure 2 -beamsize 0.05", unit=1e21),  # 8e20 photons/m^2
     case("beam.polarization_fraction", "-polar 0.8"),
     case("beam.water_size", "-water 30", unit=1e-6),
+    case("background.scale", setup="background", unit=300.0),
+    case("background.thickness", setup="background", unit=0.1),
+    case("background.size[0]", setup="background", unit=0.1),
+    case("background.size[1]", setup="background", unit=0.1),
+    case("background.density", setup="background"),
+    case("background.molecular_weight", setup="background", unit=18.0),
+    case("background.molecules", setup="background_molecules", unit=1e16),
 ]
 
 
@@ -446,6 +468,51 @@ def test_float32_loss_gradient_matches_finite_differences(inputs, request):
                analytic=analytic, numerical=numerical)
         if not rel < 0.01:
             failures.append(f"{label}: autograd {analytic:.6g} vs finite difference {numerical:.6g} ({rel:.2%})")
+    assert not failures, "; ".join(failures)
+
+
+def test_background_float32_gradients_match_finite_differences(inputs, request):
+    """The background's scale and sample thickness: float32 autograd gradients
+    of a loss against a target agree with float64 central differences."""
+    t0 = time.perf_counter()
+    params = [("background.scale", 30.0, 3.0), ("background.thickness", 0.05, 0.002)]
+
+    def sim_of(dtype):
+        sim = Simulator.from_args(shlex.split(f"{CELL} {BASE}".replace("float64", dtype)), device=DEVICE)
+        _background(sim)
+        return sim.to(torch.float32 if dtype == "float32" else torch.float64)
+
+    target_sim = sim_of("float64")
+    for name, offset, _ in params:
+        _shifted(target_sim, name, None, offset)
+    with torch.no_grad():
+        target = target_sim.render()
+    norm = float((target ** 2).mean())
+    sim32 = sim_of("float32")
+    leaves = {name: sim32.get_parameter(name).requires_grad_(True) for name, _, _ in params}
+    (((sim32.render() - target.float()) ** 2).mean() / norm).backward()
+    sim64 = sim_of("float64")
+
+    def loss64():
+        with torch.no_grad():
+            return float(((sim64.render() - target) ** 2).mean() / norm)
+
+    failures = []
+    for name, _, step in params:
+        analytic = float(leaves[name].grad)
+        _shifted(sim64, name, None, step)
+        up = loss64()
+        _shifted(sim64, name, None, -2 * step)
+        down = loss64()
+        _shifted(sim64, name, None, step)
+        numerical = (up - down) / (2 * step)
+        rel = abs(analytic - numerical) / abs(numerical)
+        c = Case(name, name, None, "", 1.0, False, "background", sys._getframe().f_lineno)
+        record(request, c, "float32_vs_fd64", rel < 0.01, time.perf_counter() - t0, dtype="float32", eps=step,
+               atol=0.0, rtol=0.01, max_abs_err=abs(analytic - numerical), max_rel_err=rel, analytic=analytic,
+               numerical=numerical)
+        if not rel < 0.01:
+            failures.append(f"{name}: autograd {analytic:.6g} vs finite difference {numerical:.6g} ({rel:.2%})")
     assert not failures, "; ".join(failures)
 
 

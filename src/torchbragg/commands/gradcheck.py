@@ -71,6 +71,8 @@ PARAMETERS = [
     *(f"detector.panels.1.frame.orientation[{i}]" for i in range(3)),
     "beam.wavelength", *(f"beam.direction[{i}]" for i in range(3)), "beam.dispersion",
     "beam.divergence[0]", "beam.divergence[1]", "beam.fluence", "beam.polarization_fraction", "beam.water_size",
+    "background.scale", "background.thickness", "background.size[0]", "background.size[1]", "background.density",
+    "background.molecular_weight", "background.molecules",
 ]
 SECOND_ORDER = [p for p in PARAMETERS
                 if p.startswith(("crystal.cell[", "crystal.misset[", f"{PANEL}.frame.beam_center"))] + [
