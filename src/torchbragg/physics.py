@@ -271,13 +271,11 @@ def stol_cubic_coefficients(stol: torch.Tensor, F: torch.Tensor) -> tuple[torch.
     return origin, coeffs
 
 
-def amorphous_structure_factor(stol: torch.Tensor, origins: torch.Tensor, coeffs: torch.Tensor,
-                               interval: torch.Tensor) -> torch.Tensor:
-    """F of one molecule at `stol` (1/A), from the piecewise cubic of
-    `stol_cubic_coefficients` and each point's `interval` index."""
-    c = coeffs.index_select(0, interval.reshape(-1)).reshape(*interval.shape, 4)
-    u = stol - origins.index_select(0, interval.reshape(-1)).reshape(interval.shape)
-    return ((c[..., 3] * u + c[..., 2]) * u + c[..., 1]) * u + c[..., 0]
+def amorphous_structure_factor(u: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """F of one molecule from the cubic of its table interval: `coeffs` (..., 4)
+    of c0 + c1 u + c2 u^2 + c3 u^3 (from `stol_cubic_coefficients`, possibly
+    re-expanded about another point) at the offset `u`."""
+    return ((coeffs[..., 3] * u + coeffs[..., 2]) * u + coeffs[..., 1]) * u + coeffs[..., 0]
 
 
 def kahn_polarization(kahn: torch.Tensor, cos2theta: torch.Tensor, e_component: torch.Tensor) -> torch.Tensor:
@@ -285,7 +283,7 @@ def kahn_polarization(kahn: torch.Tensor, cos2theta: torch.Tensor, e_component: 
     the beam and its component along the E-vector: with b^2 = 1 - c^2 - e^2,
     e^2 - b^2 = 2 e^2 + c^2 - 1."""
     c2 = cos2theta * cos2theta
-    return 0.5 * (1.0 + c2 - kahn * (2.0 * e_component * e_component + c2 - 1.0))
+    return 0.5 * ((1.0 + kahn) + (1.0 - kahn) * c2 - (2.0 * kahn) * (e_component * e_component))
 
 
 def amorphous_scattering(F: torch.Tensor, molecules: torch.Tensor, fluence: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from .. import physics as ph
 from ._base import Model
 
 # finest lookup grid: past this many cells a table falls back to a binary search
-_MAX_CELLS = 1 << 22
+_MAX_CELLS = 1 << 18
 # points per block of a render: small enough to stay in cache
 _BLOCK_POINTS = 1 << 15
 
@@ -46,19 +46,12 @@ class Background(Model):
         origins, coeffs = ph.stol_cubic_coefficients(torch.as_tensor(s), torch.as_tensor(f))
         self._buffer("origins", origins)
         self._buffer("coeffs", coeffs)
-        # interval lookup: a uniform grid finer than half the closest spacing
-        # holds at most one table point per two cells, so the interval of a
-        # cell's left edge is off by at most one; neighbours fix that
-        self._buffer("upper", np.append(s, np.inf))
-        self._buffer("lower", np.insert(s, 0, -np.inf))
+        # interval lookup on a uniform grid of cells at most half the closest
+        # spacing: at most one table point per cell (see `_grid`)
         self.x0 = float(s[0])
-        cells = int(math.ceil((s[-1] - s[0]) / (np.diff(s).min() / 2.0))) + 1 if self.monotonic else 0
-        self.grid = 0 < cells <= _MAX_CELLS
-        if self.grid:
-            self.inv_h = (cells - 1) / float(s[-1] - s[0])
-            edges = s[0] + np.arange(cells) / self.inv_h
-            self.register_buffer("cell_interval", torch.as_tensor(
-                np.searchsorted(s, edges, side="right"), dtype=torch.int64, device=self.device))
+        self.cells = int(math.ceil((s[-1] - s[0]) / (np.diff(s).min() / 2.0))) + 1 if self.monotonic else 0
+        self.inv_h = (self.cells - 1) / float(s[-1] - s[0]) if self.cells else 0.0
+        self._grids: dict = {}
         self._param("scale", scale)
         self._param("thickness", thickness)
         self._param("size", size)
@@ -89,14 +82,70 @@ class Background(Model):
         for a table that goes back, the original's walk over the points in order)."""
         if not self.monotonic:
             return self._walk(stol)
-        if not self.grid:
-            return torch.searchsorted(self.stol.to(stol), stol.detach(), right=True)
-        x = stol.detach()
-        cell = ((x - self.x0) * self.inv_h).clamp_(0, self.cell_interval.numel() - 1).to(torch.int64)
-        j = self.cell_interval.index_select(0, cell.reshape(-1)).reshape(x.shape)
-        up = self.upper.to(x).index_select(0, j.reshape(-1)).reshape(x.shape)
-        low = self.lower.to(x).index_select(0, j.reshape(-1)).reshape(x.shape)
-        return j + (x >= up).to(j.dtype) - (x < low).to(j.dtype)
+        return torch.searchsorted(self.stol.to(stol), stol.detach(), right=True)
+
+    def _cell(self, stol: torch.Tensor) -> torch.Tensor:
+        """Position on the cell grid; the same operations for table points and
+        queries, so a point's cell never passes a table point's (both monotonic)."""
+        return stol * self.inv_h - self.x0 * self.inv_h
+
+    def _grid(self, dtype, device):
+        """Per cell: the cell position of the table point inside it (+inf: none), and for each side
+        of it the interval's cubic re-expanded in t = cell position - cell index,
+        packed 4 values a row; None when the grid would be too fine or the dtype
+        cannot be packed."""
+        key = (dtype, str(device))
+        if key not in self._grids:
+            self._grids[key] = self._build_grid(dtype, device)
+        return self._grids[key]
+
+    def _build_grid(self, dtype, device):
+        if not 0 < self.cells <= _MAX_CELLS or dtype not in (torch.float32, torch.float64):
+            return None
+        cells = self.cells
+        knots = self.stol.detach().to("cpu", dtype)
+        at = self._cell(knots).clamp(0, cells - 1).floor().long()
+        if not bool((at[1:] > at[:-1]).all()):
+            return None
+        knot_in = torch.full((cells,), math.inf, dtype=dtype)
+        knot_in[at] = self._cell(knots)
+        left = torch.searchsorted(at, torch.arange(cells), right=False)  # table points in earlier cells
+        interval = torch.stack([left, (left + 1).clamp(max=knots.numel())], 1).reshape(-1)  # (cell, side)
+        origins, coeffs = self.origins.detach().cpu().double(), self.coeffs.detach().cpu().double()
+        h = 1.0 / self.inv_h
+        # u = x - origin = d + h t with x = (c + t + x0 / h) h
+        c = torch.arange(cells, dtype=torch.float64).repeat_interleave(2)
+        d = (c + self.x0 * self.inv_h) * h - origins[interval]
+        a = coeffs[interval]  # (cells * 2, 4) in u
+        b = torch.stack([a[:, 0] + d * (a[:, 1] + d * (a[:, 2] + d * a[:, 3])),
+                         h * (a[:, 1] + d * (2 * a[:, 2] + 3 * d * a[:, 3])),
+                         h * h * (a[:, 2] + 3 * d * a[:, 3]),
+                         h ** 3 * a[:, 3]], 1)
+        packed = b.to(dtype).contiguous().view(torch.complex128)  # one gather fetches a row
+        return dict(knot_in=knot_in.to(device), packed=packed.to(device))
+
+    def structure_factor(self, stol: torch.Tensor) -> torch.Tensor:
+        """F of one molecule at sin(theta)/lambda `stol` (1/A)."""
+        grid = self._grid(stol.dtype, stol.device) if self.monotonic else None
+        if grid is None:
+            return self._from_intervals(stol, self.interval(stol))
+        return self._from_cells(self._cell(stol), grid)
+
+    def _from_intervals(self, stol, interval):
+        j = interval.reshape(-1)
+        u = stol - self.origins.to(stol).index_select(0, j).reshape(stol.shape)
+        return ph.amorphous_structure_factor(u, self.coeffs.to(stol).index_select(0, j).reshape(*stol.shape, 4))
+
+    def _from_cells(self, y, grid):
+        """F at cell positions `y` (see `_cell`). A point within rounding of a
+        table point may take the cubic of the interval on its other side: both
+        pass through that point."""
+        c = y.detach().clamp(0, self.cells - 1).floor_()
+        index = c.to(torch.int32).reshape(-1)
+        side = y.detach().reshape(-1) >= grid["knot_in"].index_select(0, index)
+        row = index * 2 + side.to(torch.int32)
+        coeffs = grid["packed"].index_select(0, row).view(y.dtype).reshape(*y.shape, 4)
+        return ph.amorphous_structure_factor(y - c, coeffs)
 
     def _walk(self, stol: torch.Tensor) -> torch.Tensor:
         """The original's search: from the previous point's table position, up
@@ -114,11 +163,6 @@ class Background(Model):
                 n -= 1
             out[i] = n
         return torch.as_tensor(out - 1, device=stol.device).reshape(stol.shape).clamp_(0, len(padded) - 4)
-
-    def structure_factor(self, stol: torch.Tensor) -> torch.Tensor:
-        """F of one molecule at sin(theta)/lambda `stol` (1/A)."""
-        return ph.amorphous_structure_factor(stol, self.origins.to(stol), self.coeffs.to(stol),
-                                             self.interval(stol))
 
     # ------------------------------------------------------------------ render
     def forward(self, beam, detector, *, oversample: int = 1, polarization: bool = True,
@@ -165,17 +209,24 @@ class Background(Model):
         inc_o = incident @ origin
         e_f, e_s = af[None, :] * (e_in @ fast)[:, None], as_[None, :] * (e_in @ slow)[:, None]
         e_o = e_in @ origin
+        # sin^2(theta)/lambda^2 = (1 - cos 2theta) / (2 lambda^2)
         stol_scale = 0.5 / (lam * lam)
-        area = pf * ps
+        grid = self._grid(dtype, device) if self.monotonic else None
+        if grid is not None:  # straight to cell positions: y = stol inv_h - x0 inv_h
+            stol_scale = stol_scale * (self.inv_h * self.inv_h)
+        shift = self.x0 * self.inv_h
         molecules, fluence = self.molecule_count(), beam.fluence.to(dtype)
+        inc_of = inc_f + inc_o[:, None]
+        e_of = e_f + e_o[:, None]
+        fs_s = fs * as_
 
         def geometry(s):
-            r2 = r2_s[s, None] + r2_f[None, :] + fs * as_[s, None] * af[None, :]
+            r2 = torch.addcmul(r2_s[s, None] + r2_f[None, :], fs_s[s, None], af[None, :])
             return torch.rsqrt(r2)
 
         def stol_of(k, s, inv_r):
-            cos2t = (inc_o[k] + inc_s[k, s, None] + inc_f[k][None, :]) * inv_r
-            return cos2t, torch.sqrt((1.0 - cos2t).clamp(min=0.0) * stol_scale[k])
+            cos2t = (inc_s[k, s, None] + inc_of[k][None, :]) * inv_r
+            return cos2t, torch.sqrt((stol_scale[k] - stol_scale[k] * cos2t).clamp(min=0.0))
 
         walked = None
         if not self.monotonic:  # the walk visits pixel, sub-pixel row, sub-pixel, source in turn
@@ -188,21 +239,20 @@ class Background(Model):
         def rows(lo, hi):
             s = slice(lo, hi)
             inv_r = geometry(s)
-            omega = 1e6 * inv_r * inv_r if point_pixel else area * close * inv_r * inv_r * inv_r
-            total = 0.0
+            total = None
             for k in range(lam.numel()):
-                cos2t, stol = stol_of(k, s, inv_r)
-                if walked is None:
-                    F = self.structure_factor(stol)
+                cos2t, x = stol_of(k, s, inv_r)
+                if grid is not None:
+                    F = self._from_cells(x - shift if shift else x, grid)
+                elif walked is not None:
+                    F = self._from_intervals(x, walked[s, :, k])
                 else:
-                    F = ph.amorphous_structure_factor(stol, self.origins.to(stol), self.coeffs.to(stol),
-                                                      walked[s, :, k])
-                term = ph.amorphous_scattering(F, molecules, fluence) * weights[k]
+                    F = self.structure_factor(x)
+                term = ph.amorphous_scattering(F, molecules * weights[k], fluence)
                 if polarization:
-                    e = (e_o[k] + e_s[k, s, None] + e_f[k][None, :]) * inv_r
-                    term = term * ph.kahn_polarization(kahn, cos2t, e)
-                total = total + term
-            total = total * omega
+                    term = term * ph.kahn_polarization(kahn, cos2t, (e_s[k, s, None] + e_of[k][None, :]) * inv_r)
+                total = term if total is None else total + term
+            total = total * torch.pow(inv_r, 2 if point_pixel else 3)  # solid angle, less its constant
             if os_ > 1:
                 total = total.reshape(-1, os_, nf, os_).sum((1, 3))
             return total
@@ -215,16 +265,20 @@ class Background(Model):
         pool = None if grad or device.type != "cpu" else kernels.eager_pool()
         if device.type != "cpu":
             image = rows(0, ns * os_)
-        elif pool is not None:
-            parts = [None] * len(starts)
+        elif pool is not None or not grad:
+            image = torch.empty(ns, nf, dtype=dtype, device=device)
 
-            def fill(i):
-                parts[i] = rows(starts[i], min(starts[i] + block, ns * os_))
-            kernels.pool_map(pool, fill, range(len(starts)), lambda i: None)
-            image = torch.cat(parts)
+            def fill(lo):
+                image[lo // os_:min(lo + block, ns * os_) // os_] = rows(lo, min(lo + block, ns * os_))
+            if pool is None:
+                for lo in starts:
+                    fill(lo)
+            else:
+                kernels.pool_map(pool, fill, starts, lambda lo: None)
         else:
             image = torch.cat([rows(lo, min(lo + block, ns * os_)) for lo in starts])
-        image = image * (self.scale / (lam.numel() * os_ * os_))
+        omega = 1e6 if point_pixel else pf * ps * close  # pixel area x obliquity, and R^3 above
+        image = image * (omega * self.scale / (lam.numel() * os_ * os_))
         if panel.mask is not None:
             image = image * panel.mask.to(dtype)
         return image
