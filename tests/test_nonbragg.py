@@ -10,6 +10,7 @@ import io
 import json
 import math
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,37 @@ def test_golden_case(case, tmp_path):
     for gz in (SUITE / case).glob("*.img.gz"):
         name = gz.name[:-3]
         assert (tmp_path / name).read_bytes() == reference(case, name), f"{name} differs from the original's"
+
+
+EXTRA = SUITE.parent / "nonBragg_extra"
+EXTRA_CASES = sorted(p.name for p in EXTRA.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("case", EXTRA_CASES)
+def test_more_flags_against_the_original(case, tmp_path):
+    """Flags the shared cases leave out, against outputs of the original made the same way."""
+    args = shlex.split((EXTRA / case / "args.txt").read_text())
+    for a in args:
+        if a in ("water.stol", "air.stol"):
+            stol_file(a, tmp_path)
+    (tmp_path / "water4.stol").write_bytes(gzip.decompress((EXTRA / "water4.stol.gz").read_bytes()))
+    shutil.copy(EXTRA / "sources.txt", tmp_path / "sources.txt")
+    outputs = ["-floatfile", "float.bin", "-noprogress"]
+    if "-intfile" not in args:
+        outputs += ["-intfile", "intimage.img"]
+    if "-noisefile" not in args:
+        outputs.append("-nonoise")
+    rc, out, err = run(args + outputs, tmp_path)
+    assert rc == 0, err
+    ref = np.frombuffer(gzip.decompress((EXTRA / case / "float.bin.gz").read_bytes()), "<f4").astype(np.float64)
+    mine = np.fromfile(tmp_path / "float.bin", "<f4").astype(np.float64)
+    assert np.abs(mine - ref).max() <= 1e-3 * np.abs(ref).max()
+    assert abs(mine.sum() - ref.sum()) <= 1e-3 * abs(ref.sum())
+    for gz in (EXTRA / case).glob("*.img.gz"):
+        name = gz.name[:-3]
+        assert (tmp_path / name).read_bytes() == gzip.decompress(gz.read_bytes()), f"{name} differs"
+    want = [line for line in (EXTRA / case / "stdout.txt").read_text().splitlines() if line.startswith("  sample is")]
+    assert [line for line in out.splitlines() if line.startswith("  sample is")] == want
 
 
 REPORTED = ("  sample is", "  distance=", "  Xbeam=", "  detector origin:", "  DIRECTION_OF_DETECTOR",

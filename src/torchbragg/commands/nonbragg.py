@@ -285,8 +285,7 @@ def resolve(opts: dict) -> Setup:
                       ("-samplesize", "mm"), ("-width", "mm"), ("-height", "mm"), ("-density", "g/cm^3"),
                       ("-molecules", "count"), ("-MW", "g/mol"), ("-fluence", "photons/m^2"),
                       ("-detsize", "mm"), ("-detsize_x", "mm"), ("-detsize_y", "mm"), ("-detpixels", "pixels"),
-                      ("-detpixels_x", "pixels"), ("-detpixels_y", "pixels"), ("-oversample", "sub-pixels"),
-                      ("-source_distance", "mm")):
+                      ("-detpixels_x", "pixels"), ("-detpixels_y", "pixels"), ("-source_distance", "mm")):
         _positive(opts, key, what)
     if g("-distance", 100.0) <= 0 and "-close_distance" not in opts:
         raise InputError(f"-distance must be positive, got {g('-distance'):g} mm")
@@ -294,6 +293,8 @@ def resolve(opts: dict) -> Setup:
                 "-hdivstep", "-vdivstep", "-scale", "-pgmscale"):
         if key in opts and opts[key] < 0:
             raise InputError(f"{key} must not be negative, got {opts[key]:g}")
+    if opts.get("-oversample", 1) < 0:
+        raise InputError(f"-oversample must be at least 1 (0 means 1, as in the original), got {opts['-oversample']}")
     for key in ("-dispsteps", "-hdivsteps", "-vdivsteps", "-divsteps", "-phisteps"):
         if key in opts and opts[key] < 1:
             raise InputError(f"{key} must be at least 1, got {opts[key]}")
@@ -378,7 +379,7 @@ def resolve(opts: dict) -> Setup:
             raise InputError(f"cannot write {path}: folder {folder} does not exist")
     return Setup(opts, fpixels, spixels, pixel, (detsize_x, detsize_y), Xbeam, Ybeam, Xclose, Yclose,
                  opts.get("_pivot", "BEAM"), wavelength, fluence, (sx, sy, sz), g("-density", 1.0),
-                 g("-MW", 18.0), g("-molecules"), roi, g("-oversample", 1), phi0, osc, seed, outputs, messages)
+                 g("-MW", 18.0), g("-molecules"), roi, max(g("-oversample", 1), 1), phi0, osc, seed, outputs, messages)
 
 
 def _osc(opts) -> float:
@@ -448,19 +449,19 @@ def build(setup: Setup, dtype=None, device=None):
     travel = unit(o.get("-beam_vector", (1, 0, 0)))
     e_vector = unit(o.get("-polar_vector", (0, 0, 1)))
     info = BuildInfo(cfg)
-    rows, fluence = None, setup.fluence
+    kahn = o.get("-polar", 0.0)
     if "-sourcefile" in o:
         from ..io.sources import read_sources, source_defaults
-        rows = source_defaults(read_sources(o["-sourcefile"]), travel, setup.wavelength,
-                               o.get("-source_distance", 10000.0) / 1000.0)
-        # the original adds each source's intensity without normalising
-        fluence = fluence * float(np.mean([r[3] for r in rows]))
-    kahn = o.get("-polar", 0.0)
-    beam = make_beam(cfg, info, rows, travel, e_vector, setup.wavelength * 1e10, (1.0 + kahn) / 2.0, device)
-    if rows is not None:
-        with torch.no_grad():
-            beam.fluence.fill_(fluence)
-        beam.source_positions[:] = torch.as_tensor([r[:3] for r in rows], dtype=f64)
+        from ..models import Beam
+        rows = np.asarray(source_defaults(read_sources(o["-sourcefile"]), travel, setup.wavelength,
+                                          o.get("-source_distance", 10000.0) / 1000.0), dtype=np.float64)
+        # the original adds each source's intensity as given; the Beam's weights have mean 1
+        beam = Beam(-travel, setup.wavelength * 1e10, polarization_fraction=(1.0 + kahn) / 2.0,
+                    polarization_normal=np.cross(travel, e_vector), fluence=setup.fluence * rows[:, 3].mean(),
+                    source_positions=rows[:, :3], source_wavelengths=rows[:, 4] * 1e10, source_weights=rows[:, 3],
+                    dtype=f64, device=device)
+    else:
+        beam = make_beam(cfg, info, None, travel, e_vector, setup.wavelength * 1e10, (1.0 + kahn) / 2.0, device)
     with torch.no_grad():
         ratio = float(mount.geometry(beam.incident())["ratio"])
     if abs(ratio) < 1e-9:
@@ -496,10 +497,15 @@ def report_lines(setup: Setup, beam, detector, background, info) -> list[str]:
         n = beam.dispersion_steps
         for k in range(n):
             lines.append("lambda%d = %.15g" % (k, float(lam[k]) * 1e-10))
-    dist = o.get("-source_distance", 10000.0) / 1000.0
     lines.append("  created a total of %d sources:" % lam.numel())
-    for d, w in zip(inc, lam):
-        lines.append("%g %g %g   %g %g" % (*(-dist * d).tolist(), 1.0, float(w) * 1e-10))
+    if beam.has_source_table:
+        for p, w, i in zip(beam.source_positions.double().cpu().tolist(), lam.tolist(),
+                           beam.source_weights.double().cpu().tolist()):
+            lines.append("%g %g %g   %g %g" % (*p, i, w * 1e-10))
+    else:
+        dist = o.get("-source_distance", 10000.0) / 1000.0
+        for d, w in zip(inc, lam):
+            lines.append("%g %g %g   %g %g" % (*(-dist * d).tolist(), 1.0, float(w) * 1e-10))
     sx, sy, sz = setup.sample
     molecules = float(background.molecule_count())
     density = setup.density if setup.molecules is None else molecules / (sx * sy * sz) / 6.02214179e23 \
