@@ -283,7 +283,7 @@ def kahn_polarization(kahn: torch.Tensor, cos2theta: torch.Tensor, e_component: 
     the beam and its component along the E-vector: with b^2 = 1 - c^2 - e^2,
     e^2 - b^2 = 2 e^2 + c^2 - 1."""
     c2 = cos2theta * cos2theta
-    return 0.5 * ((1.0 + kahn) + (1.0 - kahn) * c2 - (2.0 * kahn) * (e_component * e_component))
+    return 0.5 * (1.0 + kahn) + (0.5 * (1.0 - kahn)) * c2 - kahn * (e_component * e_component)
 
 
 def amorphous_scattering(F: torch.Tensor, molecules: torch.Tensor, fluence: torch.Tensor) -> torch.Tensor:

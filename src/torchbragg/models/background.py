@@ -5,6 +5,7 @@ detector. This is what nanoBragg's companion nonBragg computes."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -15,8 +16,20 @@ from ._base import Model
 
 # finest lookup grid: past this many cells a table falls back to a binary search
 _MAX_CELLS = 1 << 18
-# points per block of a render: small enough to stay in cache
-_BLOCK_POINTS = 1 << 15
+# bytes per block of a render: small enough to stay in cache
+_BLOCK_BYTES = 1 << 17
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Small tensor work on one thread: on a busy machine handing a tiny op to
+    a team of threads costs far more than the op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Background(Model):
@@ -43,7 +56,8 @@ class Background(Model):
         self.monotonic = bool((np.diff(s) > 0).all())
         self._buffer("stol", s)
         self._buffer("F", f)
-        origins, coeffs = ph.stol_cubic_coefficients(torch.as_tensor(s), torch.as_tensor(f))
+        with _one_thread():
+            origins, coeffs = ph.stol_cubic_coefficients(torch.as_tensor(s), torch.as_tensor(f))
         self._buffer("origins", origins)
         self._buffer("coeffs", coeffs)
         # interval lookup on a uniform grid of cells at most half the closest
@@ -96,7 +110,8 @@ class Background(Model):
         cannot be packed."""
         key = (dtype, str(device))
         if key not in self._grids:
-            self._grids[key] = self._build_grid(dtype, device)
+            with _one_thread():
+                self._grids[key] = self._build_grid(dtype, device)
         return self._grids[key]
 
     def _build_grid(self, dtype, device):
@@ -172,18 +187,28 @@ class Background(Model):
         sizes = {p.image_size for p in detector.panels}
         if len(sizes) > 1:
             raise ValueError("panels of different sizes: render them one by one with render_panel()")
-        frames = detector.panel_frames(beam.incident())
-        return torch.stack([self._render(beam, detector.panels[k], [t[k] for t in frames], oversample,
-                                         polarization, point_pixel) for k in range(len(detector.panels))])
+        pool = self._pool()
+        with _one_thread():
+            frames = detector.panel_frames(beam.incident())
+            return torch.stack([self._render(beam, detector.panels[k], [t[k] for t in frames], oversample,
+                                             polarization, point_pixel, pool) for k in range(len(detector.panels))])
 
     def render_panel(self, beam, detector, panel: int, *, oversample: int = 1, polarization: bool = True,
                      point_pixel: bool = False) -> torch.Tensor:
         """Photons per pixel of one panel, shape (slow, fast)."""
-        frames = detector.panel_frames(beam.incident())
-        return self._render(beam, detector.panels[panel], [t[panel] for t in frames], oversample, polarization,
-                            point_pixel)
+        pool = self._pool()
+        with _one_thread():
+            frames = detector.panel_frames(beam.incident())
+            return self._render(beam, detector.panels[panel], [t[panel] for t in frames], oversample, polarization,
+                                point_pixel, pool)
 
-    def _render(self, beam, panel, frame, oversample, polarization, point_pixel):
+    def _pool(self):
+        """Threads that render blocks side by side (CPU, several torch threads); the
+        rest of a render runs on one thread."""
+        from .. import kernels
+        return kernels.eager_pool() if self.device.type == "cpu" else None
+
+    def _render(self, beam, panel, frame, oversample, polarization, point_pixel, pool):
         dtype, device = self.dtype, self.device
         origin, fast, slow, normal = (v.to(dtype) for v in frame)
         os_ = max(int(oversample), 1)
@@ -257,12 +282,13 @@ class Background(Model):
                 total = total.reshape(-1, os_, nf, os_).sum((1, 3))
             return total
 
-        block = max(1, _BLOCK_POINTS // (nf * os_ * os_)) * os_
+        points = _BLOCK_BYTES // torch.finfo(dtype).bits * 8
+        block = max(1, points // (nf * os_ * os_)) * os_
         starts = list(range(0, ns * os_, block))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights,
                                                                            molecules, fluence))
         from .. import kernels
-        pool = None if grad or device.type != "cpu" else kernels.eager_pool()
+        pool = None if grad else pool
         if device.type != "cpu":
             image = rows(0, ns * os_)
         elif pool is not None or not grad:
