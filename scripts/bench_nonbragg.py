@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's torchbragg
 SUITE = ROOT / "tests" / "data" / "golden_suite" / "nonBragg"
 PILATUS = ["-detpixels_x", "2463", "-detpixels_y", "2527", "-pixel", "0.172"]
 DROP = {"-detpixels": 1, "-detpixels_x": 1, "-detpixels_y": 1, "-pixel": 1, "-detsize": 1}
