@@ -314,6 +314,11 @@ def test_interpolation_is_the_original_cubic():
         nodes = [i for i in range(k - 1, k + 3) if 0 <= i < len(s)]  # neighbours past the ends are dropped
         want = np.polyval(np.polyfit(s[nodes], f[nodes], len(nodes) - 1), xv)
         assert gv == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # the binary-search path (tables too fine for the cell grid) gives the same values
+    bg._grids[(torch.float64, "cpu")] = None
+    torch.testing.assert_close(bg.structure_factor(x), got, rtol=1e-12, atol=1e-12)
+    with pytest.raises(InputError, match="no repeated stol"):
+        Background([0.0, 0.1, 0.1], [1.0, 2.0, 3.0])
     # the table points themselves are reproduced
     torch.testing.assert_close(bg.structure_factor(stol), F)
     assert ph.amorphous_scattering(torch.tensor(-2.0), torch.tensor(1.0), torch.tensor(1.0)) < 0

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import physics as ph
+from ..errors import InputError
 from ._base import Model
 
 # finest lookup grid: past this many cells a table falls back to a binary search
@@ -47,9 +48,9 @@ class Background(Model):
         s = np.asarray(stol, dtype=np.float64).reshape(-1)
         f = np.asarray(F, dtype=np.float64).reshape(-1)
         if s.size < 2 or s.size != f.size:
-            raise ValueError("a .stol table needs at least 2 points and as many F values as stol values")
+            raise InputError("a .stol table needs at least 2 points and as many F values as stol values")
         if not (np.isfinite(s).all() and np.isfinite(f).all()) or (np.diff(s) == 0).any():
-            raise ValueError("a .stol table needs finite values and no repeated stol")
+            raise InputError("a .stol table needs finite values and no repeated stol")
         # a table whose stol goes back somewhere (shortwater.stol does) is read as
         # the original reads it: the interval of each point is found by walking
         # from the previous point's, in the original's pixel order
