@@ -379,3 +379,16 @@ def test_simulate_command_with_background(tmp_path):
     with pytest.raises(InputError, match="must be positive"):
         with contextlib.chdir(tmp_path):
             simulate(["one.expt", "--out", "bad", "--background", "water.stol", "-sample_thick", "0"])
+
+
+def test_bench_script_scales_cases_to_a_pilatus_frame(tmp_path):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_nonbragg.py"
+    spec = importlib.util.spec_from_file_location("bench_nonbragg", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.case_args("water_divergence_dispersion", tmp_path)
+    assert args[-6:] == ["-detpixels_x", "2463", "-detpixels_y", "2527", "-pixel", "0.172"]
+    assert "-detpixels" not in args and args.count("-pixel") == 1
+    assert "-dispsteps" in args and "-hdivrange" in args
+    assert Path(args[args.index("-stol") + 1]).read_text().startswith("0 2.56999")
