@@ -392,3 +392,22 @@ def test_bench_script_scales_cases_to_a_pilatus_frame(tmp_path):
     assert "-detpixels" not in args and args.count("-pixel") == 1
     assert "-dispsteps" in args and "-hdivrange" in args
     assert Path(args[args.index("-stol") + 1]).read_text().startswith("0 2.56999")
+
+
+@pytest.mark.parametrize("argv, expect", [
+    ("-detpixels_x 50 -detpixels 40", dict(fpixels=40, spixels=40)),
+    ("-detpixels 40 -detpixels_y 30", dict(fpixels=40, spixels=30)),
+    ("-detsize 25 -detsize_x 20 -pixel 0.5", dict(fpixels=40, spixels=50)),
+    ("-energy 12398.42 -lambda 2", dict(wavelength=2e-10)),
+    ("-lambda 2 -energy 12398.42", dict(wavelength=1e-10)),
+    ("-thickness 0.3 -samplesize 0.05", dict(sample=(5e-5, 5e-5, 5e-5))),
+    ("-samplesize 0.05 -thickness 0.3", dict(sample=(3e-4, 5e-5, 5e-5))),
+    ("-distance 90 -twotheta 5", dict(pivot="SAMPLE")),
+    ("-twotheta 5 -distance 90", dict(pivot="BEAM")),
+])
+def test_later_flags_win_as_in_the_original(argv, expect):
+    from torchbragg.commands.nonbragg import parse, resolve
+    setup = resolve(parse(["-stol", "x.stol", "-nonoise", *shlex.split(argv)]))
+    for key, value in expect.items():
+        got = getattr(setup, key)
+        assert got == (pytest.approx(value) if not isinstance(value, str) else value), key

@@ -156,11 +156,10 @@ def background_sample(path: str, flags: list[str]) -> tuple[dict, list[str]]:
         value = _number(flag, flags[i + 1])
         if not value > 0:
             raise InputError(f"{flags[i]} must be positive, got {value:g}")
-        sample[key] = value
+        sample.update(dict.fromkeys(("thickness", "width", "height"), value) if key == "samplesize" else {key: value})
         i += 2
-    edge = sample.pop("samplesize", 0.1)
-    kw = dict(path=path, thickness=sample.get("thickness", edge),
-              size=(sample.get("height", edge), sample.get("width", edge)),
+    kw = dict(path=path, thickness=sample.get("thickness", 0.1),
+              size=(sample.get("height", 0.1), sample.get("width", 0.1)),
               density=sample.get("density", 1.0), molecular_weight=sample.get("molecular_weight", 18.0))
     if "molecules" in sample:
         kw["molecules"] = sample["molecules"]
@@ -199,6 +198,11 @@ def _number(flag: Flag, word: str):
     return v
 
 
+# flags that set several values at once: each value is then the last flag's that set it, as in the original
+EXPANDS = {"-detsize": ("-detsize_x", "-detsize_y"), "-detpixels": ("-detpixels_x", "-detpixels_y"),
+           "-samplesize": ("-thickness", "-width", "-height"), "-divergence": ("-hdivrange", "-vdivrange"),
+           "-divsteps": ("-hdivsteps", "-vdivsteps")}
+OVERRIDES = {"-lambda": "-energy", "-energy": "-lambda"}
 SAMPLE_PIVOT = {"-Xclose", "-Yclose", "-ORGX", "-ORGY", "-close_distance", "-twotheta"}
 BEAM_PIVOT = {"-Xbeam", "-Ybeam", "-distance"}
 
@@ -226,6 +230,9 @@ def parse(argv: list[str]) -> dict:
             opts[key] = _number(flag, values[0])
         else:
             opts[key] = tuple(_number(flag, w) for w in values)
+        for part in EXPANDS.get(key, ()):
+            opts[part] = opts[key]
+        opts.pop(OVERRIDES.get(key), None)
         if key in ("-stol", "-4stol", "-Q"):
             opts["_stol_flag"] = key
             opts["_stol_file"] = values[0]
@@ -308,16 +315,8 @@ def resolve(opts: dict) -> Setup:
 
     messages = []
     pixel = g("-pixel", 0.1) / 1000.0
-    detsize_x = detsize_y = 102.4e-3
-    if "-detsize" in opts:
-        detsize_x = detsize_y = opts["-detsize"] / 1000.0
-    detsize_x = g("-detsize_x", detsize_x * 1000.0) / 1000.0 if "-detsize_x" in opts else detsize_x
-    detsize_y = g("-detsize_y", detsize_y * 1000.0) / 1000.0 if "-detsize_y" in opts else detsize_y
-    fpixels = spixels = 0
-    if "-detpixels" in opts:
-        fpixels = spixels = opts["-detpixels"]
-    fpixels = g("-detpixels_x", fpixels)
-    spixels = g("-detpixels_y", spixels)
+    detsize_x, detsize_y = g("-detsize_x", 102.4) / 1000.0, g("-detsize_y", 102.4) / 1000.0
+    fpixels, spixels = g("-detpixels_x", 0), g("-detpixels_y", 0)
     if fpixels:
         detsize_x = pixel * fpixels
     if spixels:
@@ -342,10 +341,7 @@ def resolve(opts: dict) -> Setup:
         if beamsize == 0:
             raise InputError("-beamsize 0 with -flux gives an infinite fluence")
         fluence = flux * exposure / beamsize / beamsize
-    size = g("-samplesize", 0.1) / 1000.0
-    sx = g("-thickness", size * 1000.0) / 1000.0 if "-thickness" in opts else size
-    sy = g("-width", size * 1000.0) / 1000.0 if "-width" in opts else size
-    sz = g("-height", size * 1000.0) / 1000.0 if "-height" in opts else size
+    sx, sy, sz = (g(key, 0.1) / 1000.0 for key in ("-thickness", "-width", "-height"))
     if beamsize >= 0:
         if beamsize < sy:
             messages.append("WARNING: clipping sample (%g m high) with beam (%g m)" % (sy, beamsize))
@@ -439,11 +435,9 @@ def build(setup: Setup, dtype=None, device=None):
     b = cfg.beam
     b.dispersion = o.get("-dispersion", 0.0)
     b.dispsteps = o.get("-dispsteps")
-    div = o.get("-divergence")
-    b.hdivrange, b.vdivrange = o.get("-hdivrange", div), o.get("-vdivrange", div)
+    b.hdivrange, b.vdivrange = o.get("-hdivrange"), o.get("-vdivrange")
     b.hdivstep, b.vdivstep = o.get("-hdivstep"), o.get("-vdivstep")
-    b.hdivsteps = o.get("-hdivsteps", o.get("-divsteps"))
-    b.vdivsteps = o.get("-vdivsteps", o.get("-divsteps"))
+    b.hdivsteps, b.vdivsteps = o.get("-hdivsteps"), o.get("-vdivsteps")
     b.round_div = not o.get("-square_div", False)
     b.fluence, b.flux = setup.fluence, 0.0
     travel = unit(o.get("-beam_vector", (1, 0, 0)))
