@@ -215,8 +215,10 @@ class Background(Model):
         os_ = max(int(oversample), 1)
         nf, ns = panel.fpixels, panel.spixels
         pf, ps = panel.pixel_size.to(dtype)[0], panel.pixel_size.to(dtype)[-1]
-        # sub-pixel centres along fast and slow (mm from the origin)
-        af = (torch.arange(nf * os_, dtype=dtype, device=device) + 0.5) * (pf / os_)
+        # sub-pixel centres along fast and slow (mm from the origin); along fast
+        # sub-pixel major, so that summing a pixel's sub-pixels adds whole rows
+        sub = torch.arange(os_, device=device)[:, None] + os_ * torch.arange(nf, device=device)[None, :]
+        af = (sub.reshape(-1).to(dtype) + 0.5) * (pf / os_)
         as_ = (torch.arange(ns * os_, dtype=dtype, device=device) + 0.5) * (ps / os_)
         incident, lam = beam.sources()
         incident, lam = incident.to(dtype), lam.to(dtype)
@@ -259,8 +261,8 @@ class Background(Model):
             with torch.no_grad():
                 inv_r = geometry(slice(None))
                 every = torch.stack([stol_of(k, slice(None), inv_r)[1] for k in range(lam.numel())], -1)
-                order = every.reshape(ns, os_, nf, os_, -1).permute(0, 2, 1, 3, 4)
-                walked = self._walk(order.contiguous()).permute(0, 2, 1, 3, 4).reshape(every.shape)
+                order = every.reshape(ns, os_, os_, nf, -1).permute(0, 3, 1, 2, 4)
+                walked = self._walk(order.contiguous()).permute(0, 2, 3, 1, 4).reshape(every.shape)
 
         def rows(lo, hi):
             s = slice(lo, hi)
@@ -280,7 +282,7 @@ class Background(Model):
                 total = term if total is None else total + term
             total = total * torch.pow(inv_r, 2 if point_pixel else 3)  # solid angle, less its constant
             if os_ > 1:
-                total = total.reshape(-1, os_, nf, os_).sum((1, 3))
+                total = total.reshape(-1, os_ * os_, nf).sum(1)
             return total
 
         points = _BLOCK_BYTES // torch.finfo(dtype).bits * 8
