@@ -411,3 +411,32 @@ def test_later_flags_win_as_in_the_original(argv, expect):
     for key, value in expect.items():
         got = getattr(setup, key)
         assert got == (pytest.approx(value) if not isinstance(value, str) else value), key
+
+
+def test_walk_of_a_table_that_goes_back_is_the_original_search():
+    """Only points whose place in the table depends on the previous one are
+    walked one by one; the result is the sequential search's for every point."""
+    rng = np.random.default_rng(1)
+
+    def sequential(stol, values):
+        padded = [-1e99, -1e98, *stol.tolist(), 1e98, 1e99]
+        n, out = 0, []
+        for x in values:
+            while x > padded[n] and n < len(padded) - 1:
+                n += 1
+            while x < padded[n] and n >= 2:
+                n -= 1
+            out.append(n - 1)
+        return np.clip(out, 0, len(padded) - 4)
+
+    checked = 0
+    for _ in range(100):
+        s = np.round(rng.random(int(rng.integers(3, 12))), 2)
+        s = s[np.r_[True, np.diff(s) != 0]]
+        if len(s) < 3 or (np.diff(s) > 0).all():
+            continue
+        bg = Background(s, rng.random(len(s)), dtype=torch.float64)
+        values = np.concatenate([np.round(rng.random(200), 2), rng.random(200)])  # ties with the table too
+        np.testing.assert_array_equal(bg._walk(torch.as_tensor(values)).numpy(), sequential(s, values))
+        checked += 1
+    assert checked > 50

@@ -166,16 +166,24 @@ class Background(Model):
     def _walk(self, stol: torch.Tensor) -> torch.Tensor:
         """The original's search: from the previous point's table position, up
         while stol is above the point there, then down while below (the table
-        padded with two points at each end); the interval follows from where it stops."""
-        padded = [-1e99, -1e98, *self.stol.double().cpu().tolist(), 1e98, 1e99]
-        values = stol.detach().double().cpu().reshape(-1).tolist()
+        padded with two points at each end); the interval follows from where it
+        stops. Where the points at or below stol are a leading run of the
+        table, every start stops at its end, so only the other points are walked."""
+        padded = np.array([-1e99, -1e98, *self.stol.double().cpu().tolist(), 1e98, 1e99])
+        v = stol.detach().double().cpu().reshape(-1).numpy()
         top = len(padded) - 1
-        out = np.empty(len(values), dtype=np.int64)
-        n = 0
-        for i, v in enumerate(values):
-            while v > padded[n] and n < top:
+        rising = np.maximum.accumulate(padded)
+        after = np.minimum.accumulate(padded[::-1])[::-1]  # smallest value from here on
+        at_or_below = np.searchsorted(rising, v, side="right")
+        below = np.searchsorted(rising, v, side="left")
+        clean = (after[np.minimum(at_or_below, top)] > v) & (after[np.minimum(below, top)] >= v)
+        out = at_or_below - 1
+        p = padded.tolist()
+        for i in np.flatnonzero(~clean).tolist():
+            n, x = (int(out[i - 1]) if i else 0), float(v[i])
+            while x > p[n] and n < top:
                 n += 1
-            while v < padded[n] and n >= 2:
+            while x < p[n] and n >= 2:
                 n -= 1
             out[i] = n
         return torch.as_tensor(out - 1, device=stol.device).reshape(stol.shape).clamp_(0, len(padded) - 4)
