@@ -199,6 +199,10 @@ def test_bad_tables_are_refused(tmp_path, text, message):
     ("-stol water.stol -detpixels 8 -img x.img", "not supported"),
     ("-stol water.stol -detpixels 8 -beam_vector 0 0 0", "zero vector"),
     ("-stol water.stol -detpixels 100000", "too large"),
+    ("-stol water.stol -detpixels 8 -device gpu7", "-device takes"),
+    ("-stol water.stol -detpixels 8 -dtype half", "-dtype takes"),
+    ("-stol water.stol -detpixels 8 -polar 2", "Kahn"),
+    ("-stol water.stol -detpixels 8 -noisefile n.img -seed x", "expects an integer"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, argv, message):
     stol_file("water.stol", tmp_path)

@@ -265,7 +265,7 @@ class Setup:
     pivot: str
     wavelength: float  # m
     fluence: float
-    sample: tuple  # thickness, height, width (m)
+    sample: tuple  # thickness, width, height (m)
     density: float  # g/cm^3
     molecular_weight: float
     molecules: float | None
@@ -307,6 +307,8 @@ def resolve(opts: dict) -> Setup:
             raise InputError(f"{key} must be at least 1, got {opts[key]}")
     if "-polar" in opts and not -1.0 <= opts["-polar"] <= 1.0:
         raise InputError(f"-polar takes a Kahn factor between -1 and 1, got {opts['-polar']:g}")
+    from ..validate import check_device
+    check_device(g("-device", "cpu"))
     if g("-dtype", "float64") not in ("float32", "float64"):
         raise InputError(f"-dtype takes float32 or float64, got '{opts['-dtype']}'")
     for key in ("-fdet_vector", "-sdet_vector", "-beam_vector", "-polar_vector", "-twotheta_axis"):
@@ -449,6 +451,8 @@ def build(setup: Setup, dtype=None, device=None):
         from ..models import Beam
         rows = np.asarray(source_defaults(read_sources(o["-sourcefile"]), travel, setup.wavelength,
                                           o.get("-source_distance", 10000.0) / 1000.0), dtype=np.float64)
+        if not rows[:, 3].mean() > 0:
+            raise InputError(f"{o['-sourcefile']}: the source intensities must add up to more than 0")
         # the original adds each source's intensity as given; the Beam's weights have mean 1
         beam = Beam(-travel, setup.wavelength * 1e10, polarization_fraction=(1.0 + kahn) / 2.0,
                     polarization_normal=np.cross(travel, e_vector), fluence=setup.fluence * rows[:, 3].mean(),
