@@ -363,7 +363,7 @@ def test_simulate_command_with_background(tmp_path):
     from torchbragg.io.dials import read_experiments
     geometry = ["-cell", "70", "80", "90", "75", "85", "95", "-lambda", "1.2", "-distance", "100", "-detpixels", "32",
                 "-misset", "10", "20", "30", "-pixel", "0.4"]
-    physics = ["-N", "4", "-default_F", "100", "-dtype", "float64"]
+    physics = ["-N", "4", "-default_F", "100", "-dtype", "float64", "-fluence", "1e20"]
     rc, text = golden.run_cli(geometry + physics + ["-floatfile", "x.bin", "-nonoise", "-nopgm", "-write_expt",
                                                     "one.expt"], tmp_path)
     assert rc == 0, text
@@ -380,6 +380,14 @@ def test_simulate_command_with_background(tmp_path):
     # the sample flags went to the background, not to the crystal
     np.testing.assert_allclose(wet - plain, expected, rtol=1e-5, atol=1e-3 * expected.max())
     assert expected.min() > 0
+    # written as a Pilatus miniCBF of photon counts, read back with fabio
+    import fabio
+    with contextlib.chdir(tmp_path), contextlib.redirect_stdout(io.StringIO()):
+        assert simulate(["one.expt", "--out", "c", "--quiet", "--format", "cbf", "--background", "water.stol",
+                         "-sample_thick", "0.3", "-density", "0.9", "-seed", "5", *physics]) == 0
+    counts = fabio.open(str(tmp_path / "c_00001.cbf")).data.astype(np.float64)
+    assert counts.shape == wet.shape[1:]
+    assert abs(counts.sum() - wet.sum()) < 5 * math.sqrt(wet.sum())  # Poisson counts of the same photons
     with pytest.raises(InputError, match="must be positive"):
         with contextlib.chdir(tmp_path):
             simulate(["one.expt", "--out", "bad", "--background", "water.stol", "-sample_thick", "0"])
