@@ -158,7 +158,7 @@ def background_sample(path: str, flags: list[str]) -> tuple[dict, list[str]]:
             raise InputError(f"{flags[i]} must be positive, got {value:g}")
         sample.update(dict.fromkeys(("thickness", "width", "height"), value) if key == "samplesize" else {key: value})
         i += 2
-    kw = dict(path=path, thickness=sample.get("thickness", 0.1),
+    kw = dict(path=os.path.abspath(path), thickness=sample.get("thickness", 0.1),
               size=(sample.get("height", 0.1), sample.get("width", 0.1)),
               density=sample.get("density", 1.0), molecular_weight=sample.get("molecular_weight", 18.0))
     if "molecules" in sample:
