@@ -452,3 +452,25 @@ def test_walk_of_a_table_that_goes_back_is_the_original_search():
         np.testing.assert_array_equal(bg._walk(torch.as_tensor(values)).numpy(), sequential(s, values))
         checked += 1
     assert checked > 50
+
+
+def test_background_in_a_thick_sensor_counts_the_absorbed_photons(tmp_path):
+    from torchbragg import Simulator
+    from torchbragg.models import Crystal, StructureFactors
+    from torchbragg.simulator import RenderOptions
+    f64 = torch.float64
+    beam = Beam((-1.0, 0.0, 0.0), 1.0, polarization_normal=(0.0, -1.0, 0.0), dtype=f64)
+    frame = Frame((60.0, 4.0, -4.0), (0, 0, 1), (0, -1, 0), dtype=f64)
+    det = Detector([Panel(frame, (8, 8), (1.0, 1.0), thickness=0.45, mu=2.0, dtype=f64)], dtype=f64)
+    crystal = Crystal((50.0, 60.0, 70.0, 90.0, 90.0, 90.0), N=(3.0, 3.0, 3.0),
+                      structure_factors=StructureFactors(default_F=10.0, dtype=f64), dtype=f64)
+    bg = Background.from_stol(stol_file("water.stol", tmp_path), dtype=f64)
+    options = RenderOptions(oversample=1, sensor_layers=3, layer_divisor=2)  # layers 0.225 mm apart
+    bragg = Simulator(beam, crystal, det, options=options).render()
+    both = Simulator(beam, crystal, det, options=options, background=bg).render()
+    f = torch.arange(8, dtype=f64) + 0.5
+    pos = torch.stack(torch.broadcast_tensors(torch.tensor(60.0, dtype=f64), 4.0 - f[:, None], -4.0 + f[None, :]), -1)
+    r = torch.linalg.norm(pos, dim=-1)
+    absorbed = 1.0 - torch.exp(-2.0 * 0.45 * 3 / 2 * r / 60.0)
+    torch.testing.assert_close(both - bragg, bg(beam, det) * absorbed, rtol=1e-10, atol=0)
+    assert float(absorbed.max()) < 0.9

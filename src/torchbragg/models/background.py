@@ -190,9 +190,10 @@ class Background(Model):
 
     # ------------------------------------------------------------------ render
     def forward(self, beam, detector, *, oversample: int = 1, polarization: bool = True,
-                point_pixel: bool = False) -> torch.Tensor:
+                point_pixel: bool = False, sensor_depth=None) -> torch.Tensor:
         """Photons per pixel, shape (panels, slow, fast); panels of different
-        sizes: use `render_panel`."""
+        sizes: use `render_panel`. `sensor_depth` (mm): count only the photons
+        a sensor of that depth absorbs (with each panel's mu); None: all."""
         sizes = {p.image_size for p in detector.panels}
         if len(sizes) > 1:
             raise ValueError("panels of different sizes: render them one by one with render_panel()")
@@ -200,16 +201,17 @@ class Background(Model):
         with _one_thread():
             frames = detector.panel_frames(beam.incident())
             return torch.stack([self._render(beam, detector.panels[k], [t[k] for t in frames], oversample,
-                                             polarization, point_pixel, pool) for k in range(len(detector.panels))])
+                                             polarization, point_pixel, pool, sensor_depth)
+                                for k in range(len(detector.panels))])
 
     def render_panel(self, beam, detector, panel: int, *, oversample: int = 1, polarization: bool = True,
-                     point_pixel: bool = False) -> torch.Tensor:
+                     point_pixel: bool = False, sensor_depth=None) -> torch.Tensor:
         """Photons per pixel of one panel, shape (slow, fast)."""
         pool = self._pool()
         with _one_thread():
             frames = detector.panel_frames(beam.incident())
             return self._render(beam, detector.panels[panel], [t[panel] for t in frames], oversample, polarization,
-                                point_pixel, pool)
+                                point_pixel, pool, sensor_depth)
 
     def _pool(self):
         """Threads that render blocks side by side (CPU, several torch threads); the
@@ -217,7 +219,7 @@ class Background(Model):
         from .. import kernels
         return kernels.eager_pool() if self.device.type == "cpu" else None
 
-    def _render(self, beam, panel, frame, oversample, polarization, point_pixel, pool):
+    def _render(self, beam, panel, frame, oversample, polarization, point_pixel, pool, sensor_depth):
         dtype, device = self.dtype, self.device
         origin, fast, slow, normal = (v.to(dtype) for v in frame)
         os_ = max(int(oversample), 1)
@@ -252,6 +254,7 @@ class Background(Model):
             stol_scale = stol_scale * (self.inv_h * self.inv_h)
         shift = self.x0 * self.inv_h
         molecules, fluence = self.molecule_count(), beam.fluence.to(dtype)
+        absorbing = None if sensor_depth is None else panel.mu.to(dtype) * sensor_depth / close
         inc_of = inc_f + inc_o[:, None]
         e_of = e_f + e_o[:, None]
         fs_s = fs * as_
@@ -289,6 +292,8 @@ class Background(Model):
                     term = term * ph.kahn_polarization(kahn, cos2t, (e_s[k, s, None] + e_of[k][None, :]) * inv_r)
                 total = term if total is None else total + term
             total = total * torch.pow(inv_r, 2 if point_pixel else 3)  # solid angle, less its constant
+            if absorbing is not None:  # photons absorbed along a path depth / cos = depth R / close
+                total = total * -torch.expm1(-absorbing / inv_r)
             if os_ > 1:
                 total = total.reshape(-1, os_ * os_, nf).sum(1)
             return total
