@@ -563,25 +563,21 @@ def image_statistics(img, roi, pixel, oversample):
     import numpy as np
     xmin, xmax, ymin, ymax = roi
     ns, nf = img.shape
-    inside = np.zeros(img.shape, dtype=bool)
-    inside[max(ymin, 0):ymax + 1, max(xmin, 0):xmax + 1] = True
-    vals = img.astype(np.float64)
-    flat = vals.reshape(-1)
-    sel = flat[inside.reshape(-1)]
+    rows, cols = slice(max(ymin, 0), ymax + 1), slice(max(xmin, 0), xmax + 1)
+    sel = img[rows, cols].astype(np.float64)
     n = max(sel.size, 1)
-    total = float(sel.sum())
+    avg = float(sel.sum()) / n
     max_I, where = 0.0, (0.0, 0.0)
     if sel.size and sel.max() > 0:
-        k = int(np.argmax(np.where(inside, vals, -np.inf)))
-        max_I = float(flat[k])
-        sub = pixel / oversample
-        s, f = divmod(k, nf)
-        last = oversample - 1  # the original reports the last sub-pixel's position
+        s, f = np.unravel_index(int(np.argmax(sel)), sel.shape)
+        s, f = s + rows.start, f + cols.start
+        max_I = float(img[s, f])
+        sub, last = pixel / oversample, oversample - 1  # the original reports the last sub-pixel's position
         where = (sub * (f * oversample + last) + sub / 2.0, sub * (s * oversample + last) + sub / 2.0)
-    avg = total / n
-    rms = math.sqrt(float((sel * sel).sum()) / (max(n, 2) - 1))
-    shifted = np.append(flat[1:], 0.0)[inside.reshape(-1)]
-    rmsd = math.sqrt(float(((shifted - avg) ** 2).sum()) / (max(n, 2) - 1))
+    rms = math.sqrt(float(np.dot(sel.ravel(), sel.ravel())) / (max(n, 2) - 1))
+    successor = np.append(img.reshape(-1)[1:], np.float32(0.0)).reshape(ns, nf)[rows, cols].astype(np.float64)
+    successor -= avg
+    rmsd = math.sqrt(float(np.dot(successor.ravel(), successor.ravel())) / (max(n, 2) - 1))
     return dict(max_I=max_I, where=where, mean=avg, rms=rms, rmsd=rmsd)
 
 
@@ -657,20 +653,23 @@ def run(argv: list[str], out=None) -> int:
 
 
 def _solid_angle_sum(setup, frame, beam) -> float:
-    """Sum of the pixels' solid angles (steradian), as the original reports it."""
+    """Sum of the sub-pixels' solid angles (steradian, each with the whole pixel's
+    area, as the original adds them up)."""
+    import numpy as np
     import torch
-    g = frame.geometry(beam.incident().double())
-    px = setup.pixel * 1000.0
-    os_ = setup.oversample
-    n_f, n_s = setup.fpixels * os_, setup.spixels * os_
-    af = (torch.arange(n_f, dtype=torch.float64) + 0.5) * (px / os_)
-    as_ = (torch.arange(n_s, dtype=torch.float64) + 0.5) * (px / os_)
+    with torch.no_grad():
+        g = {k: v.double().cpu().numpy() for k, v in frame.geometry(beam.incident().double()).items()}
+    px, os_ = setup.pixel * 1000.0, setup.oversample
+    af = (np.arange(setup.fpixels * os_) + 0.5) * (px / os_)
+    as_ = (np.arange(setup.spixels * os_) + 0.5) * (px / os_)
+    o, f, s = g["pix0"], g["fdet"], g["sdet"]
+    r2_f = af * af * (f @ f) + 2.0 * af * (o @ f)
+    r2_s = o @ o + as_ * as_ * (s @ s) + 2.0 * as_ * (o @ s)
     total = 0.0
-    for lo in range(0, n_s, 256):
-        pos = g["pix0"] + as_[lo:lo + 256, None, None] * g["sdet"] + af[None, :, None] * g["fdet"]
-        r = torch.linalg.norm(pos, dim=-1)
-        total += float((1.0 / (r * r * 1e-6)).sum() if setup.opts.get("-point_pixel")
-                       else (px * px / (r * r) * g["close_distance"] / r).sum())
+    for lo in range(0, len(as_), 512):
+        r2 = r2_s[lo:lo + 512, None] + r2_f[None, :] + np.outer(2.0 * (f @ s) * as_[lo:lo + 512], af)
+        total += float((1e6 / r2).sum() if setup.opts.get("-point_pixel")
+                       else (px * px * float(g["close_distance"]) * r2 ** -1.5).sum())
     return total
 
 
