@@ -184,6 +184,7 @@ def help_text() -> str:
             arg = " FILE"
         lines.append(f"  {names}{arg}")
         lines.append(f"        {f.help.removeprefix('FILE: ')}")
+    lines += ["", "not offered (refused): " + " ".join(REFUSED)]
     return "\n".join(lines)
 
 
