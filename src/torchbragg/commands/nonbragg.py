@@ -93,6 +93,7 @@ FLAGS = [
     _f("-pixel", "pixel size (mm, default 0.1)"),
     _f("-oversample", "sub-pixels per pixel edge (default 1)", kind="int"),
     _f("-point_pixel", "solid angle 1/R^2 (R in m), no pixel area or obliquity", 0, "switch"),
+    _f("-Fmap", "write the structure factor at each pixel instead of photons (for absorption masks)", 0, "switch"),
     _f("-polar", "Kahn polarization factor (default 0: unpolarized)"),
     _f("-nopolar", "no polarization factor", 0, "switch"),
     _f("-roi", "render only pixels xmin xmax ymin ymax (inclusive, default all; others are 0)", 4, "int"),
@@ -129,7 +130,6 @@ REFUSED = {
     "-stolout": "reading an image back into a .stol table (-img, -stolout, -ignore) is not supported",
     "-ignore": "reading an image back into a .stol table (-img, -stolout, -ignore) is not supported",
     "-curved_det": "-curved_det is not supported by torchbragg's nonBragg",
-    "-Fmap": "-Fmap is not supported by torchbragg's nonBragg",
 }
 
 
@@ -611,6 +611,8 @@ def run(argv: list[str], out=None) -> int:
                            polarization=not setup.opts.get("-nopolar", False),
                            point_pixel=setup.opts.get("-point_pixel", False))[0]
         frame = detector.panels[0].frame
+        if setup.opts.get("-Fmap"):
+            image = _structure_factor_map(setup, frame, beam, background, detector.panels[0].mask)
         omega = _solid_angle_sum(setup, frame, beam)
         geometry = {k: float(v) / 1000.0 for k, v in frame.geometry(beam.incident().double()).items()
                     if v.dim() == 0}
@@ -651,6 +653,21 @@ def run(argv: list[str], out=None) -> int:
         print(f"writing {paths['noisefile']} as 2-byte integers", file=out)
         atomic_write(paths["noisefile"], smv_bytes(noisy, header))
     return 0
+
+
+def _structure_factor_map(setup, frame, beam, background, mask):
+    """-Fmap: each pixel holds the structure factor the original computed last
+    for it (its last sub-pixel, the last source), e.g. to make absorption masks."""
+    import torch
+    dtype = background.dtype
+    g = {k: v.to(dtype) for k, v in frame.geometry(beam.incident().double()).items()}
+    px, os_ = setup.pixel * 1000.0, setup.oversample
+    last = lambda n: ((torch.arange(n, dtype=dtype) * os_ + os_ - 1) + 0.5) * (px / os_)  # noqa: E731
+    pos = g["pix0"] + last(setup.spixels)[:, None, None] * g["sdet"] + last(setup.fpixels)[None, :, None] * g["fdet"]
+    incident, lam = beam.sources()
+    scattering = pos / torch.linalg.norm(pos, dim=-1, keepdim=True) - incident[-1].to(dtype)
+    F = background.structure_factor(0.5 * torch.linalg.norm(scattering, dim=-1) / lam[-1].to(dtype))
+    return F if mask is None else F * mask.to(dtype)
 
 
 def _solid_angle_sum(setup, frame, beam) -> float:
