@@ -289,7 +289,8 @@ class Simulator(nn.Module):
         if opt.sensor_layers > 0:
             depth = self.detector.panels[k].thickness * (max(opt.sensor_layers, 1) / opt.layer_divisor)
         extra = self.background.render_panel(self.beam, self.detector, k, polarization=opt.polarization,
-                                             point_pixel=opt.point_pixel, sensor_depth=depth).to(image)
+                                             point_pixel=opt.point_pixel, sensor_depth=depth,
+                                             curved=opt.curved).to(image)
         if pixels.numel() < image.numel():  # outside the ROI and the mask, as the Bragg term: 0
             keep = torch.zeros(image.numel(), dtype=image.dtype, device=image.device).index_fill_(0, pixels, 1.0)
             extra = extra * keep.reshape(image.shape)

@@ -93,6 +93,7 @@ FLAGS = [
     _f("-pixel", "pixel size (mm, default 0.1)"),
     _f("-oversample", "sub-pixels per pixel edge (default 1)", kind="int"),
     _f("-point_pixel", "solid angle 1/R^2 (R in m), no pixel area or obliquity", 0, "switch"),
+    _f("-curved_det", "curved detector: every pixel at the beam distance, flat coordinates as angles", 0, "switch"),
     _f("-Fmap", "write the structure factor at each pixel instead of photons (for absorption masks)", 0, "switch"),
     _f("-polar", "Kahn polarization factor (default 0: unpolarized)"),
     _f("-nopolar", "no polarization factor", 0, "switch"),
@@ -129,7 +130,6 @@ REFUSED = {
     "-img": "reading an image back into a .stol table (-img, -stolout, -ignore) is not supported",
     "-stolout": "reading an image back into a .stol table (-img, -stolout, -ignore) is not supported",
     "-ignore": "reading an image back into a .stol table (-img, -stolout, -ignore) is not supported",
-    "-curved_det": "-curved_det is not supported by torchbragg's nonBragg",
 }
 
 
@@ -609,7 +609,8 @@ def run(argv: list[str], out=None) -> int:
     with torch.no_grad():
         image = background(beam, detector, oversample=setup.oversample,
                            polarization=not setup.opts.get("-nopolar", False),
-                           point_pixel=setup.opts.get("-point_pixel", False))[0]
+                           point_pixel=setup.opts.get("-point_pixel", False),
+                           curved=setup.opts.get("-curved_det", False))[0]
         frame = detector.panels[0].frame
         if setup.opts.get("-Fmap"):
             image = _structure_factor_map(setup, frame, beam, background, detector.panels[0].mask)
@@ -686,6 +687,8 @@ def _solid_angle_sum(setup, frame, beam) -> float:
     total = 0.0
     for lo in range(0, len(as_), 512):
         r2 = r2_s[lo:lo + 512, None] + r2_f[None, :] + np.outer(2.0 * (f @ s) * as_[lo:lo + 512], af)
+        if setup.opts.get("-curved_det"):  # every pixel at the beam distance
+            r2 = np.full_like(r2, float(g["distance"]) ** 2)
         total += float((1e6 / r2).sum() if setup.opts.get("-point_pixel")
                        else (px * px * float(g["close_distance"]) * r2 ** -1.5).sum())
     return total

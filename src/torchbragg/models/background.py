@@ -190,10 +190,12 @@ class Background(Model):
 
     # ------------------------------------------------------------------ render
     def forward(self, beam, detector, *, oversample: int = 1, polarization: bool = True,
-                point_pixel: bool = False, sensor_depth=None) -> torch.Tensor:
+                point_pixel: bool = False, sensor_depth=None, curved: bool = False) -> torch.Tensor:
         """Photons per pixel, shape (panels, slow, fast); panels of different
         sizes: use `render_panel`. `sensor_depth` (mm): count only the photons
-        a sensor of that depth absorbs (with each panel's mu); None: all."""
+        a sensor of that depth absorbs (with each panel's mu); None: all.
+        `curved`: the original's curved detector (every pixel at the beam
+        distance, its flat coordinates turned into angles)."""
         sizes = {p.image_size for p in detector.panels}
         if len(sizes) > 1:
             raise ValueError("panels of different sizes: render them one by one with render_panel()")
@@ -201,17 +203,17 @@ class Background(Model):
         with _one_thread():
             frames = detector.panel_frames(beam.incident())
             return torch.stack([self._render(beam, detector.panels[k], [t[k] for t in frames], oversample,
-                                             polarization, point_pixel, pool, sensor_depth)
+                                             polarization, point_pixel, pool, sensor_depth, curved)
                                 for k in range(len(detector.panels))])
 
     def render_panel(self, beam, detector, panel: int, *, oversample: int = 1, polarization: bool = True,
-                     point_pixel: bool = False, sensor_depth=None) -> torch.Tensor:
+                     point_pixel: bool = False, sensor_depth=None, curved: bool = False) -> torch.Tensor:
         """Photons per pixel of one panel, shape (slow, fast)."""
         pool = self._pool()
         with _one_thread():
             frames = detector.panel_frames(beam.incident())
             return self._render(beam, detector.panels[panel], [t[panel] for t in frames], oversample, polarization,
-                                point_pixel, pool, sensor_depth)
+                                point_pixel, pool, sensor_depth, curved)
 
     def _pool(self):
         """Threads that render blocks side by side (CPU, several torch threads); the
@@ -219,7 +221,7 @@ class Background(Model):
         from .. import kernels
         return kernels.eager_pool() if self.device.type == "cpu" else None
 
-    def _render(self, beam, panel, frame, oversample, polarization, point_pixel, pool, sensor_depth):
+    def _render(self, beam, panel, frame, oversample, polarization, point_pixel, pool, sensor_depth, curved):
         dtype, device = self.dtype, self.device
         origin, fast, slow, normal = (v.to(dtype) for v in frame)
         os_ = max(int(oversample), 1)
@@ -259,28 +261,47 @@ class Background(Model):
         e_of = e_f + e_o[:, None]
         fs_s = fs * as_
 
-        def geometry(s):
-            r2 = torch.addcmul(r2_s[s, None] + r2_f[None, :], fs_s[s, None], af[None, :])
-            return torch.rsqrt(r2)
+        if curved:  # every pixel at the beam distance: its flat lab y and z become angles, as in the original
+            b = beam.incident().to(dtype)
+            mount = getattr(panel.frame, "geometry", None)  # a DistanceMount knows the original's distance
+            distance = mount(beam.incident())["distance"].to(dtype) if mount else close / ph.dot(b, normal)
+            start = distance * b
 
-        def stol_of(k, s, inv_r):
-            cos2t = (inc_s[k, s, None] + inc_of[k][None, :]) * inv_r
+        def geometry(s):
+            """(1/R, positions (rows, cols, 3) where the detector is curved, else None)."""
+            if not curved:
+                r2 = torch.addcmul(r2_s[s, None] + r2_f[None, :], fs_s[s, None], af[None, :])
+                return torch.rsqrt(r2), None
+            pos = origin + as_[s, None, None] * slow + af[None, :, None] * fast
+            dist = ph.norm(start)
+            pos = ph.rotate(ph.rotation_axis_angle(fast, pos[..., 2] / dist),
+                            ph.rotate(ph.rotation_axis_angle(slow, pos[..., 1] / dist), start))
+            return torch.rsqrt(ph.dot(pos, pos)), pos
+
+        def along(k, s, where, vectors, flat_s, flat_of):
+            """Each position's component along source k's vector, over R."""
+            inv_r, pos = where
+            return (flat_s[k, s, None] + flat_of[k][None, :] if pos is None else pos @ vectors[k]) * inv_r
+
+        def stol_of(k, s, where):
+            cos2t = along(k, s, where, incident, inc_s, inc_of)
             return cos2t, torch.sqrt((stol_scale[k] - stol_scale[k] * cos2t).clamp(min=0.0))
 
         walked = None
         if not self.monotonic:  # the walk visits pixel, sub-pixel row, sub-pixel, source in turn
             with torch.no_grad():
-                inv_r = geometry(slice(None))
-                every = torch.stack([stol_of(k, slice(None), inv_r)[1] for k in range(lam.numel())], -1)
+                where = geometry(slice(None))
+                every = torch.stack([stol_of(k, slice(None), where)[1] for k in range(lam.numel())], -1)
                 order = every.reshape(ns, os_, os_, nf, -1).permute(0, 3, 1, 2, 4)
                 walked = self._walk(order.contiguous()).permute(0, 2, 3, 1, 4).reshape(every.shape)
 
         def rows(lo, hi):
             s = slice(lo, hi)
-            inv_r = geometry(s)
+            where = geometry(s)
+            inv_r = where[0]
             total = None
             for k in range(lam.numel()):
-                cos2t, x = stol_of(k, s, inv_r)
+                cos2t, x = stol_of(k, s, where)
                 if grid is not None:
                     F = self._from_cells(x - shift if shift else x, grid)
                 elif walked is not None:
@@ -289,7 +310,7 @@ class Background(Model):
                     F = self.structure_factor(x)
                 term = ph.amorphous_scattering(F, molecules * weights[k], fluence)
                 if polarization:
-                    term = term * ph.kahn_polarization(kahn, cos2t, (e_s[k, s, None] + e_of[k][None, :]) * inv_r)
+                    term = term * ph.kahn_polarization(kahn, cos2t, along(k, s, where, e_in, e_s, e_of))
                 total = term if total is None else total + term
             total = total * torch.pow(inv_r, 2 if point_pixel else 3)  # solid angle, less its constant
             if absorbing is not None:  # photons absorbed along a path depth / cos = depth R / close
