@@ -179,13 +179,22 @@ class Background(Model):
         clean = (after[np.minimum(at_or_below, top)] > v) & (after[np.minimum(below, top)] >= v)
         out = at_or_below - 1
         p = padded.tolist()
-        for i in np.flatnonzero(~clean).tolist():
+        todo = np.flatnonzero(~clean)
+        k = 0
+        while k < len(todo):
+            i = int(todo[k])
             n, x = (int(out[i - 1]) if i else 0), float(v[i])
             while x > p[n] and n < top:
                 n += 1
             while x < p[n] and n >= 2:
                 n -= 1
             out[i] = n
+            # the points right after it that sit between table points n and n + 1 stay there
+            nxt = todo[k + 1:k + 513]
+            keep = (nxt == i + 1 + np.arange(len(nxt))) & (padded[n] <= v[nxt]) & (v[nxt] < padded[min(n + 1, top)])
+            run = len(nxt) if keep.all() else int(np.argmin(keep))
+            out[nxt[:run]] = n
+            k += 1 + run
         return torch.as_tensor(out - 1, device=stol.device).reshape(stol.shape).clamp_(0, len(padded) - 4)
 
     # ------------------------------------------------------------------ render
