@@ -507,8 +507,10 @@ def report_lines(setup: Setup, beam, detector, background, info) -> list[str]:
             lines.append("%g %g %g   %g %g" % (*(-dist * d).tolist(), 1.0, float(w) * 1e-10))
     sx, sy, sz = setup.sample
     molecules = float(background.molecule_count())
-    density = setup.density if setup.molecules is None else molecules / (sx * sy * sz) / 6.02214179e23 \
-        * setup.molecular_weight / 1e6
+    density = setup.density  # with -molecules, the density those molecules make in the box
+    if setup.molecules is not None:
+        volume = sx * sy * sz
+        density = molecules / volume / 6.02214179e23 * setup.molecular_weight / 1e6 if volume > 0 else math.inf
     lines += [
         "  %d initialized F points (will cubic-spline interpolate between them)" % (background.stol.numel() + 4),
         "  wave=%g meters +/- %g%% in %d steps" % (setup.wavelength, float(beam.dispersion) * 100,
