@@ -95,6 +95,24 @@ def _fast_size(n: int) -> int:
     return best
 
 
+def _kernel_spectrum(kernel: torch.Tensor, fs: int, ff: int) -> torch.Tensor:
+    """rfft2 of ``kernel`` zero-padded to (fs, ff), as small real matrix
+    products (the kernel is tiny next to the image: cheaper than a full FFT)."""
+    ks, kf = kernel.shape
+    dev, dt = kernel.device, kernel.dtype
+
+    def phases(n: int, rows: int, cols: int):
+        # angle -2 pi (j k mod n) / n, the product reduced exactly in integers
+        jk = (torch.arange(rows, device=dev)[:, None] * torch.arange(cols, device=dev)[None, :]) % n
+        ang = jk.to(torch.float64) * (-2.0 * math.pi / n)
+        return torch.cos(ang).to(dt), torch.sin(ang).to(dt)
+
+    cs, ss = phases(fs, fs, ks)  # (fs, ks)
+    cf, sf = phases(ff, kf, ff // 2 + 1)  # (kf, ff//2+1)
+    ar, ai = cs @ kernel, ss @ kernel
+    return torch.complex(ar @ cf - ai @ sf, ar @ sf + ai @ cf)
+
+
 def convolve_psf(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Linear (zero-padded) convolution of ``image`` (..., S, F) with a
     centred odd ``kernel`` (2R+1, 2R+1), by real FFTs; same shape out.
@@ -104,7 +122,5 @@ def convolve_psf(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     S, F = image.shape[-2:]
     fs, ff = _fast_size(S + 2 * rs), _fast_size(F + 2 * rf)
     spec = torch.fft.rfft2(image, s=(fs, ff))
-    kspec = torch.fft.rfft2(kernel.to(image.dtype), s=(fs, ff))
-    full = torch.fft.irfft2(spec * kspec, s=(fs, ff))
+    full = torch.fft.irfft2(spec * _kernel_spectrum(kernel.to(image.dtype), fs, ff), s=(fs, ff))
     return full[..., rs:rs + S, rf:rf + F]
-

@@ -341,6 +341,50 @@ def run(argv: list[str], out=None) -> int:
     return 0
 
 
+# detector-response flags of `torchbragg simulate`: flag -> (DetectorResponse argument, factor)
+RESPONSE_FLAGS = {"-psf_fwhm": ("psf_fwhm", 1e-3), "-psf_radius": ("psf_radius", None), "-gain": ("gain", 1.0),
+                  "-adc_offset": ("adc_offset", 1.0), "-readout": ("readout_noise", 1.0),
+                  "-calibration_noise": ("calibration_noise", 0.01), "-overload": ("overload", 1.0)}
+
+
+def split_response_flags(flags: list[str], command: str) -> tuple[list[str], dict | None]:
+    """Take the detector-response flags out of nanoBragg ``flags``; returns
+    (the other flags, DetectorResponse arguments or None when none was
+    given). -psf_fwhm is in microns (stored in mm), -calibration_noise in percent."""
+    rest, kw, i = [], {}, 0
+    while i < len(flags):
+        a = flags[i]
+        if a != "-psf" and a not in RESPONSE_FLAGS:
+            rest.append(a)
+            i += 1
+            continue
+        if i + 1 >= len(flags):
+            raise InputError(f"{a} expects a value")
+        text = flags[i + 1]
+        if a == "-psf":
+            if text not in ("gauss", "fiber"):
+                raise InputError(f"-psf expects gauss or fiber, got '{text}'")
+            kw["psf"] = text
+        else:
+            key, factor = RESPONSE_FLAGS[a]
+            v = _number(a, text, "int" if factor is None else "float")
+            if v < 0 or (a in ("-gain", "-overload") and v == 0):
+                raise InputError(f"{a} must be {'positive' if a in ('-gain', '-overload') else 'non-negative'}")
+            kw[key] = v if factor is None else v * factor
+        i += 2
+    if not kw:
+        return rest, None
+    if ("psf_fwhm" in kw or "psf_radius" in kw) and "psf" not in kw:
+        raise InputError("-psf_fwhm and -psf_radius need -psf gauss|fiber")
+    if "psf" in kw:
+        kw.setdefault("psf_fwhm", 0.046)
+        if kw["psf_fwhm"] <= 0:
+            raise InputError("-psf_fwhm must be positive")
+        if kw.get("psf_radius") == 0:
+            kw.pop("psf_radius")
+    return rest, kw
+
+
 def main(argv: list[str] | None = None) -> int:
     from .nanobragg import guarded
     argv = list(sys.argv[1:] if argv is None else argv)
