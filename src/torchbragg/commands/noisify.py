@@ -258,6 +258,12 @@ def run(argv: list[str], out=None) -> int:
     if os.path.isdir(path):
         raise InputError(f"cannot read {path}: it is a folder")
     file_pixels = nbytes // 4
+    outputs = [o["intfile"]] + ([] if o["nopgm"] else [o["pgmfile"]]) + ([] if o["nonoise"] else [o["noisefile"]])
+    for name in outputs:  # refuse before writing any of them
+        folder = os.path.dirname(os.path.abspath(name))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise InputError(f"cannot write {name}: folder {os.path.dirname(name) or '.'} does not exist "
+                             "or is not writable")
     say("noisify - add noise to pixels (torchbragg)")
     x, y, header = _layout(o, file_pixels, say)
     pixels = x * y
