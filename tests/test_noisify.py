@@ -333,3 +333,82 @@ def test_psf_width_group_needs_a_psf():
 
     with pytest.raises(ValueError, match="point-spread function"):
         Parametrisation(["psf_width"], Holder(DetectorResponse(gain=2.0)))
+
+
+# ----------------------------------------------------------------------------- torchbragg simulate
+
+RESPONSE = ["-psf", "gauss", "-psf_fwhm", "300", "-readout", "2", "-gain", "1.5", "-adc_offset", "10",
+            "-calibration_noise", "1", "-seed", "3"]
+SCENE = ["-N", "4", "-default_F", "100", "-water", "100", "-fluence", "1e25"]
+
+
+@pytest.fixture(scope="module")
+def still(tmp_path_factory):
+    import golden
+    folder = tmp_path_factory.mktemp("still")
+    rc, text = golden.run_cli(["-cell", "70", "80", "90", "75", "85", "95", "-lambda", "1.2", "-distance", "100",
+                               "-detpixels", "48", "-misset", "10", "20", "30", "-pixel", "0.2", "-N", "4",
+                               "-default_F", "100", "-floatfile", "x.bin", "-nonoise", "-nopgm",
+                               "-write_expt", "one.expt"], folder)
+    assert rc == 0, text
+    return folder
+
+
+def _simulate(argv, cwd):
+    import contextlib
+    import os
+
+    from torchbragg.commands.simulate import run
+    old = os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return run(argv)
+    finally:
+        os.chdir(old)
+
+
+def test_simulate_writes_detector_readings_as_cbf_and_nxmx(still):
+    """A frame with water background, Gaussian PSF, gain, offset, calibration
+    error and read-out noise: the CBF (fabio) and the NXmx (nxmx) hold the
+    same readings as the npy, whose statistics match the response model."""
+    import fabio
+    import h5py
+    nxmx = pytest.importorskip("nxmx")
+    from torchbragg.models import DetectorResponse
+    for fmt in ("npy", "cbf", "nxs"):
+        assert _simulate(["one.expt", "--out", f"r_{fmt}", "--quiet", "--format", fmt, *SCENE, *RESPONSE], still) == 0
+    assert _simulate(["one.expt", "--out", "photons", "--quiet", *SCENE, "-nonoise"], still) == 0
+    readings = np.load(still / "r_npy_00001.npy")
+    assert readings.dtype == np.int32 and readings.shape == (1, 48, 48)
+    assert np.array_equal(fabio.open(str(still / "r_cbf_00001.cbf")).data, readings[0])
+    with h5py.File(still / "r_nxs.nxs", "r") as fh:
+        (entry,) = nxmx.NXmx(fh).entries
+        (data,) = entry.data
+        frames = data[data.signal][()]
+    assert np.array_equal(np.asarray(frames)[0], readings[0])
+
+    photons = torch.as_tensor(np.load(still / "photons_00001.npy")[0], dtype=torch.float64)
+    assert 500 < float(photons.mean()) < 5000  # water background
+    r = DetectorResponse(gain=1.5, adc_offset=10.0, readout_noise=2.0, psf="gauss", psf_fwhm=0.3, pixel_size=0.2,
+                         dtype=torch.float64)
+    mean = r.expectation(photons, (0.2, 0.2))[4:-4, 4:-4]
+    got = torch.as_tensor(readings[0], dtype=torch.float64)[4:-4, 4:-4]
+    # readings are floored: mean - 0.5; 1 % calibration error on top of the photon noise
+    assert float((got - mean + 0.5).mean()) == pytest.approx(0.0, abs=0.02 * float(mean.mean()) / 10)
+    assert 0.3 < float((got - mean).std() / (1.5 * 0.01 * mean.mean())) < 3
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["-psf_fwhm", "100"], "-psf_fwhm and -psf_radius need -psf"),
+    (["-psf", "box"], "-psf expects gauss or fiber"),
+    (["-gain", "0"], "-gain must be positive"),
+    (["-readout", "-1"], "-readout must be non-negative"),
+    (["-calibration_noise", "x"], "-calibration_noise expects a number"),
+])
+def test_simulate_refuses_bad_response_flags(flags, words, still, capsys):
+    from torchbragg.commands.simulate import main
+    assert main([str(still / "one.expt"), "--out", str(still / "bad"), "--quiet", *SCENE, *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not list(still.glob("bad*"))
