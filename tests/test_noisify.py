@@ -412,3 +412,17 @@ def test_simulate_refuses_bad_response_flags(flags, words, still, capsys):
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
     assert not list(still.glob("bad*"))
+
+
+def test_sampling_keeps_the_kernel_spectrum_and_blurs_the_same():
+    from torchbragg.models import DetectorResponse
+    r = DetectorResponse(psf="fiber", psf_fwhm=0.2, psf_radius=5, dtype=torch.float64)
+    img = torch.as_tensor(_spots(), dtype=torch.float64)
+    assert torch.allclose(r._fixed_blur(img, (0.1, 0.1)), r.blur(img, (0.1, 0.1)), rtol=0, atol=1e-9)
+    first = r._spectrum_cache[1]
+    r._fixed_blur(img, (0.1, 0.1))
+    assert r._spectrum_cache[1] is first
+    with torch.no_grad():
+        r.psf_fwhm.fill_(0.3)  # a new width: a new spectrum
+    assert torch.allclose(r._fixed_blur(img, (0.1, 0.1)), r.blur(img, (0.1, 0.1)), rtol=0, atol=1e-9)
+    assert r._spectrum_cache[1] is not first

@@ -95,7 +95,7 @@ def _fast_size(n: int) -> int:
     return best
 
 
-def _kernel_spectrum(kernel: torch.Tensor, fs: int, ff: int) -> torch.Tensor:
+def kernel_spectrum(kernel: torch.Tensor, fs: int, ff: int) -> torch.Tensor:
     """rfft2 of ``kernel`` zero-padded to (fs, ff), as small real matrix
     products (the kernel is tiny next to the image: cheaper than a full FFT)."""
     ks, kf = kernel.shape
@@ -113,14 +113,21 @@ def _kernel_spectrum(kernel: torch.Tensor, fs: int, ff: int) -> torch.Tensor:
     return torch.complex(ar @ cf - ai @ sf, ar @ sf + ai @ cf)
 
 
-def convolve_psf(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def padded_shape(shape, kernel_shape) -> tuple[int, int]:
+    """FFT size for a linear convolution of an image (..., S, F) with a kernel."""
+    S, F = shape[-2:]
+    return _fast_size(S + 2 * (kernel_shape[0] // 2)), _fast_size(F + 2 * (kernel_shape[1] // 2))
+
+
+def convolve_psf(image: torch.Tensor, kernel: torch.Tensor, spectrum: torch.Tensor | None = None) -> torch.Tensor:
     """Linear (zero-padded) convolution of ``image`` (..., S, F) with a
     centred odd ``kernel`` (2R+1, 2R+1), by real FFTs; same shape out.
-    Photons spread past the edges are dropped."""
-    ks, kf = kernel.shape
-    rs, rf = ks // 2, kf // 2
+    Photons spread past the edges are dropped. ``spectrum``: the kernel's
+    ``kernel_spectrum`` at ``padded_shape``, when already known."""
+    rs, rf = kernel.shape[0] // 2, kernel.shape[1] // 2
     S, F = image.shape[-2:]
-    fs, ff = _fast_size(S + 2 * rs), _fast_size(F + 2 * rf)
-    spec = torch.fft.rfft2(image, s=(fs, ff))
-    full = torch.fft.irfft2(spec * _kernel_spectrum(kernel.to(image.dtype), fs, ff), s=(fs, ff))
+    fs, ff = padded_shape(image.shape, kernel.shape)
+    if spectrum is None:
+        spectrum = kernel_spectrum(kernel.to(image.dtype), fs, ff)
+    full = torch.fft.irfft2(torch.fft.rfft2(image, s=(fs, ff)) * spectrum, s=(fs, ff))
     return full[..., rs:rs + S, rf:rf + F]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..psf import PSF_KINDS, convolve_psf, psf_kernel, psf_radius_for
+from ..psf import PSF_KINDS, convolve_psf, kernel_spectrum, padded_shape, psf_kernel, psf_radius_for
 from ._base import Model
 
 
@@ -50,6 +50,7 @@ class DetectorResponse(Model):
         self.calibration_seed = int(calibration_seed)
         self.overload = None if overload is None else float(overload)
         self._calibration_cache = None
+        self._spectrum_cache = None
 
     def kernel(self, pixel_size) -> torch.Tensor:
         """The pixel-integrated PSF, (2R+1, 2R+1) [slow, fast], summing to one."""
@@ -60,6 +61,20 @@ class DetectorResponse(Model):
         if self.psf is None or self.psf_radius == 0:
             return photons
         return convolve_psf(photons, self.kernel(pixel_size).to(photons.dtype))
+
+    def _fixed_blur(self, counts: torch.Tensor, pixel_size) -> torch.Tensor:
+        # sampling only (no gradient): the kernel's spectrum is kept between calls
+        if self.psf is None or self.psf_radius == 0:
+            return counts
+        pix = tuple(float(v) for v in torch.as_tensor(pixel_size, dtype=torch.float64).reshape(-1).expand(2))
+        n = 2 * self.psf_radius + 1
+        fs, ff = padded_shape(counts.shape, (n, n))
+        key = (self.psf, self.psf_radius, float(self.psf_fwhm), pix, fs, ff, counts.dtype, counts.device)
+        if self._spectrum_cache is None or self._spectrum_cache[0] != key:
+            k = psf_kernel(self.psf, self.psf_fwhm.detach().to(counts), pix, self.psf_radius)
+            self._spectrum_cache = (key, kernel_spectrum(k, fs, ff))
+        k = torch.empty((n, n), dtype=counts.dtype, device=counts.device)
+        return convolve_psf(counts, k, self._spectrum_cache[1])
 
     def expectation(self, photons: torch.Tensor, pixel_size) -> torch.Tensor:
         """Mean reading (ADU) for expected ``photons`` per pixel."""
@@ -98,7 +113,7 @@ class DetectorResponse(Model):
         if self.calibration_noise > 0.0:
             p = p * self.calibration(p.shape[-2:], p.dtype, p.device)
         counts = torch.poisson(p, generator=generator)
-        adu = self.gain.to(p.dtype) * self.blur(counts, pixel_size) + self.adc_offset.to(p.dtype)
+        adu = self.gain.to(p.dtype) * self._fixed_blur(counts, pixel_size) + self.adc_offset.to(p.dtype)
         if float(self.readout_noise) > 0.0:
             noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
             adu = adu + self.readout_noise.to(p.dtype) * noise
