@@ -426,3 +426,18 @@ def test_sampling_keeps_the_kernel_spectrum_and_blurs_the_same():
         r.psf_fwhm.fill_(0.3)  # a new width: a new spectrum
     assert torch.allclose(r._fixed_blur(img, (0.1, 0.1)), r.blur(img, (0.1, 0.1)), rtol=0, atol=1e-9)
     assert r._spectrum_cache[1] is not first
+
+
+def test_gaussian_likelihood_matches_the_response_in_adu_above_the_offset():
+    """refine.losses.gaussian_nll's variance (gain * model + read_noise^2)
+    is the response's when model and data are ADU above the offset (model =
+    gain * photons): gain^2 * photons + read-out^2."""
+    from torchbragg.models import DetectorResponse
+    from torchbragg.refine.losses import gaussian_nll
+    photons = torch.tensor([[3.0, 40.0], [250.0, 0.5]], dtype=torch.float64)
+    r = DetectorResponse(gain=2.5, adc_offset=40.0, readout_noise=3.0, dtype=torch.float64)
+    mean, var = r.expectation(photons, (0.1, 0.1)), r.variance(photons, (0.1, 0.1))
+    data = mean + torch.tensor([[1.0, -4.0], [20.0, 2.0]], dtype=torch.float64)
+    got = gaussian_nll(mean - 40.0, data - 40.0, read_noise=3.0, gain=2.5)
+    want = 0.5 * (torch.log(var) + (data - mean) ** 2 / var).sum()
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
