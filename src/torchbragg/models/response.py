@@ -111,14 +111,15 @@ class DetectorResponse(Model):
         ``generator`` (on the photons' device) makes it repeatable."""
         p = torch.clamp(photons.detach(), min=0.0)
         if self.calibration_noise > 0.0:
-            p = p * self.calibration(p.shape[-2:], p.dtype, p.device)
+            p.mul_(self.calibration(p.shape[-2:], p.dtype, p.device))
         counts = torch.poisson(p, generator=generator)
-        adu = self.gain.to(p.dtype) * self._fixed_blur(counts, pixel_size) + self.adc_offset.to(p.dtype)
+        # in place from here: one pass per step over a large frame
+        adu = self._fixed_blur(counts, pixel_size).mul_(self.gain.to(p.dtype)).add_(self.adc_offset.to(p.dtype))
         if float(self.readout_noise) > 0.0:
             noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-            adu = adu + self.readout_noise.to(p.dtype) * noise
+            adu.add_(noise, alpha=float(self.readout_noise))
         if self.overload is not None:
-            adu = torch.clamp(adu, max=self.overload)
+            adu.clamp_(max=self.overload)
         return adu
 
     def extra_repr(self) -> str:
