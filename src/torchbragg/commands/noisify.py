@@ -300,6 +300,9 @@ def run(argv: list[str], out=None) -> int:
     neg = floats < 0
     if neg.any():
         print(f"{PROG}: warning: {int(neg.sum())} negative pixels in {path}", file=sys.stderr)
+    bad = ~np.isfinite(floats)
+    if bad.any():
+        print(f"{PROG}: warning: {int(bad.sum())} NaN or infinite pixels in {path} (they read 0)", file=sys.stderr)
     max_i = max(0.0, float(floats.max()))
     factor = (o["fluence"] * R_E_SQR) * o["scale"]
     photons = (factor * floats.astype(np.float64)).astype(np.float32).reshape(y, x)
