@@ -64,16 +64,63 @@ def f32(x: float) -> float:
 
 # ---------------------------------------------------------------- noise
 
-def photon_noise(photons: np.ndarray, seed: int, calib_seed: int, flicker: float, calibration: float):
+def _compiled():
+    """The compiled helpers of _noise.c (same arithmetic), or None when not built."""
+    import ctypes as ct
+
+    from .noise import _LIB
+    if _LIB is None or not hasattr(_LIB, "tb_noisify_photons"):
+        return None
+    p, lg, d, i = ct.c_void_p, ct.c_long, ct.c_double, ct.c_int
+    _LIB.tb_stream_size.restype = lg
+    _LIB.tb_noisify_photons.restype = None
+    _LIB.tb_noisify_photons.argtypes = [p, lg, lg, lg, d, d, p, ct.POINTER(lg), p, ct.POINTER(d)]
+    _LIB.tb_noisify_read_noise.restype = None
+    _LIB.tb_noisify_read_noise.argtypes = [p, lg, lg, d, p]
+    _LIB.tb_noisify_psf_radii.restype = None
+    _LIB.tb_noisify_psf_radii.argtypes = [p, lg, i, d, d, i, i, p, ct.POINTER(d)]
+    _LIB.tb_noisify_psf_spread.restype = None
+    _LIB.tb_noisify_psf_spread.argtypes = [p, p, p, lg, i, i, p, i, p]
+    return _LIB
+
+
+_C = _compiled()
+
+
+class _Streams:
+    """The generator state after the photon step, for the read-out noise."""
+
+    def __init__(self, state, word: int):
+        self.state, self.word = state, word
+
+    def read_noise(self, n: int, readout: float) -> np.ndarray:
+        """``n`` read-out noise values (ADU) continuing the ``-seed`` word."""
+        if isinstance(self.state, Ran1):
+            self.state.idum = self.word
+            return np.array([readout * gaussdev(self.state, False) for _ in range(n)], dtype=np.float64)
+        out = np.empty(n, dtype=np.float64)
+        _C.tb_noisify_read_noise(ctypes.addressof(self.state), self.word, n, readout, out.ctypes.data)
+        return out
+
+
+def photon_noise(photons: np.ndarray, seed: int, calib_seed: int, flicker: float, calibration: float,
+                 compiled: bool | None = None):
     """Flicker, calibration error and Poisson photons, pixel by pixel.
 
     photons: float32 image (any shape, row-major order is the draw order).
     seed, calib_seed: the stored seeds (``-N`` for ``-seed N``).
-    Returns (float32 photon counts, the Ran1 carrying the shared state,
-    the ``-seed`` word, total photons).
+    compiled: use _noise.c (default: when built). Returns (float32 photon
+    counts, total photons, the streams for ``read_noise``).
     """
     flat = np.ascontiguousarray(photons, dtype=np.float32).reshape(-1)
     out = np.empty(flat.size, dtype=np.float32)
+    if (_C is not None) if compiled is None else compiled:
+        state = ctypes.create_string_buffer(int(_C.tb_stream_size()))
+        word, total = ctypes.c_long(0), ctypes.c_double(0.0)
+        _C.tb_noisify_photons(flat.ctypes.data, flat.size, int(seed), int(calib_seed), float(flicker),
+                              float(calibration), ctypes.addressof(state), ctypes.byref(word), out.ctypes.data,
+                              ctypes.byref(total))
+        return out.reshape(np.shape(photons)), total.value, _Streams(state, word.value)
     rng = Ran1(seed)
     s, c = int(seed), int(calib_seed)
     total = 0.0
@@ -91,13 +138,7 @@ def photon_noise(photons: np.ndarray, seed: int, calib_seed: int, flicker: float
         s = rng.idum
         out[i] = v
         total += v
-    return out.reshape(np.shape(photons)), rng, s, total
-
-
-def read_noise(n: int, rng: Ran1, seed_word: int, readout: float) -> np.ndarray:
-    """``n`` read-out noise values (ADU, double) continuing the ``-seed`` stream."""
-    rng.idum = seed_word
-    return np.array([readout * gaussdev(rng, False) for _ in range(n)], dtype=np.float64)
+    return out.reshape(np.shape(photons)), total, _Streams(rng, s)
 
 
 def to_uint16(adu: np.ndarray) -> np.ndarray:
@@ -159,11 +200,13 @@ def _source_radius(kind: str, photons: float, fwhm: float, g: float) -> int:
     return _c_int(1 + math.ceil(g * (photons / lost)))
 
 
-def apply_psf(image: np.ndarray, kind: str, fwhm_pixels: float, user_radius: int, log=print) -> np.ndarray:
+def apply_psf(image: np.ndarray, kind: str, fwhm_pixels: float, user_radius: int, log=print,
+              compiled: bool | None = None) -> np.ndarray:
     """The original's spatial PSF on a (ypixels, xpixels) float32 image.
 
     fwhm_pixels: FWHM in pixels (double); user_radius: -psf_radius (0:
-    chosen per source pixel). Returns the float32 blurred image.
+    chosen per source pixel); compiled: the per-source radii in _noise.c
+    (default: when built). Returns the float32 blurred image.
     """
     img = np.ascontiguousarray(image, dtype=np.float32)
     H, W = img.shape
@@ -199,27 +242,52 @@ def apply_psf(image: np.ndarray, kind: str, fwhm_pixels: float, user_radius: int
     src = np.flatnonzero(flat > 0.0)
     vals = flat[src].astype(np.float64)
     radii = np.empty(src.size, dtype=np.int64)
-    lost_total = 0.0
-    for m, p in enumerate(vals.tolist()):
-        r = user_radius if user_radius != 0 else _source_radius(kind, p, fwhm_pixels, g)
-        if r == 0:
-            r = 1
-        r = min(r, maxwidth)
-        radii[m] = r
-        if kind == "gauss":
-            rsq = float(r) / fwhm_pixels
-            rsq = rsq * rsq
-            lost_total += p * _exp(-math.log(16) * rsq)
-        else:
-            lost_total += p * g / math.sqrt(g * g + r * r)
+    use_c = compiled if compiled is not None else _C is not None
+    if use_c:
+        lost = ctypes.c_double(0.0)
+        _C.tb_noisify_psf_radii(vals.ctypes.data, vals.size, 0 if kind == "gauss" else 1, fwhm_pixels, g,
+                                user_radius, maxwidth, radii.ctypes.data, ctypes.byref(lost))
+        lost_total = lost.value
+    else:
+        lost_total = 0.0
+        for m, p in enumerate(vals.tolist()):
+            r = user_radius if user_radius != 0 else _source_radius(kind, p, fwhm_pixels, g)
+            if r == 0:
+                r = 1
+            r = min(r, maxwidth)
+            radii[m] = r
+            if kind == "gauss":
+                rsq = float(r) / fwhm_pixels
+                rsq = rsq * rsq
+                lost_total += p * _exp(-math.log(16) * rsq)
+            else:
+                lost_total += p * g / math.sqrt(g * g + r * r)
 
+    out = np.zeros(n + 1, dtype=np.float32)  # the original may write one past the end
+    if use_c:
+        dense = np.zeros((2 * radius + 1, 2 * radius + 1), dtype=np.float64)
+        for (dx, dy), k in kernel.items():
+            dense[dy + radius, dx + radius] = k
+        src = np.ascontiguousarray(src, dtype=np.int64)
+        _C.tb_noisify_psf_spread(src.ctypes.data, vals.ctypes.data, radii.ctypes.data, src.size, W, H,
+                                 dense.ctypes.data, radius, out.ctypes.data)
+    else:
+        _spread(out, src, vals, radii, kernel, W, H)
+    log("adding back %g lost photons" % lost_total)
+    res = out[:n]
+    res[:] = (res.astype(np.float64) + lost_total / n).astype(np.float32)
+    return res.reshape(H, W)
+
+
+def _spread(out, src, vals, radii, kernel, W, H) -> None:
+    """``tb_noisify_psf_spread`` in numpy: one pass per kernel offset; each
+    output receives its contributions in source order (offsets by descending
+    shift), so the float sums round as the original's."""
+    n = W * H
     x0 = src % W
     y0 = src // W
-    out = np.zeros(n + 1, dtype=np.float32)  # the original may write one past the end
-    # each output receives its contributions in source order: offsets by descending shift
-    offsets = sorted(kernel, key=lambda o: (-(o[1] * W + o[0]), o[0], o[1]))
     r2 = radii * radii
-    for dx, dy in offsets:
+    for dx, dy in sorted(kernel, key=lambda o: (-(o[1] * W + o[0]), o[0], o[1])):
         k = kernel[dx, dy]
         if k == 0.0:
             continue
@@ -230,7 +298,3 @@ def apply_psf(image: np.ndarray, kind: str, fwhm_pixels: float, user_radius: int
         ok &= (j >= 0) & (j <= n)
         j = j[ok]
         out[j] = (out[j].astype(np.float64) + vals[ok] * k).astype(np.float32)
-    log("adding back %g lost photons" % lost_total)
-    res = out[:n]
-    res[:] = (res.astype(np.float64) + lost_total / n).astype(np.float32)
-    return res.reshape(H, W)

@@ -326,7 +326,7 @@ def run(argv: list[str], out=None) -> int:
         say("writing %s as 1-byte integers" % o["pgmfile"])
 
     if not o["nonoise"]:
-        counts, rng, word, total = nz.photon_noise(photons, seed, o["calib_seed"], o["flicker"], o["calibration"])
+        counts, total, streams = nz.photon_noise(photons, seed, o["calib_seed"], o["flicker"], o["calibration"])
         if psf:
             say("%.0f photons on noise image before PSF" % total)
             say("  applying PSF width = %g um" % (o["psf_fwhm"] * 1e6))
@@ -334,7 +334,7 @@ def run(argv: list[str], out=None) -> int:
         total = float(np.cumsum(counts.reshape(-1), dtype=np.float64)[-1]) if pixels else 0.0
         adu = counts.reshape(-1).astype(np.float64) * o["gain"] + o["adc"]
         if o["readout"] > 0.0:
-            adu = adu + nz.read_noise(pixels, rng, word, o["readout"])
+            adu = adu + streams.read_noise(pixels, o["readout"])
         over32 = adu > 2147483647.0
         adu = np.where(over32, 2147483647.0, adu)
         over16 = adu > 65535.0
