@@ -17,7 +17,8 @@ over a disc of the kernel (its radius chosen from that pixel's photons unless
 outputs receiving their contributions in the order of the source pixels; a
 source next to the right edge also feeds the first pixel of the next row
 (the original's bounds test lets x reach the width). The photons outside the
-disc are added back evenly over the image. ``psf.py`` holds the
+disc are added back evenly over the image. The loops run in _noise.c when
+it was built (the same arithmetic), else in Python. ``psf.py`` holds the
 differentiable FFT version used by the detector model; the two agree to
 float precision away from the edges (see the tests).
 """
@@ -56,10 +57,6 @@ def _libm():
 
 _M = _libm()
 _erf, _atan, _exp, _log = _M["erf"], _M["atan"], _M["exp"], _M["log"]
-
-
-def f32(x: float) -> float:
-    return float(np.float32(x))
 
 
 # ---------------------------------------------------------------- noise
