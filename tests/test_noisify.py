@@ -384,7 +384,7 @@ def test_simulate_writes_detector_readings_as_cbf_and_nxmx(still):
     import h5py
     nxmx = pytest.importorskip("nxmx")
     from torchbragg.models import DetectorResponse
-    for fmt in ("npy", "cbf", "nxs"):
+    for fmt in ("npy", "cbf", "nxs", "smv"):
         assert _simulate(["one.expt", "--out", f"r_{fmt}", "--quiet", "--format", fmt, *SCENE, *RESPONSE], still) == 0
     assert _simulate(["one.expt", "--out", "photons", "--quiet", *SCENE, "-nonoise"], still) == 0
     readings = np.load(still / "r_npy_00001.npy")
@@ -395,6 +395,8 @@ def test_simulate_writes_detector_readings_as_cbf_and_nxmx(still):
         (data,) = entry.data
         frames = data[data.signal][()]
     assert np.array_equal(np.asarray(frames)[0], readings[0])
+    from torchbragg.io.smv import read_smv
+    assert np.array_equal(read_smv(still / "r_smv_00001.img")[1], np.clip(readings[0], 0, 65535))
 
     photons = torch.as_tensor(np.load(still / "photons_00001.npy")[0], dtype=torch.float64)
     assert 500 < float(photons.mean()) < 5000  # water background
