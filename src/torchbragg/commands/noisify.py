@@ -38,8 +38,9 @@ class Flag:
 
 
 FLAGS = [
-    Flag(("-floatfile", "-floatimage", "-bin"), "floatfile", "str", "", "(required)",
-         "input image: little-endian float32 photons per pixel, fast index contiguous"),
+    Flag(("-floatfile", "-floatimage", "-bin"), "floatfile", "str", "", "",
+         "input image (required; also accepted as the one positional argument): little-endian float32 photons "
+         "per pixel, fast index contiguous"),
     Flag(("-scale",), "scale", "float", "", "1", "factor applied to the input to make photons per pixel"),
     Flag(("-fluence",), "fluence", "float", "photons/m^2", "1.25932e+29",
          "incident fluence; photons = fluence * r_e^2 * scale * input"),
@@ -51,7 +52,7 @@ FLAGS = [
     Flag(("-calibration", "-calibration_noise"), "calibration", "float", "fraction", "0.03",
          "rms static per-pixel calibration error (a photon-loss factor)"),
     Flag(("-seed",), "seed", "int", "", "from the clock", "seed of the photon, flicker and read-out noise"),
-    Flag(("-calib_seed",), "calib_seed", "int", "", "none (the stored word 123456789)",
+    Flag(("-calib_seed",), "calib_seed", "int", "", "the word 123456789, not negated as given seeds are",
          "seed of the calibration error (the same seed gives the same detector)"),
     Flag(("-psf",), "psf", "psf", "", "none", "point-spread function: gauss or fiber"),
     Flag(("-psf_fwhm", "-psf_width", "-psf_sigma"), "psf_fwhm", "float", "um", "46",
@@ -65,6 +66,10 @@ FLAGS = [
     Flag(("-detpixels",), "detpixels", "int", "pixels", "from the file size", "pixels along both edges"),
     Flag(("-detpixels_x", "-detpixels_f"), "xpixels", "int", "pixels", "from the file size", "fast pixels"),
     Flag(("-detpixels_y", "-detpixels_s"), "ypixels", "int", "pixels", "from the file size", "slow pixels"),
+    Flag(("-detsize",), "detsize", "float", "mm", "pixels x pixel size",
+         "accepted as the original does; the size always follows from the pixels", 1e-3),
+    Flag(("-detsize_x", "-detsize_f"), "detsize_x", "float", "mm", "pixels x pixel size", "as -detsize, fast", 1e-3),
+    Flag(("-detsize_y", "-detsize_s"), "detsize_y", "float", "mm", "pixels x pixel size", "as -detsize, slow", 1e-3),
     Flag(("-Xbeam",), "Xbeam", "float", "mm", "detector centre", "beam centre, fast (header only)", 1e-3),
     Flag(("-Ybeam",), "Ybeam", "float", "mm", "detector centre", "beam centre, slow (header only)", 1e-3),
     Flag(("-lambda", "-wavelength"), "lambda", "float", "A", "1", "wavelength (header only)"),
@@ -78,6 +83,8 @@ FLAGS = [
     Flag(("-nopgm",), "nopgm", "switch", "", "off", "do not write the PGM"),
     Flag(("-bits",), "bits", "int", "", "16", "integer images: 16 (unsigned short) or 32 (long_integer)"),
     Flag(("-noprogress",), "noprogress", "switch", "", "", "accepted for compatibility (no progress meter)"),
+    Flag(("-badpix_seed",), "badpix_seed", "int", "", "", "accepted; unused, as in the original"),
+    Flag(("-hotpix_seed",), "hotpix_seed", "int", "", "", "accepted; unused, as in the original"),
 ]
 _BY_NAME = {n: f for f in FLAGS for n in f.names}
 DEFAULTS = dict(floatfile=None, scale=1.0, fluence=UNIT_FLUENCE, gain=1.0, adc=40.0, readout=0.0, flicker=0.0,
@@ -85,7 +92,7 @@ DEFAULTS = dict(floatfile=None, scale=1.0, fluence=UNIT_FLUENCE, gain=1.0, adc=4
                 psf_radius=0, nonoise=False, distance=0.1, pixel=1e-4, detpixels=None, xpixels=None,
                 ypixels=None, Xbeam=None, Ybeam=None, detsize=None, detsize_x=None, detsize_y=None,
                 header=None, noisefile="noiseimage.img", intfile="intimage.img", pgmfile="image.pgm",
-                nopgm=False, bits=16, noprogress=False, phi=0.0, osc=1.0, **{"lambda": 1.0})
+                nopgm=False, bits=16, noprogress=False, badpix_seed=None, hotpix_seed=None, phi=0.0, osc=1.0, **{"lambda": 1.0})
 
 
 def help_text() -> str:
@@ -119,13 +126,6 @@ def parse(argv: list[str]) -> dict:
         a = argv[i]
         f = _BY_NAME.get(a)
         if f is None:
-            if a in ("-detsize", "-detsize_x", "-detsize_y", "-detsize_f", "-detsize_s"):
-                key = {"-detsize_f": "detsize_x", "-detsize_s": "detsize_y"}.get(a, a[1:])
-                if i + 1 >= len(argv):
-                    raise InputError(f"{a} expects a value")
-                opts[key] = _number(a, argv[i + 1], "float") * 1e-3
-                i += 2
-                continue
             if a.startswith("-"):
                 raise InputError(f"unknown flag '{a}' (see {PROG} -h)")
             if opts["floatfile"] is not None:
