@@ -451,3 +451,20 @@ def test_gaussian_likelihood_matches_the_response_in_adu_above_the_offset():
     got = gaussian_nll(mean - 40.0, data - 40.0, read_noise=3.0, gain=2.5)
     want = 0.5 * (torch.log(var) + (data - mean) ** 2 / var).sum()
     assert float(got) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_header_flag_copies_the_header_and_takes_its_size(golden, tmp_path, monkeypatch, capsys):
+    """-header: the outputs carry that file's 512-byte header, and its SIZE1/SIZE2
+    and PIXEL_SIZE replace the guesses (the input given as the positional argument)."""
+    src = golden / "psf_gauss"
+    shutil.copy(src / "noise.img", tmp_path / "hdr.img")
+    monkeypatch.chdir(tmp_path)
+    np.ones(128 * 128, dtype="<f4").tofile("flat.bin")
+    assert cmd.main(["flat.bin", "-header", "hdr.img", "-seed", "2", "-calibration", "0", "-adc", "0"]) == 0
+    head = (src / "noise.img").read_bytes()[:512]
+    for name in ("intimage.img", "noiseimage.img"):
+        raw = Path(name).read_bytes()
+        assert raw[:512] == head and len(raw) == 512 + 2 * 128 * 128
+    noisy = np.frombuffer(Path("noiseimage.img").read_bytes()[512:], dtype="<u2")
+    assert noisy.mean() == pytest.approx(1.0, abs=0.05)  # Poisson photons of mean 1
+    assert "pixel=0.00025 meters (128x128 pixels)" in capsys.readouterr().out
