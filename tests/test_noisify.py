@@ -468,3 +468,12 @@ def test_header_flag_copies_the_header_and_takes_its_size(golden, tmp_path, monk
     noisy = np.frombuffer(Path("noiseimage.img").read_bytes()[512:], dtype="<u2")
     assert noisy.mean() == pytest.approx(1.0, abs=0.05)  # Poisson photons of mean 1
     assert "pixel=0.00025 meters (128x128 pixels)" in capsys.readouterr().out
+
+
+def test_calibration_error_differs_between_panels():
+    from torchbragg.models import DetectorResponse
+    r = DetectorResponse(calibration_noise=0.05, calibration_seed=3, dtype=torch.float64)
+    cal = r.calibration((2, 30, 40))
+    assert not torch.allclose(cal[0], cal[1])
+    reading = r.sample(torch.full((2, 30, 40), 1e6, dtype=torch.float64), (0.1, 0.1))
+    assert float(torch.corrcoef(torch.stack([reading[1].flatten(), cal[1].flatten()]))[0, 1]) > 0.9

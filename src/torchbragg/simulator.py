@@ -211,11 +211,14 @@ class Simulator(nn.Module):
         is False. Without a response, the photons themselves."""
         if self.response is None:
             return photons
-        out = []
-        for k, panel in enumerate(self.detector.panels):
-            p = photons[k]
-            out.append(self.response.sample(p, panel.pixel_size, generator) if sample
-                       else self.response.expectation(p, panel.pixel_size))
+        panels = self.detector.panels
+        if sample:
+            with torch.no_grad():
+                same = all(torch.equal(p.pixel_size, panels[0].pixel_size) for p in panels)
+            if same:  # one draw for the whole detector: each panel its own calibration error
+                return self.response.sample(photons, panels[0].pixel_size, generator)
+        out = [self.response.sample(photons[k], p.pixel_size, generator) if sample
+               else self.response.expectation(photons[k], p.pixel_size) for k, p in enumerate(panels)]
         return torch.stack(out)
 
     def render_panel(self, panel: int, image: int | None = None) -> torch.Tensor:

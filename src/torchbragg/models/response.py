@@ -95,7 +95,8 @@ class DetectorResponse(Model):
 
     def calibration(self, shape, dtype=None, device=None) -> torch.Tensor:
         """Per-pixel factor 1 + calibration_noise * N(0, 1), the same for a
-        given seed and shape on every device (kept: it is the detector's)."""
+        given seed and shape on every device (kept: it is the detector's);
+        ``shape`` (..., slow, fast), every panel its own."""
         dtype, device = dtype or self.dtype, torch.device(device or self.device)
         key = (tuple(shape), dtype, device, self.calibration_seed, self.calibration_noise)
         if self._calibration_cache is None or self._calibration_cache[0] != key:
@@ -111,7 +112,7 @@ class DetectorResponse(Model):
         ``generator`` (on the photons' device) makes it repeatable."""
         p = torch.clamp(photons.detach(), min=0.0)
         if self.calibration_noise > 0.0:
-            p.mul_(self.calibration(p.shape[-2:], p.dtype, p.device))
+            p.mul_(self.calibration(p.shape, p.dtype, p.device))
         counts = torch.poisson(p, generator=generator)
         # in place from here: one pass per step over a large frame
         adu = self._fixed_blur(counts, pixel_size).mul_(self.gain.to(p.dtype)).add_(self.adc_offset.to(p.dtype))
