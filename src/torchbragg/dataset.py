@@ -51,6 +51,7 @@ class Dataset:
     dtype: str | None = None
     device: str | None = None
     extras: dict = field(default_factory=dict)
+    response: dict | None = None  # DetectorResponse arguments: files hold that detector's readings
 
     def path(self, shot: Shot) -> str:
         ext = {"npy": "npy", "smv": "img", "cbf": "cbf", "nxs": "npy"}[self.format]
@@ -284,14 +285,17 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _smv_file(image: np.ndarray, experiment, shot: Shot, seed: int, noise: bool) -> bytes:
-    """The original's noise image (Poisson photons plus the ADC offset of 40) with
-    a header from the panel's frame; single flat panels only."""
+def _smv_file(image: np.ndarray, experiment, shot: Shot, seed: int, noise: bool, readings=None) -> bytes:
+    """The original's noise image (Poisson photons plus the ADC offset of 40), or
+    a detector response's `readings`, with a header from the panel's frame;
+    single flat panels only."""
     from .io.smv import smv_bytes
     from .noise import noise_image
     if image.shape[0] != 1:
         raise InputError("SMV holds one panel; write multi-panel detectors as nxs or npy")
-    if noise:
+    if readings is not None:
+        counts = np.clip(readings[0], 0, 65535).astype(np.uint16)
+    elif noise:
         counts = noise_image(image[0], -image_seed(seed, shot.number), adc_offset=40.0)[0]
     else:
         counts = np.clip(np.rint(image[0] + 40.0), 0, 65535).astype(np.uint16)
@@ -327,6 +331,26 @@ def smv_geometry(experiment, shot: Shot):
                        close_distance=close * m, phi0=math.radians(phi0), osc=math.radians(width), twotheta=0.0)
 
 
+def detector_readings(dataset: Dataset, renderer: Renderer, shot: Shot, image: np.ndarray) -> np.ndarray:
+    """The integer readings (ADU, (panels, slow, fast) int32) of the detector
+    `dataset.response` describes: one noisy reading seeded like the photon
+    noise (the calibration error from -seed alone: it is the detector's), or
+    the expectation rounded down without noise."""
+    import torch
+
+    from .models import DetectorResponse
+    sim = renderer.simulator(shot.experiment)[0]
+    pixel = float(min(float(p.pixel_size.detach().min()) for p in sim.detector.panels))
+    sim.response = DetectorResponse(**dataset.response, pixel_size=pixel, calibration_seed=dataset.seed,
+                                    dtype=torch.float64)
+    gen = torch.Generator().manual_seed(image_seed(dataset.seed, shot.number))
+    with torch.no_grad():
+        photons = torch.as_tensor(image, dtype=torch.float64)
+        adu = sim.detector_counts(photons, sample=dataset.noise, generator=gen)
+    top = sim.response.overload if sim.response.overload is not None else 2.0 ** 31 - 1
+    return np.floor(np.clip(adu.numpy(), 0.0, top)).astype(np.int32)
+
+
 def write_shot(dataset: Dataset, renderer: Renderer, shot: Shot) -> str:
     """Render one shot and write its file (atomically); returns the path."""
     from .io.atomic import atomic_write
@@ -335,15 +359,17 @@ def write_shot(dataset: Dataset, renderer: Renderer, shot: Shot) -> str:
         raise InputError(f"image {shot.number} is not finite; check the fluence and structure factors")
     path = dataset.path(shot)
     fmt = dataset.format
+    readings = None if dataset.response is None else detector_readings(dataset, renderer, shot, image)
     if fmt == "npy":
-        data = _npy_bytes(image)
+        data = _npy_bytes(image if readings is None else readings)
     elif fmt == "nxs":
-        data = _npy_bytes(photon_counts(image, dataset.seed, shot.number, dataset.noise))
+        data = _npy_bytes(photon_counts(image, dataset.seed, shot.number, dataset.noise)
+                          if readings is None else readings)
     elif fmt == "smv":
-        data = _smv_file(image, renderer.truth(shot), shot, dataset.seed, dataset.noise)
+        data = _smv_file(image, renderer.truth(shot), shot, dataset.seed, dataset.noise, readings)
     else:
         from .io.cbf import write_minicbf
-        counts = photon_counts(image, dataset.seed, shot.number, dataset.noise)
+        counts = photon_counts(image, dataset.seed, shot.number, dataset.noise) if readings is None else readings
         write_minicbf(path, counts, renderer.truth(shot), shot.image if shot.image is not None else 1)
         return path
     atomic_write(path, data)

@@ -100,9 +100,11 @@ class Simulator(nn.Module):
     """Renders the expected photons per pixel, shape (panels, slow, fast)."""
 
     def __init__(self, beam: Beam, crystal: Crystal, detector: Detector, goniometer: Goniometer | None = None,
-                 scan: Scan | None = None, options: RenderOptions | None = None, recommended: int | None = None):
+                 scan: Scan | None = None, options: RenderOptions | None = None, recommended: int | None = None,
+                 response: nn.Module | None = None):
         super().__init__()
         self.beam, self.crystal, self.detector = beam, crystal, detector
+        self.response = response  # a DetectorResponse: what the detector makes of the photons
         self.goniometer, self.scan = goniometer, scan
         self.options = options or RenderOptions()
         self.recommended_oversample = recommended or recommended_oversample(crystal, beam, detector)
@@ -200,6 +202,23 @@ class Simulator(nn.Module):
                     progress(done + n, total)
             out.append(self._render_panel(k, shared, step))
             done += self.active_pixels(k).numel() if progress else 0
+        return torch.stack(out)
+
+    def detector_counts(self, photons: torch.Tensor, sample: bool = True,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Photons (panels, slow, fast) as the detector reads them through
+        `response` (ADU): one noisy reading, or its expectation when `sample`
+        is False. Without a response, the photons themselves."""
+        if self.response is None:
+            return photons
+        panels = self.detector.panels
+        if sample:
+            with torch.no_grad():
+                same = all(torch.equal(p.pixel_size, panels[0].pixel_size) for p in panels)
+            if same:  # one draw for the whole detector: each panel its own calibration error
+                return self.response.sample(photons, panels[0].pixel_size, generator)
+        out = [self.response.sample(photons[k], p.pixel_size, generator) if sample
+               else self.response.expectation(photons[k], p.pixel_size) for k, p in enumerate(panels)]
         return torch.stack(out)
 
     def render_panel(self, panel: int, image: int | None = None) -> torch.Tensor:

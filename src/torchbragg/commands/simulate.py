@@ -44,6 +44,15 @@ output:
   --ray [ADDRESS]           spread images over a Ray cluster (a local one without
                             ADDRESS); each worker uses a GPU when it has one
   --quiet                   no progress bar or per-image lines
+detector response (any of these: every format holds the detector's integer
+readings in ADU, the photons spread, scaled, offset and read out):
+  -psf gauss|fiber          point-spread function, of FWHM -psf_fwhm UM (microns, default 46)
+  -psf_radius N             its radius in pixels (default: where 1e-4 of the photons remains)
+  -gain G                   ADU per photon (default 1)
+  -adc_offset A             ADU added to every pixel (default 0)
+  -readout ADU              rms read-out noise (default 0)
+  -calibration_noise PCT    rms per-pixel calibration error in percent, drawn from -seed (default 0)
+  -overload N               largest reading (ADU; default: none)
 """
 
 def parse(argv: list[str]) -> dict:
@@ -73,6 +82,8 @@ def parse(argv: list[str]) -> dict:
     if opts["workers"] < 1:
         raise InputError("--workers expects a number >= 1")
     refuse_geometry(opts["flags"])
+    from .noisify import split_response_flags
+    opts["flags"], opts["response"] = split_response_flags(opts["flags"], "simulate")
     return opts
 
 
@@ -102,7 +113,7 @@ def run(argv: list[str], out=None) -> int:
                     orientation_seed=opts["orientation_seed"], orientations=orientations, spectra=spectra)
     data = ds.Dataset(os.path.abspath(opts["expt"]), opts["flags"], shots, os.path.abspath(opts["out"]),
                       opts["format"], seed=1 if cfg.output.seed is None else cfg.output.seed,
-                      noise=cfg.output.calculate_noise)
+                      noise=cfg.output.calculate_noise, response=opts["response"])
     if data.format == "nxs":
         os.makedirs(data.prefix + "_work", exist_ok=True)
     renderer = ds.Renderer(experiments, cfg)

@@ -23,6 +23,7 @@ Internal units (one unit step):
 | wavelength | relative shift of every wavelength | 0.1 % |
 | spectrum | shift of every wavelength; log of the spread about the weighted mean wavelength | 1e-4 of the mean wavelength (shift), 1 % (spread) |
 | structure_factors | log of the amplitude F of each unique reflection (asymmetric unit, Friedel mates merged) | 1 % |
+| psf_width | log of the FWHM of the detector response's point-spread function | 1 % |
 
 `physical(sim, x)` gives the values a user reads (degrees, Angstrom, mm,
 photons/m^2, ...) for reports and for propagating uncertainties.
@@ -603,6 +604,26 @@ class Background(Group):
 
 # ----------------------------------------------------------------------------- detector
 
+class PsfWidth(LogGroup):
+    """Width (FWHM, mm) of the point-spread function of the simulator's
+    detector response (`sim.response`, a DetectorResponse with a PSF): log,
+    1 % per unit. The model image is the response's expectation of the
+    photons (`sim.detector_counts(photons, sample=False)`)."""
+
+    name = "psf_width"
+    target = "response.psf_fwhm"
+    labels = ["psf_width"]
+    physical_labels = ["psf_fwhm"]
+    units = ["mm"]
+
+    def bind(self, sim):
+        response = getattr(sim, "response", None)
+        if response is None or getattr(response, "psf", None) is None or not float(response.psf_fwhm) > 0:
+            raise ValueError("the psf_width group needs a detector response with a point-spread function of "
+                             "positive width (Simulator(..., response=DetectorResponse(psf='gauss', psf_fwhm=...)))")
+        return self
+
+
 def _detector_kind(sim):
     frames = [p.frame for p in sim.detector.panels]
     if all(isinstance(f, DistanceMount) for f in frames):
@@ -749,6 +770,7 @@ GROUPS = {
     "wavelength": Wavelength,
     "spectrum": Spectrum,
     "structure_factors": StructureFactorGroup,
+    "psf_width": PsfWidth,
 }
 
 
