@@ -3,7 +3,13 @@ fast) photons with the mask of pixels to use."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import logging
 import os
+import re
+import sys
 
 import numpy as np
 
@@ -64,17 +70,88 @@ def read_smv_image(path):
     return read_smv(path)[1], None
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence what reader libraries print themselves (fabio's log lines,
+    HDF5's diagnostics written straight to file descriptor 2): a bad file
+    gives our one line, not theirs."""
+    logging.disable(logging.CRITICAL)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        logging.disable(logging.NOTSET)
+
+
+CBF_BINARY_START = b"\x0c\x1a\x04\xd5"
+MAX_IMAGE_PIXELS = 2 ** 31 - 1  # elements of one stored frame
+
+
+def _cbf_field(header: str, name: str) -> str | None:
+    m = re.search(rf"^{re.escape(name)}:\s*(\S+)", header, re.MULTILINE | re.IGNORECASE)
+    return m.group(1).strip('"') if m else None
+
+
+def check_cbf_binary(path: str, raw: bytes) -> tuple[int, int] | None:
+    """Check the binary section against its MIME header before decoding: the
+    declared size must be present in the file (a cut file cannot make the
+    decoder run past its end) and, where the header has them, the MD5 digest
+    and the element count must agree. Returns (slow, fast) when declared."""
+    start = raw.find(CBF_BINARY_START)
+    if start < 0:
+        raise InputError(f"cannot read CBF image {path}: no binary section")
+    header = raw[max(0, start - 4096):start].decode("latin-1")
+    size = _cbf_field(header, "X-Binary-Size")
+    if size is None or not size.isdigit():
+        raise InputError(f"cannot read CBF image {path}: the binary section declares no X-Binary-Size")
+    size = int(size)
+    body = raw[start + len(CBF_BINARY_START):start + len(CBF_BINARY_START) + size]
+    if len(body) < size:
+        raise InputError(f"cannot read CBF image {path}: the file is cut short ({len(body)} of the {size} bytes "
+                         "its binary section declares)")
+    digest = _cbf_field(header, "Content-MD5")
+    if digest is not None and base64.b64encode(hashlib.md5(body).digest()).decode() != digest:
+        raise InputError(f"cannot read CBF image {path}: its binary section is corrupt (the MD5 digest does not "
+                         "match the header's Content-MD5)")
+    fast, slow = (_cbf_field(header, f"X-Binary-Size-{k}-Dimension") for k in ("Fastest", "Second"))
+    count = _cbf_field(header, "X-Binary-Number-of-Elements")
+    if fast is None or slow is None or not fast.isdigit() or not slow.isdigit():
+        return None
+    fast, slow = int(fast), int(slow)
+    if count is not None and count.isdigit() and int(count) != fast * slow:
+        raise InputError(f"cannot read CBF image {path}: the header declares {count} elements for a {fast} x {slow} "
+                         "image")
+    if not 0 < fast * slow <= MAX_IMAGE_PIXELS:
+        raise InputError(f"cannot read CBF image {path}: a {fast} x {slow} image is beyond any detector")
+    return slow, fast
+
+
 def read_cbf(path):
     import fabio
     try:
-        img = fabio.open(path)
-        data = np.asarray(img.data)
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise InputError(f"cannot read CBF image {path}: {exc.strerror}") from None
+    shape = check_cbf_binary(path, raw)
+    try:
+        with quiet_libraries():
+            img = fabio.open(path)
+            data = np.asarray(img.data)
     except Exception as exc:  # fabio raises many kinds on foreign or broken files
         text = str(exc).strip()
         reason = getattr(exc, "strerror", None) or (text.splitlines()[0][:200] if text else type(exc).__name__)
         raise InputError(f"cannot read CBF image {path}: not a CBF file fabio can decode ({reason})") from None
     if data is None or data.ndim != 2:
         raise InputError(f"cannot read CBF image {path}: no 2-D image in it")
+    if shape is not None and data.shape != shape:
+        raise InputError(f"cannot read CBF image {path}: decoded {data.shape} pixels, the header declares {shape}")
     return data, None
 
 
@@ -82,25 +159,45 @@ def read_nexus(path, index):
     import hdf5plugin  # noqa: F401  (registers the bitshuffle-LZ4 filter before h5py reads)
     import h5py
     try:
-        with h5py.File(path, "r") as f:
-            if "entry/data/data" not in f:
+        with quiet_libraries(), h5py.File(path, "r") as f:
+            ds = f.get("entry/data/data")
+            if ds is None:
                 raise InputError(f"{path} has no /entry/data/data")
-            ds = f["entry/data/data"]
-            if ds.ndim not in (3, 4):
-                raise InputError(f"{path}: /entry/data/data has shape {ds.shape}; expected (images, slow, fast) "
-                                 "or (images, panels, slow, fast)")
+            if not isinstance(ds, h5py.Dataset):
+                raise InputError(f"{path}: /entry/data/data is a {type(ds).__name__.lower()}, not an image dataset")
+            if ds.ndim not in (3, 4) or not np.issubdtype(ds.dtype, np.number):
+                raise InputError(f"{path}: /entry/data/data has shape {ds.shape} and type {ds.dtype}; expected "
+                                 "numbers (images, slow, fast) or (images, panels, slow, fast)")
             if not 0 <= index < ds.shape[0]:
                 raise InputError(f"{path} holds images 1..{ds.shape[0]}, not image {index + 1}")
             data = np.asarray(ds[index])
             flags = None
             key = "entry/instrument/detector/pixel_mask"
-            if key in f and tuple(f[key].shape) == data.shape:
-                flags = np.asarray(f[key]) != 0
+            if key in f:
+                mask = f[key]
+                if not isinstance(mask, h5py.Dataset) or tuple(mask.shape) != data.shape:
+                    raise InputError(f"{path}: /{key} has shape {getattr(mask, 'shape', None)}, the images "
+                                     f"{data.shape}")
+                flags = np.asarray(mask) != 0
     except InputError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise InputError(f"cannot read NeXus image {path}: {str(exc).strip()[:200]}") from None
     return data, flags
+
+
+def images_in(path: str) -> int:
+    """How many images a NeXus file holds (1 for single-image formats)."""
+    if not is_container(path):
+        return 1
+    import hdf5plugin  # noqa: F401
+    import h5py
+    try:
+        with quiet_libraries(), h5py.File(path, "r") as f:
+            ds = f.get("entry/data/data")
+            return int(ds.shape[0]) if isinstance(ds, h5py.Dataset) and ds.ndim in (3, 4) else 1
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read NeXus image {path}: {str(exc).strip()[:200]}") from None
 
 
 def read_image(path: str, detector, index: int = 0, adc_offset: float = 0.0):
@@ -135,5 +232,7 @@ def read_image(path: str, detector, index: int = 0, adc_offset: float = 0.0):
             valid[k] &= p.mask.detach().cpu().numpy().astype(bool)
     if not valid.any():
         raise InputError(f"{path}: no valid pixel in the image")
+    if not data[valid].any():
+        raise InputError(f"{path}: every valid pixel is 0; an image without photons cannot be refined")
     data = np.where(valid, data, 0.0)
     return data, valid
