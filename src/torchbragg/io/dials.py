@@ -267,6 +267,8 @@ def detector_from_dict(d: dict, **kw) -> Detector:
     panels = d.get("panels")
     if not panels or not isinstance(panels, list):
         raise InputError("detector has no panels")
+    _check_memory([_ints(_block(p, f"detector panel {i}"), "image_size", f"detector panel {i}", 2)
+                   for i, p in enumerate(panels)])
     models = [panel_from_dict(p, f"detector panel {i}", **kw) for i, p in enumerate(panels)]
     hierarchy = _group_from_dict(d["hierarchy"], "detector hierarchy", **kw) if d.get("hierarchy") else None
     try:
@@ -275,6 +277,16 @@ def detector_from_dict(d: dict, **kw) -> Detector:
         raise InputError(f"detector: {exc}") from None
     _check_panels(detector)
     return detector
+
+
+def _check_memory(sizes) -> None:
+    """Refuse, before any array is made, a detector whose images no machine here can hold."""
+    from ..validate import BYTES_PER_PIXEL, physical_memory
+    pixels = sum(abs(f) * abs(s) for f, s in sizes)
+    need, have = pixels * BYTES_PER_PIXEL, physical_memory()
+    if need > have:
+        raise InputError(f"detector: its {pixels:g} pixels need about {need / 2**30:.1f} GiB for their images, more "
+                         f"than this machine's {have / 2**30:.1f} GiB")
 
 
 def _check_panels(detector: Detector) -> None:
