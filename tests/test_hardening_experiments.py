@@ -8,9 +8,7 @@ through the Python API (InputError, a ValueError, with the same text).
 Degenerate but legal inputs give a warning and a finite, non-negative image.
 """
 
-import base64
 import copy
-import hashlib
 import json
 import os
 import time
@@ -141,9 +139,11 @@ def finite_non_negative(images):
 
 C2_FILES = [
     ("beam_is_a_string", lambda: edit(("beam", 0), "monochromatic"), "beam must be a JSON object"),
-    ("image_size_words", lambda: edit(PANEL + ("image_size",), ["a", "b"]), "'image_size' must be 2 numbers"),
+    ("image_size_words", lambda: edit(PANEL + ("image_size",), ["a", "b"]),
+     "'image_size' must be 2 numbers, got [\"a\", \"b\"]"),
     ("mask_two_numbers", lambda: edit(PANEL + ("mask",), [[1, 2]]), "'mask' must be 4 numbers"),
-    ("trusted_range_one", lambda: edit(PANEL + ("trusted_range",), [1]), "'trusted_range' must be 2 numbers"),
+    ("trusted_range_one", lambda: edit(PANEL + ("trusted_range",), [1]),
+     "'trusted_range' must be 2 numbers, got [1]"),
     ("three_axes_one_angle", lambda: edit(("goniometer", 0), {"axes": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
                                                               "angles": [10], "scan_axis": 1}),
      "'angles' must be 3 numbers"),
@@ -160,8 +160,13 @@ C2_FILES = [
                                                                       image_size=[90000, 90000])] * 100),
      "GiB for their images"),
     ("scan_axis_text", lambda: edit(("goniometer", 0), {"axes": [[1, 0, 0]], "scan_axis": "x"}),
-     "'scan_axis' must be 1 numbers"),
-    ("crystal_vector_text", lambda: edit(("crystal", 0, "real_space_a"), "70 0 0"), "'real_space_a' must be 3"),
+     "'scan_axis' must be an integer"),
+    ("crystal_vector_text", lambda: edit(("crystal", 0, "real_space_a"), "70 0 0"),
+     "'real_space_a' must be 3 numbers"),
+    ("crystal_vector_huge", lambda: edit(("crystal", 0, "real_space_a"), [1e300, 0, 0]), "longer than 1e5 A"),
+    ("hierarchy_child_panel_text", lambda: edit(("detector", 0, "hierarchy"), {
+        "origin": [0, 0, 0], "fast_axis": [1, 0, 0], "slow_axis": [0, 1, 0], "children": [{"panel": "0"}]}),
+     "'panel' must be an integer"),
     ("nested_500_levels", lambda: json.dumps(base_doc())[:-1] + ', "history": ' + "[" * 500 + "]" * 500 + "}",
      "nested more than 64 levels"),
     ("experiment_is_a_number", lambda: edit(("experiment", 0), 7), "experiment 0 must be a JSON object"),
@@ -482,6 +487,7 @@ C8 = [
     ("stills_float", dict(stills=2.5), "--stills expects a number of shots >= 1, got 2.5"),
     ("stills_1e9", dict(stills=10 ** 9), "more than the 1000000 shots"),
     ("experiment_minus_1", dict(experiment=-1), "--experiment -1"),
+    ("orientation_seed_minus_1", dict(stills=2, orientation_seed=-1), "--orientation-seed expects an integer >= 0"),
 ]
 
 

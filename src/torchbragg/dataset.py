@@ -193,7 +193,10 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
             if not rots:
                 raise InputError("the list of orientations is empty")
         else:
-            rots = list(random_rotations(stills, orientation_seed or 0))
+            seed = orientation_seed or 0
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise InputError(f"--orientation-seed expects an integer >= 0, got {orientation_seed!r}")
+            rots = list(random_rotations(stills, seed))
         if stills is not None and orientations is not None and stills != len(orientations):
             raise InputError(f"--stills {stills} but the orientation file lists {len(orientations)} shots")
         shots = [Shot(n + 1, k, None, np.asarray(r)) for n, r in enumerate(rots)]

@@ -83,7 +83,7 @@ def _short(v) -> str:
 
 def _numbers(v, key: str, where: str, n: int | None) -> np.ndarray:
     """A list of numbers (not strings, not booleans): n of them, or any count for n None."""
-    what = f"{n} numbers" if n is not None else "a list of numbers"
+    what = f"{n} number{'s' if n != 1 else ''}" if n is not None else "a list of numbers"
     if not isinstance(v, (list, tuple)) or (n is not None and len(v) != n) or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise InputError(f"{where}: '{key}' must be {what}, got {_short(v)}")
@@ -109,6 +109,13 @@ def _ints(d: dict, key: str, where: str, n: int, default=None) -> list[int]:
     if not np.all(nums == np.round(nums)) or not np.all(np.abs(nums) < 2 ** 53):
         raise InputError(f"{where}: '{key}' must be {n} integers, got {_short(v)}")
     return [int(x) for x in nums]
+
+
+def _int(d: dict, key: str, where: str, default=None) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+        raise InputError(f"{where}: '{key}' must be an integer, got {_short(v)}")
+    return int(v)
 
 
 def _number(d: dict, key: str, where: str, default=None) -> float:
@@ -253,7 +260,7 @@ def _group_from_dict(d: dict, where: str, **kw) -> PanelGroup:
     for i, c in enumerate(kids):
         _block(c, f"{where} child {i}")
         if "panel" in c:
-            children.append(_ints({"panel": [c["panel"]]}, "panel", f"{where} child {i}", 1)[0])
+            children.append(_int(c, "panel", f"{where} child {i}"))
         else:
             children.append(_group_from_dict(c, f"{where} child {i}", **kw))
     fast, slow = _panel_axes(d, where)
@@ -315,7 +322,7 @@ def goniometer_from_dict(d: dict, **kw) -> Goniometer:
         names = d.get("names")
         if names is not None and (not isinstance(names, list) or len(names) != len(axes)):
             raise InputError(f"{where}: 'names' must name each of the {len(axes)} axes, got {_short(names)}")
-        scan_axis = _ints({"scan_axis": [d.get("scan_axis", 0)]}, "scan_axis", where, 1)[0]
+        scan_axis = _int(d, "scan_axis", where, 0)
         if not 0 <= scan_axis < len(axes):
             raise InputError(f"{where}: 'scan_axis' {scan_axis} is not one of the {len(axes)} axes (0-based)")
         return Goniometer(axes, angles, scan_axis=scan_axis, names=[str(n) for n in names] if names else None,
@@ -370,13 +377,13 @@ def crystal_from_dict(d: dict, **kw) -> Crystal:
     where = "crystal"
     _block(d, where)
     a, b, c = (_vec(d, f"real_space_{x}", where) for x in "abc")
-    volume = abs(np.dot(a, np.cross(b, c)))
-    if volume < 1e-9:
+    if np.abs(np.stack([a, b, c])).max() > 1e5:
+        raise InputError("crystal: a real-space vector is longer than 1e5 A, beyond any crystal's cell")
+    if abs(np.dot(a, np.cross(b, c))) < 1e-9:
         raise InputError("crystal: the real-space vectors are coplanar")
     lengths = [np.linalg.norm(v) for v in (a, b, c)]
-    if not (min(lengths) >= 0.1 and max(lengths) <= 1e5):
-        raise InputError(f"crystal: cell edges of {min(lengths):g} to {max(lengths):g} A are outside the physical "
-                         "range 0.1 to 1e5 A")
+    if not min(lengths) >= 0.1:
+        raise InputError(f"crystal: a cell edge of {min(lengths):g} A is shorter than any crystal's (0.1 A)")
     extras = {k: v for k, v in d.items() if k not in ("real_space_a", "real_space_b", "real_space_c",
                                                        "space_group_hall_symbol")}
     return Crystal.from_real_vectors(a, b, c, space_group=str(d.get("space_group_hall_symbol", " P 1")),

@@ -186,20 +186,6 @@ def read_nexus(path, index):
     return data, flags
 
 
-def images_in(path: str) -> int:
-    """How many images a NeXus file holds (1 for single-image formats)."""
-    if not is_container(path):
-        return 1
-    import hdf5plugin  # noqa: F401
-    import h5py
-    try:
-        with quiet_libraries(), h5py.File(path, "r") as f:
-            ds = f.get("entry/data/data")
-            return int(ds.shape[0]) if isinstance(ds, h5py.Dataset) and ds.ndim in (3, 4) else 1
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"cannot read NeXus image {path}: {str(exc).strip()[:200]}") from None
-
-
 def read_image(path: str, detector, index: int = 0, adc_offset: float = 0.0):
     """(data, valid): float64 photons (panels, slow, fast) with invalid pixels
     set to 0, and the boolean mask of pixels to use. `index`: 0-based image of
