@@ -426,6 +426,15 @@ def nexus_file(path, frames, mask=None, data_group=False):
             f.create_dataset("entry/instrument/detector/pixel_mask", data=mask)
 
 
+def _npy_bomb(path, shape):
+    """An .npy header declaring `shape` float64 with 64 bytes of data."""
+    import io
+    from numpy.lib import format as npy
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    path.write_bytes(buf.getvalue() + bytes(64))
+
+
 def _corrupt_cbf(t):
     raw = bytearray(cbf_file(t).read_bytes())
     raw[raw.index(b"\x0c\x1a\x04\xd5") + 20] ^= 0x55
@@ -444,6 +453,9 @@ C7 = [
                                        ("s.nxs", ["--image", "3"]))[1], "--image 3 is outside the still's images"),
     ("all_zero_image", lambda t: (np.save(t / "zero.npy", np.zeros((PIXELS, PIXELS), np.float32)),
                                   ("zero.npy", []))[1], "every valid pixel is 0"),
+    ("npy_declares_a_huge_array", lambda t: (_npy_bomb(t / "big.npy", (100000, 100000)), ("big.npy", []))[1],
+     "beyond any detector's image"),
+    ("npy_cut_short", lambda t: (_npy_bomb(t / "cut.npy", (PIXELS, PIXELS)), ("cut.npy", []))[1], "is cut short"),
     ("all_zero_nexus", lambda t: (nexus_file(t / "z.nxs", np.zeros((1, PIXELS, PIXELS))), ("z.nxs", []))[1],
      "every valid pixel is 0"),
 ]

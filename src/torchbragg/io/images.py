@@ -17,6 +17,8 @@ from ..errors import InputError
 
 # files that hold several images (one per scan image or still)
 CONTAINERS = (".nxs", ".h5", ".hdf5", ".nx5")
+MAX_IMAGE_PIXELS = 2 ** 28  # elements of one stored image: 16 times the largest detectors
+CBF_BINARY_START = b"\x0c\x1a\x04\xd5"
 
 
 def is_container(path: str) -> bool:
@@ -55,7 +57,28 @@ def split_frame(frame: np.ndarray, detector, path: str) -> np.ndarray:
     return np.stack(out)
 
 
+def _npy_layout(path) -> None:
+    """Check an .npy file's declared shape against its size before loading
+    (a header may declare anything)."""
+    from numpy.lib import format as npy
+    try:
+        with open(path, "rb") as fh:
+            version = npy.read_magic(fh)
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            offset, size = fh.tell(), os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError, EOFError):
+        return  # np.load gives the reason
+    count = int(np.prod(shape, dtype=np.float64)) if shape else 1
+    if count > MAX_IMAGE_PIXELS:
+        raise InputError(f"{path}: an array of shape {shape} is beyond any detector's image")
+    if dtype.itemsize and size - offset < count * dtype.itemsize:
+        raise InputError(f"{path} is cut short: its header declares {shape} {dtype} ({count * dtype.itemsize} "
+                         f"bytes), the file holds {size - offset}")
+
+
 def read_npy(path):
+    _npy_layout(path)
     try:
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -89,8 +112,6 @@ def quiet_libraries():
         logging.disable(logging.NOTSET)
 
 
-CBF_BINARY_START = b"\x0c\x1a\x04\xd5"
-MAX_IMAGE_PIXELS = 2 ** 31 - 1  # elements of one stored frame
 
 
 def _cbf_field(header: str, name: str) -> str | None:
@@ -170,6 +191,8 @@ def read_nexus(path, index):
                                  "numbers (images, slow, fast) or (images, panels, slow, fast)")
             if not 0 <= index < ds.shape[0]:
                 raise InputError(f"{path} holds images 1..{ds.shape[0]}, not image {index + 1}")
+            if np.prod(ds.shape[1:], dtype=np.float64) > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path}: images of shape {ds.shape[1:]} are beyond any detector's")
             data = np.asarray(ds[index])
             flags = None
             key = "entry/instrument/detector/pixel_mask"
