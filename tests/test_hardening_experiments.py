@@ -169,6 +169,8 @@ C2_FILES = [
      "'panel' must be an integer"),
     ("nested_500_levels", lambda: json.dumps(base_doc())[:-1] + ', "history": ' + "[" * 500 + "]" * 500 + "}",
      "nested more than 64 levels"),
+    ("nested_100000_levels", lambda: '{"experiment": ' + "[" * 100000 + "]" * 100000 + "}",
+     "nested deeper than JSON readers allow"),
     ("experiment_is_a_number", lambda: edit(("experiment", 0), 7), "experiment 0 must be a JSON object"),
 ]
 
