@@ -285,6 +285,16 @@ def test_c4_runaways_are_bounded_before_any_work(tmp_path, capsys, monkeypatch):
             "torchbragg simulate", tmp_path)
     refused(*simulate(tmp_path, capsys, extra=["--stills", "1000000000"]), "more than the 1000000 shots",
             "torchbragg simulate", tmp_path)
+    refused(*simulate(tmp_path, capsys, extra=["--images", "3:1"]), "--images 3:1 is empty",
+            "torchbragg simulate", tmp_path)
+    # two sweeps each within the limit, together beyond it: refused before any list is built
+    doc = edit(SCAN, {"image_range": [1, 600000], "oscillation": [0.0, 0.01]})
+    doc["experiment"].append(dict(doc["experiment"][0]))
+    write(tmp_path, doc, "two.expt")
+    t0 = time.perf_counter()
+    refused(*simulate(tmp_path, capsys, expt="two.expt"), "would hold 1200000 images, more than the 1000000",
+            "torchbragg simulate", tmp_path)
+    assert time.perf_counter() - t0 < 5
     # --workers beyond the images and CPUs is capped, with a note
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     rc, err = simulate(tmp_path, capsys, extra=["--workers", "1000"])

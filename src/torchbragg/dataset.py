@@ -235,6 +235,8 @@ def _image_span(text: str | None, scan) -> tuple[int, int, bool]:
         lo, hi = int(a), int(b or a)
     except ValueError:
         raise InputError(f"--images expects FIRST:LAST (image numbers), got '{text}'") from None
+    if lo > hi:
+        raise InputError(f"--images {text} is empty: give FIRST:LAST with FIRST <= LAST")
     if not (first <= lo <= hi <= last):
         raise InputError(f"--images {text} is outside the scan's images {first}:{last}")
     return lo, hi, scan is None

@@ -98,20 +98,23 @@ def quiet_libraries():
     """Silence what reader libraries print themselves (fabio's log lines,
     HDF5's diagnostics written straight to file descriptor 2): a bad file
     gives our one line, not theirs."""
+    level = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
-    sys.stderr.flush()
-    saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to silence
+        saved = None
+    try:
+        if saved is not None:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
         yield
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        logging.disable(logging.NOTSET)
-
-
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        logging.disable(level)
 
 
 def _cbf_field(header: str, name: str) -> str | None:
