@@ -468,6 +468,8 @@ C7 = [
     ("npy_declares_a_huge_array", lambda t: (_npy_bomb(t / "big.npy", (100000, 100000)), ("big.npy", []))[1],
      "beyond any detector's image"),
     ("npy_cut_short", lambda t: (_npy_bomb(t / "cut.npy", (PIXELS, PIXELS)), ("cut.npy", []))[1], "is cut short"),
+    ("out_empty", lambda t: (np.save(t / "one.npy", np.ones((PIXELS, PIXELS), np.float32)),
+                             ("one.npy", ["--out", ""]))[1], "--out is empty"),
     ("all_zero_nexus", lambda t: (nexus_file(t / "z.nxs", np.zeros((1, PIXELS, PIXELS))), ("z.nxs", []))[1],
      "every valid pixel is 0"),
 ]

@@ -106,6 +106,8 @@ def parse(argv: list[str]) -> dict:
         raise InputError("no image given to refine against")
     if opts["out"] is None:
         raise InputError("--out DIR is required")
+    if not opts["out"].strip():
+        raise InputError("--out is empty; give the output folder")
     for key in ("max_iter", "spots") + (("image",) if opts["image"] is not None else ()):
         try:
             opts[key] = int(opts[key])
