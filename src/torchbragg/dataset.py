@@ -116,9 +116,9 @@ def check_spectrum(wavelengths, weights, where: str) -> tuple[np.ndarray, np.nda
     if lam.size == 0 or lam.shape != w.shape:
         raise InputError(f"{where}: give as many weights as wavelengths (at least one)")
     if not np.all(np.isfinite(lam)) or not np.all((lam >= lo) & (lam <= hi)):
-        bad = lam[~(np.isfinite(lam) & (lam >= lo) & (lam <= hi))][0]
-        raise InputError(f"{where}: wavelength {bad:g} A (energy {HC_EV_A / bad:g} eV) is outside the physical "
-                         f"range {lo:g} to {hi:g} A")
+        bad = float(lam[~(np.isfinite(lam) & (lam >= lo) & (lam <= hi))][0])
+        energy = f" (energy {HC_EV_A / bad:g} eV)" if math.isfinite(bad) and bad != 0 else ""
+        raise InputError(f"{where}: wavelength {bad:g} A{energy} is outside the physical range {lo:g} to {hi:g} A")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
         raise InputError(f"{where}: the weights must be finite, not negative, and add up to more than zero")
     return lam, w

@@ -184,7 +184,7 @@ def _check_targets(data, folder) -> None:
 
 
 def _stamps(data, todo) -> dict:
-    """(modification time, size) of every file the run may write, None where absent."""
+    """(modification time, size, inode) of every file the run may write, None where absent."""
     stamps = {}
     for path in _outputs(data) + [data.path(s) for s in todo]:
         try:

@@ -306,7 +306,9 @@ def _check_panels(detector: Detector) -> None:
         if distance < DISTANCE_RANGE[0]:
             raise InputError(f"detector panel {i}: its plane passes through the sample (distance {distance:g} mm); "
                              "check its origin and axes")
-        _within(distance, DISTANCE_RANGE, "origin", f"detector panel {i}", "mm from the sample")
+        if distance > DISTANCE_RANGE[1]:
+            raise InputError(f"detector panel {i}: its plane lies {distance:g} mm from the sample, beyond the "
+                             f"physical range (up to {DISTANCE_RANGE[1]:g} mm)")
         if panel.mask is not None and not bool(panel.mask.any()):
             warn(f"detector panel {i} is masked entirely: it stays empty")
 
