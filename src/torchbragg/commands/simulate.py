@@ -125,10 +125,12 @@ def run(argv: list[str], out=None) -> int:
     todo = ds.pending(data, opts["resume"], experiments)
     if len(todo) < len(shots):
         print(f"resuming: {len(shots) - len(todo)} of {len(shots)} images already written", file=out)
-    workers = min(opts["workers"], max(len(todo), 1), os.cpu_count() or 1)
+    remote = opts["ray"] not in (None, "local")  # a cluster's CPUs are not this machine's
+    cpus = os.cpu_count() or 1
+    workers = min(opts["workers"], max(len(todo), 1), opts["workers"] if remote else cpus)
     if workers < opts["workers"]:
-        print(f"note: --workers {opts['workers']} capped at {workers} ({len(todo)} images to render, "
-              f"{os.cpu_count() or 1} CPUs)", file=sys.stderr)
+        print(f"note: --workers {opts['workers']} capped at {workers} ({len(todo)} images to render"
+              + ("" if remote else f", {cpus} CPUs") + ")", file=sys.stderr)
     bar = _progress(len(todo), opts["quiet"])
     done = 0
 
@@ -146,7 +148,7 @@ def run(argv: list[str], out=None) -> int:
         if data.format == "nxs":
             os.makedirs(data.prefix + "_work", exist_ok=True)
         if opts["ray"] is not None:
-            _run_ray(data, todo, opts["ray"], opts["workers"], advance)
+            _run_ray(data, todo, opts["ray"], workers, advance)
         elif workers > 1:
             _run_local(data, todo, workers, advance)
         else:
