@@ -197,6 +197,8 @@ def test_c2_api_and_option_tracebacks_are_one_line(tmp_path, capsys):
             "torchbragg simulate", tmp_path)
     same_text_from_api(f"{tmp_path / 'orient.bin'} is not a text file",
                        lambda: ds.read_orientations(str(tmp_path / "orient.bin")))
+    refused(*simulate(tmp_path, capsys, extra=["--spectra", "orient.bin"]), "orient.bin is not a text file",
+            "torchbragg simulate", tmp_path)
 
 
 # ----------------------------------------------------------------------------- class 3: inconsistent files
