@@ -438,7 +438,7 @@ def experiments_from_dict(doc: dict, path: str = "experiment list", dtype=torch.
                 cache[key] = block[index]
         return cache[key]
 
-    out = []
+    out, met = [], set()
     for i, e in enumerate(doc["experiment"]):
         _block(e, f"{path}: experiment {i}")
         if e.get("beam") is None or e.get("detector") is None:
@@ -449,7 +449,9 @@ def experiments_from_dict(doc: dict, path: str = "experiment list", dtype=torch.
         if scan is not None and goniometer is None and float(scan.oscillation[1]) != 0:
             raise InputError(f"{path}: experiment {i} has a scan turning {float(scan.oscillation[1]):g} degrees "
                              "per image but no goniometer to turn the crystal")
-        _check_beam_meets(beam, detector, f"{path}: experiment {i}")
+        if (id(beam), id(detector)) not in met:
+            _check_beam_meets(beam, detector, f"{path}: experiment {i}")
+            met.add((id(beam), id(detector)))
         out.append(Experiment(beam=beam, detector=detector, crystal=model("crystal", e.get("crystal")),
                               goniometer=goniometer, scan=scan, identifier=str(e.get("identifier", "")),
                               extras=extras))
