@@ -96,14 +96,17 @@ def in_dir(tmp, fn, *args):
         os.chdir(old)
 
 
-def run(main, argv, tmp, capsys):
+def run(main, argv, tmp, capsys, stdout=None):
+    """(exit status, stderr lines) of a command run in `tmp`; its stdout goes to the list `stdout`."""
     rc = in_dir(tmp, main, argv)
     captured = capsys.readouterr()
+    if stdout is not None:
+        stdout.append(captured.out)
     return rc, captured.err.strip().splitlines()
 
 
-def simulate(tmp, capsys, expt="m.expt", extra=(), out="p", physics=PHYSICS):
-    return run(simulate_cmd.main, [expt, "--out", out, "--quiet", *physics, *extra], tmp, capsys)
+def simulate(tmp, capsys, expt="m.expt", extra=(), out="p", physics=PHYSICS, stdout=None):
+    return run(simulate_cmd.main, [expt, "--out", out, "--quiet", *physics, *extra], tmp, capsys, stdout)
 
 
 def refused(rc, err, words, prog, tmp, leftover="p"):
@@ -373,8 +376,13 @@ def test_c5_resume_renders_again_what_is_not_whole(tmp_path, capsys, fmt, ext):
     (tmp_path / f"p_00003.{ext}").write_bytes(b"")  # empty
     if fmt == "npy":  # a readable file of the wrong shape
         np.save(tmp_path / "p_00001.npy", np.zeros((1, 4, 4), np.float32))
-    rc, err = simulate(tmp_path, capsys, extra=["--resume", "--format", fmt])
+    stdout = []
+    rc, err = simulate(tmp_path, capsys, extra=["--resume", "--format", fmt], stdout=stdout)
     assert rc == 0 and not err, err
+    if fmt == "npy":  # every file was cut, empty or of the wrong shape
+        assert "resuming" not in stdout[0]
+    else:
+        assert "resuming: 1 of 3 images already written" in stdout[0]
     detector = _detector(tmp_path)
     for k in (1, 2, 3):
         again = tmp_path / f"p_{k:05d}.{ext}"
