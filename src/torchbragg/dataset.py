@@ -24,6 +24,7 @@ import numpy as np
 from .errors import InputError
 
 FORMATS = ("npy", "smv", "cbf", "nxs")
+MAX_SHOTS = 1000000  # images in one dataset, checked before any is planned
 PANEL_SEED_STRIDE = 1000003
 HC_EV_A = 12398.42  # h c in eV Angstrom, as the -energy flag uses
 
@@ -93,6 +94,35 @@ def _lines(path: str):
                     yield i, text
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a text file") from None
+
+
+def check_rotation(m, where: str) -> np.ndarray:
+    """A 3x3 proper rotation (orthonormal, determinant +1), else InputError."""
+    try:
+        m = np.asarray(m, dtype=np.float64).reshape(3, 3)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: an orientation must be a 3x3 rotation matrix") from None
+    if not np.all(np.isfinite(m)) or not np.allclose(m @ m.T, np.eye(3), atol=1e-6) or np.linalg.det(m) < 0:
+        raise InputError(f"{where}: the matrix is not a rotation")
+    return m
+
+
+def check_spectrum(wavelengths, weights, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Wavelengths (Angstrom) within the physical range and weights >= 0 with a positive sum."""
+    from .io.dials import WAVELENGTH_RANGE
+    lam, w = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (wavelengths, weights))
+    lo, hi = WAVELENGTH_RANGE
+    if lam.size == 0 or lam.shape != w.shape:
+        raise InputError(f"{where}: give as many weights as wavelengths (at least one)")
+    if not np.all(np.isfinite(lam)) or not np.all((lam >= lo) & (lam <= hi)):
+        bad = float(lam[~(np.isfinite(lam) & (lam >= lo) & (lam <= hi))][0])
+        energy = f" (energy {HC_EV_A / bad:g} eV)" if math.isfinite(bad) and bad != 0 else ""
+        raise InputError(f"{where}: wavelength {bad:g} A{energy} is outside the physical range {lo:g} to {hi:g} A")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+        raise InputError(f"{where}: the weights must be finite, not negative, and add up to more than zero")
+    return lam, w
 
 
 def read_orientations(path: str) -> list[np.ndarray]:
@@ -102,9 +132,7 @@ def read_orientations(path: str) -> list[np.ndarray]:
     for i, text in _lines(path):
         v = _numbers(path, i, text)
         if len(v) == 9:
-            m = np.array(v).reshape(3, 3)
-            if not np.allclose(m @ m.T, np.eye(3), atol=1e-6) or np.linalg.det(m) < 0:
-                raise InputError(f"{path}:{i}: the matrix is not a rotation")
+            m = check_rotation(v, f"{path}:{i}")
         elif len(v) == 3:
             rx, ry, rz = (math.radians(a) for a in v)
             cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
@@ -113,6 +141,8 @@ def read_orientations(path: str) -> list[np.ndarray]:
         else:
             raise InputError(f"{path}:{i}: give 9 numbers (a rotation matrix) or 3 angles (degrees)")
         out.append(m)
+        if len(out) > MAX_SHOTS:
+            raise InputError(f"{path} lists more than the {MAX_SHOTS} shots a dataset may hold")
     if not out:
         raise InputError(f"{path} holds no orientations")
     return out
@@ -130,9 +160,7 @@ def read_spectra(path: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for shot, r in rows.items():
         lam, w = np.array(r).T
-        if not w.sum() > 0:
-            raise InputError(f"{path}: the weights of shot {shot} add up to zero")
-        out[shot] = (lam, w)
+        out[shot] = check_spectrum(lam, w, f"{path}: shot {shot}")
     return out
 
 
@@ -142,6 +170,8 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
     """The shots of a dataset: the images of one experiment's scan (or all
     experiments of the file, one after the other), or a series of stills of
     one experiment in orientations drawn from a seed or listed."""
+    if experiment is not None and (isinstance(experiment, bool) or not isinstance(experiment, int)):
+        raise InputError(f"--experiment expects an experiment index, got {experiment!r}")
     chosen = range(len(experiments)) if experiment is None else [experiment]
     for k in chosen:
         if not 0 <= k < len(experiments):
@@ -151,18 +181,36 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
         k = chosen[0]
         if experiment is None and len(experiments) > 1:
             raise InputError("a still series turns one crystal: choose it with --experiment K")
-        rots = orientations if orientations is not None else list(random_rotations(stills, orientation_seed or 0))
+        if stills is not None:
+            if isinstance(stills, bool) or not isinstance(stills, int) or stills < 1:
+                raise InputError(f"--stills expects a number of shots >= 1, got {stills!r}")
+            if stills > MAX_SHOTS:
+                raise InputError(f"--stills {stills} is more than the {MAX_SHOTS} shots a dataset may hold")
+        if orientations is not None:
+            if len(orientations) > MAX_SHOTS:
+                raise InputError(f"{len(orientations)} orientations are more than the {MAX_SHOTS} shots a dataset "
+                                 "may hold")
+            rots = [check_rotation(r, f"orientation {n + 1}") for n, r in enumerate(orientations)]
+            if not rots:
+                raise InputError("the list of orientations is empty")
+        else:
+            seed = orientation_seed or 0
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise InputError(f"--orientation-seed expects an integer >= 0, got {orientation_seed!r}")
+            rots = list(random_rotations(stills, seed))
         if stills is not None and orientations is not None and stills != len(orientations):
             raise InputError(f"--stills {stills} but the orientation file lists {len(orientations)} shots")
         shots = [Shot(n + 1, k, None, np.asarray(r)) for n, r in enumerate(rots)]
     else:
-        for k in chosen:
-            scan = experiments[k].scan
-            numbers = [None] if scan is None else list(range(scan.image_range[0], scan.image_range[1] + 1))
-            if images is not None:
-                if len(chosen) > 1:
-                    raise InputError("--images selects images of one experiment: add --experiment K")
-                numbers = _image_range(images, scan)
+        if images is not None and len(chosen) > 1:
+            raise InputError("--images selects images of one experiment: add --experiment K")
+        spans = [_image_span(images, experiments[k].scan) for k in chosen]
+        total = sum(hi - lo + 1 for lo, hi, _ in spans)
+        if total > MAX_SHOTS:
+            raise InputError(f"the dataset would hold {total} images, more than the {MAX_SHOTS} a dataset may hold; "
+                             "choose some with --images FIRST:LAST or --experiment K")
+        for k, (lo, hi, still) in zip(chosen, spans):
+            numbers = [None] if still else range(lo, hi + 1)
             base = len(shots)
             # one sweep: files and seeds follow the scan's image numbers; several: the dataset order
             shots += [Shot(i if len(chosen) == 1 and i is not None else base + n + 1, k, i)
@@ -172,20 +220,34 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
         if unknown:
             raise InputError(f"the spectra file names shot {unknown[0]}, the dataset has {len(shots)}")
         for s in shots:
-            s.spectrum = spectra.get(s.number)
+            if s.number in spectra:
+                s.spectrum = check_spectrum(*spectra[s.number], f"the spectrum of shot {s.number}")
     return shots
 
 
-def _image_range(text: str, scan) -> list:
+def _image_span(text: str | None, scan) -> tuple[int, int, bool]:
+    """(first, last, still) of the images chosen by --images FIRST:LAST (all
+    of the scan without it), checked against the scan; no list is built."""
     first, last = (scan.image_range if scan is not None else (1, 1))
+    if text is None:
+        return first, last, scan is None
     try:
         a, _, b = text.partition(":")
         lo, hi = int(a), int(b or a)
     except ValueError:
         raise InputError(f"--images expects FIRST:LAST (image numbers), got '{text}'") from None
+    if lo > hi:
+        raise InputError(f"--images {text} is empty: give FIRST:LAST with FIRST <= LAST")
     if not (first <= lo <= hi <= last):
         raise InputError(f"--images {text} is outside the scan's images {first}:{last}")
-    return list(range(lo, hi + 1)) if scan is not None else [None]
+    return lo, hi, scan is None
+
+
+def _image_range(text: str, scan) -> list:
+    lo, hi, still = _image_span(text, scan)
+    if hi - lo + 1 > MAX_SHOTS:
+        raise InputError(f"--images {text} holds {hi - lo + 1} images, more than the {MAX_SHOTS} a run may hold")
+    return [None] if still else list(range(lo, hi + 1))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -312,8 +374,10 @@ def smv_geometry(experiment, shot: Shot):
     with torch.no_grad():
         b = e.beam.incident().double()
         o, f, s, n = (t[0].double() for t in e.detector.panel_frames(e.beam.incident()))
-        close = float(o @ n)
-        t = close / float(b @ n)
+        close, facing = float(o @ n), float(b @ n)
+        if abs(facing) < 1e-9:
+            raise InputError("SMV needs a panel the beam meets; this one lies along the beam")
+        t = close / facing
         hit = t * b - o
         fbeam, sbeam = float(hit @ f), float(hit @ s)
         px = float(e.detector.panels[0].pixel_size[0])
@@ -356,7 +420,8 @@ def write_shot(dataset: Dataset, renderer: Renderer, shot: Shot) -> str:
     from .io.atomic import atomic_write
     image = renderer.render(shot)
     if not np.isfinite(image).all():
-        raise InputError(f"image {shot.number} is not finite; check the fluence and structure factors")
+        raise InputError(f"image {shot.number} came out with non-finite photons (NaN or infinity); check the "
+                         "fluence, structure factors and the spot-shape flags")
     path = dataset.path(shot)
     fmt = dataset.format
     readings = None if dataset.response is None else detector_readings(dataset, renderer, shot, image)
@@ -388,10 +453,36 @@ def _worker(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> 
     return [write_shot(dataset, renderer, s) for s in shots]
 
 
-def pending(dataset: Dataset, resume: bool) -> list[Shot]:
+def complete(dataset: Dataset, shot: Shot, detector) -> bool:
+    """Whether the file of `shot` is already whole: it reads back (npy, SMV,
+    miniCBF with its size and digest checked) as this detector's image; npy
+    files also hold finite numbers of the type written."""
+    from .io.images import read_cbf, split_frame
+    from .io.smv import read_smv
+    path = dataset.path(shot)
+    if not os.path.isfile(path):
+        return False
+    try:
+        if path.endswith(".npy"):
+            data = np.load(path, allow_pickle=False)
+            if data.dtype != (np.int32 if dataset.format == "nxs" else np.float32) or not np.isfinite(data).all():
+                return False
+        elif dataset.format == "smv":
+            data = read_smv(path)[1]
+        else:
+            data = read_cbf(path)[0]
+        split_frame(data, detector, path)
+    except (InputError, OSError, ValueError, EOFError):
+        return False
+    return True
+
+
+def pending(dataset: Dataset, resume: bool, experiments) -> list[Shot]:
+    """The shots to render: all of them, or with `resume` those whose file is
+    missing or not whole (checked against `experiments`' detectors)."""
     if not resume:
         return list(dataset.shots)
-    return [s for s in dataset.shots if not os.path.exists(dataset.path(s))]
+    return [s for s in dataset.shots if not complete(dataset, s, experiments[s.experiment].detector)]
 
 
 def images(expt_path: str, flags: list[str] | None = None, **plan_kw):

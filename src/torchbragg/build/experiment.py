@@ -52,4 +52,9 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     goniometer = None if experiment.goniometer is None else copy.deepcopy(experiment.goniometer).to(device, f64)
     scan = None if experiment.scan is None else copy.deepcopy(experiment.scan).to(device, f64)
     sim = Simulator(beam, crystal, detector, goniometer, scan, options)
+    from ..validate import MAX_COUNT
+    if sim.oversample_auto and sim.recommended_oversample > MAX_COUNT:
+        raise InputError(f"automatic oversampling would take {sim.recommended_oversample:.3g} sub-pixels per pixel "
+                         "edge (crystal large for this detector distance, pixel size and wavelength); give "
+                         f"-oversample N (limit {MAX_COUNT}) or a smaller crystal")
     return sim.to(dtype), info

@@ -106,6 +106,8 @@ def parse(argv: list[str]) -> dict:
         raise InputError("no image given to refine against")
     if opts["out"] is None:
         raise InputError("--out DIR is required")
+    if not opts["out"].strip():
+        raise InputError("--out is empty; give the output folder")
     for key in ("max_iter", "spots") + (("image",) if opts["image"] is not None else ()):
         try:
             opts[key] = int(opts[key])
@@ -243,6 +245,7 @@ def _sweep_shots(opts, k, experiment, paths) -> list[Shot]:
         raise InputError(f"--images {opts['range']} asks for {len(numbers)} images but {paths[0]} holds one: give "
                          "one file per image (file k is image FIRST + k) or a NeXus file")
     if scan is None and is_container(paths[0]):  # a series of stills in one file: image k is experiment k's
+        pick_image(paths, experiment, opts["image"])  # --image N other than 1 is refused, as for other files
         return [Shot(k, paths[0], k, None)]
     return [Shot(k, *pick_image(paths, experiment, n)) for n in numbers]
 

@@ -30,7 +30,8 @@ for a still):
   --orientations FILE       a series of stills, one orientation a line: 9 numbers
                             (a rotation matrix, row by row) or 3 angles about x, y, z (deg)
   --spectra FILE            per-shot spectra: lines 'shot energy_eV weight'
-output:
+output (PREFIX names files, not a folder: PREFIX_00001.npy, ... and PREFIX.expt
+in PREFIX's folder, which must exist; an empty PREFIX or one ending in / is refused):
   --format npy|smv|cbf|nxs  npy: float32 expected photons, (panels, slow, fast), one
                             file per image; smv: the original's noise image (photons + 40);
                             cbf: Pilatus miniCBF photon counts; nxs: one NXmx file
@@ -39,8 +40,12 @@ output:
                             -seed + k - 1 (default -seed 1; k is the scan's image
                             number for one sweep, else 1, 2, ...); -nonoise: expected
                             photons rounded
-  --resume                  skip images whose file is already complete
-  --workers N               spread images over N local processes
+  --resume                  skip images whose file is already complete (it reads back
+                            whole, with the detector's shape); others are rendered again.
+                            Without --resume a failed run leaves no file of its own;
+                            with it, the images already complete are kept
+  --workers N               spread images over N local processes (at most one per
+                            image to render and per CPU)
   --ray [ADDRESS]           spread images over a Ray cluster (a local one without
                             ADDRESS); each worker uses a GPU when it has one
   --quiet                   no progress bar or per-image lines
@@ -69,6 +74,11 @@ def parse(argv: list[str]) -> dict:
         raise InputError("no experiment file given")
     if opts["out"] is None:
         raise InputError("--out PREFIX is required")
+    if not opts["out"].strip():
+        raise InputError("--out is empty; give a file name prefix such as images/run1")
+    if opts["out"].endswith(("/", os.sep)) or os.path.basename(opts["out"]) in (".", ".."):
+        raise InputError(f"--out {opts['out']} names a folder; give a file name prefix inside it, such as "
+                         f"{os.path.join(opts['out'], 'image')}")
     if opts["format"] not in FORMATS:
         raise InputError(f"unknown --format '{opts['format']}'; choose from {', '.join(FORMATS)}")
     for key in ("experiment", "stills", "orientation_seed", "workers"):
@@ -114,8 +124,7 @@ def run(argv: list[str], out=None) -> int:
     data = ds.Dataset(os.path.abspath(opts["expt"]), opts["flags"], shots, os.path.abspath(opts["out"]),
                       opts["format"], seed=1 if cfg.output.seed is None else cfg.output.seed,
                       noise=cfg.output.calculate_noise, response=opts["response"])
-    if data.format == "nxs":
-        os.makedirs(data.prefix + "_work", exist_ok=True)
+    _check_targets(data, folder)
     renderer = ds.Renderer(experiments, cfg)
     truth = [renderer.truth(s) for s in shots] if orientations is not None or opts["stills"] else \
         [experiments[k] for k in dict.fromkeys(s.experiment for s in shots)]
@@ -124,9 +133,15 @@ def run(argv: list[str], out=None) -> int:
         from ..io.cbf import pilatus_header
         for shot in shots[:1]:
             pilatus_header(renderer.truth(shot), shot.image if shot.image is not None else 1)
-    todo = ds.pending(data, opts["resume"])
+    todo = ds.pending(data, opts["resume"], experiments)
     if len(todo) < len(shots):
         print(f"resuming: {len(shots) - len(todo)} of {len(shots)} images already written", file=out)
+    remote = opts["ray"] not in (None, "local")  # a cluster's CPUs are not this machine's
+    cpus = os.cpu_count() or 1
+    workers = min(opts["workers"], max(len(todo), 1), opts["workers"] if remote else cpus)
+    if workers < opts["workers"]:
+        print(f"note: --workers {opts['workers']} capped at {workers} ({len(todo)} images to render"
+              + ("" if remote else f", {cpus} CPUs") + ")", file=sys.stderr)
     bar = _progress(len(todo), opts["quiet"])
     done = 0
 
@@ -139,20 +154,75 @@ def run(argv: list[str], out=None) -> int:
             elif not opts["quiet"]:
                 print(f"image {done}/{len(todo)}: {path}", file=out, flush=True)
 
-    if opts["ray"] is not None:
-        _run_ray(data, todo, opts["ray"], opts["workers"], advance)
-    elif opts["workers"] > 1:
-        _run_local(data, todo, opts["workers"], advance)
-    else:
-        for shot in todo:
-            advance([ds.write_shot(data, renderer, shot)])
-    if bar is not None:
-        bar.close()
-    if data.format == "nxs":
-        _assemble_nxs(data, renderer, out)
-    write_experiments(data.prefix + ".expt", truth, history=["torchbragg simulate " + " ".join(argv)])
+    before = _stamps(data, todo)
+    try:
+        if data.format == "nxs":
+            os.makedirs(data.prefix + "_work", exist_ok=True)
+        if opts["ray"] is not None:
+            _run_ray(data, todo, opts["ray"], workers, advance)
+        elif workers > 1:
+            _run_local(data, todo, workers, advance)
+        else:
+            for shot in todo:
+                advance([ds.write_shot(data, renderer, shot)])
+        if bar is not None:
+            bar.close()
+        if data.format == "nxs":
+            _assemble_nxs(data, renderer, out)
+        write_experiments(data.prefix + ".expt", truth, history=["torchbragg simulate " + " ".join(argv)])
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        if not opts["resume"]:  # all or nothing; --resume keeps the complete images by design
+            _remove_written(data, before)
+        raise
     print(f"wrote {len(shots)} images with prefix {opts['out']} and the experiment {opts['out']}.expt", file=out)
     return 0
+
+
+def _outputs(data) -> list[str]:
+    """The files a run writes besides the per-image files."""
+    return [data.prefix + ".expt"] + ([data.prefix + ".nxs"] if data.format == "nxs" else [])
+
+
+def _check_targets(data, folder) -> None:
+    """Refuse, before anything is rendered, output names the run could not write."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {data.prefix}: folder {folder} is not writable")
+    for path in _outputs(data) + [data.path(s) for s in data.shots]:
+        if os.path.isdir(path):
+            raise InputError(f"cannot write {path}: it is a folder")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise InputError(f"cannot write {path}: permission denied")
+
+
+def _stamps(data, todo) -> dict:
+    """(modification time, size, inode) of every file the run may write, None where absent."""
+    stamps = {}
+    for path in _outputs(data) + [data.path(s) for s in todo]:
+        try:
+            st = os.stat(path)
+            stamps[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamps[path] = None
+    return stamps
+
+
+def _remove_written(data, before: dict) -> None:
+    """Remove every file this run wrote (new or replaced since `before`)."""
+    import shutil
+    for path, stamp in before.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stamp is None or (st.st_mtime_ns, st.st_size, st.st_ino) != stamp:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    if data.format == "nxs":
+        shutil.rmtree(data.prefix + "_work", ignore_errors=True)
 
 
 def _chunks(todo, n):
