@@ -315,28 +315,6 @@ def _finite(v):
     return v
 
 
-class _OneImage:
-    """Mixin for a simulator class whose forward() renders one chosen scan image."""
-
-    def forward(self, image=None, progress=None):
-        return self.render(self.refine_image if image is None else image, progress)
-
-
-_IMAGE_CLASSES: dict = {}
-
-
-def render_image(sim, image: int | None) -> None:
-    """Make sim(), as the refiner calls it, render scan image `image`."""
-    if image is None:
-        return
-    base = type(sim)
-    if base not in _IMAGE_CLASSES:
-        _IMAGE_CLASSES[base] = type(base.__name__, (_OneImage, base), {"__module__": __name__})
-        globals()[f"_{base.__name__}OneImage"] = _IMAGE_CLASSES[base]
-    sim.__class__ = _IMAGE_CLASSES[base]
-    sim.refine_image = int(image)
-
-
 # ----------------------------------------------------------------------------- run
 
 def _make_folder(out: str) -> bool:
@@ -364,28 +342,13 @@ def run(argv: list[str], out=None) -> int:
     shots = plan_shots(opts, experiments)
     # every image is read (and checked) before anything is rendered
     images = [read_image(s.path, experiments[s.experiment].detector, s.index, opts["adc_offset"]) for s in shots]
-    if len(shots) == 1:
-        return run_one(opts, cfg, experiments, shots[0], images[0], argv, out)
-    return run_many(opts, cfg, experiments, shots, images, argv, out)
+    return refine_shots(opts, cfg, experiments, shots, images, argv, out)
 
 
 def _loss_options(opts) -> dict:
     if opts["loss"] == "gaussian":
         return dict(read_noise=opts["read_noise"] or 0.0, gain=opts["gain"] or 1.0)
     return {}
-
-
-def _region(sim, data, valid, what):
-    """The region of interest of one image from its start model (a bool tensor)."""
-    import torch
-
-    from ..refine.roi import roi_mask
-    with torch.no_grad():
-        start_model = sim().detach()
-        roi = roi_mask(sim, data.to(start_model), model=start_model).cpu() & valid
-    if not bool(roi.any()):
-        raise InputError(f"no pixel of {what} is both valid and near a spot")
-    return roi
 
 
 def _with_background(model, parameters) -> np.ndarray:
@@ -400,117 +363,71 @@ def _with_background(model, parameters) -> np.ndarray:
     return model + background.reshape(-1, 1, 1)
 
 
-def run_one(opts, cfg, experiments, shot, image, argv, out) -> int:
-    """One image: the single-image refiner."""
+def image_entries(experiments, shots, images, cfg) -> list:
+    """One refinement entry per image. One sweep: one simulator (every model
+    shared), each entry its own scan image. Several experiments: each its own
+    simulator (beams included, so each still keeps its own refined scale)."""
     import torch
 
     from ..build.experiment import build_from_experiment
-    from ..refine.refiner import refine
+    from ..refine.refiner import Entry
+    sims, entries = {}, []
+    for s, (data, valid) in zip(shots, images):
+        if s.experiment not in sims:
+            sims[s.experiment] = build_from_experiment(experiments[s.experiment], cfg)[0]
+        entries.append(Entry(sims[s.experiment], torch.as_tensor(data, dtype=torch.float64),
+                             valid=torch.as_tensor(valid), image=s.number, still=s.number is None))
+    return entries
 
-    k, path, number = shot.experiment, shot.path, shot.number
-    experiment = experiments[k]
-    data, valid = image
-    sim, _ = build_from_experiment(experiment, cfg)
-    if number is None:  # a still: no rotation whatever the goniometer
-        sim.goniometer = sim.scan = None
-    render_image(sim, number)
-    start_real = sim.crystal.real_vectors().detach().double().cpu().numpy()
-    data_t = torch.as_tensor(data, dtype=torch.float64)
-    roi = _region(sim, data_t, torch.as_tensor(valid), "the image")
+
+def _real(crystal):
+    return crystal.real_vectors().detach().double().cpu().numpy()
+
+
+def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
+    """Every image refined by the one engine: one image; one sweep with every
+    group shared; or several stills with crystal groups per image."""
+    import torch
+
+    from ..refine.refiner import Refiner
+    from ..refine.report import FIGURE_IMAGES, build_joint_report, build_report
+
+    one = len(shots) == 1
+    sweep = len({s.experiment for s in shots}) == 1
+    groups = opts["groups"]
+    per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
+    shared = [g for g in groups if g not in per_image]
+    entries = image_entries(experiments, shots, images, cfg)
+    starts = [_real(e.sim.crystal) for e in entries]
+    try:
+        refiner = Refiner(entries, shared, per_image, loss=opts["loss"], max_iter=opts["max_iter"],
+                          entry_max_iter=opts["max_iter"], loss_options=_loss_options(opts))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
     made = _make_folder(opts["out"])
     try:
         t0 = time.perf_counter()
         try:
-            result = refine(sim, data_t, opts["groups"], loss=opts["loss"], roi=roi, max_iter=opts["max_iter"],
-                            loss_options=_loss_options(opts))
+            result = refiner.run()
         except ValueError as exc:
             raise InputError(str(exc)) from None
         seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            model = sim().detach().double().cpu().numpy()
-        model = _with_background(model, [dict(group="background", name=n, value=v)
-                                         for n, v in result.background.items()])
-
-        listed = refined_experiments(experiments, [(k, sim)], opts["groups"])
-        final_real = listed[k].crystal.real_vectors().detach().double().cpu().numpy()
-        doc = summary_document(opts, k, path, number, result, seconds, start_real, final_real)
-        from ..refine.report import build_report
-        files = build_report(doc, result, data, model, valid, roi.numpy(), opts["spots"])
-        files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
-        write_outputs(opts, experiments, listed, files, argv)
-    except BaseException:
-        if made:
-            shutil.rmtree(opts["out"], ignore_errors=True)
-        raise
-    if not opts["quiet"]:
-        print(result.summary(), file=out)
-        print(f"rotation from the start: {doc['crystal']['rotation_from_start_deg']:.4f} deg", file=out)
-        print(f"wrote {', '.join(os.path.join(opts['out'], n) for n in OUTPUTS)}", file=out)
-    return 0
-
-
-def image_simulators(experiments, shots, cfg) -> list:
-    """One simulator per image. One sweep: views of one set of models, each
-    rendering its own scan image, so the crystal is shared. Several
-    experiments: each its own models (beams included, so each still keeps its
-    own refined scale)."""
-    from ..build.experiment import build_from_experiment
-    from ..simulator import Simulator
-    sims = []
-    if len({s.experiment for s in shots}) == 1:
-        base, _ = build_from_experiment(experiments[shots[0].experiment], cfg)
-        for s in shots:
-            sim = Simulator(base.beam, base.crystal, base.detector, base.goniometer, base.scan, base.options,
-                            recommended=base.recommended_oversample)
-            render_image(sim, s.number)
-            sims.append(sim)
-        return sims
-    for s in shots:
-        sim, _ = build_from_experiment(experiments[s.experiment], cfg)
-        if s.number is None:
-            sim.goniometer = sim.scan = None
-        render_image(sim, s.number)
-        sims.append(sim)
-    return sims
-
-
-def run_many(opts, cfg, experiments, shots, images, argv, out) -> int:
-    """Several images refined together (joint.refine_joint): one sweep with
-    every group shared, or several stills with crystal groups per image."""
-    import torch
-
-    from ..refine.joint import refine_joint
-    from ..refine.report import FIGURE_IMAGES, build_joint_report
-
-    sweep = len({s.experiment for s in shots}) == 1
-    groups = opts["groups"]
-    per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
-    shared = [g for g in groups if g not in per_image]
-    sims = image_simulators(experiments, shots, cfg)
-    starts = [sim.crystal.real_vectors().detach().double().cpu().numpy() for sim in sims]
-    datas = [torch.as_tensor(d, dtype=torch.float64) for d, _ in images]
-    rois = [_region(sim, d, torch.as_tensor(v), f"image {j} ({s.path})")
-            for j, (sim, d, (_, v), s) in enumerate(zip(sims, datas, images, shots))]
-
-    made = _make_folder(opts["out"])
-    try:
-        try:
-            result = refine_joint(sims, datas, shared=shared, per_image=per_image, loss=opts["loss"], rois=rois,
-                                  max_iter=opts["max_iter"], image_max_iter=opts["max_iter"],
-                                  loss_options=_loss_options(opts))
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        listed = refined_experiments(experiments, [(s.experiment, sim) for s, sim in zip(shots, sims)], groups)
-        finals = [listed[s.experiment].crystal.real_vectors().detach().double().cpu().numpy() for s in shots]
-        doc = joint_document(opts, shots, result, sweep, shared, per_image, starts, finals)
+        listed = refined_experiments(experiments, [(s.experiment, e.sim) for s, e in zip(shots, entries)], groups)
+        finals = [_real(listed[s.experiment].crystal) for s in shots]
         shown = []
-        for j in range(min(len(shots), FIGURE_IMAGES)):
+        for j, e in enumerate(entries[:FIGURE_IMAGES]):
             with torch.no_grad():
-                model = sims[j]().detach().double().cpu().numpy()
-            model = _with_background(model, result.shared + result.images[j])
-            shown.append((images[j][0], model, images[j][1], rois[j].numpy()))
-        files = build_joint_report(doc, result, shown, opts["spots"])
+                model = e.render(e.sim).detach().double().cpu().numpy()
+            model = _with_background(model, result.parameters + result.images[j])
+            shown.append((images[j][0], model, images[j][1], refiner.masks[j].numpy()))
+        if one:
+            s = shots[0]
+            doc = summary_document(opts, s.experiment, s.path, s.number, result, seconds, starts[0], finals[0])
+            files = build_report(doc, result, *shown[0], opts["spots"])
+        else:
+            doc = joint_document(opts, shots, result, sweep, shared, per_image, starts, finals)
+            files = build_joint_report(doc, result, shown, opts["spots"])
         files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
         write_outputs(opts, experiments, listed, files, argv)
     except BaseException:
@@ -519,7 +436,9 @@ def run_many(opts, cfg, experiments, shots, images, argv, out) -> int:
         raise
     if not opts["quiet"]:
         print(result.summary(), file=out)
-        for j, section in enumerate(doc["images"]):
+        if one:
+            print(f"rotation from the start: {doc['crystal']['rotation_from_start_deg']:.4f} deg", file=out)
+        for j, section in enumerate(doc.get("images", [])):
             where = f", scan image {section['image']}" if section["image"] is not None else ""
             print(f"  image {j} (experiment {section['experiment']}{where}): loss {section['loss']:.3f}, "
                   f"rotation from the start {section['crystal']['rotation_from_start_deg']:.4f} deg", file=out)
@@ -562,7 +481,7 @@ def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals
         experiments=list(dict.fromkeys(s.experiment for s in shots)), groups=list(opts["groups"]),
         shared_groups=list(shared), per_image_groups=list(per_image), loss_function=opts["loss"],
         adc_offset=opts["adc_offset"], flags=list(opts["flags"]),
-        parameters=d["shared"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
+        parameters=d["parameters"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
         converged=d["converged"], renders=d["renders"], hessian_renders=d["hessian_renders"], pixels=d["pixels"],
         seconds=d["seconds"], stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
         correlation=d["correlation"], not_written=d["not_written"], images=images)
