@@ -76,8 +76,27 @@ options:
   --read-noise R --gain G   the Gaussian likelihood's read noise (photons) and gain
   --max-iter N              L-BFGS iterations per stage (default 60)
   --spots K                 cut-outs of the K strongest spots in the report (default 12)
-  --quiet                   no summary on stdout
+  --quiet                   no summary on stdout and no progress on stderr
+
+While it runs, the stage, evaluation and loss are written to stderr every few
+seconds. The result is trusted (converged) only when the fit ended with a
+small gradient AND the data accept it: the Poisson deviance within what photon
+noise allows and few spots with their observed centroid shifted from the
+model's. Otherwise, and for parameters the data cannot determine (an
+uncertainty beyond the value's own scale, or a correlation beyond 0.99), a
+warning goes to stderr and into report.md and refined.json ("warnings",
+"converged", "fit_acceptable", "fit"). Uncertainties are inflated by the square
+root of the deviance ratio when the data scatter more than photon noise.
+
+exit status:
+  0  converged: every output written, the fit trusted
+  2  bad input (one line on stderr), nothing written
+  3  not enough memory
+  4  finished but not trustworthy (likely a wrong minimum, or the fit did not
+     converge): every output written, with the warnings
 """
+
+NOT_TRUSTED = 4  # exit status: outputs written, but the fit is not trusted
 
 DEFAULT_GROUPS = ("scale", "background", "orientation", "cell", "N")
 DETECTOR_GROUPS = ("distance", "beam_centre", "panels")
@@ -130,6 +149,8 @@ def parse(argv: list[str]) -> dict:
         raise InputError("--read-noise and --gain belong to --loss gaussian")
     if opts["gain"] is not None and not opts["gain"] > 0:
         raise InputError("--gain must be positive")
+    if opts["read_noise"] is not None and opts["read_noise"] < 0:
+        raise InputError("--read-noise must be >= 0")
     opts["groups"] = parse_groups(opts["refine"])
     refuse_geometry(opts["flags"])
     return opts
@@ -401,7 +422,8 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
     starts = [_real(e.sim.crystal) for e in entries]
     try:
         refiner = Refiner(entries, shared, per_image, loss=opts["loss"], max_iter=opts["max_iter"],
-                          entry_max_iter=opts["max_iter"], loss_options=_loss_options(opts))
+                          entry_max_iter=opts["max_iter"], loss_options=_loss_options(opts),
+                          progress=None if opts["quiet"] else Progress(sys.stderr))
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -443,12 +465,43 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
             print(f"  image {j} (experiment {section['experiment']}{where}): loss {section['loss']:.3f}, "
                   f"rotation from the start {section['crystal']['rotation_from_start_deg']:.4f} deg", file=out)
         print(f"wrote {', '.join(os.path.join(opts['out'], n) for n in OUTPUTS)}", file=out)
-    return 0
+    for w in result.warnings:
+        print(f"torchbragg refine: warning: {w}", file=sys.stderr)
+    return 0 if result.converged else NOT_TRUSTED
+
+
+class Progress:
+    """The stage, evaluation and loss of a running fit on `stream`, at most
+    every `every` seconds (and when the uncertainties start)."""
+
+    def __init__(self, stream, every: float = 3.0):
+        self.stream, self.every = stream, every
+        self.t0 = time.perf_counter()
+        self.last = None
+
+    def __call__(self, info: dict) -> None:
+        now = time.perf_counter()
+        if info["stage"] != "uncertainties" and self.last is not None and now - self.last < self.every:
+            return
+        self.last = now
+        where = f" (image {info['image']})" if info.get("image") is not None else ""
+        if info["stage"] == "uncertainties":
+            text = "computing the uncertainties"
+        else:
+            text = (f"stage {info['stage']}{where} [{info['dtype']}], evaluation {info['evaluation']}, "
+                    f"loss {info['loss']:.6g}")
+        print(f"torchbragg refine: {now - self.t0:.0f} s: {text}", file=self.stream, flush=True)
 
 
 def _crystal_section(start_real, final_real) -> dict:
     return dict(start_real_space=np.asarray(start_real).tolist(), refined_real_space=np.asarray(final_real).tolist(),
                 rotation_from_start_deg=misorientation(start_real, final_real))
+
+
+def _honesty(d) -> dict:
+    """What says whether the result can be trusted."""
+    return {k: d[k] for k in ("gradient_converged", "fit_acceptable", "fit", "uncertainty_scale", "newton_decrement",
+                              "warnings")}
 
 
 def summary_document(opts, k, path, number, result, seconds, start_real, final_real) -> dict:
@@ -460,7 +513,7 @@ def summary_document(opts, k, path, number, result, seconds, start_real, final_r
         parameters=d["parameters"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
         converged=d["converged"], renders=d["renders"], hessian_renders=d["hessian_renders"], pixels=d["pixels"],
         seconds=seconds, stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
-        correlation=d["correlation"], crystal=_crystal_section(start_real, final_real),
+        correlation=d["correlation"], crystal=_crystal_section(start_real, final_real), **_honesty(d),
     )
 
 
@@ -473,7 +526,7 @@ def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals
         images.append(dict(
             experiment=s.experiment, image_file=os.path.abspath(s.path), file_index=s.index, image=s.number,
             parameters=d["images"][j], loss=d["image_loss"][j], loss_history=d["image_history"][j],
-            converged=d["converged"], pixels=d["image_pixels"][j],
+            converged=d["converged"], pixels=d["image_pixels"][j], fit=d["image_fit"][j],
             undetermined=[lab for lab in d["undetermined"] if lab.startswith(f"image{j}.")],
             crystal=_crystal_section(starts[j], finals[j])))
     doc = dict(
@@ -484,7 +537,7 @@ def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals
         parameters=d["parameters"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
         converged=d["converged"], renders=d["renders"], hessian_renders=d["hessian_renders"], pixels=d["pixels"],
         seconds=d["seconds"], stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
-        correlation=d["correlation"], not_written=d["not_written"], images=images)
+        correlation=d["correlation"], not_written=d["not_written"], images=images, **_honesty(d))
     if sweep:
         doc["crystal"] = images[0]["crystal"]
     return doc

@@ -45,6 +45,7 @@ import torch
 from torch.func import functional_call
 
 from ..errors import InputError
+from .fit import combine, goodness_of_fit
 from .losses import LOSSES
 from .parameters import Background, Group, make_group
 from .roi import mask_substitutions, roi_mask
@@ -114,6 +115,17 @@ def as_data(data, shape, what="data") -> torch.Tensor:
     return d
 
 
+def _noise_options(options) -> dict:
+    """The Gaussian likelihood's read noise (>= 0) and gain (> 0), checked."""
+    options = dict(options or {})
+    for key, ok, need in (("read_noise", lambda v: v >= 0, ">= 0"), ("gain", lambda v: v > 0, "> 0")):
+        if key in options:
+            v = torch.as_tensor(options[key]).detach().double()
+            if not bool(torch.isfinite(v).all()) or not bool(ok(v).all()):
+                raise InputError(f"{key} must be finite and {need}, got {options[key]!r}")
+    return options
+
+
 def _as_mask(mask, shape, what, k=None):
     if mask is None:
         return None
@@ -160,7 +172,17 @@ class RefinementResult:
     its tolerances before max_iter. image_loss / image_history /
     image_pixels: per entry, its part of the loss, its loss at every
     evaluation and the pixels of its region. not_written: values left
-    unwritten (see the module's docstring)."""
+    unwritten (see the module's docstring).
+
+    Honesty: gradient_converged: the last stage stopped on its tolerances
+    and the Newton decrement g^T H^-1 g (`newton_decrement`, twice the
+    loss still to gain) is below 1; fit / image_fit: goodness of fit
+    (fit.goodness_of_fit) of all entries and of each; fit_acceptable: the
+    deviance within `max_deviance_ratio` of what noise allows or within
+    `max_deviance_z` standard deviations of it, and at most
+    `max_shifted_fraction` of the spots shifted; converged: both.
+    uncertainty_scale: sqrt(deviance ratio) when above 1, by which the
+    uncertainties are inflated. warnings: what makes the result doubtful."""
     labels: list
     x: torch.Tensor
     sigma_internal: torch.Tensor
@@ -181,6 +203,13 @@ class RefinementResult:
     image_loss: list = field(default_factory=list)
     image_history: list = field(default_factory=list)
     image_pixels: list = field(default_factory=list)
+    gradient_converged: bool = False
+    fit_acceptable: bool = True
+    fit: dict = field(default_factory=dict)
+    image_fit: list = field(default_factory=list)
+    uncertainty_scale: float = 1.0
+    newton_decrement: float = float("nan")
+    warnings: list = field(default_factory=list)
 
     def value(self, name: str, image: int | None = None) -> ParameterResult:
         """A parameter of the groups bound to every entry by its physical
@@ -197,7 +226,11 @@ class RefinementResult:
                     renders=self.renders, hessian_renders=self.hessian_renders, converged=self.converged,
                     undetermined=list(self.undetermined), stages=list(self.stages), seconds=self.seconds,
                     pixels=self.pixels, not_written=list(self.not_written), image_loss=list(self.image_loss),
-                    image_history=[list(h) for h in self.image_history], image_pixels=list(self.image_pixels))
+                    image_history=[list(h) for h in self.image_history], image_pixels=list(self.image_pixels),
+                    gradient_converged=self.gradient_converged, fit_acceptable=self.fit_acceptable,
+                    fit=dict(self.fit), image_fit=[dict(f) for f in self.image_fit],
+                    uncertainty_scale=self.uncertainty_scale, newton_decrement=self.newton_decrement,
+                    warnings=list(self.warnings))
 
     def summary(self) -> str:
         many = f"{len(self.images)} images, " if len(self.images) > 1 else ""
@@ -205,8 +238,14 @@ class RefinementResult:
                  f"{'converged' if self.converged else 'NOT converged'}"]
         for p in self.parameters:
             lines.append(f"  {p.name:>24s} {p.start:14.6g} -> {p.value:14.6g} +- {p.sigma:.3g} {p.unit}")
+        f = self.fit
+        if f:
+            lines.append(f"  fit: deviance {f['deviance_per_pixel']:.3f} per pixel, expected "
+                         f"{f['expected_per_pixel']:.3f} (ratio {f['deviance_ratio']:.2f}); {f['spots']} spots, "
+                         f"{f['shifted_spots']} with a shifted centroid")
         if self.undetermined:
             lines.append("  undetermined: " + ", ".join(self.undetermined))
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -311,7 +350,9 @@ class Refiner:
     def __init__(self, entries, groups=(), per_entry=(), *, loss="poisson", priors=None, bounds=None, max_iter=60,
                  dtype_schedule=("float32", "float64"), strategy="default", entry_strategy="default",
                  entry_max_iter=30, loss_options=None, broaden=0.5, uncertainties=True, undetermined_sigma=1e4,
-                 precondition=True, verbose=False):
+                 precondition=True, verbose=False, max_deviance_ratio=1.05, max_deviance_z=5.0,
+                 max_shifted_fraction=0.2,
+                 max_correlation=0.99, progress=None):
         self.entries = [e if isinstance(e, Entry) else Entry(*e) for e in entries]
         if not self.entries:
             raise InputError("no images to refine against")
@@ -331,7 +372,8 @@ class Refiner:
             self.loss_fn = LOSSES[loss]
         else:
             raise InputError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)} (or a callable)")
-        self.loss_options = dict(loss_options or {})
+        self.loss_name = loss if isinstance(loss, str) else "poisson"
+        self.loss_options = _noise_options(loss_options)
         try:
             self.dtypes = [DTYPES[d] for d in dtype_schedule]
         except KeyError as exc:
@@ -354,14 +396,39 @@ class Refiner:
                                      default_joint_strategy if own else default_strategy)
         self.uncertainties = uncertainties
         self.undetermined_sigma = undetermined_sigma
+        self.max_deviance_ratio = max_deviance_ratio
+        self.max_deviance_z = max_deviance_z
+        self.max_shifted_fraction = max_shifted_fraction
+        self.max_correlation = max_correlation
         self.precondition = precondition
         self.verbose = verbose
+        self.progress = progress
         self.renders = 0
         self.hessian_renders = 0
         self.history: list[float] = []
         self.image_history: list[list[float]] = [[] for _ in self.entries]
         self.oversample: list = [None] * n  # re-derived automatic oversampling, written back with the values
         self._scale = None
+        self._check_data()
+
+    def _check_data(self):
+        """Refuse data no likelihood can fit: photon counts below zero (Poisson)
+        or no signal at all among the pixels that may be used."""
+        for k, (d, valid, mask) in enumerate(zip(self.datas, self.valid, self.masks)):
+            what = "the data" if len(self.datas) == 1 else f"image {k}"
+            use = torch.ones_like(d, dtype=torch.bool)
+            for m in (valid, mask):
+                if m is not None:
+                    use = use & m
+            if not bool(use.any()):
+                raise InputError(f"no pixel of {what} is both valid and in the region of interest")
+            values = d[use]
+            if self.loss_name == "poisson" and bool((values < 0).any()):
+                raise InputError(f"{what} hold {int((values < 0).sum())} negative values among the pixels used; the "
+                                 "Poisson likelihood needs photon counts (mark bad pixels invalid, or use the "
+                                 "gaussian loss for readings with offsets)")
+            if not bool((values > 0).any()):
+                raise InputError(f"{what} hold no photons (no pixel above 0) among the pixels used: nothing to fit")
 
     def _bind(self, groups, per_entry):
         n = len(self.entries)
@@ -526,6 +593,9 @@ class Refiner:
                 loss.backward()
                 total += float(loss.detach())
             history.append(total)
+            if self.progress is not None:
+                self.progress(dict(stage=stage.get("name", ", ".join(names)), image=only, evaluation=len(history),
+                                   loss=total, dtype=str(dtype).replace("torch.", "")))
             return torch.tensor(total, dtype=dtype)
 
         t0, r0 = time.perf_counter(), self.renders
@@ -644,11 +714,12 @@ class Refiner:
         return chosen[0] if len(set(chosen)) == 1 else chosen
 
     def hessian(self, sims, x, masks, datas):
-        """The Hessian of the objective over every internal element: per
-        entry, autograd's Hessian of its loss over the elements it depends
-        on (central differences of gradients where double backward fails),
-        assembled; plus the priors' and bounds' curvature."""
+        """(Hessian, gradient) of the objective over every internal element:
+        per entry, autograd's Hessian and gradient of its loss over the
+        elements it depends on (central differences of gradients where double
+        backward fails), assembled; plus the priors' and bounds' terms."""
         H = torch.zeros(self.size, self.size, dtype=torch.float64)
+        grad = torch.zeros(self.size, dtype=torch.float64)
         for k in range(len(self.entries)):
             gi = [i for i, e in enumerate(self.entries_of) if k in e]
             if not gi:
@@ -659,6 +730,9 @@ class Refiner:
                 return self._entry_loss(k, sims[k], x.index_put((idx,), v), masks[k], datas[k])
 
             v0 = x[idx].clone()
+            v = v0.clone().requires_grad_(True)
+            (g0,) = torch.autograd.grad(f(v), v)
+            grad[idx.cpu()] += g0.detach().double().cpu()
             try:
                 block = torch.autograd.functional.hessian(f, v0)
                 self.hessian_renders += 2 * len(gi) + 1
@@ -678,42 +752,65 @@ class Refiner:
                 block = torch.stack(rows)
             cpu = idx.cpu()
             H[cpu[:, None], cpu[None, :]] += (0.5 * (block + block.T)).double().cpu()
-        for i, (_, sigma) in self.priors.items():
-            H[i, i] += 1.0 / sigma ** 2
         xc = x.detach().double().cpu()
+        for i, (mean, sigma) in self.priors.items():
+            H[i, i] += 1.0 / sigma ** 2
+            grad[i] += (float(xc[i]) - mean) / sigma ** 2
         for i, (lo, hi) in self.bounds.items():
             if not lo <= float(xc[i]) <= hi:
                 H[i, i] += 2e4
-        return H
+                grad[i] += 2e4 * (float(xc[i]) - (lo if float(xc[i]) < lo else hi))
+        return H, grad
 
-    def _result(self, sims, x, masks, converged, stages):
+    def _fit(self, sims, x, masks):
+        """Goodness of fit of every entry at x, and all together."""
+        parts = []
+        with torch.no_grad():
+            for k, sim in enumerate(sims):
+                model = self.model(k, sim, x.to(sim.dtype), masks[k])
+                parts.append(goodness_of_fit(model, self.datas[k], masks[k], self.loss_name, **self.loss_options))
+        return combine(parts), parts
+
+    def _result(self, sims, x, masks, stopped, stages):
         n = self.size
         labels = list(self.labels)
+        fit, image_fit = self._fit(sims, x, masks)
+        ratio = fit["deviance_ratio"]
+        inflate = math.sqrt(ratio) if math.isfinite(ratio) and ratio > 1 else 1.0
+        undetermined, warnings = set(), []
+        decrement = float("nan")
         if self.uncertainties:
             dt = sims[0].dtype
             datas = [d.to(device=x.device, dtype=dt) for d in self.datas]
-            H = self.hessian(sims, x.to(dt), masks, datas)
+            if self.progress is not None:
+                self.progress(dict(stage="uncertainties", image=None, evaluation=0, loss=float("nan"),
+                                   dtype=str(dt).replace("torch.", "")))
+            H, grad = self.hessian(sims, x.to(dt), masks, datas)
             evals, evecs = torch.linalg.eigh(H)
             top = float(evals.abs().max()) if n else 0.0
             good = evals > 1e-10 * max(top, 1e-300)
             inv = torch.where(good, 1.0 / torch.where(good, evals, torch.ones_like(evals)), torch.zeros_like(evals))
             cov = (evecs * inv) @ evecs.T
-            weak = set()
+            g = evecs.T @ grad
+            decrement = float((g * g * inv).sum())
+            cov = cov * inflate ** 2
             for j in torch.nonzero(~good).flatten().tolist():
-                weak.update(torch.nonzero(evecs[:, j].abs() > 0.3).flatten().tolist())
+                undetermined.update(torch.nonzero(evecs[:, j].abs() > 0.3).flatten().tolist())
             sigma = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0.0))
             for i in range(n):
                 if not sigma[i] > 0 or sigma[i] > self.undetermined_sigma:
-                    weak.add(i)
-            for i in weak:
-                sigma[i] = float("inf")
-            undetermined = [labels[i] for i in sorted(weak)]
+                    undetermined.add(i)
         else:
             cov = torch.full((n, n), float("nan"), dtype=torch.float64)
             sigma = torch.full((n,), float("nan"), dtype=torch.float64)
-            undetermined = []
         d = torch.sqrt(torch.clamp(torch.diagonal(cov), min=1e-300))
         corr = cov / (d[:, None] * d[None, :])
+        if self.uncertainties:
+            for i, j in torch.nonzero(torch.triu(corr.abs() > self.max_correlation, diagonal=1)).tolist():
+                if i not in undetermined or j not in undetermined:
+                    warnings.append(f"{labels[i]} and {labels[j]} are correlated {float(corr[i, j]):+.3f}: the "
+                                    "data determine only a combination of them")
+                undetermined.update((i, j))
         finite_cov = torch.where(torch.isfinite(cov), cov, torch.zeros_like(cov))
         x64 = x.detach().double().cpu()
         shared, own = [], [[] for _ in self.entries]
@@ -726,20 +823,56 @@ class Refiner:
             start = b.group.physical(sim, torch.zeros_like(v)).detach().double().cpu().reshape(-1)
             val = b.group.physical(sim, v).detach().double().cpu().reshape(-1)
             psig = torch.sqrt(torch.clamp(torch.diagonal(J @ finite_cov[sl, sl] @ J.T), min=0.0))
+            if self.uncertainties:
+                for j, (name, unit) in enumerate(zip(b.group.physical_labels, b.group.units)):
+                    scale = _natural_scale(b.group.name, unit, float(val[j]))
+                    if scale is not None and float(psig[j]) > scale:
+                        moved = [b.offset + i for i in torch.nonzero(J[j].abs() > 0).flatten().tolist()]
+                        if not set(moved) <= undetermined:
+                            warnings.append(f"{b.prefix}{name} = {float(val[j]):.6g} +- {float(psig[j]):.3g} {unit}: "
+                                            "the uncertainty exceeds the value's own scale")
+                        undetermined.update(moved)
             for i in range(v.numel()):  # an undetermined parameter leaves what it moves undetermined
-                if not math.isfinite(float(sigma[sl][i])):
+                if b.offset + i in undetermined:
                     psig = torch.where(J[:, i].abs() > 0, torch.full_like(psig, float("inf")), psig)
             params = [ParameterResult(b.group.name, name, unit, float(s), float(a), float(e))
                       for name, unit, s, a, e in zip(b.group.physical_labels, b.group.units, start, val, psig)]
             (own[b.entries[0]] if len(b.entries) == 1 and len(self.entries) > 1 else shared).extend(params)
+        for i in undetermined:
+            sigma[i] = float("inf")
+        undetermined = [labels[i] for i in sorted(undetermined)]
+        if undetermined:
+            warnings.insert(0, "undetermined by the data: " + ", ".join(undetermined))
+        gradient_ok = stopped and (not self.uncertainties or decrement < 1.0)
+        excess = not (ratio <= self.max_deviance_ratio or fit["deviance_z"] <= self.max_deviance_z)
+        shifted = fit["spots"] >= 3 and fit["shifted_fraction"] > self.max_shifted_fraction
+        acceptable = not excess and not shifted
+        if not acceptable:
+            why = []
+            if excess:
+                why.append(f"the deviance is {ratio:.3g} times what photon noise allows "
+                           f"({fit['deviance_z']:.1f} standard deviations above)")
+            if shifted:
+                why.append(f"{fit['shifted_spots']} of {fit['spots']} observed spots lie off the model's beyond "
+                           "noise (shifted centroids)")
+            warnings.insert(0, "likely a wrong minimum: " + "; ".join(why))
+        if not gradient_ok:
+            warnings.insert(0, "not converged: " + (
+                "the fit stopped before its tolerances (iteration limit or a failed line search)" if not stopped
+                else f"the gradient is not small at the end (Newton decrement {decrement:.3g})"))
+        if inflate > 1.05 and acceptable:
+            warnings.append(f"the data scatter {ratio:.3g} times more than photon noise: uncertainties are "
+                            f"inflated by {inflate:.3g}")
         return RefinementResult(labels=labels, x=x64, sigma_internal=sigma, covariance=cov, correlation=corr,
                                 parameters=shared, images=own, loss=self.history[-1] if self.history else float("nan"),
-                                loss_history=list(self.history), renders=self.renders, converged=converged,
-                                undetermined=undetermined, stages=stages, hessian_renders=self.hessian_renders,
-                                pixels=int(sum(int(m.sum()) for m in masks)),
+                                loss_history=list(self.history), renders=self.renders,
+                                converged=gradient_ok and acceptable, undetermined=undetermined, stages=stages,
+                                hessian_renders=self.hessian_renders, pixels=int(sum(int(m.sum()) for m in masks)),
                                 image_loss=[h[-1] if h else float("nan") for h in self.image_history],
                                 image_history=[list(h) for h in self.image_history],
-                                image_pixels=[int(m.sum()) for m in masks])
+                                image_pixels=[int(m.sum()) for m in masks], gradient_converged=gradient_ok,
+                                fit_acceptable=acceptable, fit=fit, image_fit=image_fit, uncertainty_scale=inflate,
+                                newton_decrement=decrement, warnings=warnings)
 
     def write(self, x) -> list:
         """Put the values of internal vector `x` into the user's models;
@@ -761,6 +894,21 @@ class Refiner:
                 if name not in conflicts:
                     t.copy_(value.to(t))
         return sorted(conflicts)
+
+
+# groups of positive quantities: an uncertainty beyond the value is no determination
+POSITIVE_GROUPS = ("cell", "N", "scale", "mosaic", "wavelength", "structure_factors")
+
+
+def _natural_scale(group: str, unit: str, value: float) -> float | None:
+    """The scale an uncertainty of a physical value must stay below to say
+    anything: the value itself for positive quantities, 180 degrees for an
+    angle; None where there is no such scale (shifts, backgrounds)."""
+    if group in POSITIVE_GROUPS:
+        return abs(value)
+    if unit == "deg":
+        return 180.0
+    return None
 
 
 def _target(sim, name):
