@@ -350,8 +350,8 @@ def _worker(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> 
     if threads:
         torch.set_num_threads(threads)
     from .io.dials import read_experiments
-    from .flags import parse_args
-    renderer = Renderer(read_experiments(dataset.expt_path), parse_args(dataset.flags), dataset.dtype,
+    from .build.experiment import parse_experiment_flags
+    renderer = Renderer(read_experiments(dataset.expt_path), parse_experiment_flags(dataset.flags), dataset.dtype,
                         dataset.device)
     return [write_shot(dataset, renderer, s) for s in shots]
 
@@ -366,8 +366,8 @@ def images(expt_path: str, flags: list[str] | None = None, **plan_kw):
     """The dataset as a generator of (shot, float image (panels, slow, fast)),
     for code that consumes images directly."""
     from .io.dials import read_experiments
-    from .flags import parse_args
+    from .build.experiment import parse_experiment_flags
     experiments = read_experiments(expt_path)
-    renderer = Renderer(experiments, parse_args(list(flags or [])))
+    renderer = Renderer(experiments, parse_experiment_flags(list(flags or [])))
     for shot in plan(experiments, **plan_kw):
         yield shot, renderer.render(shot)

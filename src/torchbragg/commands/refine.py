@@ -354,8 +354,8 @@ def _make_folder(out: str) -> bool:
 def run(argv: list[str], out=None) -> int:
     out = out or sys.stdout
     opts = parse(argv)
-    from ..flags import parse_args
-    cfg = parse_args(opts["flags"])
+    from ..build.experiment import parse_experiment_flags
+    cfg = parse_experiment_flags(opts["flags"])
 
     from ..io.dials import read_experiments
 

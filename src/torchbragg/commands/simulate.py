@@ -87,8 +87,8 @@ def _progress(total: int, quiet: bool):
 def run(argv: list[str], out=None) -> int:
     out = out or sys.stdout
     opts = parse(argv)
-    from ..flags import parse_args
-    cfg = parse_args(opts["flags"])
+    from ..build.experiment import parse_experiment_flags
+    cfg = parse_experiment_flags(opts["flags"])
     folder = os.path.dirname(os.path.abspath(opts["out"]))
     if not os.path.isdir(folder):
         raise InputError(f"cannot write {opts['out']}: folder {folder} does not exist")
