@@ -252,3 +252,25 @@ def test_continuous_n_on_the_experiment_path(experiment, tmp_path, capsys):
     capsys.readouterr()
     assert nanobragg("-cell 60 70 80 90 90 90 -default_F 100 -lambda 1 -distance 80 -detpixels 8 -N 9.69".split()) == 2
     assert "-N expects an integer, got '9.69'" in capsys.readouterr().err
+
+
+def test_one_image_in_a_wrong_minimum_is_not_diluted_by_the_others():
+    """Three stills refined together, one of them started 30 degrees off:
+    the joint fit is not converged and the warning names that image."""
+    flags = SMALL[:-8] + "-detpixels 64 -pixel 0.375 -oversample 1 -fluence 1e26".split()
+    datas, sims = [], []
+    for k, turn in enumerate((0.0, 30.0, 0.0)):
+        truth = simulator(flags)
+        with torch.no_grad():
+            truth.crystal.U.copy_(torch.as_tensor(rotation((1.0, k, 0.5), 20.0 * k)) @ truth.crystal.U)
+            datas.append(truth.render())
+        sim = simulator(flags, turn)
+        with torch.no_grad():
+            sim.crystal.U.copy_(torch.as_tensor(rotation((1.0, k, 0.5), 20.0 * k)) @ sim.crystal.U)
+        sims.append(sim)
+    res = Refiner([Entry(s, d) for s, d in zip(sims, datas)], [], ["scale", "orientation"], strategy=None,
+                  entry_strategy=None, max_iter=15).run()
+    assert not res.converged
+    assert res.warnings[0].startswith("likely a wrong minimum") and "image 1: " in res.warnings[0]
+    assert "image 0: " not in res.warnings[0] and "image 2: " not in res.warnings[0]
+    assert res.image_fit[0]["deviance_ratio"] < 1.05 and res.image_fit[1]["deviance_ratio"] > 10

@@ -771,6 +771,18 @@ class Refiner:
                 parts.append(goodness_of_fit(model, self.datas[k], masks[k], self.loss_name, **self.loss_options))
         return combine(parts), parts
 
+    def _rejections(self, fit) -> list[str]:
+        """Why the data do not accept a fit (empty when they do)."""
+        why = []
+        ratio = fit["deviance_ratio"]
+        if not (ratio <= self.max_deviance_ratio or fit["deviance_z"] <= self.max_deviance_z):
+            why.append(f"the deviance is {ratio:.3g} times what photon noise allows "
+                       f"({fit['deviance_z']:.1f} standard deviations above)")
+        if fit["spots"] >= 3 and fit["shifted_fraction"] > self.max_shifted_fraction:
+            why.append(f"{fit['shifted_spots']} of {fit['spots']} observed spots lie off the model's beyond noise "
+                       "(shifted centroids)")
+        return why
+
     def _result(self, sims, x, masks, stopped, stages):
         n = self.size
         labels = list(self.labels)
@@ -844,17 +856,12 @@ class Refiner:
         if undetermined:
             warnings.insert(0, "undetermined by the data: " + ", ".join(undetermined))
         gradient_ok = stopped and (not self.uncertainties or decrement < 1.0)
-        excess = not (ratio <= self.max_deviance_ratio or fit["deviance_z"] <= self.max_deviance_z)
-        shifted = fit["spots"] >= 3 and fit["shifted_fraction"] > self.max_shifted_fraction
-        acceptable = not excess and not shifted
-        if not acceptable:
-            why = []
-            if excess:
-                why.append(f"the deviance is {ratio:.3g} times what photon noise allows "
-                           f"({fit['deviance_z']:.1f} standard deviations above)")
-            if shifted:
-                why.append(f"{fit['shifted_spots']} of {fit['spots']} observed spots lie off the model's beyond "
-                           "noise (shifted centroids)")
+        why = self._rejections(fit)
+        if len(image_fit) > 1:  # one image in a wrong minimum among many is not diluted
+            for k, f in enumerate(image_fit):
+                why += [f"image {k}: {w}" for w in self._rejections(f)]
+        acceptable = not why
+        if why:
             warnings.insert(0, "likely a wrong minimum: " + "; ".join(why))
         if not gradient_ok:
             warnings.insert(0, "not converged: " + (
