@@ -48,7 +48,8 @@ Beam, detector, goniometer, scan and crystal come from the experiment;
 nanoBragg flags give the physics the file does not hold: -N, -default_F,
 -hkl, -fluence or -flux, -mosaic, -mosaic_dom, -oversample, -dtype, -device,
 spot shape, divergence, dispersion and so on. Start values of refined
-quantities (N, fluence, mosaic spread) come from these flags.
+quantities (N, fluence, mosaic spread) come from these flags; -N, -Na, -Nb
+and -Nc take any number >= 1 (e.g. a refined -N 9.69).
 
 images:
   .npy                      photons, (panels, slow, fast) or (slow, fast)
