@@ -173,3 +173,23 @@ def test_joint_bad_input():
         refine_joint(sims, data, shared=["distance"], rois=[None, torch.ones(1, 5, 5, dtype=torch.bool)])
     with pytest.raises(ValueError, match="priors: no parameter"):
         refine_joint(sims, data, shared=["distance"], priors={"image7.scale": (0, 1)})
+
+
+def test_groups_bind_to_the_images_they_act_on():
+    """A group bound to some images moves those images' models only; the
+    internal vector holds the groups in the order given, then each image's own."""
+    args = ARGS[:-8] + "-detpixels 24 -pixel 1.0 -oversample 1".split()
+    sims = stills(3, args=args)
+    for s in sims:  # their own detectors, so a distance bound to two stills leaves the third alone
+        s.detector = copy.deepcopy(s.detector)
+    data = observe(sims, 7)
+    r = Refiner([Entry(s, d, "all") for s, d in zip(sims, data)], ["scale", ("distance", [0, 1])], ["orientation"])
+    assert r.labels[:2] == ["scale", "images0+1.distance"] and r.labels[2:5] == [f"image0.orientation.{a}" for a in "xyz"]
+    x = torch.zeros(r.size, dtype=torch.float64)
+    moved = x.clone()
+    moved[1] = 5.0
+    for k, changes in ((0, True), (1, True), (2, False)):
+        a, b = float(r.objective(x, entries=[k])), float(r.objective(moved, entries=[k]))
+        assert (a != b) == changes
+    with pytest.raises(ValueError, match="bound to images"):
+        Refiner([Entry(s, d, "all") for s, d in zip(sims, data)], [("distance", [0, 3])])
