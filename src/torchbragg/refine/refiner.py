@@ -699,14 +699,17 @@ class Refiner:
         wavelength (an N or wavelength far from its start changes how finely
         the spots must be sampled); a user's explicit choice is kept."""
         from ..simulator import recommended_oversample
-        chosen = []
+        chosen, done = [], {}
         for k, e in enumerate(self.entries):
             if not e.sim.oversample_auto:
                 chosen.append(e.sim.oversample)
                 continue
-            probe = copy.deepcopy(e.sim).double()
-            assign(probe, self.substitutions(k, probe, x.to(probe.device, torch.float64)))
-            n = recommended_oversample(probe.crystal, probe.beam, probe.detector)
+            key = (id(e.sim), tuple(id(b) for b in self.bound[k]))  # the images of a sweep: one simulator
+            if key not in done:
+                probe = copy.deepcopy(e.sim).double()
+                assign(probe, self.substitutions(k, probe, x.to(probe.device, torch.float64)))
+                done[key] = recommended_oversample(probe.crystal, probe.beam, probe.detector)
+            n = done[key]
             for sims in copies.values():
                 sims[k].recommended_oversample = sims[k].oversample = n
             self.oversample[k] = n
