@@ -76,6 +76,7 @@ def test_right_answer_is_converged_with_an_acceptable_fit():
     assert abs(f["deviance_ratio"] - 1) < 0.1 and abs(f["deviance_z"]) < 3
     assert f["spots"] >= 10 and f["shifted_spots"] <= 1
     assert 0.8 < f["spot_pixel_residual_rms"] < 1.2
+    assert f["spot_pixel_residual_expected"] == pytest.approx(1.0, abs=0.01)
     assert res.newton_decrement < 1e-2
     assert not any(w.startswith(("likely", "not converged")) for w in res.warnings)
 

@@ -87,24 +87,30 @@ def _spot_peaks(data, model, mask, half):
 
 
 def spot_statistics(model: torch.Tensor, data: torch.Tensor, mask: torch.Tensor, variance: torch.Tensor,
-                    half: int = SPOT_HALF) -> dict:
+                    noise: torch.Tensor | None = None, half: int = SPOT_HALF) -> dict:
     """Around each observed spot (a (2 half + 1)^2 box of mask pixels):
     residuals normalised by the noise `variance` of each pixel, the
-    integrated intensity's normalised residual, and whether the observed
+    integrated intensity's normalised residual (with the rms each would have
+    if the data scattered as `noise`, the variance of the noise model;
+    default `variance`), and whether the observed
     centroid (above the model's background in the box) is shifted from the
     model's beyond noise and by more than SHIFT_FLOOR px. A spot the model
     does not reproduce at all counts as shifted."""
     P, S, Fa = model.shape
     peaks = _spot_peaks(data, model, mask, half)
+    noise = variance if noise is None else noise
     pixel_res, intensity_res, shifted = [], [], 0
+    pixel_exp, intensity_exp = [], []
     for k, s, f in peaks.tolist():
         s0, s1, f0, f1 = max(s - half, 0), min(s + half + 1, S), max(f - half, 0), min(f + half + 1, Fa)
         box = mask[k, s0:s1, f0:f1]
-        m, d, v = (t[k, s0:s1, f0:f1][box] for t in (model, data, variance))
+        m, d, v, e = (t[k, s0:s1, f0:f1][box] for t in (model, data, variance, noise))
         ys = (torch.arange(s0, s1, dtype=torch.float64)[:, None].expand(s1 - s0, f1 - f0))[box]
         xs = (torch.arange(f0, f1, dtype=torch.float64)[None, :].expand(s1 - s0, f1 - f0))[box]
         pixel_res.append((d - m) / torch.sqrt(v))
+        pixel_exp.append(e / v)
         intensity_res.append(float((d - m).sum() / torch.sqrt(v.sum())))
+        intensity_exp.append(float(e.sum() / v.sum()))
         bg = m.min()
         wm, wd = m - bg, d - bg
         sm, sd = float(wm.sum()), float(wd.sum())
@@ -122,10 +128,12 @@ def spot_statistics(model: torch.Tensor, data: torch.Tensor, mask: torch.Tensor,
             shifted += 1
     n = len(intensity_res)
     pix = torch.cat(pixel_res) if pixel_res else torch.zeros(0, dtype=torch.float64)
+    nan = float("nan")
     return dict(spots=n, shifted_spots=shifted, shifted_fraction=shifted / n if n else 0.0,
-                spot_pixel_residual_rms=float(pix.pow(2).mean().sqrt()) if pix.numel() else float("nan"),
-                spot_intensity_residual_rms=(math.sqrt(sum(r * r for r in intensity_res) / n) if n
-                                             else float("nan")))
+                spot_pixel_residual_rms=float(pix.pow(2).mean().sqrt()) if pix.numel() else nan,
+                spot_pixel_residual_expected=float(torch.cat(pixel_exp).mean().sqrt()) if pix.numel() else nan,
+                spot_intensity_residual_rms=math.sqrt(sum(r * r for r in intensity_res) / n) if n else nan,
+                spot_intensity_residual_expected=math.sqrt(sum(intensity_exp) / n) if n else nan)
 
 
 def goodness_of_fit(model: torch.Tensor, data: torch.Tensor, mask: torch.Tensor, loss: str = "poisson",
@@ -147,7 +155,7 @@ def goodness_of_fit(model: torch.Tensor, data: torch.Tensor, mask: torch.Tensor,
         dev = float(((d - m) ** 2 / variance[mask]).sum())
         mean, var = float(n), 2.0 * n
     else:
-        variance = torch.clamp(model, min=0.1)
+        variance = torch.clamp(model, min=0.1)  # a Pearson residual's scale, bounded where the model is ~0
         dev = float(poisson_deviance(m, d).sum())
         e, v = expected_deviance(m)
         mean, var = float(e.sum()), float(v.sum())
@@ -156,7 +164,8 @@ def goodness_of_fit(model: torch.Tensor, data: torch.Tensor, mask: torch.Tensor,
                expected_per_pixel=mean / n if n else float("nan"),
                deviance_ratio=dev / mean if mean > 0 else (1.0 if dev <= 1e-9 * max(n, 1) else float("inf")),
                deviance_z=(dev - mean) / math.sqrt(var) if var > 0 else 0.0)
-    out.update(spot_statistics(model, data, mask, variance))
+    out.update(spot_statistics(model, data, mask, variance,
+                               None if loss == "gaussian" else torch.clamp(model, min=0.0)))
     return out
 
 
@@ -182,4 +191,6 @@ def combine(parts: list[dict]) -> dict:
                 deviance_z=(dev - mean) / math.sqrt(var) if var > 0 else 0.0, spots=spots, shifted_spots=shifted,
                 shifted_fraction=shifted / spots if spots else 0.0,
                 spot_pixel_residual_rms=pooled("spot_pixel_residual_rms"),
-                spot_intensity_residual_rms=pooled("spot_intensity_residual_rms"))
+                spot_pixel_residual_expected=pooled("spot_pixel_residual_expected"),
+                spot_intensity_residual_rms=pooled("spot_intensity_residual_rms"),
+                spot_intensity_residual_expected=pooled("spot_intensity_residual_expected"))

@@ -148,8 +148,10 @@ def fit_lines(doc: dict) -> list[str]:
               f"{_num(f['expected_per_pixel'])} |",
               f"| deviance ratio (standard score) | {_num(f['deviance_ratio'])} ({_num(f['deviance_z'])}) | 1 (0) |",
               f"| spots with a shifted centroid | {f['shifted_spots']} of {f['spots']} | about 0.1 % |",
-              f"| rms normalised residual of the spot pixels | {_num(f['spot_pixel_residual_rms'])} | 1 |",
-              f"| rms normalised residual of the spot intensities | {_num(f['spot_intensity_residual_rms'])} | 1 |",
+              f"| rms normalised residual of the spot pixels | {_num(f['spot_pixel_residual_rms'])} | "
+              f"{_num(f['spot_pixel_residual_expected'])} |",
+              f"| rms normalised residual of the spot intensities | {_num(f['spot_intensity_residual_rms'])} | "
+              f"{_num(f['spot_intensity_residual_expected'])} |",
               f"| uncertainty inflation (sqrt of the deviance ratio when above 1) | "
               f"{_num(doc.get('uncertainty_scale', 1.0))} | 1 |",
               f"| Newton decrement (twice the loss still to gain) | {_num(doc.get('newton_decrement'))} | < 1 |"]
