@@ -179,7 +179,9 @@ def experiment(tmp_path_factory):
     """truth.expt with its noise-free image (truth.npy); far.expt: the
     crystal turned 30 degrees."""
     d = tmp_path_factory.mktemp("honesty")
-    assert nanobragg(SMALL + ["-write_expt", str(d / "truth.expt"), "-floatfile", str(d / "float.bin")]) == 0
+    assert nanobragg(SMALL + ["-write_expt", str(d / "truth.expt"), "-floatfile", str(d / "float.bin"),
+                              "-intfile", str(d / "int.img"), "-pgmfile", str(d / "image.pgm"),
+                              "-noisefile", str(d / "noise.img")]) == 0
     clean, _ = observed(SMALL)
     np.save(d / "truth.npy", clean.numpy())
     doc = json.loads((d / "truth.expt").read_text())
