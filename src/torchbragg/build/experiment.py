@@ -4,9 +4,44 @@ experiment file does not hold) -> Simulator."""
 from __future__ import annotations
 
 import copy
+import math
 
 from ..config import SimulationConfig
 from ..errors import InputError
+
+# the domain size is continuous in the model (a refinement writes -N 9.69); the
+# nanoBragg command keeps the original's integer reading
+DOMAIN_FLAGS = ("-N", "-Na", "-Nb", "-Nc")
+
+
+def parse_experiment_flags(argv: list[str]) -> SimulationConfig:
+    """nanoBragg flags for the experiment path (simulate, refine, datasets):
+    as the nanoBragg command reads them, except that -N, -Na, -Nb and -Nc
+    take any number >= 1."""
+    from ..flags import COUNT_RULE, parse_args
+    argv = list(argv)
+    given = []
+    for i, name in enumerate(argv[:-1]):
+        if name in DOMAIN_FLAGS:
+            text = argv[i + 1]
+            try:
+                v = float(text)
+            except ValueError:
+                raise InputError(f"{name} expects a number, got '{text}'") from None
+            if not math.isfinite(v):
+                raise InputError(f"{name} expects a finite number, got '{text}'")
+            if v < 1:
+                raise InputError(f"{name} {v:g} is not allowed ({COUNT_RULE})")
+            given.append((name, v))
+            argv[i + 1] = "1"  # parsed here; the registry checks the rest
+    cfg = parse_args(argv)
+    if given:
+        n = list(SimulationConfig().crystal.N)
+        for name, v in given:
+            for axis in (range(3) if name == "-N" else ["abc".index(name[-1])]):
+                n[axis] = v
+        cfg.crystal.N = tuple(n)
+    return cfg
 
 
 def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype=None, device=None,
