@@ -232,7 +232,7 @@ def test_command_refuses_an_image_without_photons(experiment, capsys):
     out = experiment / "empty"
     rc = tool(["refine", str(experiment / "truth.expt"), str(experiment / "empty.npy"), "--out", str(out)] + PHYSICS)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "no photons" in err[0]
+    assert rc == 2 and len(err) == 1 and "without photons" in err[0]
     assert not out.exists()
 
 
