@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .units import HC_EV_ANGSTROM
 
 FORMATS = ("npy", "smv", "cbf", "nxs")
 PANEL_SEED_STRIDE = 1000003
-HC_EV_A = 12398.42  # h c in eV Angstrom, as the -energy flag uses
 
 
 @dataclass
@@ -125,7 +125,7 @@ def read_spectra(path: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         if len(v) != 3 or v[0] < 1 or v[0] != int(v[0]) or v[1] <= 0 or v[2] < 0:
             raise InputError(f"{path}:{i}: expected 'shot energy_eV weight' with shot >= 1, energy > 0, "
                              "weight >= 0")
-        rows.setdefault(int(v[0]), []).append((HC_EV_A / v[1], v[2]))
+        rows.setdefault(int(v[0]), []).append((HC_EV_ANGSTROM / v[1], v[2]))
     out = {}
     for shot, r in rows.items():
         lam, w = np.array(r).T

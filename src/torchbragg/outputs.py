@@ -5,7 +5,6 @@ otherwise (-nopgm, -nonoise); every file is written whole or not at all."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -13,9 +12,9 @@ import torch
 from . import stats
 from .io.atomic import atomic_write
 from .io.smv import SMVGeometry, header_text, smv_bytes
+from .units import DEG
 from .validate import output_paths
 
-DEG = math.pi / 180.0
 
 
 def smv_geometry(sim, info) -> SMVGeometry:

@@ -11,7 +11,6 @@ per-image tensors, picks the kernel and assembles the image.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 
@@ -23,6 +22,7 @@ from . import kernels
 from . import physics as ph
 from .kernels import KERNELS, KernelPlan
 from .models import Beam, Crystal, Detector, Goniometer, Scan
+from .resolve import automatic_oversample, crystal_extent
 
 # elements of the (pixel, layer, sub-pixel, source, orientation) grid per chunk
 DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("TORCHBRAGG_CHUNK", 1 << 21))
@@ -58,42 +58,31 @@ class RenderOptions:
     chunk_elements: int | None = None
 
 
-def sensor_sampling(thicksteps: int | None, has_thickness: bool, absorbed: bool = False) -> tuple[int, int]:
-    """(layers, divisor): the layers are thickness / divisor apart. Absorbed
-    slabs: `thicksteps` (default 10) slabs of thickness / n. The original's
-    rule: with a count the layers span the thickness end to end (thickness /
-    (n - 1) apart), without one two layers half the thickness apart."""
-    if not has_thickness:
-        return 0, 1
-    if absorbed:
-        n = thicksteps if thicksteps and thicksteps > 0 else 10
-        return n, n
-    n = -1 if thicksteps is None else thicksteps
-    return (2, 2) if n <= 0 else (max(n, 2), max(n, 2) - 1)
-
-
 def oversample_for(crystal: Crystal, wavelength: float, distance: float, pixel: float) -> int:
-    """The original's automatic oversampling: three sub-pixels per reciprocal
-    pixel (wavelength * distance / pixel) across the largest crystal dimension.
-    Distance and pixel in metres, wavelength in Angstrom; the arithmetic is
-    the original's so that the integer comes out the same."""
+    """`resolve.automatic_oversample` for a crystal model (distance and pixel
+    in metres, wavelength in Angstrom)."""
     with torch.no_grad():
         lengths = torch.linalg.norm(crystal.real_vectors(), dim=-1).tolist()
-        xtal_max = max(length * 1e-10 * n for length, n in zip(lengths, crystal.N.double().tolist()))
-    recip_px = wavelength / 1e10 * distance / pixel
-    return max(int(math.ceil(3.0 * xtal_max / recip_px)), 1)
+        extent = crystal_extent(lengths, crystal.N.double().tolist())
+    return int(automatic_oversample(extent, wavelength, distance, pixel))
 
 
-def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
-    """`oversample_for` on the panel that needs the most: the nearest along the
-    beam relative to its pixel size."""
+def nearest_panel(beam: Beam, detector: Detector) -> tuple[float, float]:
+    """(distance along the beam, pixel size) in mm of the panel that needs the
+    finest sampling: the nearest relative to its pixel size."""
     with torch.no_grad():
         incident = beam.incident().double()
         origin, _, _, normal = (t.double() for t in detector.panel_frames(incident))
         distance = ph.dot(origin, normal) / ph.dot(incident, normal)
         pixel = torch.stack([p.pixel_size.double().max() for p in detector.panels])
         k = int(torch.argmin(distance / pixel))
-        return oversample_for(crystal, float(beam.wavelength), float(distance[k]) / 1000.0, float(pixel[k]) / 1000.0)
+        return float(distance[k]), float(pixel[k])
+
+
+def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
+    """`oversample_for` on the panel that needs the most."""
+    distance, pixel = nearest_panel(beam, detector)
+    return oversample_for(crystal, float(beam.wavelength), distance / 1000.0, pixel / 1000.0)
 
 
 class Simulator(nn.Module):

@@ -10,7 +10,6 @@ import sys
 
 from ..errors import InputError
 
-RTD = 180.0 / 3.141592653589793
 
 
 def _g(x) -> str:

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from .. import physics as ph
+from ..units import DEG
 from ._base import Model
 
-DEG = math.pi / 180.0
 
 
 class StructureFactors(Model):
