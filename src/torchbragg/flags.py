@@ -431,6 +431,32 @@ for _f in FLAGS:
         FIELD_FLAGS.setdefault(_field, _f.names[0])
 
 
+# Flags whose values the experiment file holds: refused, so a run never mixes two geometries.
+GEOMETRY_FLAGS = {
+    "-cell", "-mat", "-misset", "-lambda", "-wave", "-wavelength", "-energy", "-pixel", "-detpixels",
+    "-detpixels_f", "-detpixels_x", "-detpixels_s", "-detpixels_y", "-detsize", "-detsize_f", "-detsize_s",
+    "-distance", "-close_distance", "-Xbeam", "-Ybeam", "-Xclose", "-Yclose", "-ORGX", "-ORGY", "-mosflm", "-xds",
+    "-adxv", "-denzo", "-dials", "-pivot", "-fdet_vector", "-sdet_vector", "-odet_vector", "-pix0_vector",
+    "-beam_vector", "-polar_vector", "-spindle_axis", "-twotheta_axis", "-twotheta", "-detector_rotx",
+    "-detector_roty", "-detector_rotz", "-phi", "-osc", "-phistep", "-detector_thick", "-detector_abs",
+    "-detector_absorb", "-detector_absorption", "-polar", "-img", "-floatfile", "-floatimage", "-intfile",
+    "-intimage", "-noisefile", "-noiseimage", "-pgmfile", "-pgmimage", "-write_expt",
+}
+
+
+def experiment_held_fields(cfg: SimulationConfig) -> str | None:
+    """The flag of the first geometry value `cfg` sets that an experiment file
+    holds (compared with the defaults), or None."""
+    default = SimulationConfig()
+    if cfg.detector.convention != default.detector.convention:
+        return f"-{cfg.detector.convention.lower()}"
+    for name in sorted(GEOMETRY_FLAGS):
+        for section, attr in FLAG_BY_NAME[name].sets:
+            if section != "output" and getattr(getattr(cfg, section), attr) != getattr(getattr(default, section), attr):
+                return flag_of(section, attr)
+    return None
+
+
 def flag_of(section: str, attr: str) -> str:
     """The flag that sets a configuration field, as messages name it."""
     return FIELD_FLAGS.get((section, attr)) or f"-{attr}"

@@ -24,6 +24,8 @@ from .units import unit_vector
 # Bytes held per rendered pixel: the float image, its copies for the
 # statistics, and the int, noise and PGM images.
 BYTES_PER_PIXEL = 4 * 6
+# A divergence grid is trimmed point by point; beyond this it is no sampling any run could finish.
+MAX_DIVERGENCE_POINTS = 10**6
 
 
 @dataclass(frozen=True)
@@ -184,8 +186,10 @@ def divergence(cfg: SimulationConfig) -> tuple[dict, tuple]:
             n, r, s = 1, 0.0, 0.0
         div[axis] = dict(n=n, range=r, step=s, step_given=st is not None and st > 0)
     h, v = div["h"], div["v"]
-    if h["n"] * v["n"] > 1e8:
-        raise InputError(f"a {h['n']} x {v['n']} divergence grid is beyond any sensible sampling")
+    if h["n"] * v["n"] > MAX_DIVERGENCE_POINTS:
+        raise InputError(f"a divergence grid of {h['n']} x {v['n']} points is beyond any sensible sampling "
+                         f"(limit {MAX_DIVERGENCE_POINTS:.0e} points); give fewer -hdivsteps/-vdivsteps or "
+                         "larger -hdivstep/-vdivstep")
     kept = []
     for ih in range(h["n"]):
         for iv in range(v["n"]):

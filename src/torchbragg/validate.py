@@ -17,7 +17,7 @@ import re
 
 from .config import SimulationConfig
 from .errors import InputError
-from .flags import COUNT_RULE, flag_of
+from .flags import COUNT_RULE, experiment_held_fields, flag_of
 from .resolve import ExperimentGeometry, Resolved, resolve, resolve_experiment
 
 # Like the original, a run writes these unless told otherwise (-nopgm, -nonoise).
@@ -27,6 +27,7 @@ DEFAULT_NAMES = dict(floatfile="floatimage.bin", intfile="intimage.img", noisefi
 # Beyond these a run cannot finish in any sensible time or memory.
 MAX_COUNT = 10000  # any single sampling count, automatic oversampling included
 MAX_WORK = 1e13  # pixels x sub-pixels x layers x sources x phi steps x mosaic domains
+MAX_SOURCES = 10**7  # each source is a direction and a wavelength held for the whole render
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -257,7 +258,11 @@ def check_config(cfg: SimulationConfig) -> Resolved:
 
 def check_experiment(cfg: SimulationConfig, geometry: ExperimentGeometry) -> Resolved:
     """The checks of `check_config` that apply to an experiment plus flags
-    (the experiment holds the geometry); return the resolved numbers."""
+    (the experiment holds the geometry, so flags for it are refused); return
+    the resolved numbers."""
+    held = experiment_held_fields(cfg)
+    if held is not None:
+        raise InputError(f"{held} is held by the experiment file; edit the experiment to change it")
     _check_exclusive(cfg)
     c, b, d = cfg.crystal, cfg.beam, cfg.detector
     check_device(cfg.device)
@@ -302,8 +307,8 @@ def _check_physics(cfg) -> None:
 
 def check_resolved(resolved: Resolved) -> None:
     """Refuse what no machine can hold or finish: the images in memory, the
-    automatic oversampling and the total sampling (memory is bounded by
-    chunking, but time is not)."""
+    automatic oversampling, the total sampling (memory is bounded by
+    chunking, but time is not) and the sources held for the render."""
     need, have = resolved.memory, physical_memory()
     if need > have:
         if len(resolved.panels) == 1:
@@ -321,6 +326,9 @@ def check_resolved(resolved: Resolved) -> None:
         detail = " x ".join(f"{v:g} {k}" for k, v in sampling.counts().items())
         raise InputError(f"this run samples {sampling.work:.3g} points ({detail}), more than the {MAX_WORK:.0e} "
                          "any machine can finish; reduce the sampling")
+    if sampling.sources > MAX_SOURCES:
+        raise InputError(f"this run has {sampling.sources:.3g} sources (divergence points x wavelengths), more "
+                         f"than the {MAX_SOURCES:.0e} any machine can hold; give fewer -divsteps or -dispsteps")
 
 
 def _check_fluence(b) -> None:

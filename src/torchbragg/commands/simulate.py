@@ -100,6 +100,10 @@ def run(argv: list[str], out=None) -> int:
     spectra = ds.read_spectra(opts["spectra"]) if opts["spectra"] else None
     shots = ds.plan(experiments, images=opts["images"], experiment=opts["experiment"], stills=opts["stills"],
                     orientation_seed=opts["orientation_seed"], orientations=orientations, spectra=spectra)
+    # the flags' physics and sampling against each experiment, before any file is written
+    from ..build.experiment import check_experiment_flags
+    for k in dict.fromkeys(s.experiment for s in shots):
+        check_experiment_flags(experiments[k], cfg)
     data = ds.Dataset(os.path.abspath(opts["expt"]), opts["flags"], shots, os.path.abspath(opts["out"]),
                       opts["format"], seed=1 if cfg.output.seed is None else cfg.output.seed,
                       noise=cfg.output.calculate_noise)
