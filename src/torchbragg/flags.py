@@ -23,7 +23,8 @@ class Flag:
     apply: Callable
     help: str
     group: str
-    sets: tuple[tuple[str, str], ...] = ()  # (config section, attribute) named by this flag in messages
+    # (config section, attribute[, index of a component]) this flag sets, to name it in messages
+    sets: tuple[tuple, ...] = ()
 
 
 FLAGS: list[Flag] = []
@@ -317,7 +318,7 @@ def _rot(i):
 
 for _i, _ax in enumerate("xyz"):
     FLAGS.append(Flag((f"-detector_rot{_ax}",), 1, "float", _rot(_i), f"detector rotation about {_ax} (deg)", G,
-                      (("detector", "rotation"),)))
+                      (("detector", "rotation", _i),)))
 FLAGS.append(Flag(("-curved_det", "-curved_detector"), 0, "switch", lambda cfg, v: setattr(cfg.detector, "curved", True),
                   "spherical detector: every pixel at the same distance", G))
 FLAGS.append(Flag(("-point_pixel",), 0, "switch", lambda cfg, v: setattr(cfg.detector, "point_pixel", True),
@@ -428,7 +429,7 @@ FLAG_BY_NAME: dict[str, Flag] = {n: f for f in FLAGS for n in f.names}
 FIELD_FLAGS: dict[tuple[str, str], str] = {}
 for _f in FLAGS:
     for _field in _f.sets:
-        FIELD_FLAGS.setdefault(_field, _f.names[0])
+        FIELD_FLAGS.setdefault(_field[:2], _f.names[0])
 
 
 # Flags whose values the experiment file holds: refused, so a run never mixes two geometries.
@@ -451,9 +452,15 @@ def experiment_held_fields(cfg: SimulationConfig) -> str | None:
     if cfg.detector.convention != default.detector.convention:
         return f"-{cfg.detector.convention.lower()}"
     for name in sorted(GEOMETRY_FLAGS):
-        for section, attr in FLAG_BY_NAME[name].sets:
-            if section != "output" and getattr(getattr(cfg, section), attr) != getattr(getattr(default, section), attr):
-                return flag_of(section, attr)
+        spec = FLAG_BY_NAME[name]
+        for section, attr, *component in spec.sets:
+            if section == "output":
+                continue
+            value, base = getattr(getattr(cfg, section), attr), getattr(getattr(default, section), attr)
+            if component:
+                value, base = value[component[0]], base[component[0]]
+            if value != base:
+                return spec.names[0] if component else flag_of(section, attr)
     return None
 
 
