@@ -161,7 +161,7 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
             if images is not None:
                 if len(chosen) > 1:
                     raise InputError("--images selects images of one experiment: add --experiment K")
-                numbers = _image_range(images, scan)
+                numbers = image_numbers(images, scan)
             base = len(shots)
             # one sweep: files and seeds follow the scan's image numbers; several: the dataset order
             shots += [Shot(i if len(chosen) == 1 and i is not None else base + n + 1, k, i)
@@ -175,7 +175,8 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
     return shots
 
 
-def _image_range(text: str, scan) -> list:
+def image_numbers(text: str, scan) -> list:
+    """The image numbers of a scan that FIRST:LAST selects."""
     first, last = (scan.image_range if scan is not None else (1, 1))
     try:
         a, _, b = text.partition(":")
@@ -350,7 +351,7 @@ def write_shot(dataset: Dataset, renderer: Renderer, shot: Shot) -> str:
     return path
 
 
-def _worker(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> list[str]:
+def render_shots(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> list[str]:
     """Render and write `shots` in this process (local workers and Ray tasks)."""
     import torch
     if threads:

@@ -28,6 +28,36 @@ BYTES_PER_PIXEL = 4 * 6
 MAX_DIVERGENCE_POINTS = 10**6
 
 
+@dataclass
+class RenderOptions:
+    """How the sums are sampled, and the original's per-pixel rules.
+
+    oversample: sub-pixels per pixel edge (None: chosen from the crystal size).
+    phisteps: rotation steps per image. sensor_layers: depth samples of the
+    sensor (0: a thin detector that absorbs everything); the layers are
+    thickness / layer_divisor apart. With oversample_thick/polar/omega off,
+    capture fraction, polarization and solid angle are evaluated once per
+    pixel as the original does. absorbed_layers: the sensor is cut into
+    sensor_layers equal slabs, each sampled at its mid-depth and weighted by
+    the photons it absorbs along each ray (the parallax a real sensor shows)
+    instead of the original's rule. roi: (fast min, fast max, slow min, slow max)
+    inclusive, on every panel. dmin: skip points whose resolution is finer."""
+    oversample: int | None = None
+    phisteps: int = 1
+    sensor_layers: int = 0
+    layer_divisor: int = 1
+    oversample_thick: bool = False
+    oversample_polar: bool = False
+    oversample_omega: bool = False
+    absorbed_layers: bool = False
+    point_pixel: bool = False
+    curved: bool = False
+    polarization: bool = True
+    dmin: float = 0.0
+    roi: tuple[int, int, int, int] | None = None
+    chunk_elements: int | None = None
+
+
 @dataclass(frozen=True)
 class Placement:
     """The original's single detector: size, beam centre and pivot as its

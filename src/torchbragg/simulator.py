@@ -12,7 +12,7 @@ per-image tensors, picks the kernel and assembles the image.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -20,51 +20,13 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from . import physics as ph
+from .build.nanobragg import models_from_args, models_from_config
 from .kernels import KERNELS, KernelPlan
 from .models import Beam, Crystal, Detector, Goniometer, Scan
-from .resolve import automatic_oversample, crystal_extent
+from .resolve import RenderOptions
 
 # elements of the (pixel, layer, sub-pixel, source, orientation) grid per chunk
 DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("TORCHBRAGG_CHUNK", 1 << 21))
-
-
-@dataclass
-class RenderOptions:
-    """How the sums are sampled, and the original's per-pixel rules.
-
-    oversample: sub-pixels per pixel edge (None: chosen from the crystal size).
-    phisteps: rotation steps per image. sensor_layers: depth samples of the
-    sensor (0: a thin detector that absorbs everything); the layers are
-    thickness / layer_divisor apart. With oversample_thick/polar/omega off,
-    capture fraction, polarization and solid angle are evaluated once per
-    pixel as the original does. absorbed_layers: the sensor is cut into
-    sensor_layers equal slabs, each sampled at its mid-depth and weighted by
-    the photons it absorbs along each ray (the parallax a real sensor shows)
-    instead of the original's rule. roi: (fast min, fast max, slow min, slow max)
-    inclusive, on every panel. dmin: skip points whose resolution is finer."""
-    oversample: int | None = None
-    phisteps: int = 1
-    sensor_layers: int = 0
-    layer_divisor: int = 1
-    oversample_thick: bool = False
-    oversample_polar: bool = False
-    oversample_omega: bool = False
-    absorbed_layers: bool = False
-    point_pixel: bool = False
-    curved: bool = False
-    polarization: bool = True
-    dmin: float = 0.0
-    roi: tuple[int, int, int, int] | None = None
-    chunk_elements: int | None = None
-
-
-def oversample_for(crystal: Crystal, wavelength: float, distance: float, pixel: float) -> int:
-    """`resolve.automatic_oversample` for a crystal model (distance and pixel
-    in metres, wavelength in Angstrom)."""
-    with torch.no_grad():
-        lengths = torch.linalg.norm(crystal.real_vectors(), dim=-1).tolist()
-        extent = crystal_extent(lengths, crystal.N.double().tolist())
-    return int(automatic_oversample(extent, wavelength, distance, pixel))
 
 
 def nearest_panel(beam: Beam, detector: Detector) -> tuple[float, float]:
@@ -80,9 +42,9 @@ def nearest_panel(beam: Beam, detector: Detector) -> tuple[float, float]:
 
 
 def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
-    """`oversample_for` on the panel that needs the most."""
+    """The crystal's automatic oversampling on the panel that needs the most."""
     distance, pixel = nearest_panel(beam, detector)
-    return oversample_for(crystal, float(beam.wavelength), distance / 1000.0, pixel / 1000.0)
+    return crystal.automatic_oversample(float(beam.wavelength), distance / 1000.0, pixel / 1000.0)
 
 
 class Simulator(nn.Module):
@@ -103,13 +65,14 @@ class Simulator(nn.Module):
     @classmethod
     def from_args(cls, argv: list[str], dtype=None, device=None, **kw) -> "Simulator":
         """A simulator for nanoBragg flags (panel 0 is the original's detector)."""
-        from .build.nanobragg import build_from_args
-        return build_from_args(argv, dtype=dtype, device=device, **kw)[0]
+        models, info = models_from_args(argv, dtype=dtype, device=device, **kw)
+        return cls(**models).to(info.dtype)
 
     @classmethod
     def from_config(cls, cfg, dtype=None, device=None, **kw) -> "Simulator":
-        from .build.nanobragg import build_from_config
-        return build_from_config(cfg, dtype=dtype, device=device, **kw)[0]
+        """A simulator for a SimulationConfig (nanoBragg flags parsed)."""
+        models, info = models_from_config(cfg, dtype=dtype, device=device, **kw)
+        return cls(**models).to(info.dtype)
 
     @property
     def dtype(self):

@@ -17,8 +17,7 @@ from ..config import SimulationConfig
 from ..errors import InputError
 from ..flags import parse_args
 from ..models import Beam, Crystal, Detector, DistanceMount, Goniometer, Panel, Scan, StructureFactors
-from ..resolve import Placement, Resolved, clipped_sizes, crystal_cells
-from ..simulator import RenderOptions, Simulator, oversample_for
+from ..resolve import Placement, RenderOptions, Resolved, clipped_sizes, crystal_cells
 from ..units import DEG, unit_vector
 from ..validate import check_config, check_device
 
@@ -43,6 +42,7 @@ class BuildInfo:
     phi_range: tuple[float, float] = (0.0, 0.0)  # phi0, osc (degrees)
     auto_interpolate: bool = False
     roi: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dtype: object = None  # the torch dtype to render in
 
 
 # ----------------------------------------------------------------------------- headers
@@ -168,10 +168,10 @@ def make_beam(cfg: SimulationConfig, info: BuildInfo, resolved: Resolved, source
                 **table)
 
 
-def build_from_args(argv: list[str], dtype=None, device=None, **kw):
+def models_from_args(argv: list[str], dtype=None, device=None, **kw):
     base = header_defaults(argv) if any(a in ("-img", "-mask") for a in argv) else None
     cfg = parse_args(argv) if base is None else parse_args(argv, base)
-    return build_from_config(cfg, dtype=dtype, device=device, **kw)
+    return models_from_config(cfg, dtype=dtype, device=device, **kw)
 
 
 def resolve_device(cfg, dtype=None, device=None):
@@ -301,10 +301,12 @@ def render_options(cfg: SimulationConfig, resolved: Resolved, chunk_elements=Non
                          dmin=d.dmin, roi=d.roi, chunk_elements=chunk_elements)
 
 
-def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elements=None,
-                      write_dump: bool = False):
-    """Models and Simulator for a configuration; returns (simulator, BuildInfo).
-    The configuration gets the command line's checks (ValueError subclasses)."""
+def models_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elements=None,
+                       write_dump: bool = False):
+    """The models and render options of a configuration, in float64, as the
+    keyword arguments of a Simulator, and the BuildInfo (whose dtype is the
+    one to render in): `Simulator(**models).to(info.dtype)`. The
+    configuration gets the command line's checks (ValueError subclasses)."""
     resolved = check_config(cfg)
     dtype, device = resolve_device(cfg, dtype, device)
     info = BuildInfo(cfg, messages=list(cfg.notes))
@@ -357,9 +359,10 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
     # decision) is taken from exact values, then cast to the render dtype
     with torch.no_grad():
         distance = float(panel.frame.geometry(beam.incident())["distance"]) / 1000.0
-    recommended = oversample_for(crystal, b.wavelength, distance, d.pixel_size / 1000.0)
-    sim = Simulator(beam, crystal, detector, goniometer, scan, options, recommended=recommended)
-    return sim.to(dtype), info
+    info.dtype = dtype
+    recommended = crystal.automatic_oversample(b.wavelength, distance, d.pixel_size / 1000.0)
+    return dict(beam=beam, crystal=crystal, detector=detector, goniometer=goniometer, scan=scan, options=options,
+                recommended=recommended), info
 
 
 def write_experiment(path: str, argv: list[str], info: BuildInfo) -> None:
@@ -369,9 +372,10 @@ def write_experiment(path: str, argv: list[str], info: BuildInfo) -> None:
     image when there is one) as its imageset."""
     from ..io.dials import Experiment, write_experiments
     from ..validate import output_paths
-    sim, _ = build_from_args(argv, dtype=torch.float64)
+    models, _ = models_from_args(argv, dtype=torch.float64)
     paths = output_paths(info.config)
     images = [os.path.abspath(paths.get("noisefile", paths["intfile"]))]  # what a detector would record
-    expt = Experiment(beam=sim.beam, detector=sim.detector, crystal=sim.crystal, goniometer=sim.goniometer,
-                      scan=sim.scan, extras={"imageset": {"__id__": "ImageSet", "images": images}})
+    expt = Experiment(beam=models["beam"], detector=models["detector"], crystal=models["crystal"],
+                      goniometer=models["goniometer"], scan=models["scan"],
+                      extras={"imageset": {"__id__": "ImageSet", "images": images}})
     write_experiments(path, [expt], history=["torchbragg nanoBragg " + " ".join(argv)])

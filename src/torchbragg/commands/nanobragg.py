@@ -130,9 +130,11 @@ def run(argv: list[str], out=None) -> int:
     import torch
 
     from .. import outputs
-    from ..build.nanobragg import build_from_args
+    from ..build.nanobragg import models_from_args
+    from ..simulator import Simulator
 
-    sim, info = build_from_args(argv, write_dump=True)
+    models, info = models_from_args(argv, write_dump=True)
+    sim = Simulator(**models).to(info.dtype)
     for line in info.messages:
         print(line, file=out)
     for line in geometry_report(sim, info):

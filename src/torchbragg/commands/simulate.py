@@ -157,10 +157,10 @@ def _chunks(todo, n):
 def _run_local(data, todo, workers, advance) -> None:
     import multiprocessing as mp
 
-    from ..dataset import _worker
+    from ..dataset import render_shots
     threads = max(1, (os.cpu_count() or 1) // workers)
     with mp.get_context("spawn").Pool(workers) as pool:
-        for paths in pool.starmap(_worker, [(data, c, threads) for c in _chunks(todo, workers)]):
+        for paths in pool.starmap(render_shots, [(data, c, threads) for c in _chunks(todo, workers)]):
             advance(paths)
 
 
@@ -169,7 +169,7 @@ def _run_ray(data, todo, address, workers, advance) -> None:
         import ray
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'torchbragg[ray]'") from None
-    from ..dataset import _worker
+    from ..dataset import render_shots
     try:
         if address == "local":
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -180,7 +180,7 @@ def _run_ray(data, todo, address, workers, advance) -> None:
         raise InputError(f"cannot start or reach {where}: {str(exc).strip().splitlines()[0][:200]}") from None
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(num_gpus=gpus)(_worker)
+        task = ray.remote(num_gpus=gpus)(render_shots)
         if gpus:
             data.device = "cuda"
         pending = [task.remote(data, c, 1) for c in _chunks(todo, workers)]

@@ -44,7 +44,7 @@ from torch.func import functional_call
 
 from .losses import LOSSES
 from .parameters import Background, Parametrisation, make_group
-from .refiner import (DTYPES, ParameterResult, Refiner, _as_data, default_strategy, fisher_diagonal, resolve_stages,
+from .refiner import (DTYPES, ParameterResult, Refiner, as_data, default_strategy, fisher_diagonal, resolve_stages,
                       run_stage)
 from .roi import mask_substitutions, roi_mask
 
@@ -176,7 +176,7 @@ class JointRefiner:
         self.sims = sims
         self.shapes = [(len(s.detector.panels), s.detector.panels[0].spixels, s.detector.panels[0].fpixels)
                        for s in sims]
-        self.datas = [_as_data(d, shape, torch.float64) for d, shape in zip(datas, self.shapes)]
+        self.datas = [as_data(d, shape, torch.float64) for d, shape in zip(datas, self.shapes)]
         if callable(loss):
             self.loss_fn = loss
         elif loss in LOSSES:

@@ -124,7 +124,8 @@ def default_strategy(names, broaden: float = 0.5, max_iter: int = 60) -> list[di
     return stages
 
 
-def _as_data(data, shape, dtype):
+def as_data(data, shape, dtype):
+    """Measured photons as a tensor of the image shape (panels, slow, fast)."""
     if data is None:
         raise ValueError("no data to refine against")
     d = data if torch.is_tensor(data) else torch.as_tensor(np.asarray(data))
@@ -160,7 +161,7 @@ class Refiner:
         self.sim = sim
         with torch.no_grad():
             shape = (len(sim.detector.panels), sim.detector.panels[0].spixels, sim.detector.panels[0].fpixels)
-        self.data = _as_data(data, shape, torch.float64)
+        self.data = as_data(data, shape, torch.float64)
         self.param = Parametrisation(groups, sim)
         if callable(loss):
             self.loss_fn = loss
