@@ -296,10 +296,10 @@ def _smv_file(image: np.ndarray, experiment, shot: Shot, seed: int, noise: bool)
         counts = noise_image(image[0], -image_seed(seed, shot.number), adc_offset=40.0)[0]
     else:
         counts = np.clip(np.rint(image[0] + 40.0), 0, 65535).astype(np.uint16)
-    return smv_bytes(counts, smv_geometry(experiment, shot), denzo_sign=1.0)
+    return smv_bytes(counts, shot_smv_geometry(experiment, shot), denzo_sign=1.0)
 
 
-def smv_geometry(experiment, shot: Shot):
+def shot_smv_geometry(experiment, shot: Shot):
     """SMV header values (metres, radians) of a flat panel from its frame: the
     beam centre is where the beam meets the panel, given as (fast, slow)."""
     import torch

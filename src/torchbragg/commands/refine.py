@@ -86,7 +86,7 @@ PER_IMAGE_GROUPS = ("orientation", "cell", "N", "mosaic", "scale", "background")
 OUTPUTS = ("refined.expt", "refined.json", "report.md")
 
 # one image to refine against: experiment index, file, image index in the file, scan image (None: a still)
-Shot = namedtuple("Shot", "experiment path index number")
+MeasuredImage = namedtuple("MeasuredImage", "experiment path index number")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -187,7 +187,7 @@ def pick_image(paths: list[str], experiment, number: int | None) -> tuple[str, i
     return paths[k], 0, (n if scan is not None else None)
 
 
-def plan_shots(opts, experiments) -> list[Shot]:
+def plan_shots(opts, experiments) -> list[MeasuredImage]:
     """The images to refine against, checked against the experiments and the
     files given: one, several of one sweep, or one per experiment."""
     count = len(experiments)
@@ -221,11 +221,11 @@ def plan_shots(opts, experiments) -> list[Shot]:
     for j, k in enumerate(chosen):
         scan = experiments[k].scan
         number = scan.image_range[0] if scan is not None else None
-        shots.append(Shot(k, paths[0], k, number) if len(paths) == 1 else Shot(k, paths[j], 0, number))
+        shots.append(MeasuredImage(k, paths[0], k, number) if len(paths) == 1 else MeasuredImage(k, paths[j], 0, number))
     return shots
 
 
-def _sweep_shots(opts, k, experiment, paths) -> list[Shot]:
+def _sweep_shots(opts, k, experiment, paths) -> list[MeasuredImage]:
     """The image(s) of one experiment: --image, --images, one per file given, or its first."""
     from ..dataset import image_numbers
     scan = experiment.scan
@@ -243,8 +243,8 @@ def _sweep_shots(opts, k, experiment, paths) -> list[Shot]:
         raise InputError(f"--images {opts['range']} asks for {len(numbers)} images but {paths[0]} holds one: give "
                          "one file per image (file k is image FIRST + k) or a NeXus file")
     if scan is None and is_container(paths[0]):  # a series of stills in one file: image k is experiment k's
-        return [Shot(k, paths[0], k, None)]
-    return [Shot(k, *pick_image(paths, experiment, n)) for n in numbers]
+        return [MeasuredImage(k, paths[0], k, None)]
+    return [MeasuredImage(k, *pick_image(paths, experiment, n)) for n in numbers]
 
 
 # ----------------------------------------------------------------------------- refined experiment
