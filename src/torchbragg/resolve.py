@@ -276,28 +276,24 @@ def rendered_pixels(cfg: SimulationConfig, panels) -> int:
     return total
 
 
-def _sampling(cfg, panels, has_sensor: bool, phisteps: int, domains: int, sources: int, auto) -> Sampling:
+def _resolved(cfg, panels, placement, lengths, wavelength, nearest, has_sensor, phi) -> Resolved:
+    """What both paths share: cells, mosaic, spectrum, divergence and the
+    sampling. `nearest`: (distance, pixel) in metres of the panel needing the
+    finest sampling; `phi`: (steps, width, osc)."""
     d = cfg.detector
-    layers, divisor = sensor_sampling(d.thicksteps, has_sensor, d.absorbed_layers)
-    given = bool(d.oversample and d.oversample > 0)
-    return Sampling(pixels=rendered_pixels(cfg, panels), oversample=d.oversample if given else auto(),
-                    oversample_auto=not given, layers=layers, layer_divisor=divisor, sources=sources,
-                    phisteps=max(phisteps, 1), domains=domains)
-
-
-def _common(cfg, panels, placement, lengths, has_sensor, phisteps, nearest) -> Resolved:
     spread, domains = mosaic(cfg)
     disp = dispersion(cfg)
     div, kept = divergence(cfg)
     n_cells = crystal_cells(cfg, lengths)
-    wavelength = cfg.beam.wavelength if placement is not None else nearest[2]
-
-    def auto():
-        return automatic_oversample(crystal_extent(lengths, n_cells), wavelength, nearest[0], nearest[1])
-    sampling = _sampling(cfg, panels, has_sensor, phisteps, domains, source_count(cfg, len(kept), disp[0]), auto)
+    layers, divisor = sensor_sampling(d.thicksteps, has_sensor, d.absorbed_layers)
+    given = bool(d.oversample and d.oversample > 0)
+    oversample = d.oversample if given else automatic_oversample(crystal_extent(lengths, n_cells), wavelength,
+                                                                 *nearest)
+    sampling = Sampling(pixels=rendered_pixels(cfg, panels), oversample=oversample, oversample_auto=not given,
+                        layers=layers, layer_divisor=divisor, sources=source_count(cfg, len(kept), disp[0]),
+                        phisteps=max(phi[0], 1), domains=domains)
     return Resolved(panels=tuple(panels), placement=placement, n_cells=n_cells, mosaic_spread=spread,
-                    mosaic_domains=domains, dispersion=disp, divergence=div, divergence_points=kept,
-                    phi=phi_sampling(cfg) if placement is not None else (max(cfg.crystal.phisteps or 1, 1), 0.0, 0.0),
+                    mosaic_domains=domains, dispersion=disp, divergence=div, divergence_points=kept, phi=phi,
                     sampling=sampling)
 
 
@@ -309,9 +305,9 @@ def resolve(cfg: SimulationConfig, headers=(), cell_lengths=None) -> Resolved:
     (A): the cell the models will hold, when known (else from -cell or -mat)."""
     placement = place_detector(cfg, headers)
     lengths = cell_lengths if cell_lengths is not None else _cell_lengths(cfg)
-    nearest = (placement.distance, cfg.detector.pixel_size / 1000.0)
-    return _common(cfg, [(placement.fpixels, placement.spixels)], placement, lengths,
-                   cfg.detector.thickness > 0, phi_sampling(cfg)[0], nearest)
+    return _resolved(cfg, [(placement.fpixels, placement.spixels)], placement, lengths, cfg.beam.wavelength,
+                     (placement.distance, cfg.detector.pixel_size / 1000.0), cfg.detector.thickness > 0,
+                     phi_sampling(cfg))
 
 
 def _cell_lengths(cfg) -> list[float]:
@@ -476,6 +472,5 @@ def _rotation_axis_angle(k, angle):
 def resolve_experiment(cfg: SimulationConfig, geometry: ExperimentGeometry) -> Resolved:
     """The numbers of a run of an experiment: its detector and crystal, the
     flags' sampling (rotation steps per image, domains, sources, layers)."""
-    nearest = (*geometry.nearest, geometry.wavelength)
-    return _common(cfg, list(geometry.panels), None, geometry.cell_lengths, geometry.absorbing,
-                   max(cfg.crystal.phisteps or 1, 1), nearest)
+    return _resolved(cfg, list(geometry.panels), None, geometry.cell_lengths, geometry.wavelength,
+                     geometry.nearest, geometry.absorbing, (max(cfg.crystal.phisteps or 1, 1), 0.0, 0.0))
