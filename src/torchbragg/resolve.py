@@ -299,15 +299,16 @@ def _resolved(cfg, panels, placement, lengths, wavelength, nearest, has_sensor, 
 
 # ----------------------------------------------------------------------------- nanoBragg flags
 
-def resolve(cfg: SimulationConfig, headers=(), cell_lengths=None) -> Resolved:
+def resolve(cfg: SimulationConfig, headers=()) -> Resolved:
     """The numbers of a nanoBragg run. `headers`: (path, SMV header) of -mask
-    and -img when their values are not yet applied to `cfg`; `cell_lengths`
-    (A): the cell the models will hold, when known (else from -cell or -mat)."""
+    and -img when their values are not yet applied to `cfg`. The cell lengths
+    come from -cell or -mat in plain floats; the builder takes the integer
+    decisions that depend on them (cells from a crystal size, automatic
+    oversampling) again from its float64 models, with the same functions."""
     placement = place_detector(cfg, headers)
-    lengths = cell_lengths if cell_lengths is not None else _cell_lengths(cfg)
-    return _resolved(cfg, [(placement.fpixels, placement.spixels)], placement, lengths, cfg.beam.wavelength,
-                     (placement.distance, cfg.detector.pixel_size / 1000.0), cfg.detector.thickness > 0,
-                     phi_sampling(cfg))
+    return _resolved(cfg, [(placement.fpixels, placement.spixels)], placement, _cell_lengths(cfg),
+                     cfg.beam.wavelength, (placement.distance, cfg.detector.pixel_size / 1000.0),
+                     cfg.detector.thickness > 0, phi_sampling(cfg))
 
 
 def _cell_lengths(cfg) -> list[float]:
