@@ -177,12 +177,12 @@ def test_read_npy(tmp_path, experiment):
 
 
 def test_read_smv(tmp_path, experiment):
-    from torchbragg.dataset import Shot, smv_geometry
+    from torchbragg.dataset import Shot, shot_smv_geometry
     from torchbragg.io.smv import write_smv
     c = counts()
     raw = (c[0] + 40).astype(np.uint16)
     raw[9, 9] = 10  # below the offset: left out
-    write_smv(str(tmp_path / "a.img"), raw, smv_geometry(experiment, Shot(1, 0, None)))
+    write_smv(str(tmp_path / "a.img"), raw, shot_smv_geometry(experiment, Shot(1, 0, None)))
     data, valid = read_image(str(tmp_path / "a.img"), experiment.detector, adc_offset=40)
     expect = c[0].astype(np.float64)
     assert not valid[0, 9, 9] and data[0, 9, 9] == 0

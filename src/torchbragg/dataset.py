@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .units import HC_EV_ANGSTROM
 
 FORMATS = ("npy", "smv", "cbf", "nxs")
 MAX_SHOTS = 1000000  # images in one dataset, checked before any is planned
 PANEL_SEED_STRIDE = 1000003
-HC_EV_A = 12398.42  # h c in eV Angstrom, as the -energy flag uses
 
 
 @dataclass
@@ -118,7 +118,7 @@ def check_spectrum(wavelengths, weights, where: str) -> tuple[np.ndarray, np.nda
         raise InputError(f"{where}: give as many weights as wavelengths (at least one)")
     if not np.all(np.isfinite(lam)) or not np.all((lam >= lo) & (lam <= hi)):
         bad = float(lam[~(np.isfinite(lam) & (lam >= lo) & (lam <= hi))][0])
-        energy = f" (energy {HC_EV_A / bad:g} eV)" if math.isfinite(bad) and bad != 0 else ""
+        energy = f" (energy {HC_EV_ANGSTROM / bad:g} eV)" if math.isfinite(bad) and bad != 0 else ""
         raise InputError(f"{where}: wavelength {bad:g} A{energy} is outside the physical range {lo:g} to {hi:g} A")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
         raise InputError(f"{where}: the weights must be finite, not negative, and add up to more than zero")
@@ -156,7 +156,7 @@ def read_spectra(path: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         if len(v) != 3 or v[0] < 1 or v[0] != int(v[0]) or v[1] <= 0 or v[2] < 0:
             raise InputError(f"{path}:{i}: expected 'shot energy_eV weight' with shot >= 1, energy > 0, "
                              "weight >= 0")
-        rows.setdefault(int(v[0]), []).append((HC_EV_A / v[1], v[2]))
+        rows.setdefault(int(v[0]), []).append((HC_EV_ANGSTROM / v[1], v[2]))
     out = {}
     for shot, r in rows.items():
         lam, w = np.array(r).T
@@ -204,7 +204,7 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
     else:
         if images is not None and len(chosen) > 1:
             raise InputError("--images selects images of one experiment: add --experiment K")
-        spans = [_image_span(images, experiments[k].scan) for k in chosen]
+        spans = [image_span(images, experiments[k].scan) for k in chosen]
         total = sum(hi - lo + 1 for lo, hi, _ in spans)
         if total > MAX_SHOTS:
             raise InputError(f"the dataset would hold {total} images, more than the {MAX_SHOTS} a dataset may hold; "
@@ -225,7 +225,7 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
     return shots
 
 
-def _image_span(text: str | None, scan) -> tuple[int, int, bool]:
+def image_span(text: str | None, scan) -> tuple[int, int, bool]:
     """(first, last, still) of the images chosen by --images FIRST:LAST (all
     of the scan without it), checked against the scan; no list is built."""
     first, last = (scan.image_range if scan is not None else (1, 1))
@@ -243,8 +243,9 @@ def _image_span(text: str | None, scan) -> tuple[int, int, bool]:
     return lo, hi, scan is None
 
 
-def _image_range(text: str, scan) -> list:
-    lo, hi, still = _image_span(text, scan)
+def image_numbers(text: str, scan) -> list:
+    """The image numbers of a scan that FIRST:LAST selects (bounded before the list is built)."""
+    lo, hi, still = image_span(text, scan)
     if hi - lo + 1 > MAX_SHOTS:
         raise InputError(f"--images {text} holds {hi - lo + 1} images, more than the {MAX_SHOTS} a run may hold")
     return [None] if still else list(range(lo, hi + 1))
@@ -355,10 +356,10 @@ def _smv_file(image: np.ndarray, experiment, shot: Shot, seed: int, noise: bool,
         counts = noise_image(image[0], -image_seed(seed, shot.number), adc_offset=40.0)[0]
     else:
         counts = np.clip(np.rint(image[0] + 40.0), 0, 65535).astype(np.uint16)
-    return smv_bytes(counts, smv_geometry(experiment, shot), denzo_sign=1.0)
+    return smv_bytes(counts, shot_smv_geometry(experiment, shot), denzo_sign=1.0)
 
 
-def smv_geometry(experiment, shot: Shot):
+def shot_smv_geometry(experiment, shot: Shot):
     """SMV header values (metres, radians) of a flat panel from its frame: the
     beam centre is where the beam meets the panel, given as (fast, slow)."""
     import torch
@@ -435,7 +436,7 @@ def write_shot(dataset: Dataset, renderer: Renderer, shot: Shot) -> str:
     return path
 
 
-def _worker(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> list[str]:
+def render_shots(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> list[str]:
     """Render and write `shots` in this process (local workers and Ray tasks)."""
     import torch
     if threads:

@@ -11,9 +11,8 @@ per-image tensors, picks the kernel and assembles the image.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -21,79 +20,31 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from . import physics as ph
+from .build.nanobragg import models_from_args, models_from_config
 from .kernels import KERNELS, KernelPlan
 from .models import Beam, Crystal, Detector, Goniometer, Scan
+from .resolve import RenderOptions
 
 # elements of the (pixel, layer, sub-pixel, source, orientation) grid per chunk
 DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("TORCHBRAGG_CHUNK", 1 << 21))
 
 
-@dataclass
-class RenderOptions:
-    """How the sums are sampled, and the original's per-pixel rules.
-
-    oversample: sub-pixels per pixel edge (None: chosen from the crystal size).
-    phisteps: rotation steps per image. sensor_layers: depth samples of the
-    sensor (0: a thin detector that absorbs everything); the layers are
-    thickness / layer_divisor apart. With oversample_thick/polar/omega off,
-    capture fraction, polarization and solid angle are evaluated once per
-    pixel as the original does. absorbed_layers: the sensor is cut into
-    sensor_layers equal slabs, each sampled at its mid-depth and weighted by
-    the photons it absorbs along each ray (the parallax a real sensor shows)
-    instead of the original's rule. roi: (fast min, fast max, slow min, slow max)
-    inclusive, on every panel. dmin: skip points whose resolution is finer."""
-    oversample: int | None = None
-    phisteps: int = 1
-    sensor_layers: int = 0
-    layer_divisor: int = 1
-    oversample_thick: bool = False
-    oversample_polar: bool = False
-    oversample_omega: bool = False
-    absorbed_layers: bool = False
-    point_pixel: bool = False
-    curved: bool = False
-    polarization: bool = True
-    dmin: float = 0.0
-    roi: tuple[int, int, int, int] | None = None
-    chunk_elements: int | None = None
-
-
-def sensor_sampling(thicksteps: int | None, has_thickness: bool, absorbed: bool = False) -> tuple[int, int]:
-    """(layers, divisor): the layers are thickness / divisor apart. Absorbed
-    slabs: `thicksteps` (default 10) slabs of thickness / n. The original's
-    rule: with a count the layers span the thickness end to end (thickness /
-    (n - 1) apart), without one two layers half the thickness apart."""
-    if not has_thickness:
-        return 0, 1
-    if absorbed:
-        n = thicksteps if thicksteps and thicksteps > 0 else 10
-        return n, n
-    n = -1 if thicksteps is None else thicksteps
-    return (2, 2) if n <= 0 else (max(n, 2), max(n, 2) - 1)
-
-
-def oversample_for(crystal: Crystal, wavelength: float, distance: float, pixel: float) -> int:
-    """The original's automatic oversampling: three sub-pixels per reciprocal
-    pixel (wavelength * distance / pixel) across the largest crystal dimension.
-    Distance and pixel in metres, wavelength in Angstrom; the arithmetic is
-    the original's so that the integer comes out the same."""
-    with torch.no_grad():
-        lengths = torch.linalg.norm(crystal.real_vectors(), dim=-1).tolist()
-        xtal_max = max(length * 1e-10 * n for length, n in zip(lengths, crystal.N.double().tolist()))
-    recip_px = wavelength / 1e10 * distance / pixel
-    return max(int(math.ceil(3.0 * xtal_max / recip_px)), 1)
-
-
-def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
-    """`oversample_for` on the panel that needs the most: the nearest along the
-    beam relative to its pixel size."""
+def nearest_panel(beam: Beam, detector: Detector) -> tuple[float, float]:
+    """(distance along the beam, pixel size) in mm of the panel that needs the
+    finest sampling: the nearest relative to its pixel size."""
     with torch.no_grad():
         incident = beam.incident().double()
         origin, _, _, normal = (t.double() for t in detector.panel_frames(incident))
         distance = ph.dot(origin, normal) / ph.dot(incident, normal)
         pixel = torch.stack([p.pixel_size.double().max() for p in detector.panels])
         k = int(torch.argmin(distance / pixel))
-        return oversample_for(crystal, float(beam.wavelength), float(distance[k]) / 1000.0, float(pixel[k]) / 1000.0)
+        return float(distance[k]), float(pixel[k])
+
+
+def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
+    """The crystal's automatic oversampling on the panel that needs the most."""
+    distance, pixel = nearest_panel(beam, detector)
+    return crystal.automatic_oversample(float(beam.wavelength), distance / 1000.0, pixel / 1000.0)
 
 
 class Simulator(nn.Module):
@@ -116,13 +67,14 @@ class Simulator(nn.Module):
     @classmethod
     def from_args(cls, argv: list[str], dtype=None, device=None, **kw) -> "Simulator":
         """A simulator for nanoBragg flags (panel 0 is the original's detector)."""
-        from .build.nanobragg import build_from_args
-        return build_from_args(argv, dtype=dtype, device=device, **kw)[0]
+        models, info = models_from_args(argv, dtype=dtype, device=device, **kw)
+        return cls(**models).to(info.dtype)
 
     @classmethod
     def from_config(cls, cfg, dtype=None, device=None, **kw) -> "Simulator":
-        from .build.nanobragg import build_from_config
-        return build_from_config(cfg, dtype=dtype, device=device, **kw)[0]
+        """A simulator for a SimulationConfig (nanoBragg flags parsed)."""
+        models, info = models_from_config(cfg, dtype=dtype, device=device, **kw)
+        return cls(**models).to(info.dtype)
 
     @property
     def dtype(self):

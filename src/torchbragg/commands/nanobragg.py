@@ -10,7 +10,6 @@ import sys
 
 from ..errors import InputError
 
-RTD = 180.0 / 3.141592653589793
 
 
 def _g(x) -> str:
@@ -26,7 +25,7 @@ def geometry_report(sim, info) -> list[str]:
     numbers, plus the detector origin (pix0) which it leaves implicit."""
     import torch
 
-    from ..outputs import smv_geometry
+    from ..outputs import run_smv_geometry
 
     beam, xtal, opt = sim.beam, sim.crystal, sim.options
     panel = sim.detector.panels[0]
@@ -94,7 +93,7 @@ def geometry_report(sim, info) -> list[str]:
         lines.append("  INCIDENT_BEAM_DIRECTION= " + _vec(g["beam"]))
         lines.append("  spindle ROTATION_AXIS= " + _vec(sim.goniometer.rotation_axis.cpu()))
         lines.append("  POLARIZATION_PLANE_NORMAL= " + _vec(beam.polarization_normal.cpu()))
-        header = smv_geometry(sim, info)  # the same derived values the image headers carry
+        header = run_smv_geometry(sim, info)  # the same derived values the image headers carry
         lines.append("  dials origin= " + _vec(header.dials_origin))
         lines.append("  pix0_vector= " + _vec(mm["pix0"]))
         lines.append("  XDS ORGX=%g ORGY=%g" % (header.ORGX, header.ORGY))
@@ -131,9 +130,11 @@ def run(argv: list[str], out=None) -> int:
     import torch
 
     from .. import outputs
-    from ..build.nanobragg import build_from_args
+    from ..build.nanobragg import models_from_args
+    from ..simulator import Simulator
 
-    sim, info = build_from_args(argv, write_dump=True)
+    models, info = models_from_args(argv, write_dump=True)
+    sim = Simulator(**models).to(info.dtype)
     for line in info.messages:
         print(line, file=out)
     for line in geometry_report(sim, info):

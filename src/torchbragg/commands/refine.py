@@ -252,14 +252,14 @@ def plan_shots(opts, experiments) -> list[MeasuredImage]:
 
 def _sweep_shots(opts, k, experiment, paths) -> list[MeasuredImage]:
     """The image(s) of one experiment: --image, --images, one per file given, or its first."""
-    from ..dataset import _image_range
+    from ..dataset import image_numbers
     scan = experiment.scan
     first, last = scan.image_range if scan is not None else (1, 1)
     if len(paths) > last - first + 1:
         what = f"the scan has {last - first + 1} images ({first}..{last})" if scan is not None else "it is a still"
         raise InputError(f"{len(paths)} image files were given for experiment {k}, but {what}")
     if opts["range"] is not None:
-        numbers = _image_range(opts["range"], scan)
+        numbers = image_numbers(opts["range"], scan)
     elif opts["image"] is not None or len(paths) == 1:
         numbers = [opts["image"]]
     else:

@@ -122,6 +122,10 @@ def run(argv: list[str], out=None) -> int:
     spectra = ds.read_spectra(opts["spectra"]) if opts["spectra"] else None
     shots = ds.plan(experiments, images=opts["images"], experiment=opts["experiment"], stills=opts["stills"],
                     orientation_seed=opts["orientation_seed"], orientations=orientations, spectra=spectra)
+    # the flags' physics and sampling against each experiment, before any file is written
+    from ..build.experiment import check_experiment_flags
+    for k in dict.fromkeys(s.experiment for s in shots):
+        check_experiment_flags(experiments[k], cfg)
     data = ds.Dataset(os.path.abspath(opts["expt"]), opts["flags"], shots, os.path.abspath(opts["out"]),
                       opts["format"], seed=1 if cfg.output.seed is None else cfg.output.seed,
                       noise=cfg.output.calculate_noise, response=opts["response"])
@@ -235,10 +239,10 @@ def _chunks(todo, n):
 def _run_local(data, todo, workers, advance) -> None:
     import multiprocessing as mp
 
-    from ..dataset import _worker
+    from ..dataset import render_shots
     threads = max(1, (os.cpu_count() or 1) // workers)
     with mp.get_context("spawn").Pool(workers) as pool:
-        for paths in pool.starmap(_worker, [(data, c, threads) for c in _chunks(todo, workers)]):
+        for paths in pool.starmap(render_shots, [(data, c, threads) for c in _chunks(todo, workers)]):
             advance(paths)
 
 
@@ -247,7 +251,7 @@ def _run_ray(data, todo, address, workers, advance) -> None:
         import ray
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'torchbragg[ray]'") from None
-    from ..dataset import _worker
+    from ..dataset import render_shots
     try:
         if address == "local":
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -258,7 +262,7 @@ def _run_ray(data, todo, address, workers, advance) -> None:
         raise InputError(f"cannot start or reach {where}: {str(exc).strip().splitlines()[0][:200]}") from None
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(num_gpus=gpus)(_worker)
+        task = ray.remote(num_gpus=gpus)(render_shots)
         if gpus:
             data.device = "cuda"
         pending = [task.remote(data, c, 1) for c in _chunks(todo, workers)]

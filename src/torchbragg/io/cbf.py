@@ -44,13 +44,13 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..units import HC_EV_ANGSTROM_CODATA
 
 # Pilatus modules and the gaps between them, in pixels (fast, slow)
 MODULE = (487, 195)
 GAP = (7, 17)
 PILATUS_MODELS = {(1, 1): "100K", (1, 3): "300K", (3, 1): "300K-W", (2, 5): "1M", (3, 8): "2M", (5, 12): "6M"}
 SERIAL = "60-0000"
-EV_ANGSTROM = 12398.419843320026
 INT32_MAX = 2**31 - 1
 # The header describes a detector perpendicular to the beam. Refined real
 # detectors are tilted by a fraction of a degree: up to this angle (radians)
@@ -214,7 +214,7 @@ def _header(experiment, frame, image: int, exposure_time: float) -> tuple[str, s
               f"Exposure_period {exposure_time:.7f} s",
               "Tau = 0 s",
               f"Count_cutoff {cutoff} counts",
-              f"Threshold_setting: {EV_ANGSTROM / wavelength / 2:.0f} eV",
+              f"Threshold_setting: {HC_EV_ANGSTROM_CODATA / wavelength / 2:.0f} eV",
               "N_excluded_pixels = 0",
               "Excluded_pixels: (nil)",
               "Flat_field: (nil)",

@@ -71,6 +71,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..units import unit_vector
 
 DIALS_TO_MCSTAS = np.diag([-1.0, 1.0, -1.0])
 GAP = -1  # pixel value of gaps and padding
@@ -84,14 +85,6 @@ def _np(t) -> np.ndarray:
     return np.asarray(t, dtype=np.float64)
 
 
-def _unit(v) -> np.ndarray:
-    v = _np(v).reshape(3)
-    n = np.linalg.norm(v)
-    if not n > 0:
-        raise InputError(f"zero-length direction {tuple(v)}")
-    return v / n
-
-
 def _skew(v) -> np.ndarray:
     return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
 
@@ -99,7 +92,7 @@ def _skew(v) -> np.ndarray:
 def mcstas_rotation(incident) -> np.ndarray:
     """The proper rotation Q (3, 3) taking lab vectors to McStas: Q @ incident
     = (0, 0, 1). See the module notes for the rule."""
-    b = _unit(incident)
+    b = unit_vector(_np(incident))
     target = np.array([0.0, 0.0, -1.0])
     c = float(b @ target)
     if 1.0 + c < 1e-12:  # beam along +z: half a turn about y
@@ -290,7 +283,7 @@ class NXmxWriter:
         psi the E-vector's angle from +x towards +y, P = 2 f - 1."""
         beam = self.experiment.beam
         p = 2.0 * float(_np(beam.polarization_fraction)) - 1.0
-        ev = q @ _unit(_np(beam.e_vector()))
+        ev = q @ unit_vector(_np(beam.e_vector()))
         psi = np.arctan2(ev[1], ev[0])
         return np.array([1.0, p * np.cos(2 * psi), p * np.sin(2 * psi), 0.0])
 
@@ -414,7 +407,7 @@ class NXmxWriter:
         for i, (name, axis, values, width) in enumerate(chain):
             key = paths[i].rsplit("/", 1)[1]
             ds = tr.create_dataset(key, data=np.asarray(values, dtype=np.float64))
-            vec = q @ _unit(axis)
+            vec = q @ unit_vector(_np(axis))
             ds.attrs.update(transformation_type="rotation", units="deg", vector=vec, offset=[0.0, 0.0, 0.0],
                             offset_units="mm", depends_on=paths[i + 1] if i + 1 < len(paths) else ".")
             if width is not None:

@@ -31,15 +31,14 @@ photons/m^2, ...) for reports and for propagating uncertainties.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
 from .. import physics as ph
 from ..models import DistanceMount, Frame
+from ..units import DEG
 
-DEG = math.pi / 180.0
 
 CRYSTAL_SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic",
                    "rhombohedral")
