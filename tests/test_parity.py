@@ -10,13 +10,15 @@ CASES = golden.cases()
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    """Render each case once (float32, the default) and keep image and stdout."""
+    """Render each case once in float32 (the fast option; float64 is the
+    command's default) and keep image and stdout."""
     out = {}
     root = tmp_path_factory.mktemp("golden")
     for case in CASES:
         folder = golden.materialize(case, root / case)
         try:
-            rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise"], folder)
+            rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise",
+                                                            "-dtype", "float32"], folder)
         except Exception as exc:  # reported by the tests of this case, not as a fixture error
             rc, text = repr(exc), repr(exc)
         image = np.fromfile(folder / "float.bin", "<f4") if rc == 0 else None
@@ -123,8 +125,8 @@ def test_experiment_round_trip(case, tmp_path):
 
     from torchbragg.commands.simulate import run
     folder = golden.materialize(case, tmp_path / case)
-    rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise", "-dtype",
-                                                   "float64", "-write_expt", "run.expt"], folder)
+    rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise",
+                                                   "-write_expt", "run.expt"], folder)
     assert rc == 0, text
     image = np.fromfile(folder / "float.bin", "<f4")
     steps = [l for l in text.splitlines() if "pixel oversample steps" in l][0].split("x")[0].strip()

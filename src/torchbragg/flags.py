@@ -399,7 +399,8 @@ FLAGS.append(Flag(("-progress",), 0, "switch", lambda cfg, v: setattr(cfg.output
                   "print the percentage rendered as it goes", G))
 
 
-@flag("-dtype", 1, "str", G, "float32 (default) or float64")
+@flag("-dtype", 1, "str", G, "float64 (the nanoBragg command's default: files byte-identical to the "
+      "original's) or float32 (faster; the default of torchbragg simulate and the Python API)")
 def _dtype(cfg, v):
     if v not in ("float32", "float64"):
         raise InputError(f"-dtype takes float32 or float64, got '{v}'")

@@ -89,6 +89,8 @@ def run(argv: list[str], out=None) -> int:
     opts = parse(argv)
     from ..flags import parse_args
     cfg = parse_args(opts["flags"])
+    for note in cfg.notes:  # warnings about the flags
+        print(note, file=sys.stderr)
     folder = os.path.dirname(os.path.abspath(opts["out"]))
     if not os.path.isdir(folder):
         raise InputError(f"cannot write {opts['out']}: folder {folder} does not exist")
