@@ -1,0 +1,167 @@
+"""The lab frame that DIALS readers of image files (NXmx, miniCBF) build
+their models in, and experiments turned into it.
+
+Both readers put the beam along -z (dxtbx's NXmx reader takes the beam
+along McStas +z whatever the file says; a mini-header has no beam
+direction), and a mini-header's rotation axis is always +x. An experiment
+may come in any right-handed frame, so the files and the truth experiment
+written beside them are turned by one proper rotation Q into the frame
+
+    z = -(beam travel direction),
+    x = the scan's rotation axis with its component along z removed
+        (a still: the first panel's fast axis, likewise),
+    y = z cross x.
+
+An experiment already in that frame (DIALS's, beam along -z, rotation axis
+along x) is unchanged; one in nanoBragg's MOSFLM frame (beam along +x,
+spindle along +z) is taken to it as (x, y, z) -> (z, y, -x). A global
+rotation changes no image: every model (beam, polarization, detector,
+goniometer, crystal) turns with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+
+def _np(t) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        t = t.detach().double().cpu().numpy()
+    return np.asarray(t, dtype=np.float64)
+
+
+def _unit(v) -> np.ndarray:
+    v = _np(v).reshape(3)
+    n = np.linalg.norm(v)
+    if not n > 0:
+        raise InputError(f"zero-length direction {tuple(v)}")
+    return v / n
+
+
+def reference_direction(experiment) -> np.ndarray:
+    """The lab vector that the reader frame puts along +x (before removing
+    its component along the beam): the scan's rotation axis, or for a still
+    the first panel's fast axis."""
+    if experiment.goniometer is not None and experiment.scan is not None:
+        with torch.no_grad():
+            return _unit(experiment.goniometer.rotation_axis)
+    with torch.no_grad():
+        fast = experiment.detector.panel_frames(experiment.beam.incident())[1][0]
+    return _unit(fast)
+
+
+def reader_rotation(experiment) -> np.ndarray:
+    """The proper rotation Q (3, 3): Q @ (lab vector) is the vector in the
+    reader frame (see the module notes)."""
+    with torch.no_grad():
+        z = -_unit(experiment.beam.incident())
+    ref = reference_direction(experiment)
+    x = ref - (ref @ z) * z
+    if np.linalg.norm(x) < 1e-9:  # the axis lies along the beam: any x across it
+        x = np.cross(z, [0.0, 1.0, 0.0] if abs(z[1]) < 0.9 else [1.0, 0.0, 0.0])
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    return np.stack([x, y, z])
+
+
+def _rot(q, v) -> list:
+    return [float(x) for x in q @ np.asarray(v, dtype=np.float64)]
+
+
+def _rotate_matrix(q, m) -> list:
+    return [float(x) for x in (q @ np.asarray(m, dtype=np.float64).reshape(3, 3) @ q.T).reshape(-1)]
+
+
+def _is_identity_root(h: dict) -> bool:
+    return (np.allclose(h.get("origin", [0, 0, 0]), 0, atol=0) and np.allclose(h.get("fast_axis"), [1, 0, 0], atol=0)
+            and np.allclose(h.get("slow_axis"), [0, 1, 0], atol=0)
+            and all("panel" in c for c in h.get("children", [])))
+
+
+def rotate_document(doc: dict, q: np.ndarray) -> dict:
+    """An experiment-list document with every lab-frame vector turned by q
+    (in place; returned for convenience)."""
+    for b in doc.get("beam", []):
+        for key in ("direction", "polarization_normal"):
+            if key in b:
+                b[key] = _rot(q, b[key])
+    for d in doc.get("detector", []):
+        h = d.get("hierarchy")
+        if h is None or _is_identity_root(h):  # panels in the lab frame
+            for p in d["panels"]:
+                for key in ("origin", "fast_axis", "slow_axis"):
+                    p[key] = _rot(q, p[key])
+        else:  # the root carries the lab frame; everything below it is local
+            for key in ("origin", "fast_axis", "slow_axis"):
+                h[key] = _rot(q, h[key])
+    for g in doc.get("goniometer", []):
+        if "axes" in g:
+            g["axes"] = [_rot(q, a) for a in g["axes"]]
+        else:
+            g["rotation_axis"] = _rot(q, g["rotation_axis"])
+            for key in ("fixed_rotation", "setting_rotation"):
+                if key in g:
+                    g[key] = _rotate_matrix(q, g[key])
+    for c in doc.get("crystal", []):
+        for key in ("real_space_a", "real_space_b", "real_space_c"):
+            c[key] = _rot(q, c[key])
+        for key in ("A_at_scan_points", "U_at_scan_points"):  # A = U B turns as U
+            if key in c:
+                c[key] = [[float(x) for x in (q @ np.asarray(m, dtype=np.float64).reshape(3, 3)).reshape(-1)]
+                          for m in c[key]]
+    return doc
+
+
+def in_reader_frame(experiment, images: tuple[int, int] | None = None):
+    """The experiment as a reader of its image file gets it: turned into the
+    reader frame and, with `images` (first, last) of a file that holds only
+    those, its scan numbered 1..n from the first one (as dxtbx numbers the
+    images of an NXmx file). A new Experiment with its own float64 models."""
+    from .dials import experiments_from_dict, experiments_to_dict
+    q = reader_rotation(experiment)
+    doc = experiments_to_dict([experiment])
+    if images is not None and experiment.scan is not None:
+        doc["scan"] = [renumbered_scan_dict(experiment.scan, *images)]
+    return experiments_from_dict(rotate_document(doc, q))[0]
+
+
+# ----------------------------------------------------------------------------- scan timing
+
+def scan_timing(scan) -> tuple[np.ndarray, np.ndarray, float]:
+    """(exposure time of each image (s), start epoch of each image (s since
+    1970-01-01 UTC), frame period (s)) of a scan, from its per-image
+    ``exposure_time`` and ``epochs`` as DIALS stores them. Without epochs
+    (or all 0) images follow each other at the period, from the epoch 0; the
+    period is the median spacing of the epochs, else the exposure time."""
+    n = scan.num_images
+    props = scan.extras.get("properties") or {}
+    exposure = np.zeros(n)
+    given = np.asarray(props.get("exposure_time") or scan.extras.get("exposure_time") or [], dtype=np.float64)
+    if given.size:
+        exposure[:] = given[:n] if given.size >= n else given[-1]
+    epochs = np.asarray(props.get("epochs") or scan.extras.get("epochs") or [], dtype=np.float64)
+    if epochs.size >= n and n > 1 and np.any(epochs[:n] != 0):
+        period = float(np.median(np.diff(epochs[:n])))
+        return exposure, epochs[:n].copy(), period
+    period = float(np.median(exposure))
+    start = float(epochs[0]) if epochs.size else 0.0
+    return exposure, start + period * np.arange(n), period
+
+
+def renumbered_scan_dict(scan, first: int, last: int) -> dict:
+    """The scan block of images first..last (scan numbers) as a reader of a
+    file holding only those images numbers them: 1..n, from the first one's
+    start angle, with their exposure times and epochs."""
+    from .dials import scan_to_dict
+    d = scan_to_dict(scan)
+    k0, k1 = first - scan.image_range[0], last - scan.image_range[0] + 1
+    props = d["properties"]
+    for key, values in list(props.items()):
+        if isinstance(values, list) and len(values) == scan.num_images:
+            props[key] = values[k0:k1]
+    d["image_range"] = [1, last - first + 1]
+    d["valid_image_ranges"] = {}
+    return d
