@@ -92,8 +92,10 @@ def run(argv: list[str], out=None) -> int:
     for note in cfg.notes:  # warnings about the flags
         print(note, file=sys.stderr)
     folder = os.path.dirname(os.path.abspath(opts["out"]))
-    if not os.path.isdir(folder):
-        raise InputError(f"cannot write {opts['out']}: folder {folder} does not exist")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot make the output folder {folder}: {exc.strerror or exc}") from None
 
     from .. import dataset as ds
     from ..io.dials import read_experiments, write_experiments
@@ -108,8 +110,6 @@ def run(argv: list[str], out=None) -> int:
     if data.format == "nxs":
         os.makedirs(data.prefix + "_work", exist_ok=True)
     renderer = ds.Renderer(experiments, cfg)
-    truth = [renderer.truth(s) for s in shots] if orientations is not None or opts["stills"] else \
-        [experiments[k] for k in dict.fromkeys(s.experiment for s in shots)]
 
     if data.format == "cbf":  # refuse geometry a miniCBF header cannot hold before rendering anything
         from ..io.cbf import pilatus_header
@@ -141,9 +141,44 @@ def run(argv: list[str], out=None) -> int:
         bar.close()
     if data.format == "nxs":
         _assemble_nxs(data, renderer, out)
-    write_experiments(data.prefix + ".expt", truth, history=["torchbragg simulate " + " ".join(argv)])
+    write_experiments(data.prefix + ".expt", truth_experiments(data, renderer),
+                      history=["torchbragg simulate " + " ".join(argv)])
     print(f"wrote {len(shots)} images with prefix {opts['out']} and the experiment {opts['out']}.expt", file=out)
     return 0
+
+
+def truth_experiments(data, renderer) -> list:
+    """PREFIX.expt: each experiment as rendered (a still's crystal turned),
+    as a reader of its files gets it, naming its images. miniCBF and NXmx
+    files: in the reader frame (`torchbragg.io.frames`), an NXmx sweep's
+    images numbered 1..n as dxtbx numbers them; npy and SMV: in the input
+    frame. A sweep's scan holds the images rendered."""
+    from ..io import imagesets
+    from ..io.frames import as_written
+    nxs = os.path.basename(data.prefix) + ".nxs"
+    position = {id(s): k for k, s in enumerate(data.shots)}
+    groups: dict = {}
+    for s in data.shots:  # a sweep's images together; every still on its own
+        groups.setdefault(s.experiment if s.image is not None else ("still", s.number), []).append(s)
+    one_sweep = len({s.experiment for s in data.shots}) == 1
+    truth = []
+    for group in groups.values():
+        first = group[0]
+        indices = [position[id(s)] for s in group]
+        if data.format == "nxs":
+            block = (imagesets.sequence(nxs, indices) if first.image is not None
+                     else imagesets.image_set([nxs], indices))
+        elif first.image is not None and one_sweep:  # files numbered as the scan numbers its images
+            name = os.path.basename(data.path(first))
+            digits = f"{first.number:05d}"
+            cut = name.rindex(digits)
+            block = imagesets.sequence(name[:cut] + "#" * len(digits) + name[cut + len(digits):])
+        else:
+            block = imagesets.image_set([os.path.basename(data.path(s)) for s in group])
+        images = (first.image, group[-1].image) if first.image is not None else None
+        truth.append(as_written(renderer.truth(first), images, renumber=data.format == "nxs",
+                                rotate=data.format in ("cbf", "nxs"), imageset=block))
+    return truth
 
 
 def _chunks(todo, n):

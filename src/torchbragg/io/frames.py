@@ -115,17 +115,24 @@ def rotate_document(doc: dict, q: np.ndarray) -> dict:
     return doc
 
 
-def in_reader_frame(experiment, images: tuple[int, int] | None = None):
-    """The experiment as a reader of its image file gets it: turned into the
-    reader frame and, with `images` (first, last) of a file that holds only
-    those, its scan numbered 1..n from the first one (as dxtbx numbers the
-    images of an NXmx file). A new Experiment with its own float64 models."""
+def as_written(experiment, images: tuple[int, int] | None = None, renumber: bool = False, rotate: bool = True,
+               imageset: dict | None = None):
+    """The experiment as a reader of its image files gets it: turned into the
+    reader frame (`rotate`); with `images` (first, last), its scan cut to
+    those images, numbered 1..n from the first one when `renumber` (as dxtbx
+    numbers the images of an NXmx file) or as the scan numbers them (file
+    names carry the numbers); with `imageset`, naming its files. A new
+    Experiment with its own float64 models."""
     from .dials import experiments_from_dict, experiments_to_dict
-    q = reader_rotation(experiment)
     doc = experiments_to_dict([experiment])
     if images is not None and experiment.scan is not None:
-        doc["scan"] = [renumbered_scan_dict(experiment.scan, *images)]
-    return experiments_from_dict(rotate_document(doc, q))[0]
+        doc["scan"] = [scan_dict(experiment.scan, *images, renumber=renumber)]
+    if imageset is not None:
+        doc["imageset"] = [imageset]
+        doc["experiment"][0]["imageset"] = 0
+    if rotate:
+        rotate_document(doc, reader_rotation(experiment))
+    return experiments_from_dict(doc)[0]
 
 
 # ----------------------------------------------------------------------------- scan timing
@@ -151,10 +158,10 @@ def scan_timing(scan) -> tuple[np.ndarray, np.ndarray, float]:
     return exposure, start + period * np.arange(n), period
 
 
-def renumbered_scan_dict(scan, first: int, last: int) -> dict:
-    """The scan block of images first..last (scan numbers) as a reader of a
-    file holding only those images numbers them: 1..n, from the first one's
-    start angle, with their exposure times and epochs."""
+def scan_dict(scan, first: int, last: int, renumber: bool = False) -> dict:
+    """The scan block of images first..last (scan numbers), numbered as the
+    scan numbers them or, with `renumber`, 1..n from the first one's start
+    angle; with their exposure times and epochs."""
     from .dials import scan_to_dict
     d = scan_to_dict(scan)
     k0, k1 = first - scan.image_range[0], last - scan.image_range[0] + 1
@@ -162,6 +169,8 @@ def renumbered_scan_dict(scan, first: int, last: int) -> dict:
     for key, values in list(props.items()):
         if isinstance(values, list) and len(values) == scan.num_images:
             props[key] = values[k0:k1]
-    d["image_range"] = [1, last - first + 1]
+    if k1 - k0 == 1:  # one image: its width is no longer the spacing of the starts
+        props["oscillation_width"] = [float(scan.oscillation[1])]
+    d["image_range"] = [1, last - first + 1] if renumber else [first, last]
     d["valid_image_ranges"] = {}
     return d

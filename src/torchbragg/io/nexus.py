@@ -205,7 +205,7 @@ class NXmxWriter:
         import h5py
         import hdf5plugin
 
-        from .frames import in_reader_frame, scan_timing
+        from .frames import as_written, scan_timing
 
         self.n_images = int(n_images)
         if self.n_images < 1:
@@ -217,13 +217,13 @@ class NXmxWriter:
             lo, hi = self.start_image, self.start_image + self.n_images - 1
             if lo < first or hi > last:
                 raise InputError(f"images {lo}..{hi} are outside the scan's images {first}..{last}")
-            self.truth = in_reader_frame(experiment, (lo, hi))
+            self.truth = as_written(experiment, (lo, hi), renumber=True)
             exposure, epochs, period = scan_timing(self.truth.scan)
             start, width = (float(x) for x in _np(self.truth.scan.oscillation).reshape(2))
             self._angles = (start + np.arange(self.n_images) * width, width)
             self._timing = (exposure, epochs, period)
         else:
-            self.truth = in_reader_frame(experiment)
+            self.truth = as_written(experiment)
             self._angles = self._timing = None
         self.experiment = self.truth
         text = os.fspath(path)
