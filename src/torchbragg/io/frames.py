@@ -145,11 +145,18 @@ def scan_timing(scan) -> tuple[np.ndarray, np.ndarray, float]:
     period is the median spacing of the epochs, else the exposure time."""
     n = scan.num_images
     props = scan.extras.get("properties") or {}
+    def given(key):  # the current layout (under properties) or the older one, whichever says something
+        for where in (props, scan.extras):
+            values = np.asarray(where.get(key) or [], dtype=np.float64)
+            if values.size and np.any(values != 0):
+                return values
+        return np.zeros(0)
+
     exposure = np.zeros(n)
-    given = np.asarray(props.get("exposure_time") or scan.extras.get("exposure_time") or [], dtype=np.float64)
-    if given.size:
-        exposure[:] = given[:n] if given.size >= n else given[-1]
-    epochs = np.asarray(props.get("epochs") or scan.extras.get("epochs") or [], dtype=np.float64)
+    times = given("exposure_time")
+    if times.size:
+        exposure[:] = times[:n] if times.size >= n else times[-1]
+    epochs = given("epochs")
     if epochs.size >= n and n > 1 and np.any(epochs[:n] != 0):
         period = float(np.median(np.diff(epochs[:n])))
         return exposure, epochs[:n].copy(), period
