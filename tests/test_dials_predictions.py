@@ -253,14 +253,14 @@ def test_centroids_match_dials_parallax_prediction(rendered, oracle):
 
 
 def test_builtin_sensor_layers_sit_along_the_normal(experiment, oracle):
-    """The simulator's own layered sensor (-thicksteps n, nanoBragg's rule:
+    """The simulator's own layered sensor (-thicksteps n, -parallax original, nanoBragg's rule:
     layers k * t / (n - 1) deep, counted equally, the pixel scaled by the last
     layer's capture fraction) puts the spot where s1 crosses the mean layer
     depth t / 2: its centroid follows that geometry, not DIALS's mean
     absorption depth."""
     h = (19, 0, 39)
     (f0, s0), = [w for hh, w in zip(REFLECTIONS, windows(oracle)) if hh == h]
-    cfg = parse_args(FLAGS + ["-thicksteps", "8"])
+    cfg = parse_args(FLAGS + ["-thicksteps", "8", "-parallax", "original"])
     sim, _ = build_from_experiment(experiment, cfg)
     assert (sim.options.sensor_layers, sim.options.layer_divisor) == (8, 7)
     sim.options.roi = (f0, f0 + WINDOW - 1, s0, s0 + WINDOW - 1)

@@ -40,7 +40,11 @@ class RenderOptions:
     pixel as the original does. absorbed_layers: the sensor is cut into
     sensor_layers equal slabs, each sampled at its mid-depth and weighted by
     the photons it absorbs along each ray (the parallax a real sensor shows)
-    instead of the original's rule. roi: (fast min, fast max, slow min, slow max)
+    instead of the original's rule; parallax "dials" instead shifts spots by
+    DIALS's depth (the mean absorption depth times the absorbed fraction,
+    which DIALS's parallax correction uses) with one more layer at the surface.
+    phi_midpoints: rotation steps sampled at their middles (DIALS's frame
+    convention) instead of their starts (the original's). roi: (fast min, fast max, slow min, slow max)
     inclusive, on every panel. dmin: skip points whose resolution is finer."""
     oversample: int | None = None
     phisteps: int = 1
@@ -50,6 +54,8 @@ class RenderOptions:
     oversample_polar: bool = False
     oversample_omega: bool = False
     absorbed_layers: bool = False
+    parallax: str = "physical"
+    phi_midpoints: bool = False
     point_pixel: bool = False
     curved: bool = False
     polarization: bool = True
@@ -58,16 +64,26 @@ class RenderOptions:
     chunk_elements: int | None = None
 
 
-def sensor_sampling(thicksteps: int | None, has_thickness: bool, absorbed: bool = False) -> tuple[int, int]:
+def absorbed_slabs(optical_depth: float | None) -> int:
+    """Slabs of an absorbing sensor: each at most half an attenuation length
+    thick (optical depth mu * thickness), 2 to 16; 10 when mu is unknown."""
+    if optical_depth is None or not optical_depth > 0:
+        return 10
+    return int(min(max(math.ceil(2.0 * optical_depth), 2), 16))
+
+
+def sensor_sampling(thicksteps: int | None, has_thickness: bool, absorbed: bool = False,
+                    optical_depth: float | None = None, surface: bool = False) -> tuple[int, int]:
     """(layers, divisor): the layers are thickness / divisor apart. Absorbed
-    slabs: `thicksteps` (default 10) slabs of thickness / n. The original's
+    slabs: `thicksteps` slabs of thickness / n (default `absorbed_slabs`),
+    after one surface layer with `surface` (DIALS's rule). The original's
     rule: with a count the layers span the thickness end to end (thickness /
     (n - 1) apart), without one two layers half the thickness apart."""
     if not has_thickness:
         return 0, 1
     if absorbed:
-        n = thicksteps if thicksteps and thicksteps > 0 else 10
-        return n, n
+        n = thicksteps if thicksteps and thicksteps > 0 else absorbed_slabs(optical_depth)
+        return n + int(surface), n
     n = -1 if thicksteps is None else thicksteps
     return (2, 2) if n <= 0 else (max(n, 2), max(n, 2) - 1)
 
@@ -144,7 +160,10 @@ class Simulator(nn.Module):
         steps = self.options.phisteps
         if self.scan is None:
             return torch.zeros(steps, dtype=torch.float64, device=self.device)
-        return self.scan.angles(self.scan.image_range[0] if image is None else image, steps)
+        angles = self.scan.angles(self.scan.image_range[0] if image is None else image, steps)
+        if self.options.phi_midpoints:
+            angles = angles + self.scan.oscillation[1] / (2 * steps)
+        return angles
 
     def orientations(self, image: int | None = None) -> torch.Tensor:
         """Real cell vectors for every (rotation step, mosaic domain): (M, 3, 3),
@@ -248,7 +267,8 @@ class Simulator(nn.Module):
     def _plan(self, k, t) -> KernelPlan:
         opt, panel = self.options, self.detector.panels[k]
         return KernelPlan(fpixels=panel.fpixels, oversample=self.oversample, layers=max(opt.sensor_layers, 1),
-                          sensor=opt.sensor_layers > 0, absorbed=opt.absorbed_layers, curved=opt.curved,
+                          sensor=opt.sensor_layers > 0, absorbed=opt.absorbed_layers,
+                          surface_layer=opt.absorbed_layers and opt.parallax == "dials", curved=opt.curved,
                           point_pixel=opt.point_pixel, polarization=opt.polarization,
                           oversample_thick=opt.oversample_thick, oversample_polar=opt.oversample_polar,
                           oversample_omega=opt.oversample_omega, dmin=float(opt.dmin), shape=self.crystal.shape,

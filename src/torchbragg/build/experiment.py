@@ -47,8 +47,12 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
             raise InputError(f"-mask {cfg.detector.mask_file}: {exc}") from None
     with torch.no_grad():
         absorbing = all(float(p.thickness) > 0 and float(p.mu) > 0 for p in detector.panels)
-    options = render_options(cfg, absorbing, chunk_elements)
+        depth = max(float(p.thickness * p.mu) for p in detector.panels)
+    # a DIALS panel's thickness and mu: the physical parallax by default; rotation steps at their middles,
+    # DIALS's frame convention
+    options = render_options(cfg, absorbing, chunk_elements, default_parallax="physical", optical_depth=depth)
     options.phisteps = max(cfg.crystal.phisteps or 1, 1)
+    options.phi_midpoints = True
     goniometer = None if experiment.goniometer is None else copy.deepcopy(experiment.goniometer).to(device, f64)
     scan = None if experiment.scan is None else copy.deepcopy(experiment.scan).to(device, f64)
     sim = Simulator(beam, crystal, detector, goniometer, scan, options)

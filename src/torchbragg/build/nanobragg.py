@@ -389,13 +389,23 @@ def make_crystal(cfg: SimulationConfig, info: BuildInfo, probe: Crystal, table, 
                    space_group=probe.space_group, setting=probe.setting, dtype=f64, device=device)
 
 
-def render_options(cfg: SimulationConfig, has_thickness: bool, chunk_elements=None) -> RenderOptions:
+def render_options(cfg: SimulationConfig, has_thickness: bool, chunk_elements=None, default_parallax: str = "original",
+                   optical_depth: float | None = None) -> RenderOptions:
+    """The sampling options of the flags. `default_parallax`: the sensor depth
+    rule when no flag names one (nanoBragg: the original's); `optical_depth`:
+    the sensor's largest mu * thickness, which sets the default slab count."""
     d = cfg.detector
-    layers, divisor = sensor_sampling(d.thicksteps, has_thickness, d.absorbed_layers)
+    rule = d.parallax or ("physical" if d.absorbed_layers else
+                          "original" if d.oversample_thick else default_parallax)
+    if rule != "original" and d.oversample_thick:
+        raise InputError(f"-parallax {rule} (or -absorbed_layers) and -oversample_thick both weight the sensor "
+                         "layers; give one of them")
+    absorbed = rule != "original"
+    layers, divisor = sensor_sampling(d.thicksteps, has_thickness, absorbed, optical_depth, rule == "dials")
     return RenderOptions(oversample=d.oversample, phisteps=_phi_sampling(cfg.crystal)[0], sensor_layers=layers,
                          layer_divisor=divisor, oversample_thick=d.oversample_thick,
                          oversample_polar=d.oversample_polar, oversample_omega=d.oversample_omega,
-                         absorbed_layers=d.absorbed_layers,
+                         absorbed_layers=absorbed, parallax="dials" if rule == "dials" else "physical",
                          point_pixel=d.point_pixel, curved=d.curved, polarization=not cfg.beam.nopolar,
                          dmin=d.dmin, roi=d.roi, chunk_elements=chunk_elements)
 
@@ -458,7 +468,9 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
     roi = d.roi or (-1, -1, -1, -1)
     info.roi = (roi[0] if roi[0] >= 0 else 0, roi[1] if roi[1] >= 0 else panel.fpixels,
                 roi[2] if roi[2] >= 0 else 0, roi[3] if roi[3] >= 0 else panel.spixels)
-    options = render_options(cfg, d.thickness > 0, chunk_elements)
+    with torch.no_grad():
+        depth = float(panel.thickness * panel.mu)
+    options = render_options(cfg, d.thickness > 0, chunk_elements, optical_depth=depth)
     # models are built in float64 so the automatic oversampling (an integer
     # decision) is taken from exact values, then cast to the render dtype
     with torch.no_grad():
