@@ -186,7 +186,7 @@ def point_factors(plan: KernelPlan, pix: torch.Tensor, t: dict):
         if plan.surface_layer:
             # DIALS's parallax correction shifts a spot by the mean absorption depth times the absorbed
             # fraction f: the slabs keep their share of f times f, the surface layer f (1 - f)
-            slabs = ph.capture_fraction(layer[:-1], t["layer_step"], t["mu"], cos)
+            slabs = ph.capture_fraction(layer[:-1], t["layer_step"], t["mu"], cos[1:])
             f = slabs.sum(0, keepdim=True)
             capture = torch.cat([f * (1 - f), f * slabs])
         else:
