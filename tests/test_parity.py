@@ -118,7 +118,8 @@ def physics_flags(argv: list[str]) -> list[str]:
 def test_experiment_round_trip(case, tmp_path):
     """flags -> -write_expt -> torchbragg simulate with the remaining physics
     flags renders the same float image, in float64. The oversampling and the
-    phi steps are passed explicitly: an experiment file holds neither."""
+    phi steps are passed explicitly: an experiment file holds neither; and the
+    original's sensor rule (the experiment path's default is the physical one)."""
     import io
     import os
     from contextlib import redirect_stdout
@@ -132,7 +133,7 @@ def test_experiment_round_trip(case, tmp_path):
     steps = [l for l in text.splitlines() if "pixel oversample steps" in l][0].split("x")[0].strip()
     phisteps = [l for l in text.splitlines() if " phi steps from " in l][0].split()[0]
     argv = ["run.expt", "--out", "rt", "--quiet", *physics_flags(golden.args(case)), "-oversample", steps,
-            "-phisteps", phisteps, "-dtype", "float64"]
+            "-phisteps", phisteps, "-dtype", "float64", "-parallax", "original"]
     old = os.getcwd()
     try:
         os.chdir(folder)

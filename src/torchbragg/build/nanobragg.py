@@ -484,12 +484,18 @@ def write_experiment(path: str, argv: list[str], info: BuildInfo) -> None:
     """The DIALS experiment list of this run, from float64 models: beam,
     the detector as one panel in the lab frame (the convention's), spindle,
     a one-image scan, the crystal at phi = 0, and the SMV image (the noise
-    image when there is one) as its imageset."""
+    image when there is one) as its imageset. The command samples each
+    rotation step at its start, the experiment path (DIALS's convention) at
+    its middle: the scan starts half a step before -phi, so that rendering
+    the file gives the same image."""
     from ..io.dials import Experiment, write_experiments
     from ..validate import output_paths
     sim, _ = build_from_args(argv, dtype=torch.float64)
     paths = output_paths(info.config)
     images = [os.path.abspath(paths.get("noisefile", paths["intfile"]))]  # what a detector would record
+    with torch.no_grad():
+        start, width = (float(x) for x in sim.scan.oscillation)
+    scan = Scan(sim.scan.image_range, (start - width / (2 * sim.options.phisteps), width), dtype=torch.float64)
     expt = Experiment(beam=sim.beam, detector=sim.detector, crystal=sim.crystal, goniometer=sim.goniometer,
-                      scan=sim.scan, extras={"imageset": {"__id__": "ImageSet", "images": images}})
+                      scan=scan, extras={"imageset": {"__id__": "ImageSet", "images": images}})
     write_experiments(path, [expt], history=["torchbragg nanoBragg " + " ".join(argv)])
