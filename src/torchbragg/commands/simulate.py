@@ -154,14 +154,14 @@ def truth_experiments(data, renderer) -> list:
     images numbered 1..n as dxtbx numbers them; npy and SMV: in the input
     frame. A sweep's scan holds the images rendered."""
     from ..io import imagesets
-    from ..io.frames import as_written
+    from ..io.frames import written_list
     nxs = os.path.basename(data.prefix) + ".nxs"
     position = {id(s): k for k, s in enumerate(data.shots)}
     groups: dict = {}
     for s in data.shots:  # a sweep's images together; every still on its own
         groups.setdefault(s.experiment if s.image is not None else ("still", s.number), []).append(s)
     one_sweep = len({s.experiment for s in data.shots}) == 1
-    truth = []
+    items = []
     for group in groups.values():
         first = group[0]
         indices = [position[id(s)] for s in group]
@@ -176,9 +176,8 @@ def truth_experiments(data, renderer) -> list:
         else:
             block = imagesets.image_set([os.path.basename(data.path(s)) for s in group])
         images = (first.image, group[-1].image) if first.image is not None else None
-        truth.append(as_written(renderer.truth(first), images, renumber=data.format == "nxs",
-                                rotate=data.format in ("cbf", "nxs"), imageset=block))
-    return truth
+        items.append((renderer.truth(first), images, block))
+    return written_list(items, renumber=data.format == "nxs", rotate=data.format in ("cbf", "nxs"))
 
 
 def _chunks(todo, n):

@@ -123,16 +123,34 @@ def as_written(experiment, images: tuple[int, int] | None = None, renumber: bool
     numbers the images of an NXmx file) or as the scan numbers them (file
     names carry the numbers); with `imageset`, naming its files. A new
     Experiment with its own float64 models."""
+    return written_list([(experiment, images, imageset)], renumber, rotate)[0]
+
+
+def written_list(items, renumber: bool = False, rotate: bool = True) -> list:
+    """`as_written` for several (experiment, images, imageset) at once: models
+    the experiments share stay shared, and all turn with the first one's
+    rotation (experiments that share a beam and detector have the same)."""
     from .dials import experiments_from_dict, experiments_to_dict
-    doc = experiments_to_dict([experiment])
-    if images is not None and experiment.scan is not None:
-        doc["scan"] = [scan_dict(experiment.scan, *images, renumber=renumber)]
-    if imageset is not None:
-        doc["imageset"] = [imageset]
-        doc["experiment"][0]["imageset"] = 0
+    doc = experiments_to_dict([e for e, _, _ in items])
+    doc["imageset"] = []
+    for entry, (e, images, imageset) in zip(doc["experiment"], items):
+        if images is not None and e.scan is not None:
+            entry["scan"] = len(doc["scan"])
+            doc["scan"].append(scan_dict(e.scan, *images, renumber=renumber))
+        entry.pop("imageset", None)
+        if imageset is not None:
+            entry["imageset"] = len(doc["imageset"])
+            doc["imageset"].append(imageset)
+    used = {entry["scan"] for entry in doc["experiment"] if "scan" in entry}
+    if len(used) < len(doc["scan"]):  # drop the uncut scans no experiment refers to any more
+        keep = sorted(used)
+        doc["scan"] = [doc["scan"][k] for k in keep]
+        for entry in doc["experiment"]:
+            if "scan" in entry:
+                entry["scan"] = keep.index(entry["scan"])
     if rotate:
-        rotate_document(doc, reader_rotation(experiment))
-    return experiments_from_dict(doc)[0]
+        rotate_document(doc, reader_rotation(items[0][0]))
+    return list(experiments_from_dict(doc).experiments)
 
 
 # ----------------------------------------------------------------------------- scan timing

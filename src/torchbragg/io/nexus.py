@@ -374,8 +374,9 @@ class NXmxWriter:
                 path, g = parents[k]
                 r, shift = g[:3, :3], g[:3, 3]
                 base, local = path, (r.T @ fast[k], r.T @ slow[k], r.T @ (origin[k] - shift))
+            # both directions start from the panel's origin (dxtbx takes it from the fast one's offset)
             for key, axis, size, offset in (("fast_pixel_direction", local[0], px[0], local[2]),
-                                            ("slow_pixel_direction", local[1], px[1], np.zeros(3))):
+                                            ("slow_pixel_direction", local[1], px[1], local[2])):
                 ds = m.create_dataset(key, data=float(size))
                 ds.attrs.update(transformation_type="translation", units="mm", vector=axis / np.linalg.norm(axis),
                                 offset=offset, offset_units="mm", depends_on=base)
