@@ -14,12 +14,16 @@ from .options import refuse_geometry, split_options
 USAGE = """usage: torchbragg simulate EXPERIMENTS.expt --out PREFIX [options] [nanoBragg flags]
 
 Renders a dataset and writes it with the experiment describing its truth
-(PREFIX.expt). Beam, detector (panels, sensor thickness and mu), goniometer,
+(PREFIX.expt, naming the images, in the frame and numbering a reader of the
+files gets). Beam, detector (panels, sensor thickness and mu), goniometer,
 scan and crystal come from the experiment; nanoBragg flags give the rest:
 -N, -mosaic, -mosaic_dom, -default_F, -hkl, -fluence or -flux, -phisteps
-(rotation steps per image), -oversample, -thicksteps, -absorbed_layers,
--roi, -mask, -dtype, -device, -seed, -nonoise, spot shape, divergence and
-dispersion, and so on.
+(rotation steps per image, sampled at their middles), -oversample,
+-thicksteps, -parallax, -roi, -mask, -dtype (float32 by default), -device,
+-seed, -nonoise, spot shape, divergence and dispersion, and so on. Panels
+with a thickness and mu get the physical parallax by default (-parallax
+dials: the depth DIALS's correction assumes; original: nanoBragg's layers).
+Missing output folders are made.
 
 what to render (default: every image of every experiment's scan, one image
 for a still):
