@@ -163,6 +163,7 @@ def scan_timing(scan) -> tuple[np.ndarray, np.ndarray, float]:
     period is the median spacing of the epochs, else the exposure time."""
     n = scan.num_images
     props = scan.extras.get("properties") or {}
+
     def given(key):  # the current layout (under properties) or the older one, whichever says something
         for where in (props, scan.extras):
             values = np.asarray(where.get(key) or [], dtype=np.float64)
@@ -191,9 +192,11 @@ def scan_dict(scan, first: int, last: int, renumber: bool = False) -> dict:
     d = scan_to_dict(scan)
     k0, k1 = first - scan.image_range[0], last - scan.image_range[0] + 1
     props = d["properties"]
-    for key, values in list(props.items()):
-        if isinstance(values, list) and len(values) == scan.num_images:
-            props[key] = values[k0:k1]
+    for block, keys in ((props, list(props)), (d, ["exposure_time", "epochs"])):  # the older layout at the top
+        for key in keys:
+            values = block.get(key)
+            if isinstance(values, list) and len(values) == scan.num_images:
+                block[key] = values[k0:k1]
     if k1 - k0 == 1:  # one image: its width is no longer the spacing of the starts
         props["oscillation_width"] = [float(scan.oscillation[1])]
     d["image_range"] = [1, last - first + 1] if renumber else [first, last]
