@@ -159,7 +159,8 @@ FLAGS.append(Flag(("-nointerpolate",), 0, "switch", lambda cfg, v: setattr(cfg.c
 simple("-phi", 1, "float", G, "spindle angle at the start (deg, default 0)", "crystal", "phi0")
 simple("-osc", 1, "float", G, "spindle rotation range (deg)", "crystal", "osc")
 simple("-phistep", 1, "float", G, "spindle step (deg)", "crystal", "phistep")
-simple("-phisteps", 1, "int", G, "number of spindle steps", "crystal", "phisteps")
+simple("-phisteps", 1, "int", G, "number of spindle steps; nanoBragg samples each at its start (the original's "
+       "rule), torchbragg simulate and refine at its middle (DIALS's frame convention)", "crystal", "phisteps")
 FLAGS.append(Flag(("-spindle_axis",), 3, "float", lambda cfg, v: _custom(cfg, cfg.crystal, "spindle_axis", v),
                   "unit vector of the right-handed spindle axis (switches to CUSTOM)", G,
                   (("crystal", "spindle_axis"),)))
@@ -355,8 +356,21 @@ for _what in ("thick", "polar", "omega"):
 
 FLAGS.append(Flag(("-absorbed_layers",), 0, "switch",
                   lambda cfg, v: setattr(cfg.detector, "absorbed_layers", True),
-                  "cut the sensor into -thicksteps slabs (default 10) weighted by the photons each absorbs, "
-                  "as a real sensor's parallax (torchbragg; default: the original's layer rule)", G))
+                  "the same as -parallax physical", G))
+
+
+@flag("-parallax", 1, "str", G,
+      "sensor depth rule: physical (-thicksteps slabs, by default enough that each is at most half an "
+      "attenuation length thick (2 to 16), weighted by the photons each absorbs: a real sensor's parallax), "
+      "dials (spots shifted by the depth DIALS's parallax correction uses: the mean absorption depth times "
+      "the absorbed fraction, for like-for-like comparison with DIALS's predictions; on a thin sensor at high "
+      "energy well below the physical shift) or original (the original's layers, counted equally). "
+      "Default: original for nanoBragg; physical for torchbragg simulate and refine when the panels have a "
+      "thickness and mu")
+def _parallax(cfg, v):
+    if v not in ("physical", "dials", "original"):
+        raise InputError(f"-parallax takes physical, dials or original, got '{v}'")
+    cfg.detector.parallax = v
 
 
 @flag("-roi", 4, "int", G, "render only xmin xmax ymin ymax (pixels, inclusive)", sets=(("detector", "roi"),))
@@ -413,7 +427,8 @@ FLAGS.append(Flag(("-progress",), 0, "switch", lambda cfg, v: setattr(cfg.output
                   "print the percentage rendered as it goes", G))
 
 
-@flag("-dtype", 1, "str", G, "float32 (default) or float64")
+@flag("-dtype", 1, "str", G, "float64 (the nanoBragg command's default: files byte-identical to the "
+      "original's) or float32 (faster; the default of torchbragg simulate and the Python API)")
 def _dtype(cfg, v):
     if v not in ("float32", "float64"):
         raise InputError(f"-dtype takes float32 or float64, got '{v}'")

@@ -40,8 +40,13 @@ class RenderOptions:
     pixel as the original does. absorbed_layers: the sensor is cut into
     sensor_layers equal slabs, each sampled at its mid-depth and weighted by
     the photons it absorbs along each ray (the parallax a real sensor shows)
-    instead of the original's rule. roi: (fast min, fast max, slow min, slow max)
-    inclusive, on every panel. dmin: skip points whose resolution is finer."""
+    instead of the original's rule; parallax "dials" instead shifts spots by
+    DIALS's depth (the mean absorption depth times the absorbed fraction,
+    which DIALS's parallax correction uses) with one more layer at the surface.
+    phi_midpoints: rotation steps sampled at their middles (DIALS's frame
+    convention) instead of their starts (the original's). roi: (fast min,
+    fast max, slow min, slow max) inclusive, on every panel. dmin: skip points
+    whose resolution is finer."""
     oversample: int | None = None
     phisteps: int = 1
     sensor_layers: int = 0
@@ -50,6 +55,8 @@ class RenderOptions:
     oversample_polar: bool = False
     oversample_omega: bool = False
     absorbed_layers: bool = False
+    parallax: str = "physical"
+    phi_midpoints: bool = False
     point_pixel: bool = False
     curved: bool = False
     polarization: bool = True
@@ -110,6 +117,7 @@ class Resolved:
     divergence_points: tuple[tuple[int, int], ...]  # grid points kept inside the ellipse
     phi: tuple[int, float, float]  # (steps, width covered, osc reported) in degrees
     sampling: Sampling
+    parallax: str = "original"  # the sensor depth rule (parallax_rule)
 
     @property
     def memory(self) -> int:
@@ -124,20 +132,43 @@ class ExperimentGeometry:
     cell_lengths: tuple[float, float, float]  # Angstrom
     nearest: tuple[float, float]  # (distance m, pixel m) of the panel needing the finest sampling
     absorbing: bool  # every panel has a thickness and an attenuation
+    optical_depth: float | None = None  # the largest mu * thickness of the panels
 
 
 # ----------------------------------------------------------------------------- shared rules
 
-def sensor_sampling(thicksteps: int | None, has_thickness: bool, absorbed: bool = False) -> tuple[int, int]:
+def absorbed_slabs(optical_depth: float | None) -> int:
+    """Slabs of an absorbing sensor: each at most half an attenuation length
+    thick (optical depth mu * thickness), 2 to 16; 10 when mu is unknown."""
+    if optical_depth is None or not optical_depth > 0:
+        return 10
+    return int(min(max(math.ceil(2.0 * optical_depth), 2), 16))
+
+
+def parallax_rule(cfg: SimulationConfig, default: str) -> str:
+    """The sensor depth rule: physical (slabs weighted by what they absorb),
+    dials (DIALS's correction depth) or original (the original's layers);
+    `default` when no flag names one."""
+    d = cfg.detector
+    rule = d.parallax or ("physical" if d.absorbed_layers else "original" if d.oversample_thick else default)
+    if rule != "original" and d.oversample_thick:
+        raise InputError(f"-parallax {rule} (or -absorbed_layers) and -oversample_thick both weight the sensor "
+                         "layers; give one of them")
+    return rule
+
+
+def sensor_sampling(thicksteps: int | None, has_thickness: bool, absorbed: bool = False,
+                    optical_depth: float | None = None, surface: bool = False) -> tuple[int, int]:
     """(layers, divisor): the layers are thickness / divisor apart. Absorbed
-    slabs: `thicksteps` (default 10) slabs of thickness / n. The original's
+    slabs: `thicksteps` slabs of thickness / n (default `absorbed_slabs`),
+    after one surface layer with `surface` (DIALS's rule). The original's
     rule: with a count the layers span the thickness end to end (thickness /
     (n - 1) apart), without one two layers half the thickness apart."""
     if not has_thickness:
         return 0, 1
     if absorbed:
-        n = thicksteps if thicksteps and thicksteps > 0 else 10
-        return n, n
+        n = thicksteps if thicksteps and thicksteps > 0 else absorbed_slabs(optical_depth)
+        return n + int(surface), n
     n = -1 if thicksteps is None else thicksteps
     return (2, 2) if n <= 0 else (max(n, 2), max(n, 2) - 1)
 
@@ -276,7 +307,8 @@ def rendered_pixels(cfg: SimulationConfig, panels) -> int:
     return total
 
 
-def _resolved(cfg, panels, placement, lengths, wavelength, nearest, has_sensor, phi) -> Resolved:
+def _resolved(cfg, panels, placement, lengths, wavelength, nearest, has_sensor, phi, default_parallax="original",
+              optical_depth=None) -> Resolved:
     """What both paths share: cells, mosaic, spectrum, divergence and the
     sampling. `nearest`: (distance, pixel) in metres of the panel needing the
     finest sampling; `phi`: (steps, width, osc)."""
@@ -285,7 +317,8 @@ def _resolved(cfg, panels, placement, lengths, wavelength, nearest, has_sensor, 
     disp = dispersion(cfg)
     div, kept = divergence(cfg)
     n_cells = crystal_cells(cfg, lengths)
-    layers, divisor = sensor_sampling(d.thicksteps, has_sensor, d.absorbed_layers)
+    rule = parallax_rule(cfg, default_parallax)
+    layers, divisor = sensor_sampling(d.thicksteps, has_sensor, rule != "original", optical_depth, rule == "dials")
     given = bool(d.oversample and d.oversample > 0)
     oversample = d.oversample if given else automatic_oversample(crystal_extent(lengths, n_cells), wavelength,
                                                                  *nearest)
@@ -294,7 +327,7 @@ def _resolved(cfg, panels, placement, lengths, wavelength, nearest, has_sensor, 
                         phisteps=max(phi[0], 1), domains=domains)
     return Resolved(panels=tuple(panels), placement=placement, n_cells=n_cells, mosaic_spread=spread,
                     mosaic_domains=domains, dispersion=disp, divergence=div, divergence_points=kept, phi=phi,
-                    sampling=sampling)
+                    sampling=sampling, parallax=rule)
 
 
 # ----------------------------------------------------------------------------- nanoBragg flags
@@ -306,9 +339,12 @@ def resolve(cfg: SimulationConfig, headers=()) -> Resolved:
     decisions that depend on them (cells from a crystal size, automatic
     oversampling) again from its float64 models, with the same functions."""
     placement = place_detector(cfg, headers)
+    d = cfg.detector
+    # the sensor's optical depth; without -detector_abs the attenuation depth is the thickness
+    depth = 1.0 if d.attenuation_depth is None else (d.thickness / d.attenuation_depth if d.attenuation_depth else 0.0)
     return _resolved(cfg, [(placement.fpixels, placement.spixels)], placement, _cell_lengths(cfg),
-                     cfg.beam.wavelength, (placement.distance, cfg.detector.pixel_size / 1000.0),
-                     cfg.detector.thickness > 0, phi_sampling(cfg))
+                     cfg.beam.wavelength, (placement.distance, d.pixel_size / 1000.0),
+                     d.thickness > 0, phi_sampling(cfg), optical_depth=depth)
 
 
 def _cell_lengths(cfg) -> list[float]:
@@ -474,4 +510,5 @@ def resolve_experiment(cfg: SimulationConfig, geometry: ExperimentGeometry) -> R
     """The numbers of a run of an experiment: its detector and crystal, the
     flags' sampling (rotation steps per image, domains, sources, layers)."""
     return _resolved(cfg, list(geometry.panels), None, geometry.cell_lengths, geometry.wavelength,
-                     geometry.nearest, geometry.absorbing, (max(cfg.crystal.phisteps or 1, 1), 0.0, 0.0))
+                     geometry.nearest, geometry.absorbing, (max(cfg.crystal.phisteps or 1, 1), 0.0, 0.0),
+                     default_parallax="physical", optical_depth=geometry.optical_depth)

@@ -99,7 +99,10 @@ class Simulator(nn.Module):
         steps = self.options.phisteps
         if self.scan is None:
             return torch.zeros(steps, dtype=torch.float64, device=self.device)
-        return self.scan.angles(self.scan.image_range[0] if image is None else image, steps)
+        angles = self.scan.angles(self.scan.image_range[0] if image is None else image, steps)
+        if self.options.phi_midpoints:
+            angles = angles + self.scan.oscillation[1] / (2 * steps)
+        return angles
 
     def orientations(self, image: int | None = None, still: bool = False) -> torch.Tensor:
         """Real cell vectors for every (rotation step, mosaic domain): (M, 3, 3),
@@ -224,7 +227,8 @@ class Simulator(nn.Module):
     def _plan(self, k, t) -> KernelPlan:
         opt, panel = self.options, self.detector.panels[k]
         return KernelPlan(fpixels=panel.fpixels, oversample=self.oversample, layers=max(opt.sensor_layers, 1),
-                          sensor=opt.sensor_layers > 0, absorbed=opt.absorbed_layers, curved=opt.curved,
+                          sensor=opt.sensor_layers > 0, absorbed=opt.absorbed_layers,
+                          surface_layer=opt.absorbed_layers and opt.parallax == "dials", curved=opt.curved,
                           point_pixel=opt.point_pixel, polarization=opt.polarization,
                           oversample_thick=opt.oversample_thick, oversample_polar=opt.oversample_polar,
                           oversample_omega=opt.oversample_omega, dmin=float(opt.dmin), shape=self.crystal.shape,

@@ -61,9 +61,11 @@ def experiment_geometry(experiment) -> ExperimentGeometry:
         distance, pixel = nearest_panel(experiment.beam, detector)
         lengths = torch.linalg.norm(experiment.crystal.real_vectors().double(), dim=-1).tolist()
         absorbing = all(float(p.thickness) > 0 and float(p.mu) > 0 for p in detector.panels)
+        depth = max(float(p.thickness * p.mu) for p in detector.panels)
         return ExperimentGeometry(panels=tuple((p.fpixels, p.spixels) for p in detector.panels),
                                   wavelength=float(experiment.beam.wavelength), cell_lengths=tuple(lengths),
-                                  nearest=(distance / 1000.0, pixel / 1000.0), absorbing=absorbing)
+                                  nearest=(distance / 1000.0, pixel / 1000.0), absorbing=absorbing,
+                                  optical_depth=depth)
 
 
 def check_experiment_flags(experiment, cfg: SimulationConfig | None = None) -> Resolved:
@@ -102,6 +104,7 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
         except ValueError as exc:
             raise InputError(f"-mask {cfg.detector.mask_file}: {exc}") from None
     options = render_options(cfg, resolved, chunk_elements)
+    options.phi_midpoints = True  # DIALS's frame convention: rotation steps sampled at their middles
     goniometer = None if experiment.goniometer is None else copy.deepcopy(experiment.goniometer).to(device, f64)
     scan = None if experiment.scan is None else copy.deepcopy(experiment.scan).to(device, f64)
     sim = Simulator(beam, crystal, detector, goniometer, scan, options)

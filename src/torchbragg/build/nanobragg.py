@@ -293,10 +293,12 @@ def make_crystal(cfg: SimulationConfig, info: BuildInfo, resolved: Resolved, pro
 
 def render_options(cfg: SimulationConfig, resolved: Resolved, chunk_elements=None) -> RenderOptions:
     d, sampling = cfg.detector, resolved.sampling
+    rule = resolved.parallax
+    absorbed = rule != "original"
     return RenderOptions(oversample=d.oversample, phisteps=resolved.phi[0], sensor_layers=sampling.layers,
                          layer_divisor=sampling.layer_divisor, oversample_thick=d.oversample_thick,
                          oversample_polar=d.oversample_polar, oversample_omega=d.oversample_omega,
-                         absorbed_layers=d.absorbed_layers,
+                         absorbed_layers=absorbed, parallax="dials" if rule == "dials" else "physical",
                          point_pixel=d.point_pixel, curved=d.curved, polarization=not cfg.beam.nopolar,
                          dmin=d.dmin, roi=d.roi, chunk_elements=chunk_elements)
 
@@ -369,13 +371,20 @@ def write_experiment(path: str, argv: list[str], info: BuildInfo) -> None:
     """The DIALS experiment list of this run, from float64 models: beam,
     the detector as one panel in the lab frame (the convention's), spindle,
     a one-image scan, the crystal at phi = 0, and the SMV image (the noise
-    image when there is one) as its imageset."""
+    image when there is one) as its imageset. The command samples each
+    rotation step at its start, the experiment path (DIALS's convention) at
+    its middle: the scan starts half a step before -phi, so that rendering
+    the file gives the same image."""
     from ..io.dials import Experiment, write_experiments
     from ..validate import output_paths
     models, _ = models_from_args(argv, dtype=torch.float64)
     paths = output_paths(info.config)
     images = [os.path.abspath(paths.get("noisefile", paths["intfile"]))]  # what a detector would record
+    given = models["scan"]
+    with torch.no_grad():
+        start, width = (float(x) for x in given.oscillation)
+    scan = Scan(given.image_range, (start - width / (2 * models["options"].phisteps), width), dtype=torch.float64)
     expt = Experiment(beam=models["beam"], detector=models["detector"], crystal=models["crystal"],
-                      goniometer=models["goniometer"], scan=models["scan"],
+                      goniometer=models["goniometer"], scan=scan,
                       extras={"imageset": {"__id__": "ImageSet", "images": images}})
     write_experiments(path, [expt], history=["torchbragg nanoBragg " + " ".join(argv)])

@@ -133,10 +133,12 @@ def run(argv: list[str], out=None) -> int:
     from ..build.nanobragg import models_from_args
     from ..simulator import Simulator
 
-    models, info = models_from_args(argv, write_dump=True)
+    # the command renders in float64 unless told otherwise: its files then equal the original's byte for byte
+    dtype = None if "-dtype" in argv else torch.float64
+    models, info = models_from_args(argv, dtype=dtype, write_dump=True)
     sim = Simulator(**models).to(info.dtype)
     for line in info.messages:
-        print(line, file=out)
+        print(line, file=sys.stderr if is_warning(line) else out)
     for line in geometry_report(sim, info):
         print(line, file=out)
     progress = None
@@ -154,14 +156,20 @@ def run(argv: list[str], out=None) -> int:
     return 0
 
 
+def is_warning(line: str) -> bool:
+    """Warnings and notes go to stderr; the report stays on stdout."""
+    return line.startswith(("WARNING", "note:"))
+
+
 def check_image(image) -> None:
     """Never write a non-finite or negative image: say what went wrong instead."""
     import torch
-    bad = int((~torch.isfinite(image)).sum())
+    # the float file holds 4-byte floats: a float64 pixel beyond their range would be written as infinity
+    bad = int((~torch.isfinite(image) | (image.abs() > torch.finfo(torch.float32).max)).sum())
     if bad:
-        raise InputError(f"the rendered image has {bad} NaN or infinite pixels: the intensities overflow or the "
-                         "inputs are degenerate; lower -default_F, -fluence or the structure factors, "
-                         "or try -dtype float64")
+        raise InputError(f"the rendered image has {bad} NaN or infinite pixels (as 4-byte floats): the "
+                         "intensities overflow or the inputs are degenerate; lower -default_F, -fluence or the "
+                         "structure factors")
     if bool((image < 0).any()):
         raise InputError("the rendered image has negative pixels: check the detector geometry "
                          "(-twotheta, -detector_rotx/y/z, detector vectors)")

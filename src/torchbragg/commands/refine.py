@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.images import is_container, read_image
 
-USAGE = """usage: torchbragg refine EXPERIMENTS.expt IMAGES... --out DIR [options] [nanoBragg flags]
+USAGE = """usage: torchbragg refine EXPERIMENTS.expt [IMAGES...] --out DIR [options] [nanoBragg flags]
 
 Refines the models of experiments against measured images and writes
 DIR/refined.expt (the experiment list with the refined models; models that
@@ -51,7 +51,8 @@ spot shape, divergence, dispersion and so on. Start values of refined
 quantities (N, fluence, mosaic spread) come from these flags; -N, -Na, -Nb
 and -Nc take any number >= 1 (e.g. a refined -N 9.69).
 
-images:
+images (default: the files the experiment list names in its imagesets, as
+torchbragg simulate and dials.import write them):
   .npy                      photons, (panels, slow, fast) or (slow, fast)
   .img / .smv               SMV; one panel, or panels tiled by their raw_image_offset
   .cbf                      (mini)CBF, read with fabio; -1 marks gaps
@@ -122,8 +123,6 @@ def parse(argv: list[str]) -> dict:
     opts["expt"], opts["images"] = (positionals[0], positionals[1:]) if positionals else (None, [])
     if opts["expt"] is None:
         raise InputError("no experiment file given")
-    if not opts["images"]:
-        raise InputError("no image given to refine against")
     if opts["out"] is None:
         raise InputError("--out DIR is required")
     if not opts["out"].strip():
@@ -365,6 +364,10 @@ def run(argv: list[str], out=None) -> int:
     from ..io.dials import read_experiments
 
     experiments = read_experiments(opts["expt"])
+    if not opts["images"]:  # the files the experiment list names
+        from ..io.imagesets import named_images
+        chosen = opts["experiment"] if opts["experiment"] is not None else list(range(len(experiments)))
+        opts["images"] = named_images(experiments, opts["expt"], chosen)
     shots = plan_shots(opts, experiments)
     # every image is read (and checked) before anything is rendered
     images = [read_image(s.path, experiments[s.experiment].detector, s.index, opts["adc_offset"]) for s in shots]

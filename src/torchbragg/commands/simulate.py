@@ -14,13 +14,17 @@ from .options import refuse_geometry, split_options
 USAGE = """usage: torchbragg simulate EXPERIMENTS.expt --out PREFIX [options] [nanoBragg flags]
 
 Renders a dataset and writes it with the experiment describing its truth
-(PREFIX.expt). Beam, detector (panels, sensor thickness and mu), goniometer,
+(PREFIX.expt, naming the images, in the frame and numbering a reader of the
+files gets). Beam, detector (panels, sensor thickness and mu), goniometer,
 scan and crystal come from the experiment; nanoBragg flags give the rest:
 -N, -mosaic, -mosaic_dom, -default_F, -hkl, -fluence or -flux, -phisteps
-(rotation steps per image), -oversample, -thicksteps, -absorbed_layers,
--roi, -mask, -dtype, -device, -seed, -nonoise, spot shape, divergence and
-dispersion, and so on. -N, -Na, -Nb and -Nc take any number >= 1 here (the
-domain size is continuous in the model; nanoBragg reads integers).
+(rotation steps per image, sampled at their middles), -oversample,
+-thicksteps, -parallax, -roi, -mask, -dtype (float32 by default), -device,
+-seed, -nonoise, spot shape, divergence and dispersion, and so on. -N, -Na,
+-Nb and -Nc take any number >= 1 here (the domain size is continuous in the
+model; nanoBragg reads integers). Panels with a thickness and mu get the
+physical parallax by default (-parallax dials: the depth DIALS's correction
+assumes; original: nanoBragg's layers). Missing output folders are made.
 
 what to render (default: every image of every experiment's scan, one image
 for a still):
@@ -111,9 +115,13 @@ def run(argv: list[str], out=None) -> int:
     opts = parse(argv)
     from ..build.experiment import parse_experiment_flags
     cfg = parse_experiment_flags(opts["flags"])
+    for note in cfg.notes:  # warnings about the flags
+        print(note, file=sys.stderr)
     folder = os.path.dirname(os.path.abspath(opts["out"]))
-    if not os.path.isdir(folder):
-        raise InputError(f"cannot write {opts['out']}: folder {folder} does not exist")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot make the output folder {folder}: {exc.strerror or exc}") from None
 
     from .. import dataset as ds
     from ..io.dials import read_experiments, write_experiments
@@ -131,8 +139,6 @@ def run(argv: list[str], out=None) -> int:
                       noise=cfg.output.calculate_noise, response=opts["response"])
     _check_targets(data, folder)
     renderer = ds.Renderer(experiments, cfg)
-    truth = [renderer.truth(s) for s in shots] if orientations is not None or opts["stills"] else \
-        [experiments[k] for k in dict.fromkeys(s.experiment for s in shots)]
 
     if data.format == "cbf":  # refuse geometry a miniCBF header cannot hold before rendering anything
         from ..io.cbf import pilatus_header
@@ -174,7 +180,8 @@ def run(argv: list[str], out=None) -> int:
             bar.close()
         if data.format == "nxs":
             _assemble_nxs(data, renderer, out)
-        write_experiments(data.prefix + ".expt", truth, history=["torchbragg simulate " + " ".join(argv)])
+        write_experiments(data.prefix + ".expt", truth_experiments(data, renderer),
+                          history=["torchbragg simulate " + " ".join(argv)])
     except BaseException:
         if bar is not None:
             bar.close()
@@ -228,6 +235,39 @@ def _remove_written(data, before: dict) -> None:
                 pass
     if data.format == "nxs":
         shutil.rmtree(data.prefix + "_work", ignore_errors=True)
+
+
+def truth_experiments(data, renderer) -> list:
+    """PREFIX.expt: each experiment as rendered (a still's crystal turned),
+    as a reader of its files gets it, naming its images. miniCBF and NXmx
+    files: in the reader frame (`torchbragg.io.frames`), an NXmx sweep's
+    images numbered 1..n as dxtbx numbers them; npy and SMV: in the input
+    frame. A sweep's scan holds the images rendered."""
+    from ..io import imagesets
+    from ..io.frames import written_list
+    nxs = os.path.basename(data.prefix) + ".nxs"
+    position = {id(s): k for k, s in enumerate(data.shots)}
+    groups: dict = {}
+    for s in data.shots:  # a sweep's images together; every still on its own
+        groups.setdefault(s.experiment if s.image is not None else ("still", s.number), []).append(s)
+    one_sweep = len({s.experiment for s in data.shots}) == 1
+    items = []
+    for group in groups.values():
+        first = group[0]
+        indices = [position[id(s)] for s in group]
+        if data.format == "nxs":
+            block = (imagesets.sequence(nxs, indices) if first.image is not None
+                     else imagesets.image_set([nxs], indices))
+        elif first.image is not None and one_sweep:  # files numbered as the scan numbers its images
+            name = os.path.basename(data.path(first))
+            digits = f"{first.number:05d}"
+            cut = name.rindex(digits)
+            block = imagesets.sequence(name[:cut] + "#" * len(digits) + name[cut + len(digits):])
+        else:
+            block = imagesets.image_set([os.path.basename(data.path(s)) for s in group])
+        images = (first.image, group[-1].image) if first.image is not None else None
+        items.append((renderer.truth(first), images, block))
+    return written_list(items, renumber=data.format == "nxs", rotate=data.format in ("cbf", "nxs"))
 
 
 def _chunks(todo, n):
