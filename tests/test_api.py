@@ -10,7 +10,7 @@ from torchbragg import SimulationConfig, Simulator, parse_args
 def test_config_api_equals_command_line(tmp_path):
     argv = ["-cell", "70", "80", "90", "75", "85", "95", "-default_F", "100", "-N", "4", "-lambda", "1.2",
             "-distance", "100", "-detpixels", "64", "-misset", "10", "20", "30"]
-    rc, _ = golden.run_cli(argv + ["-floatfile", "f.bin", "-nonoise", "-nopgm"], tmp_path)
+    rc, _ = golden.run_cli(argv + ["-floatfile", "f.bin", "-nonoise", "-nopgm", "-dtype", "float32"], tmp_path)
     assert rc == 0
     cli_image = np.fromfile(tmp_path / "f.bin", "<f4").reshape(64, 64)
 

@@ -39,7 +39,7 @@ def doc(panels, scan=True):
     if scan:
         d["experiment"][0].update(goniometer=0, scan=0)
         d["goniometer"] = [{"rotation_axis": [1.0, 0.0, 0.0]}]
-        d["scan"] = [{"image_range": [1, 10], "oscillation": [30.0, 0.1]}]
+        d["scan"] = [{"image_range": [1, 10], "oscillation": [30.0, 0.1], "exposure_time": [0.1] * 10}]
     return d
 
 
@@ -92,11 +92,14 @@ def test_pilatus_6m_rotation_round_trip(tmp_path):
     expt = experiment()
     counts = counts_for((2527, 2463))
     path = tmp_path / "image_00003.cbf"
-    write_minicbf(path, counts, expt, image=3, exposure_time=0.1)
+    write_minicbf(path, counts, expt, image=3)
     assert path.read_bytes()[:6] == b"###CBF"  # what dxtbx checks first
     assert b'conversions="x-CBF_BYTE_OFFSET"' in path.read_bytes()[:8192]
     data, convention, h, g = read_back(path)
-    assert data.dtype == np.int32 and np.array_equal(data, counts)
+    gaps = np.zeros(counts.shape, bool)  # the module gaps of a 6M: -1, as a Pilatus writes them
+    gaps[:, np.arange(2463) % 494 >= 487] = True
+    gaps[np.arange(2527) % 212 >= 195, :] = True
+    assert data.dtype == np.int32 and np.array_equal(data, np.where(gaps, -1, counts))
     assert convention == "PILATUS_1.2"
     assert h["Detector"] == "PILATUS 6M, S/N 60-0000"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}", h["timestamp"])
@@ -111,7 +114,7 @@ def test_pilatus_6m_rotation_round_trip(tmp_path):
     origin = np.array([-g["beam_mm"][0], g["beam_mm"][1], -g["distance"]])
     np.testing.assert_allclose(origin, ORIGIN, rtol=0, atol=1e-6)
     np.testing.assert_allclose(g["beam_xy"], [211.5 / PX, 219.4 / PX], rtol=0, atol=1e-6)
-    assert pilatus_header(expt, 3, 0.1) == fabio.open(str(path)).header["_array_data.header_contents"].replace(
+    assert pilatus_header(expt, 3) == fabio.open(str(path)).header["_array_data.header_contents"].replace(
         "\r\n", "\n")
 
 
@@ -123,7 +126,7 @@ def test_still_and_one_image_stack(tmp_path):
     data, convention, h, g = read_back(path)
     assert np.array_equal(data, counts[0]) and convention == "PILATUS_1.2"
     assert h["Detector"].startswith("PILATUS 100K")
-    assert g["start"] == 0.0 and g["width"] == 0.0 and g["exposure"] == 1.0
+    assert g["start"] == 0.0 and g["width"] == 0.0 and g["exposure"] == 0.0  # a still: no scan, no exposure
     np.testing.assert_allclose([-g["beam_mm"][0], g["beam_mm"][1], -g["distance"]], [-40.0, 50.0, -100.0],
                                rtol=0, atol=1e-6)
 
@@ -136,10 +139,11 @@ def test_simulator_experiment(tmp_path, dtype):
                                           "-detpixels", "64", "-pixel", "0.1", "-distance", "120",
                                           "-Xbeam", "2.9", "-Ybeam", "3.75", "-lambda", "1.3",
                                           "-phi", "10", "-osc", "0.5"], dtype=dtype)
+    sim.scan.extras["exposure_time"] = [0.25]
     expt = Experiment(beam=sim.beam, detector=sim.detector, goniometer=sim.goniometer, scan=sim.scan)
     counts = counts_for((64, 64), seed=2)
     path = tmp_path / "sim_0001.cbf"
-    write_minicbf(path, counts, expt, image=1, exposure_time=0.25)
+    write_minicbf(path, counts, expt, image=1)
     data, convention, h, g = read_back(path)
     assert np.array_equal(data, counts)
     assert convention == "GENERIC_MINI" and "PILATUS" not in h["Detector"]  # not a Pilatus module tiling
@@ -147,11 +151,14 @@ def test_simulator_experiment(tmp_path, dtype):
     assert g["wavelength"] == pytest.approx(1.3, abs=1e-6)
     assert g["start"] == pytest.approx(10.0) and g["width"] == pytest.approx(0.5)
     assert g["exposure"] == pytest.approx(0.25)
+    # nanoBragg's frame (beam +x, spindle +z) turned to the reader's: (x, y, z) -> (z, y, -x)
     origin, fast, slow, normal = frames(expt)
-    incident = sim.beam.incident().detach().double().numpy()
+    q = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
     assert g["distance"] == pytest.approx(float(origin @ normal), abs=1e-6)
-    rebuilt = g["distance"] * incident - g["beam_mm"][0] * fast - g["beam_mm"][1] * slow
-    np.testing.assert_allclose(rebuilt, origin, rtol=0, atol=1e-6)
+    rebuilt = np.array([-g["beam_mm"][0], g["beam_mm"][1], -g["distance"]])
+    np.testing.assert_allclose(rebuilt, q @ origin, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(q @ fast, [1.0, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(q @ slow, [0.0, -1.0, 0.0], atol=1e-12)
 
 
 def test_modules_are_assembled_with_gaps(tmp_path):
@@ -179,9 +186,9 @@ def no_files(folder):
 
 @pytest.mark.parametrize("case, message", [
     ("tilted", "tilted 10 deg .* write NeXus"),
-    ("no_offsets", "no raw_image_offset .* NeXus"),
+    ("no_offsets", "overlaps another panel .* NeXus"),
     ("overlap", "overlaps another panel"),
-    ("misplaced", "not where its raw_image_offset"),
+    ("misplaced", "misplace pixels of panel 1 .* write NeXus"),
     ("outside_scan", "image 11 is outside the scan's images 1..10"),
     ("float_counts", "counts must be integers"),
     ("wrong_shape", r"counts have shape \(10, 10\)"),
@@ -240,17 +247,24 @@ def test_header_is_deterministic_and_uses_scan_epochs():
     d["scan"][0] = {"image_range": [1, 2], "properties": {"oscillation": [0.0, 0.2], "epochs": [1.5e9, 1.5e9 + 0.2],
                                                           "exposure_time": [0.2, 0.2]}}
     expt = experiments_from_dict(copy.deepcopy(d))[0]
-    h = parse(pilatus_header(expt, 2, 0.2))
+    h = parse(pilatus_header(expt, 2))
     assert h["timestamp"] == "2017-07-14T02:40:00.200"
     assert float(h["Start_angle"].split()[0]) == pytest.approx(0.2)
-    assert pilatus_header(expt, 2, 0.2) == pilatus_header(expt, 2, 0.2)
+    assert float(h["Exposure_time"].split()[0]) == float(h["Exposure_period"].split()[0]) == pytest.approx(0.2)
+    assert pilatus_header(expt, 2) == pilatus_header(expt, 2)
 
 
-def test_a_refined_detectors_small_tilt_is_written_untilted(tmp_path):
-    """Refined real detectors tilt by a fraction of a degree: the header holds
-    the untilted approximation with the same distance along the normal."""
-    c, s = math.cos(math.radians(0.3)), math.sin(math.radians(0.3))
-    expt = experiment([panel(fast=(c, 0.0, s), size=(487, 195))])
-    counts = np.arange(487 * 195, dtype=np.int32).reshape(1, 195, 487)
-    write_minicbf(tmp_path / "x.cbf", counts, expt, image=1)
-    assert np.array_equal(fabio.open(str(tmp_path / "x.cbf")).data, counts[0])
+@pytest.mark.parametrize("degrees, written", [(0.002, True), (0.01, False)])
+def test_tilt_is_written_only_within_a_tenth_of_a_pixel(tmp_path, degrees, written):
+    """A 6M-sized panel 190 mm away: 0.002 deg of tilt moves its far corners by
+    about 0.07 px in dxtbx's untilted model (written), 0.01 deg by 0.35 px (refused)."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    expt = experiment([panel(fast=(c, 0.0, s))])
+    counts = np.zeros((2527, 2463), np.int32)
+    if written:
+        write_minicbf(tmp_path / "x.cbf", counts, expt, image=1)
+        assert (fabio.open(str(tmp_path / "x.cbf")).data >= -1).all()
+    else:
+        with pytest.raises(ValueError, match=r"misplace pixels of panel 0 \('Panel'\) by 0\.3\d+ px"):
+            write_minicbf(tmp_path / "x.cbf", counts, expt, image=1)
+        assert no_files(tmp_path)

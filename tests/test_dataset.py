@@ -45,8 +45,10 @@ def sweep(tmp_path):
     assert rc == 0, text
     doc = json.loads((tmp_path / "one.expt").read_text())
     scan = doc["scan"][0]
+    start = scan["properties"]["oscillation"][0]  # half a step before -phi: the experiment path samples mid-step
+    assert start == pytest.approx(-OSC / 4)  # -phisteps 2
     scan["image_range"] = [1, 10]
-    scan["properties"] = {"oscillation": [OSC * i for i in range(10)], "exposure_time": [1.0] * 10,
+    scan["properties"] = {"oscillation": [start + OSC * i for i in range(10)], "exposure_time": [1.0] * 10,
                           "epochs": [float(i) for i in range(10)]}
     (tmp_path / "sweep.expt").write_text(json.dumps(doc))
     return tmp_path
@@ -191,7 +193,7 @@ def test_nexus_file_holds_the_sweep(sweep):
         assert data.shape == (3, 64, 64)
         omega = [k for k in fh["/entry/sample/transformations"] if not k.endswith(("_end", "_increment_set"))]
         angles = fh[f"/entry/sample/transformations/{omega[0]}"][()]
-    np.testing.assert_allclose(angles, [2.0, 3.0, 4.0])
+    np.testing.assert_allclose(angles, [1.75, 2.75, 3.75])  # the scan's starts of images 3..5
     for k, number in enumerate((3, 4, 5)):
         expected = ds.photon_counts(np.load(sweep / f"f_{number:05d}.npy"), 2, number)[0]
         assert np.array_equal(data[k], expected)

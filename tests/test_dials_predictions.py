@@ -253,14 +253,14 @@ def test_centroids_match_dials_parallax_prediction(rendered, oracle):
 
 
 def test_builtin_sensor_layers_sit_along_the_normal(experiment, oracle):
-    """The simulator's own layered sensor (-thicksteps n, nanoBragg's rule:
+    """The simulator's own layered sensor (-thicksteps n, -parallax original, nanoBragg's rule:
     layers k * t / (n - 1) deep, counted equally, the pixel scaled by the last
     layer's capture fraction) puts the spot where s1 crosses the mean layer
     depth t / 2: its centroid follows that geometry, not DIALS's mean
     absorption depth."""
     h = (19, 0, 39)
     (f0, s0), = [w for hh, w in zip(REFLECTIONS, windows(oracle)) if hh == h]
-    cfg = parse_args(FLAGS + ["-thicksteps", "8"])
+    cfg = parse_args(FLAGS + ["-thicksteps", "8", "-parallax", "original"])
     sim, _ = build_from_experiment(experiment, cfg)
     assert (sim.options.sensor_layers, sim.options.layer_divisor) == (8, 7)
     sim.options.roi = (f0, f0 + WINDOW - 1, s0, s0 + WINDOW - 1)
@@ -287,3 +287,123 @@ def test_absorbed_layers_give_dials_parallax(experiment, oracle):
     c = centroid(img, f0, s0)
     assert np.linalg.norm(c - oracle.px(h)) < 0.1
     assert np.linalg.norm(c - oracle.px(h, parallax=False)) > 0.25
+
+
+def window_centroid(experiment, flags, window):
+    f0, s0 = window
+    sim, _ = build_from_experiment(experiment, parse_args(list(flags)))
+    sim.options.roi = (f0, f0 + WINDOW - 1, s0, s0 + WINDOW - 1)
+    with torch.no_grad():
+        img = sim.render_panel(0).numpy()[s0:s0 + WINDOW, f0:f0 + WINDOW]
+    assert border_fraction(img) < 1e-3
+    return centroid(img, f0, s0), sim
+
+
+def test_default_render_matches_dials_predictions(experiment, oracle):
+    """Default flags (plus -thicksteps) on the experiment path: every selected
+    spot's centroid within 0.5 px of DIALS's parallax-corrected prediction."""
+    errs = []
+    for h, window in zip(REFLECTIONS, windows(oracle)):
+        c, sim = window_centroid(experiment, FLAGS + ["-thicksteps", "6"], window)
+        errs.append(np.linalg.norm(c - oracle.px(h)))
+    assert sim.options.absorbed_layers and sim.options.parallax == "physical"
+    print("centroid - DIALS prediction (px):", np.round(errs, 3))
+    assert max(errs) < 0.5
+
+
+@pytest.fixture(scope="module")
+def thin_sensor(tmp_path_factory):
+    """The same still on a sensor that absorbs about a third of the photons
+    (mu 0.45 /mm over 1 mm, like silicon at 18 keV): DIALS's depth (mean depth
+    times absorbed fraction) is then well short of the physical mean depth."""
+    with open(EXPT) as fh:
+        doc = json.load(fh)
+    doc["detector"][0]["panels"][0]["mu"] = 0.45
+    path = tmp_path_factory.mktemp("thin") / "thin.expt"
+    path.write_text(json.dumps(doc))
+    return read_experiments(str(path))[0], StillsOracle(str(path))
+
+
+def physical_px(oracle, h):
+    """Where s1 crosses the mean depth of the photons the sensor absorbs."""
+    s1 = oracle.s1(h)
+    cos_t = (s1 / np.linalg.norm(s1)) @ oracle.normal
+    absorbed = 1.0 - np.exp(-oracle.mu * oracle.t0 / cos_t)
+    u = s1 / np.linalg.norm(s1)
+    shift = oracle.attenuation_length(s1) / absorbed
+    return (oracle.mm(h) + shift * np.array([u @ oracle.fast, u @ oracle.slow])) / oracle.pixel
+
+
+@pytest.mark.parametrize("rule", ["physical", "dials"])
+def test_parallax_rules_on_a_thin_sensor(thin_sensor, rule):
+    """Default (physical): the spot sits at the absorbed photons' mean depth;
+    -parallax dials: where DIALS's correction puts it; the two differ by
+    several tenths of a pixel at high angle."""
+    experiment, oracle = thin_sensor
+    h = (19, 0, 39)
+    (window,) = [w for hh, w in zip(REFLECTIONS, windows(oracle)) if hh == h]
+    flags = FLAGS + ["-thicksteps", "12"] + (["-parallax", "dials"] if rule == "dials" else [])
+    c, sim = window_centroid(experiment, flags, window)
+    assert sim.options.sensor_layers == (13 if rule == "dials" else 12)
+    physical, dials = physical_px(oracle, h), oracle.px(h)
+    assert np.linalg.norm(physical - dials) > 0.5
+    want, other = (physical, dials) if rule == "physical" else (dials, physical)
+    assert np.linalg.norm(c - want) < 0.1
+    assert np.linalg.norm(c - other) > 0.4
+
+
+def test_slab_count_follows_the_attenuation_length(experiment, thin_sensor):
+    """Without -thicksteps: slabs at most half an attenuation length thick (2 to 16)."""
+    opts = lambda e: build_from_experiment(e, parse_args(list(FLAGS)))[0].options  # noqa: E731
+    assert opts(experiment).sensor_layers == 8  # mu t = 3.92: ceil(7.8)
+    assert opts(thin_sensor[0]).sensor_layers == 2  # mu t = 0.45
+
+
+# ----------------------------------------------------------------------------- a real sweep
+
+LCYS = os.path.join(DATA, "lcys_02_integrated.expt")
+LCYS_REFL = os.path.join(DATA, "lcys_02_integrated_refl.json")
+
+
+@pytest.fixture(scope="module")
+def lcys_spots():
+    """Strong spots of the measured L-cysteine sweep (PILATUS 2M tilted 30
+    deg, two-axis goniometer, a beam 2 deg off -z, 0.32 mm silicon at 18 keV
+    absorbing a third of the photons) whose prediction lies mid-sweep, with
+    DIALS's xyzcal.px (z: frames from the start of image 1)."""
+    with open(LCYS_REFL) as fh:
+        refl = json.load(fh)["reflections"]
+    spots = [r["xyzcal_px"] for r in refl if r["flags"] & 32 and 2.5 < r["xyzcal_px"][2] < 7.5]
+    spots = [s for s in spots if 10 < s[0] < 1465 and 10 < s[1] < 1669]
+    return np.array(spots[:4])
+
+
+@pytest.mark.parametrize("rule", ["physical", "dials"])
+def test_real_sweep_centroids_match_dials(lcys_spots, rule):
+    """Each spot rendered over the ten frames in a window: its (x, y, z)
+    centroid against DIALS's prediction. Default flags (physical parallax):
+    within 0.5 px; -parallax dials: within 0.1 px (like for like). z (frames,
+    steps sampled at their middles) within 0.25 frame."""
+    experiment = read_experiments(LCYS)[0]
+    flags = "-N 30 -default_F 100 -oversample 2 -phisteps 4 -thicksteps 8".split()
+    sim, _ = build_from_experiment(experiment, parse_args(flags + (["-parallax", "dials"] if rule == "dials" else [])))
+    assert sim.options.phi_midpoints and sim.options.parallax == rule
+    half = 6
+    errs = []
+    for x, y, z in lcys_spots:
+        f0, s0 = int(x) - half, int(y) - half
+        sim.options.roi = (f0, f0 + 2 * half, s0, s0 + 2 * half)
+        with torch.no_grad():
+            stack = np.array([sim.render(n)[0].numpy()[s0:s0 + 2 * half + 1, f0:f0 + 2 * half + 1]
+                              for n in range(1, 11)])
+        total = stack.sum()
+        ff, ss = np.meshgrid(np.arange(f0, f0 + 2 * half + 1) + 0.5, np.arange(s0, s0 + 2 * half + 1) + 0.5)
+        c = np.array([(stack * ff).sum(), (stack * ss).sum(), (stack.sum((1, 2)) * (np.arange(10) + 0.5)).sum()])
+        errs.append(c / total - [x, y, z])
+    errs = np.array(errs)
+    xy = np.hypot(errs[:, 0], errs[:, 1])
+    print(rule, "xy (px):", np.round(xy, 3), "z (frames):", np.round(errs[:, 2], 3))
+    assert xy.max() < (0.5 if rule == "physical" else 0.1)
+    assert np.abs(errs[:, 2]).max() < 0.25
+    if rule == "physical":  # the physical depth is measurably deeper than DIALS's
+        assert np.median(xy) > 0.1

@@ -103,3 +103,15 @@ def test_audit_runs_from_an_installed_package(tmp_path):
     assert not any(line.split()[:1] == ["git"] for line in commands.splitlines())  # no checkout, no git
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert records and all(r["passed"] and r["file"] == CHECKS for r in records)
+
+
+def test_without_pytest_the_audit_asks_for_the_extra(tmp_path, capsys, monkeypatch):
+    """pytest is not a runtime dependency: without it `torchbragg gradcheck`
+    says which extra to install, exits 2 and writes nothing."""
+    from torchbragg.commands.tool import main as tool
+    monkeypatch.setitem(sys.modules, "pytest", None)  # `import pytest` now raises ImportError
+    out = tmp_path / "bundle"
+    assert tool(["gradcheck", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == "torchbragg gradcheck needs pytest: pip install 'torchbragg[audit]'\n"
+    assert not out.exists()

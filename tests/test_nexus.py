@@ -14,7 +14,8 @@ nxmx = pytest.importorskip("nxmx")
 
 import torchbragg  # noqa: E402
 from torchbragg.io.dials import Experiment, experiments_from_dict  # noqa: E402
-from torchbragg.io.nexus import NXmxWriter, mcstas_rotation, write_nxmx  # noqa: E402
+from torchbragg.io.frames import reader_rotation  # noqa: E402
+from torchbragg.io.nexus import NXmxWriter, write_nxmx  # noqa: E402
 
 DIALS_TO_MCSTAS = np.diag([-1.0, 1.0, -1.0])
 
@@ -81,12 +82,13 @@ def read_back(path):
     modules = []
     for m in det.modules:
         chain = nxmx.get_dependency_chain(m.fast_pixel_direction.depends_on)
-        a = nxmx.get_cumulative_transformation(chain)
-        origin = a[0, :3, 3]
+        a = nxmx.get_cumulative_transformation(chain)[0]
+        offset = np.zeros(3)
         if m.fast_pixel_direction.offset is not None:
-            origin = origin + m.fast_pixel_direction.offset.to("mm").magnitude
-        modules.append(dict(origin=origin, fast=np.asarray(m.fast_pixel_direction.vector),
-                            slow=np.asarray(m.slow_pixel_direction.vector),
+            offset = m.fast_pixel_direction.offset.to("mm").magnitude
+        # the offset and the axes are given in the frame the chain ends in
+        modules.append(dict(origin=a[:3, :3] @ offset + a[:3, 3], fast=a[:3, :3] @ m.fast_pixel_direction.vector,
+                            slow=a[:3, :3] @ m.slow_pixel_direction.vector,
                             pixel=(m.fast_pixel_direction[()].to("mm").magnitude.item(),
                                    m.slow_pixel_direction[()].to("mm").magnitude.item()),
                             slices=tuple(slice(int(a0), int(a0 + n)) for a0, n in zip(m.data_origin, m.data_size))))
@@ -231,7 +233,7 @@ def test_nanobragg_mosflm_frame(tmp_path):
                                           "-phi", "10", "-osc", "0.5"])
     expt = Experiment(beam=sim.beam, detector=sim.detector, goniometer=sim.goniometer, scan=sim.scan)
     mosflm_to_mcstas = np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    np.testing.assert_allclose(mcstas_rotation(expt.beam.incident().double().numpy()), mosflm_to_mcstas, atol=1e-15)
+    np.testing.assert_allclose(DIALS_TO_MCSTAS @ reader_rotation(expt), mosflm_to_mcstas, atol=1e-15)
     counts = counts_for((48, 48), seed=3)
     path = tmp_path / "sim.nxs"
     write_nxmx(path, expt, [counts])
@@ -247,15 +249,20 @@ def test_nanobragg_mosflm_frame(tmp_path):
 
 
 def test_frame_rotation_rule():
-    """DIALS frame -> diag(-1, 1, -1); McStas -> unchanged; always proper and beam -> +z."""
-    np.testing.assert_allclose(mcstas_rotation([0.0, 0.0, -1.0]), DIALS_TO_MCSTAS, atol=1e-15)
-    np.testing.assert_allclose(mcstas_rotation([0.0, 0.0, 1.0]), np.eye(3), atol=1e-15)
+    """The reader frame: DIALS's frame unchanged; always proper, beam -> -z,
+    rotation axis into the x-z plane on the +x side."""
+    det = {"panels": [panel([-5.0, 5.0, -100.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [10, 10])]}
+    scan = {"image_range": [1, 2], "oscillation": [0.0, 1.0]}
+    np.testing.assert_allclose(reader_rotation(experiment(det, {"rotation_axis": [1.0, 0.0, 0.0]}, scan)),
+                               np.eye(3), atol=0)
     rng = np.random.default_rng(5)
-    for b in rng.normal(size=(20, 3)):
-        q = mcstas_rotation(b)
+    for b, a in rng.normal(size=(20, 2, 3)):
+        q = reader_rotation(experiment(det, {"rotation_axis": list(a)}, scan, direction=list(-b)))
         np.testing.assert_allclose(q @ q.T, np.eye(3), atol=1e-12)
         assert np.linalg.det(q) == pytest.approx(1.0)
-        np.testing.assert_allclose(q @ unit(b), [0.0, 0.0, 1.0], atol=1e-12)
+        np.testing.assert_allclose(q @ unit(b), [0.0, 0.0, -1.0], atol=1e-12)
+        turned = q @ unit(a)
+        assert abs(turned[1]) < 1e-12 and turned[0] > 0
 
 
 def test_exception_leaves_nothing(tmp_path):
@@ -317,7 +324,7 @@ def test_goniometer_chain_reproduces_rotation(tmp_path, kind):
     path = tmp_path / "g.nxs"
     write_nxmx(path, expt, [counts_for(size[::-1], seed=i) for i in range(3)])
     back = read_back(path)
-    q = DIALS_TO_MCSTAS
+    q = DIALS_TO_MCSTAS @ reader_rotation(expt)
     start, width = expt.scan.oscillation.double().tolist()
     want = expt.goniometer.rotation(torch.tensor([start + i * width for i in range(3)])).numpy()
     np.testing.assert_allclose(crystal_rotations(back, 3), q @ want @ q.T, atol=1e-12)

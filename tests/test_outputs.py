@@ -12,7 +12,7 @@ REPORT_PREFIXES = ("max_I =", "mean=", "intfile_scale =", "pgm_scale =", "photon
 
 def _run(case, tmp_path, extra=()):
     folder = golden.materialize(case, tmp_path / case)
-    argv = golden.args(case) + ["-floatfile", "float.bin", "-dtype", "float64", *extra]
+    argv = golden.args(case) + ["-floatfile", "float.bin", *extra]  # the default: float64
     if "-pgmfile" not in argv:
         argv.append("-nopgm")  # as the reference runs were made
     rc, text = golden.run_cli(argv, folder)
@@ -44,7 +44,7 @@ def test_fdump_written_like_the_original_and_read_back(tmp_path):
     assert (folder / "Fdump.bin").read_bytes() == golden.reference("hkl_table", "Fdump.bin")
     # without -hkl the cache is read and says so
     args = [a for a in golden.args("hkl_table") if a not in ("-hkl", "P1.hkl")]
-    rc, text = golden.run_cli(args + ["-floatfile", "again.bin", "-nopgm", "-nonoise", "-dtype", "float64"], folder)
+    rc, text = golden.run_cli(args + ["-floatfile", "again.bin", "-nopgm", "-nonoise"], folder)
     assert rc == 0
     assert "reading Fs from Fdump.bin" in text
     again = np.fromfile(folder / "again.bin", "<f4")

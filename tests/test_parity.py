@@ -10,13 +10,15 @@ CASES = golden.cases()
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    """Render each case once (float32, the default) and keep image and stdout."""
+    """Render each case once in float32 (the fast option; float64 is the
+    command's default) and keep image and stdout."""
     out = {}
     root = tmp_path_factory.mktemp("golden")
     for case in CASES:
         folder = golden.materialize(case, root / case)
         try:
-            rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise"], folder)
+            rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise",
+                                                            "-dtype", "float32"], folder)
         except Exception as exc:  # reported by the tests of this case, not as a fixture error
             rc, text = repr(exc), repr(exc)
         image = np.fromfile(folder / "float.bin", "<f4") if rc == 0 else None
@@ -116,21 +118,22 @@ def physics_flags(argv: list[str]) -> list[str]:
 def test_experiment_round_trip(case, tmp_path):
     """flags -> -write_expt -> torchbragg simulate with the remaining physics
     flags renders the same float image, in float64. The oversampling and the
-    phi steps are passed explicitly: an experiment file holds neither."""
+    phi steps are passed explicitly: an experiment file holds neither; and the
+    original's sensor rule (the experiment path's default is the physical one)."""
     import io
     import os
     from contextlib import redirect_stdout
 
     from torchbragg.commands.simulate import run
     folder = golden.materialize(case, tmp_path / case)
-    rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise", "-dtype",
-                                                   "float64", "-write_expt", "run.expt"], folder)
+    rc, text = golden.run_cli(golden.args(case) + ["-floatfile", "float.bin", "-nopgm", "-nonoise",
+                                                   "-write_expt", "run.expt"], folder)
     assert rc == 0, text
     image = np.fromfile(folder / "float.bin", "<f4")
     steps = [l for l in text.splitlines() if "pixel oversample steps" in l][0].split("x")[0].strip()
     phisteps = [l for l in text.splitlines() if " phi steps from " in l][0].split()[0]
     argv = ["run.expt", "--out", "rt", "--quiet", *physics_flags(golden.args(case)), "-oversample", steps,
-            "-phisteps", phisteps, "-dtype", "float64"]
+            "-phisteps", phisteps, "-dtype", "float64", "-parallax", "original"]
     old = os.getcwd()
     try:
         os.chdir(folder)

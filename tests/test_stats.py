@@ -118,13 +118,13 @@ def test_compiled_and_python_helpers_agree(monkeypatch):
     without the compiled helpers."""
     import torchbragg.noise as noise_mod
     from torchbragg import stats as st
-    if noise_mod._LIB is None:
+    if noise_mod.LIBRARY is None:
         pytest.skip("compiled helpers not built")
     rng = np.random.default_rng(3)
     vals = np.concatenate([rng.exponential(50.0, 20000), [0.0, 1e-300, 65534.5, 1e30]])
     fast_fma = st._fma_np(vals, 462.846, 40.0)
     fast_sum = st._seq_sum(vals)
-    monkeypatch.setattr(noise_mod, "_LIB", None)
+    monkeypatch.setattr(noise_mod, "LIBRARY", None)
     np.testing.assert_array_equal(st._fma_np(vals, 462.846, 40.0), fast_fma)
     assert st._seq_sum(vals) == fast_sum
 
@@ -134,7 +134,7 @@ def test_compiled_and_python_int_image_and_statistics_agree(monkeypatch, fma):
     """The integer image and the statistics give the same bits with or
     without the compiled loops, on ties, overflows, NaN, ROI and mask."""
     import torchbragg.noise as noise_mod
-    if noise_mod._LIB is None:
+    if noise_mod.LIBRARY is None:
         pytest.skip("compiled helpers not built")
     rng = np.random.default_rng(5)
     img = rng.exponential(30.0, (61, 83)).astype(np.float32)
@@ -155,7 +155,7 @@ def test_compiled_and_python_int_image_and_statistics_agree(monkeypatch, fma):
             out.append(stats.int_image(img, 0.0, 1.0, roi=kw.get("roi"), fma=fma).tobytes())
         return out
     fast = everything()
-    monkeypatch.setattr(noise_mod, "_LIB", None)
+    monkeypatch.setattr(noise_mod, "LIBRARY", None)
     slow = everything()
     for a, b in zip(fast, slow):
         if isinstance(a, stats.ImageStats):

@@ -281,10 +281,10 @@ def test_model_renders_and_resolution_default(tmp_path):
     st.write_pdb(path)
     image = render(geometry(CELLS[sg]) + ["-model", path])
     assert np.isfinite(image).all() and image.sum() > 0
-    from torchbragg.build.nanobragg import build_from_args
-    _, info = build_from_args(geometry(CELLS[sg]) + ["-model", path, "-dmin", "4"])
+    from torchbragg.build.nanobragg import models_from_args
+    _, info = models_from_args(geometry(CELLS[sg]) + ["-model", path, "-dmin", "4"])
     assert any("to 4 A" in m for m in info.messages)
-    _, info = build_from_args(geometry(CELLS[sg]) + ["-model", path, "-model_dmin", "3.5"])
+    _, info = models_from_args(geometry(CELLS[sg]) + ["-model", path, "-model_dmin", "3.5"])
     assert any("to 3.5 A" in m for m in info.messages)
 
 

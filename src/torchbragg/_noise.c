@@ -198,3 +198,108 @@ double tb_deviation_sq(const float *v, long n, double mean) {
     }
     return q;
 }
+
+/* ---- noisify: two seed words over one generator state ---------------------------------- */
+
+/* Bytes of the generator state the noisify functions share (allocated by the caller, zeroed). */
+long tb_stream_size(void) { return (long)sizeof(stream_t); }
+
+static float draw_normal(stream_t *s, long *word) {
+    s->idum = *word;
+    float v = normal(s, 0);
+    *word = s->idum;
+    return v;
+}
+
+/* Flicker and calibration factors and Poisson photons, pixel by pixel, as
+   noisify: the -seed and -calib_seed words take turns on one shuffle table
+   and one set of spare deviates (statics in the original). `s` must start
+   zeroed; *seed_word returns the -seed word for the read-out noise. */
+void tb_noisify_photons(const float *in, long n, long seed, long calib_seed, double flicker, double calibration,
+                        stream_t *s, long *seed_word, float *out, double *total) {
+    long sw = seed, cw = calib_seed;
+    double sum = 0.0;
+    if (s->iy == 0 && s->idum == 0) s->oldm = -1.0f;
+    for (long i = 0; i < n; i++) {
+        double p = in[i];
+        if (flicker > 0.0) p *= 1.0 + flicker * draw_normal(s, &sw);
+        if (calibration > 0.0) p *= 1.0 + calibration * draw_normal(s, &cw);
+        s->idum = sw;
+        out[i] = (float)poisson((float)p, s, 0);
+        sw = s->idum;
+        sum += out[i];
+    }
+    *seed_word = sw;
+    *total = sum;
+}
+
+/* n read-out noise values (ADU) continuing the -seed word. */
+void tb_noisify_read_noise(stream_t *s, long seed_word, long n, double readout, double *out) {
+    long sw = seed_word;
+    for (long i = 0; i < n; i++) out[i] = readout * draw_normal(s, &sw);
+}
+
+static int c_int(double x) { return (x != x || fabs(x) >= 2147483648.0) ? INT32_MIN : (int)x; }
+
+/* noisify's PSF disc of each source pixel (radius from its photons unless
+   user_radius != 0; gauss: kind 0, fiber: kind 1) and the photons beyond
+   it, summed left to right. Sources below 0.01 photons (an undefined case
+   of the original's Gaussian rule) keep one pixel. */
+void tb_noisify_psf_radii(const double *photons, long n, int kind, double fwhm, double g, int user_radius,
+                          int maxwidth, long *radii, double *lost_total) {
+    double lost_sum = 0.0;
+    for (long i = 0; i < n; i++) {
+        double v = photons[i];
+        int r = user_radius;
+        if (user_radius == 0) {
+            double lost = sqrt(v) / 10.0;
+            if (kind == 0) {
+                double arg = -log(lost / v) / log(16);
+                r = arg < 0 ? 1 : c_int(1 + ceil(sqrt(arg) * fwhm));
+            } else {
+                r = c_int(1 + ceil(g * (v / lost)));
+            }
+        }
+        if (r == 0) r = 1;
+        if (r > maxwidth) r = maxwidth;
+        radii[i] = r;
+        if (kind == 0) {
+            double rsq = r;
+            rsq = rsq / fwhm;
+            rsq = rsq * rsq;
+            lost_sum += v * exp(-log(16) * rsq);
+        } else {
+            lost_sum += v * g / sqrt(g * g + r * r);
+        }
+    }
+    *lost_total = lost_sum;
+}
+
+/* noisify's spread of each source pixel over its disc of the kernel
+   ((2R+1)^2, zero outside the kernel's own disc), in the original's order
+   (sources in turn, dx outer, dy inner; each sum rounded to float), with its
+   bounds test (x may reach the width: the first pixel of the next row).
+   out holds H*W+1 floats. */
+void tb_noisify_psf_spread(const long *src, const double *vals, const long *radii, long m, int W, int H,
+                           const double *kernel, int R, float *out) {
+    long n = (long)W * H;
+    int ks = 2 * R + 1;
+    for (long q = 0; q < m; q++) {
+        int x0 = (int)(src[q] % W), y0 = (int)(src[q] / W);
+        int r = (int)radii[q];
+        double v = vals[q];
+        for (int dx = -r; dx <= r; dx++) {
+            if (dx < -R || dx > R) continue;
+            for (int dy = -r; dy <= r; dy++) {
+                if (dy < -R || dy > R) continue;
+                double k = kernel[ks * (R + dy) + R + dx];
+                if (k == 0.0 || dx * dx + dy * dy > r * r) continue;
+                int x = x0 + dx, y = y0 + dy;
+                if (x < 0 || x > W || y < 0 || y > H) continue;
+                long j = (long)y * W + x;
+                if (j < 0 || j > n) continue;
+                out[j] += v * k;
+            }
+        }
+    }
+}

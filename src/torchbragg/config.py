@@ -118,6 +118,7 @@ class DetectorConfig:
     oversample_polar: bool = False
     oversample_omega: bool = False
     absorbed_layers: bool = False  # slabs weighted by what they absorb (torchbragg)
+    parallax: str | None = None  # physical | dials | original; None: the command's default
     roi: tuple[int, int, int, int] | None = None  # xmin xmax ymin ymax, inclusive
     mask_file: str | None = None
     img_file: str | None = None

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
+from .units import HC_EV_ANGSTROM
 
 FORMATS = ("npy", "smv", "cbf", "nxs")
+MAX_SHOTS = 1000000  # images in one dataset, checked before any is planned
 PANEL_SEED_STRIDE = 1000003
-HC_EV_A = 12398.42  # h c in eV Angstrom, as the -energy flag uses
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Dataset:
     dtype: str | None = None
     device: str | None = None
     extras: dict = field(default_factory=dict)
+    response: dict | None = None  # DetectorResponse arguments: files hold that detector's readings
 
     def path(self, shot: Shot) -> str:
         ext = {"npy": "npy", "smv": "img", "cbf": "cbf", "nxs": "npy"}[self.format]
@@ -92,6 +94,35 @@ def _lines(path: str):
                     yield i, text
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a text file") from None
+
+
+def check_rotation(m, where: str) -> np.ndarray:
+    """A 3x3 proper rotation (orthonormal, determinant +1), else InputError."""
+    try:
+        m = np.asarray(m, dtype=np.float64).reshape(3, 3)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: an orientation must be a 3x3 rotation matrix") from None
+    if not np.all(np.isfinite(m)) or not np.allclose(m @ m.T, np.eye(3), atol=1e-6) or np.linalg.det(m) < 0:
+        raise InputError(f"{where}: the matrix is not a rotation")
+    return m
+
+
+def check_spectrum(wavelengths, weights, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Wavelengths (Angstrom) within the physical range and weights >= 0 with a positive sum."""
+    from .io.dials import WAVELENGTH_RANGE
+    lam, w = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (wavelengths, weights))
+    lo, hi = WAVELENGTH_RANGE
+    if lam.size == 0 or lam.shape != w.shape:
+        raise InputError(f"{where}: give as many weights as wavelengths (at least one)")
+    if not np.all(np.isfinite(lam)) or not np.all((lam >= lo) & (lam <= hi)):
+        bad = float(lam[~(np.isfinite(lam) & (lam >= lo) & (lam <= hi))][0])
+        energy = f" (energy {HC_EV_ANGSTROM / bad:g} eV)" if math.isfinite(bad) and bad != 0 else ""
+        raise InputError(f"{where}: wavelength {bad:g} A{energy} is outside the physical range {lo:g} to {hi:g} A")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+        raise InputError(f"{where}: the weights must be finite, not negative, and add up to more than zero")
+    return lam, w
 
 
 def read_orientations(path: str) -> list[np.ndarray]:
@@ -101,9 +132,7 @@ def read_orientations(path: str) -> list[np.ndarray]:
     for i, text in _lines(path):
         v = _numbers(path, i, text)
         if len(v) == 9:
-            m = np.array(v).reshape(3, 3)
-            if not np.allclose(m @ m.T, np.eye(3), atol=1e-6) or np.linalg.det(m) < 0:
-                raise InputError(f"{path}:{i}: the matrix is not a rotation")
+            m = check_rotation(v, f"{path}:{i}")
         elif len(v) == 3:
             rx, ry, rz = (math.radians(a) for a in v)
             cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
@@ -112,6 +141,8 @@ def read_orientations(path: str) -> list[np.ndarray]:
         else:
             raise InputError(f"{path}:{i}: give 9 numbers (a rotation matrix) or 3 angles (degrees)")
         out.append(m)
+        if len(out) > MAX_SHOTS:
+            raise InputError(f"{path} lists more than the {MAX_SHOTS} shots a dataset may hold")
     if not out:
         raise InputError(f"{path} holds no orientations")
     return out
@@ -125,13 +156,11 @@ def read_spectra(path: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         if len(v) != 3 or v[0] < 1 or v[0] != int(v[0]) or v[1] <= 0 or v[2] < 0:
             raise InputError(f"{path}:{i}: expected 'shot energy_eV weight' with shot >= 1, energy > 0, "
                              "weight >= 0")
-        rows.setdefault(int(v[0]), []).append((HC_EV_A / v[1], v[2]))
+        rows.setdefault(int(v[0]), []).append((HC_EV_ANGSTROM / v[1], v[2]))
     out = {}
     for shot, r in rows.items():
         lam, w = np.array(r).T
-        if not w.sum() > 0:
-            raise InputError(f"{path}: the weights of shot {shot} add up to zero")
-        out[shot] = (lam, w)
+        out[shot] = check_spectrum(lam, w, f"{path}: shot {shot}")
     return out
 
 
@@ -141,6 +170,8 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
     """The shots of a dataset: the images of one experiment's scan (or all
     experiments of the file, one after the other), or a series of stills of
     one experiment in orientations drawn from a seed or listed."""
+    if experiment is not None and (isinstance(experiment, bool) or not isinstance(experiment, int)):
+        raise InputError(f"--experiment expects an experiment index, got {experiment!r}")
     chosen = range(len(experiments)) if experiment is None else [experiment]
     for k in chosen:
         if not 0 <= k < len(experiments):
@@ -150,18 +181,36 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
         k = chosen[0]
         if experiment is None and len(experiments) > 1:
             raise InputError("a still series turns one crystal: choose it with --experiment K")
-        rots = orientations if orientations is not None else list(random_rotations(stills, orientation_seed or 0))
+        if stills is not None:
+            if isinstance(stills, bool) or not isinstance(stills, int) or stills < 1:
+                raise InputError(f"--stills expects a number of shots >= 1, got {stills!r}")
+            if stills > MAX_SHOTS:
+                raise InputError(f"--stills {stills} is more than the {MAX_SHOTS} shots a dataset may hold")
+        if orientations is not None:
+            if len(orientations) > MAX_SHOTS:
+                raise InputError(f"{len(orientations)} orientations are more than the {MAX_SHOTS} shots a dataset "
+                                 "may hold")
+            rots = [check_rotation(r, f"orientation {n + 1}") for n, r in enumerate(orientations)]
+            if not rots:
+                raise InputError("the list of orientations is empty")
+        else:
+            seed = orientation_seed or 0
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise InputError(f"--orientation-seed expects an integer >= 0, got {orientation_seed!r}")
+            rots = list(random_rotations(stills, seed))
         if stills is not None and orientations is not None and stills != len(orientations):
             raise InputError(f"--stills {stills} but the orientation file lists {len(orientations)} shots")
         shots = [Shot(n + 1, k, None, np.asarray(r)) for n, r in enumerate(rots)]
     else:
-        for k in chosen:
-            scan = experiments[k].scan
-            numbers = [None] if scan is None else list(range(scan.image_range[0], scan.image_range[1] + 1))
-            if images is not None:
-                if len(chosen) > 1:
-                    raise InputError("--images selects images of one experiment: add --experiment K")
-                numbers = _image_range(images, scan)
+        if images is not None and len(chosen) > 1:
+            raise InputError("--images selects images of one experiment: add --experiment K")
+        spans = [image_span(images, experiments[k].scan) for k in chosen]
+        total = sum(hi - lo + 1 for lo, hi, _ in spans)
+        if total > MAX_SHOTS:
+            raise InputError(f"the dataset would hold {total} images, more than the {MAX_SHOTS} a dataset may hold; "
+                             "choose some with --images FIRST:LAST or --experiment K")
+        for k, (lo, hi, still) in zip(chosen, spans):
+            numbers = [None] if still else range(lo, hi + 1)
             base = len(shots)
             # one sweep: files and seeds follow the scan's image numbers; several: the dataset order
             shots += [Shot(i if len(chosen) == 1 and i is not None else base + n + 1, k, i)
@@ -171,28 +220,43 @@ def plan(experiments, images: str | None = None, experiment: int | None = None, 
         if unknown:
             raise InputError(f"the spectra file names shot {unknown[0]}, the dataset has {len(shots)}")
         for s in shots:
-            s.spectrum = spectra.get(s.number)
+            if s.number in spectra:
+                s.spectrum = check_spectrum(*spectra[s.number], f"the spectrum of shot {s.number}")
     return shots
 
 
-def _image_range(text: str, scan) -> list:
+def image_span(text: str | None, scan) -> tuple[int, int, bool]:
+    """(first, last, still) of the images chosen by --images FIRST:LAST (all
+    of the scan without it), checked against the scan; no list is built."""
     first, last = (scan.image_range if scan is not None else (1, 1))
+    if text is None:
+        return first, last, scan is None
     try:
         a, _, b = text.partition(":")
         lo, hi = int(a), int(b or a)
     except ValueError:
         raise InputError(f"--images expects FIRST:LAST (image numbers), got '{text}'") from None
+    if lo > hi:
+        raise InputError(f"--images {text} is empty: give FIRST:LAST with FIRST <= LAST")
     if not (first <= lo <= hi <= last):
         raise InputError(f"--images {text} is outside the scan's images {first}:{last}")
-    return list(range(lo, hi + 1)) if scan is not None else [None]
+    return lo, hi, scan is None
+
+
+def image_numbers(text: str, scan) -> list:
+    """The image numbers of a scan that FIRST:LAST selects (bounded before the list is built)."""
+    lo, hi, still = image_span(text, scan)
+    if hi - lo + 1 > MAX_SHOTS:
+        raise InputError(f"--images {text} holds {hi - lo + 1} images, more than the {MAX_SHOTS} a run may hold")
+    return [None] if still else list(range(lo, hi + 1))
 
 
 # ----------------------------------------------------------------------------- rendering
 
 class Renderer:
-    """Simulators built once per experiment and reused for every shot: a
-    still's orientation turns the crystal, a spectrum replaces the beam's
-    sources."""
+    """Simulators built once per experiment and reused for every shot, never
+    changed: a still's orientation is substituted for the crystal's (through
+    functional_call), a spectrum's beam is passed to the render."""
 
     def __init__(self, experiments, cfg, dtype=None, device=None, background: dict | None = None):
         self.experiments, self.cfg, self.dtype, self.device = experiments, cfg, dtype, device
@@ -202,27 +266,21 @@ class Renderer:
     def simulator(self, k: int):
         if k not in self._sims:
             from .build.experiment import build_from_experiment
-            sim, info = build_from_experiment(self.experiments[k], self.cfg, self.dtype, self.device,
-                                              background=self.background)
-            self._sims[k] = (sim, sim.crystal.U.detach().clone(), sim.beam)
+            self._sims[k] = build_from_experiment(self.experiments[k], self.cfg, self.dtype, self.device,
+                                                  background=self.background)[0]
         return self._sims[k]
 
     def render(self, shot: Shot) -> np.ndarray:
         import torch
-        sim, U0, beam = self.simulator(shot.experiment)
-        with torch.no_grad():
-            if shot.orientation is not None:
-                sim.crystal.U.copy_(torch.as_tensor(shot.orientation, dtype=torch.float64).to(U0) @ U0)
-            sim.beam = beam if shot.spectrum is None else spectrum_beam(beam, *shot.spectrum)
-            if shot.image is None:  # a still: no rotation, whatever the experiment's goniometer
-                gonio, scan = sim.goniometer, sim.scan
-                sim.goniometer = sim.scan = None
-                try:
-                    image = sim.render()
-                finally:
-                    sim.goniometer, sim.scan = gonio, scan
-            else:
-                image = sim.render(shot.image)
+        from torch.func import functional_call
+        sim = self.simulator(shot.experiment)
+        subs = {}
+        if shot.orientation is not None:
+            U0 = sim.crystal.U
+            subs["crystal.U"] = torch.as_tensor(shot.orientation, dtype=torch.float64).to(U0) @ U0
+        beam = None if shot.spectrum is None else spectrum_beam(sim.beam, *shot.spectrum)
+        with torch.no_grad():  # a still: no rotation, whatever the experiment's goniometer
+            image = functional_call(sim, subs, (shot.image,), dict(still=shot.image is None, beam=beam))
         return image.to("cpu", torch.float32).numpy()
 
     def truth(self, shot: Shot):
@@ -286,21 +344,24 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _smv_file(image: np.ndarray, experiment, shot: Shot, seed: int, noise: bool) -> bytes:
-    """The original's noise image (Poisson photons plus the ADC offset of 40) with
-    a header from the panel's frame; single flat panels only."""
+def _smv_file(image: np.ndarray, experiment, shot: Shot, seed: int, noise: bool, readings=None) -> bytes:
+    """The original's noise image (Poisson photons plus the ADC offset of 40), or
+    a detector response's `readings`, with a header from the panel's frame;
+    single flat panels only."""
     from .io.smv import smv_bytes
     from .noise import noise_image
     if image.shape[0] != 1:
         raise InputError("SMV holds one panel; write multi-panel detectors as nxs or npy")
-    if noise:
+    if readings is not None:
+        counts = np.clip(readings[0], 0, 65535).astype(np.uint16)
+    elif noise:
         counts = noise_image(image[0], -image_seed(seed, shot.number), adc_offset=40.0)[0]
     else:
         counts = np.clip(np.rint(image[0] + 40.0), 0, 65535).astype(np.uint16)
-    return smv_bytes(counts, smv_geometry(experiment, shot), denzo_sign=1.0)
+    return smv_bytes(counts, shot_smv_geometry(experiment, shot), denzo_sign=1.0)
 
 
-def smv_geometry(experiment, shot: Shot):
+def shot_smv_geometry(experiment, shot: Shot):
     """SMV header values (metres, radians) of a flat panel from its frame: the
     beam centre is where the beam meets the panel, given as (fast, slow)."""
     import torch
@@ -310,8 +371,10 @@ def smv_geometry(experiment, shot: Shot):
     with torch.no_grad():
         b = e.beam.incident().double()
         o, f, s, n = (t[0].double() for t in e.detector.panel_frames(e.beam.incident()))
-        close = float(o @ n)
-        t = close / float(b @ n)
+        close, facing = float(o @ n), float(b @ n)
+        if abs(facing) < 1e-9:
+            raise InputError("SMV needs a panel the beam meets; this one lies along the beam")
+        t = close / facing
         hit = t * b - o
         fbeam, sbeam = float(hit @ f), float(hit @ s)
         px = float(e.detector.panels[0].pixel_size[0])
@@ -329,53 +392,102 @@ def smv_geometry(experiment, shot: Shot):
                        close_distance=close * m, phi0=math.radians(phi0), osc=math.radians(width), twotheta=0.0)
 
 
+def detector_readings(dataset: Dataset, renderer: Renderer, shot: Shot, image: np.ndarray) -> np.ndarray:
+    """The integer readings (ADU, (panels, slow, fast) int32) of the detector
+    `dataset.response` describes: one noisy reading seeded like the photon
+    noise (the calibration error from -seed alone: it is the detector's), or
+    the expectation rounded down without noise."""
+    import torch
+
+    from .models import DetectorResponse
+    sim = renderer.simulator(shot.experiment)[0]
+    pixel = float(min(float(p.pixel_size.detach().min()) for p in sim.detector.panels))
+    sim.response = DetectorResponse(**dataset.response, pixel_size=pixel, calibration_seed=dataset.seed,
+                                    dtype=torch.float64)
+    gen = torch.Generator().manual_seed(image_seed(dataset.seed, shot.number))
+    with torch.no_grad():
+        photons = torch.as_tensor(image, dtype=torch.float64)
+        adu = sim.detector_counts(photons, sample=dataset.noise, generator=gen)
+    top = sim.response.overload if sim.response.overload is not None else 2.0 ** 31 - 1
+    return np.floor(np.clip(adu.numpy(), 0.0, top)).astype(np.int32)
+
+
 def write_shot(dataset: Dataset, renderer: Renderer, shot: Shot) -> str:
     """Render one shot and write its file (atomically); returns the path."""
     from .io.atomic import atomic_write
     image = renderer.render(shot)
     if not np.isfinite(image).all():
-        raise InputError(f"image {shot.number} is not finite; check the fluence and structure factors")
+        raise InputError(f"image {shot.number} came out with non-finite photons (NaN or infinity); check the "
+                         "fluence, structure factors and the spot-shape flags")
     path = dataset.path(shot)
     fmt = dataset.format
+    readings = None if dataset.response is None else detector_readings(dataset, renderer, shot, image)
     if fmt == "npy":
-        data = _npy_bytes(image)
+        data = _npy_bytes(image if readings is None else readings)
     elif fmt == "nxs":
-        data = _npy_bytes(photon_counts(image, dataset.seed, shot.number, dataset.noise))
+        data = _npy_bytes(photon_counts(image, dataset.seed, shot.number, dataset.noise)
+                          if readings is None else readings)
     elif fmt == "smv":
-        data = _smv_file(image, renderer.truth(shot), shot, dataset.seed, dataset.noise)
+        data = _smv_file(image, renderer.truth(shot), shot, dataset.seed, dataset.noise, readings)
     else:
         from .io.cbf import write_minicbf
-        counts = photon_counts(image, dataset.seed, shot.number, dataset.noise)
+        counts = photon_counts(image, dataset.seed, shot.number, dataset.noise) if readings is None else readings
         write_minicbf(path, counts, renderer.truth(shot), shot.image if shot.image is not None else 1)
         return path
     atomic_write(path, data)
     return path
 
 
-def _worker(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> list[str]:
+def render_shots(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> list[str]:
     """Render and write `shots` in this process (local workers and Ray tasks)."""
     import torch
     if threads:
         torch.set_num_threads(threads)
     from .io.dials import read_experiments
-    from .flags import parse_args
-    renderer = Renderer(read_experiments(dataset.expt_path), parse_args(dataset.flags), dataset.dtype,
+    from .build.experiment import parse_experiment_flags
+    renderer = Renderer(read_experiments(dataset.expt_path), parse_experiment_flags(dataset.flags), dataset.dtype,
                         dataset.device, background=dataset.extras.get("background"))
     return [write_shot(dataset, renderer, s) for s in shots]
 
 
-def pending(dataset: Dataset, resume: bool) -> list[Shot]:
+def complete(dataset: Dataset, shot: Shot, detector) -> bool:
+    """Whether the file of `shot` is already whole: it reads back (npy, SMV,
+    miniCBF with its size and digest checked) as this detector's image; npy
+    files also hold finite numbers of the type written."""
+    from .io.images import read_cbf, split_frame
+    from .io.smv import read_smv
+    path = dataset.path(shot)
+    if not os.path.isfile(path):
+        return False
+    try:
+        if path.endswith(".npy"):
+            data = np.load(path, allow_pickle=False)
+            if data.dtype != (np.int32 if dataset.format == "nxs" else np.float32) or not np.isfinite(data).all():
+                return False
+        elif dataset.format == "smv":
+            data = read_smv(path)[1]
+        else:
+            data = read_cbf(path)[0]
+        split_frame(data, detector, path)
+    except (InputError, OSError, ValueError, EOFError):
+        return False
+    return True
+
+
+def pending(dataset: Dataset, resume: bool, experiments) -> list[Shot]:
+    """The shots to render: all of them, or with `resume` those whose file is
+    missing or not whole (checked against `experiments`' detectors)."""
     if not resume:
         return list(dataset.shots)
-    return [s for s in dataset.shots if not os.path.exists(dataset.path(s))]
+    return [s for s in dataset.shots if not complete(dataset, s, experiments[s.experiment].detector)]
 
 
 def images(expt_path: str, flags: list[str] | None = None, **plan_kw):
     """The dataset as a generator of (shot, float image (panels, slow, fast)),
     for code that consumes images directly."""
     from .io.dials import read_experiments
-    from .flags import parse_args
+    from .build.experiment import parse_experiment_flags
     experiments = read_experiments(expt_path)
-    renderer = Renderer(experiments, parse_args(list(flags or [])))
+    renderer = Renderer(experiments, parse_experiment_flags(list(flags or [])))
     for shot in plan(experiments, **plan_kw):
         yield shot, renderer.render(shot)

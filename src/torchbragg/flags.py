@@ -12,6 +12,7 @@ from typing import Callable
 
 from .config import SimulationConfig
 from .errors import InputError
+from .units import HC_EV_ANGSTROM
 
 
 @dataclass(frozen=True)
@@ -22,20 +23,20 @@ class Flag:
     apply: Callable
     help: str
     group: str
+    # (config section, attribute[, index of a component]) this flag sets, to name it in messages
+    sets: tuple[tuple, ...] = ()
 
 
 FLAGS: list[Flag] = []
-# (config section, attribute) -> the flag that sets it, to name it in messages
-FIELD_FLAGS: dict[tuple[str, str], str] = {}
 # counts: at least 1, except -oversample where 0 means automatic
 COUNT_RULE = "counts must be >= 1; -oversample 0 means automatic"
 COUNT_FLAGS = {"-N", "-Na", "-Nb", "-Nc", "-phisteps", "-mosaic_domains", "-mosaic_dom", "-detector_thicksteps",
                "-thicksteps", "-oversample", "-dispsteps", "-divsteps", "-hdivsteps", "-vdivsteps"}
 
 
-def flag(names, nargs, kind, group, help):
+def flag(names, nargs, kind, group, help, sets=()):
     def register(fn):
-        FLAGS.append(Flag(tuple(names.split()), nargs, kind, fn, help, group))
+        FLAGS.append(Flag(tuple(names.split()), nargs, kind, fn, help, group, sets))
         return fn
     return register
 
@@ -48,8 +49,8 @@ def _set(section, attr, scale=1.0):
 
 
 def simple(names, nargs, kind, group, help, section, attr, scale=1.0):
-    FIELD_FLAGS.setdefault((section, attr), names.split()[0])
-    FLAGS.append(Flag(tuple(names.split()), nargs, kind, _set(section, attr, scale), help, group))
+    FLAGS.append(Flag(tuple(names.split()), nargs, kind, _set(section, attr, scale), help, group,
+                      ((section, attr),)))
 
 
 def _custom(cfg, obj, attr, v):
@@ -62,7 +63,8 @@ def _custom(cfg, obj, attr, v):
 G = "crystal"
 
 
-@flag("-cell", -1, "float", G, "unit cell a b c (A) alpha beta gamma (deg); missing values: b=c=a, angles 90")
+@flag("-cell", -1, "float", G, "unit cell a b c (A) alpha beta gamma (deg); missing values: b=c=a, angles 90",
+      sets=(("crystal", "cell"),))
 def _cell(cfg, v):
     if len(v) in (4, 5):
         missing = "beta and gamma stay" if len(v) == 4 else "gamma stays"
@@ -77,7 +79,8 @@ def _cell(cfg, v):
 simple("-mat", 1, "str", G, "MOSFLM-style A matrix file (reciprocal vectors times wavelength)", "crystal", "mat_file")
 
 
-@flag("-misset", -2, "misset", G, "crystal rotations about x, y, z (deg), or 'random'")
+@flag("-misset", -2, "misset", G, "crystal rotations about x, y, z (deg), or 'random'",
+      sets=(("crystal", "misset"),))
 def _misset(cfg, v):
     if v == "random":
         cfg.crystal.misset_random = True
@@ -101,7 +104,9 @@ simple("-default_F", 1, "float", G, "structure factor of reflections not in the 
 simple("-dump -dumpfile", 1, "str", G, "binary structure-factor cache (default Fdump.bin)", "crystal", "dump_file")
 
 
-@flag("-N", 1, "int", G, "number of unit cells along every axis (default 1)")
+@flag("-N", 1, "int", G, "number of unit cells along every axis (default 1); an integer, as the original reads "
+      "it (torchbragg simulate and refine take any number >= 1)",
+      sets=(("crystal", "N"),))
 def _n(cfg, v):
     cfg.crystal.N = (float(v), float(v), float(v))
 
@@ -129,7 +134,7 @@ def _size(axes):
 
 
 FLAGS.append(Flag(("-xtalsize", "-xtal_size", "-samplesize", "-sample_size"), 1, "float", _size((0, 1, 2)),
-                  "crystal full width (mm), alternative to -N", G))
+                  "crystal full width (mm), alternative to -N", G, (("crystal", "sample_size"),)))
 FLAGS.append(Flag(("-xtal_thick", "-xtal_x", "-sample_thick", "-sample_x"), 1, "float", _size((0,)),
                   "crystal size along x (mm)", G))
 FLAGS.append(Flag(("-xtal_width", "-xtal_y", "-sample_width", "-sample_y", "-width"), 1, "float", _size((1,)),
@@ -154,9 +159,11 @@ FLAGS.append(Flag(("-nointerpolate",), 0, "switch", lambda cfg, v: setattr(cfg.c
 simple("-phi", 1, "float", G, "spindle angle at the start (deg, default 0)", "crystal", "phi0")
 simple("-osc", 1, "float", G, "spindle rotation range (deg)", "crystal", "osc")
 simple("-phistep", 1, "float", G, "spindle step (deg)", "crystal", "phistep")
-simple("-phisteps", 1, "int", G, "number of spindle steps", "crystal", "phisteps")
+simple("-phisteps", 1, "int", G, "number of spindle steps; nanoBragg samples each at its start (the original's "
+       "rule), torchbragg simulate and refine at its middle (DIALS's frame convention)", "crystal", "phisteps")
 FLAGS.append(Flag(("-spindle_axis",), 3, "float", lambda cfg, v: _custom(cfg, cfg.crystal, "spindle_axis", v),
-                  "unit vector of the right-handed spindle axis (switches to CUSTOM)", G))
+                  "unit vector of the right-handed spindle axis (switches to CUSTOM)", G,
+                  (("crystal", "spindle_axis"),)))
 simple("-mosaic -mosaicity -mosaic_spread", 1, "float", G, "isotropic mosaic spread (deg)", "crystal", "mosaic_spread")
 simple("-mosaic_domains -mosaic_dom", 1, "int", G, "number of mosaic domains (default 10 when spread > 0)",
        "crystal", "mosaic_domains")
@@ -171,7 +178,7 @@ simple("-lambda -wave -wavelength", 1, "float", G, "wavelength (A, default 1)", 
 def _energy(cfg, v):
     if v <= 0:
         raise InputError(f"-energy must be positive, got {v:g}")
-    cfg.beam.wavelength = 12398.42 / v
+    cfg.beam.wavelength = HC_EV_ANGSTROM / v
 
 
 simple("-dispersion", 1, "float", G, "spectral width delta-lambda/lambda (percent)", "beam", "dispersion")
@@ -203,7 +210,8 @@ FLAGS.append(Flag(("-square_div",), 0, "switch", lambda cfg, v: setattr(cfg.beam
 simple("-sourcefile", 1, "str", G, "text file of sources: X Y Z weight lambda(m)", "beam", "source_file")
 
 
-@flag("-polar", 1, "float", G, "Kahn polarization factor (default 0: unpolarized)")
+@flag("-polar", 1, "float", G, "Kahn polarization factor (default 0: unpolarized)",
+      sets=(("beam", "polarization"),))
 def _polar(cfg, v):
     cfg.beam.polarization = v
     cfg.beam.nopolar = False
@@ -217,9 +225,9 @@ simple("-exposure", 1, "float", G, "exposure time (s, default 1)", "beam", "expo
 simple("-beamsize", 1, "float", G, "beam size (mm, default 0.1)", "beam", "beamsize")
 simple("-water", 1, "float", G, "size of the water droplet around the crystal (um)", "beam", "water_size")
 FLAGS.append(Flag(("-beam_vector",), 3, "float", lambda cfg, v: _custom(cfg, cfg.beam, "beam_vector", v),
-                  "unit vector of the beam direction (switches to CUSTOM)", G))
+                  "unit vector of the beam direction (switches to CUSTOM)", G, (("beam", "beam_vector"),)))
 FLAGS.append(Flag(("-polar_vector",), 3, "float", lambda cfg, v: _custom(cfg, cfg.beam, "polar_vector", v),
-                  "unit E-vector of the beam (switches to CUSTOM)", G))
+                  "unit E-vector of the beam (switches to CUSTOM)", G, (("beam", "polar_vector"),)))
 for _names, _help in (("-stol -4stol -Q", "amorphous structure-factor file (read, no effect on the image)"),
                       ("-stolout", "amorphous structure-factor output (no effect)")):
     FLAGS.append(Flag(tuple(_names.split()), 1, "str", lambda cfg, v: None, _help, G))
@@ -252,7 +260,7 @@ def _with_pivot(attr, pivot, help, names, nargs=1):
     def fn(cfg, v):
         setattr(cfg.detector, attr, v)
         cfg.detector.pivot = pivot
-    FLAGS.append(Flag(tuple(names.split()), nargs, "float", fn, help, G))
+    FLAGS.append(Flag(tuple(names.split()), nargs, "float", fn, help, G, (("detector", attr),)))
 
 
 _with_pivot("distance", "BEAM", "sample to beam spot distance (mm, default 100)", "-distance")
@@ -272,6 +280,10 @@ def _pivot(cfg, v):
     cfg.detector.pivot = v.upper()
 
 
+# Each switch sets the pivot as the original's does while it reads flags; a
+# convention's own rule (config.FORCED_PIVOT: DIALS pivots about the sample)
+# then wins, so that pivot only matters when a later custom vector makes the
+# run CUSTOM (-dials -fdet_vector ... pivots about the beam spot, as there).
 for _conv, _piv in (("MOSFLM", "BEAM"), ("XDS", "SAMPLE"), ("ADXV", "BEAM"), ("DENZO", "BEAM"), ("DIALS", "BEAM")):
     def _conv_fn(cfg, v, c=_conv, p=_piv):
         cfg.detector.convention = c
@@ -281,7 +293,8 @@ for _conv, _piv in (("MOSFLM", "BEAM"), ("XDS", "SAMPLE"), ("ADXV", "BEAM"), ("D
 
 
 def _custom_vector(section, attr, help, name):
-    FLAGS.append(Flag((name,), 3, "float", lambda cfg, v: _custom(cfg, getattr(cfg, section), attr, v), help, G))
+    FLAGS.append(Flag((name,), 3, "float", lambda cfg, v: _custom(cfg, getattr(cfg, section), attr, v), help, G,
+                      ((section, attr),)))
 
 
 _custom_vector("detector", "fdet_vector", "fast-axis unit vector (switches to CUSTOM)", "-fdet_vector")
@@ -291,7 +304,7 @@ _custom_vector("detector", "twotheta_axis", "two-theta rotation axis (switches t
 _custom_vector("detector", "pix0_vector", "vector to the first pixel (m; switches to CUSTOM)", "-pix0_vector")
 
 
-@flag("-twotheta", 1, "float", G, "detector two-theta swing (deg)")
+@flag("-twotheta", 1, "float", G, "detector two-theta swing (deg)", sets=(("detector", "twotheta"),))
 def _tt(cfg, v):
     cfg.detector.twotheta = v
     cfg.detector.pivot = "SAMPLE"
@@ -306,7 +319,8 @@ def _rot(i):
 
 
 for _i, _ax in enumerate("xyz"):
-    FLAGS.append(Flag((f"-detector_rot{_ax}",), 1, "float", _rot(_i), f"detector rotation about {_ax} (deg)", G))
+    FLAGS.append(Flag((f"-detector_rot{_ax}",), 1, "float", _rot(_i), f"detector rotation about {_ax} (deg)", G,
+                      (("detector", "rotation", _i),)))
 FLAGS.append(Flag(("-curved_det", "-curved_detector"), 0, "switch", lambda cfg, v: setattr(cfg.detector, "curved", True),
                   "spherical detector: every pixel at the same distance", G))
 FLAGS.append(Flag(("-point_pixel",), 0, "switch", lambda cfg, v: setattr(cfg.detector, "point_pixel", True),
@@ -314,7 +328,7 @@ FLAGS.append(Flag(("-point_pixel",), 0, "switch", lambda cfg, v: setattr(cfg.det
 
 
 @flag("-detector_abs -detector_absorb -detector_absorption", 1, "str", G,
-      "sensor attenuation depth (um); 'inf' or 0: no absorption")
+      "sensor attenuation depth (um); 'inf' or 0: no absorption", sets=(("detector", "attenuation_depth"),))
 def _abs(cfg, v):
     if v.startswith("inf"):
         val = 0.0
@@ -342,11 +356,24 @@ for _what in ("thick", "polar", "omega"):
 
 FLAGS.append(Flag(("-absorbed_layers",), 0, "switch",
                   lambda cfg, v: setattr(cfg.detector, "absorbed_layers", True),
-                  "cut the sensor into -thicksteps slabs (default 10) weighted by the photons each absorbs, "
-                  "as a real sensor's parallax (torchbragg; default: the original's layer rule)", G))
+                  "the same as -parallax physical", G))
 
 
-@flag("-roi", 4, "int", G, "render only xmin xmax ymin ymax (pixels, inclusive)")
+@flag("-parallax", 1, "str", G,
+      "sensor depth rule: physical (-thicksteps slabs, by default enough that each is at most half an "
+      "attenuation length thick (2 to 16), weighted by the photons each absorbs: a real sensor's parallax), "
+      "dials (spots shifted by the depth DIALS's parallax correction uses: the mean absorption depth times "
+      "the absorbed fraction, for like-for-like comparison with DIALS's predictions; on a thin sensor at high "
+      "energy well below the physical shift) or original (the original's layers, counted equally). "
+      "Default: original for nanoBragg; physical for torchbragg simulate and refine when the panels have a "
+      "thickness and mu")
+def _parallax(cfg, v):
+    if v not in ("physical", "dials", "original"):
+        raise InputError(f"-parallax takes physical, dials or original, got '{v}'")
+    cfg.detector.parallax = v
+
+
+@flag("-roi", 4, "int", G, "render only xmin xmax ymin ymax (pixels, inclusive)", sets=(("detector", "roi"),))
 def _roi(cfg, v):
     cfg.detector.roi = tuple(v)
 
@@ -376,7 +403,7 @@ FLAGS.append(Flag(("-nonoise",), 0, "switch", lambda cfg, v: setattr(cfg.output,
                   "do not write the noise image", G))
 
 
-@flag("-pgmscale", 1, "float", G, "PGM scale (default: automatic)")
+@flag("-pgmscale", 1, "float", G, "PGM scale (default: automatic)", sets=(("output", "pgm_scale"),))
 def _pgms(cfg, v):
     cfg.output.pgm_scale = v
     cfg.output.write_pgm = True
@@ -389,7 +416,8 @@ FLAGS.append(Flag(("-printout",), 0, "switch", lambda cfg, v: setattr(cfg.output
                   "print every rendered pixel's value", G))
 
 
-@flag("-printout_pixel", 2, "int", G, "print the value of one pixel: fast slow")
+@flag("-printout_pixel", 2, "int", G, "print the value of one pixel: fast slow",
+      sets=(("output", "printout_pixel"),))
 def _printout_pixel(cfg, v):
     cfg.output.printout = True
     cfg.output.printout_pixel = tuple(v)
@@ -399,7 +427,8 @@ FLAGS.append(Flag(("-progress",), 0, "switch", lambda cfg, v: setattr(cfg.output
                   "print the percentage rendered as it goes", G))
 
 
-@flag("-dtype", 1, "str", G, "float32 (default) or float64")
+@flag("-dtype", 1, "str", G, "float64 (the nanoBragg command's default: files byte-identical to the "
+      "original's) or float32 (faster; the default of torchbragg simulate and the Python API)")
 def _dtype(cfg, v):
     if v not in ("float32", "float64"):
         raise InputError(f"-dtype takes float32 or float64, got '{v}'")
@@ -412,6 +441,48 @@ def _device(cfg, v):
 
 
 FLAG_BY_NAME: dict[str, Flag] = {n: f for f in FLAGS for n in f.names}
+# (config section, attribute) -> the first flag registered for it, to name it in messages
+FIELD_FLAGS: dict[tuple[str, str], str] = {}
+for _f in FLAGS:
+    for _field in _f.sets:
+        FIELD_FLAGS.setdefault(_field[:2], _f.names[0])
+
+
+# Flags whose values the experiment file holds: refused, so a run never mixes two geometries.
+GEOMETRY_FLAGS = {
+    "-cell", "-mat", "-misset", "-lambda", "-wave", "-wavelength", "-energy", "-pixel", "-detpixels",
+    "-detpixels_f", "-detpixels_x", "-detpixels_s", "-detpixels_y", "-detsize", "-detsize_f", "-detsize_s",
+    "-distance", "-close_distance", "-Xbeam", "-Ybeam", "-Xclose", "-Yclose", "-ORGX", "-ORGY", "-mosflm", "-xds",
+    "-adxv", "-denzo", "-dials", "-pivot", "-fdet_vector", "-sdet_vector", "-odet_vector", "-pix0_vector",
+    "-beam_vector", "-polar_vector", "-spindle_axis", "-twotheta_axis", "-twotheta", "-detector_rotx",
+    "-detector_roty", "-detector_rotz", "-phi", "-osc", "-phistep", "-detector_thick", "-detector_abs",
+    "-detector_absorb", "-detector_absorption", "-polar", "-img", "-floatfile", "-floatimage", "-intfile",
+    "-intimage", "-noisefile", "-noiseimage", "-pgmfile", "-pgmimage", "-write_expt",
+}
+
+
+def experiment_held_fields(cfg: SimulationConfig) -> str | None:
+    """The flag of the first geometry value `cfg` sets that an experiment file
+    holds (compared with the defaults), or None."""
+    default = SimulationConfig()
+    if cfg.detector.convention != default.detector.convention:
+        return f"-{cfg.detector.convention.lower()}"
+    for name in sorted(GEOMETRY_FLAGS):
+        spec = FLAG_BY_NAME[name]
+        for section, attr, *component in spec.sets:
+            if section == "output":
+                continue
+            value, base = getattr(getattr(cfg, section), attr), getattr(getattr(default, section), attr)
+            if component:
+                value, base = value[component[0]], base[component[0]]
+            if value != base:
+                return spec.names[0] if component else flag_of(section, attr)
+    return None
+
+
+def flag_of(section: str, attr: str) -> str:
+    """The flag that sets a configuration field, as messages name it."""
+    return FIELD_FLAGS.get((section, attr)) or f"-{attr}"
 
 
 def _number(text: str, kind: str, name: str):

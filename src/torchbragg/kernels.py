@@ -70,6 +70,7 @@ class KernelPlan:
     layers: int  # depth samples, at least 1
     sensor: bool  # the sensor absorbs (sensor_layers > 0)
     absorbed: bool
+    surface_layer: bool  # DIALS's parallax rule: layer 0 at the surface holds what the slabs below do not shift
     curved: bool
     point_pixel: bool
     polarization: bool
@@ -126,6 +127,8 @@ def sub_pixel_positions(plan: KernelPlan, pix: torch.Tensor, t: dict) -> torch.T
     depth = torch.arange(T, dtype=dtype, device=device)
     if plan.absorbed:
         depth = depth + 0.5  # mid-depth of each slab
+        if plan.surface_layer:  # layer 0 at the surface, the slabs after it
+            depth = torch.cat([depth.new_zeros(1), depth[:-1]])
     odet = t["layer_step"] * depth  # (T,)
     P = pix.shape[1]
     # per component: the small (layer, column, pixel) part, then one pass that
@@ -179,7 +182,15 @@ def point_factors(plan: KernelPlan, pix: torch.Tensor, t: dict):
     if plan.sensor:
         layer = torch.arange(T, dtype=dtype, device=device)[:, None, None]
         dd = diffracted if full_thick else diffracted[:, :1]
-        capture = ph.capture_fraction(layer, t["layer_step"], t["mu"], ph.dot(dd, t["normal"]))  # (T,1|Sub,P)
+        cos = ph.dot(dd, t["normal"])
+        if plan.surface_layer:
+            # DIALS's parallax correction shifts a spot by the mean absorption depth times the absorbed
+            # fraction f: the slabs keep their share of f times f, the surface layer f (1 - f)
+            slabs = ph.capture_fraction(layer[:-1], t["layer_step"], t["mu"], cos[1:])
+            f = slabs.sum(0, keepdim=True)
+            capture = torch.cat([f * (1 - f), f * slabs])
+        else:
+            capture = ph.capture_fraction(layer, t["layer_step"], t["mu"], cos)  # (T,1|Sub,P)
     else:
         capture = torch.ones((T, 1, P), dtype=dtype, device=device)
     full_polar = (running and plan.oversample_polar) or valid is not None

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from . import rng as _rng
-from .rng import _F32, BufferedRan1, Ran1, _exp, _f32, _fmaf, gammln
+from .rng import F32, BufferedRan1, Ran1, exp_or_inf, f32, fmaf, gammln
 
 __all__ = ["noise_image"]
 
@@ -80,8 +80,8 @@ def compiled_library():
     return lib
 
 
-_LIB = compiled_library()
-_COMPILED = None if _LIB is None else _LIB.tb_noise_image
+LIBRARY = compiled_library()  # None where no C compiler is at hand; the statistics use it too
+_COMPILED = None if LIBRARY is None else LIBRARY.tb_noise_image
 
 
 def compiled_available() -> bool:
@@ -134,13 +134,12 @@ def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
     adc = float(adc_offset)
     total = 0.0
     overloads = 0
-    f32 = _f32
-    exp = _exp
+    exp = exp_or_inf
     poidev = _rng.poidev
     lo_tol = 1.0 - _TIE_TOL
     hi_tol = 1.0 + _TIE_TOL
 
-    pack, unpack = _F32.pack, _F32.unpack
+    pack, unpack = F32.pack, F32.unpack
     sqrt, log, tan, floor, pi = math.sqrt, math.log, math.tan, math.floor, math.pi
     gl_cache: dict = {}
 
@@ -201,7 +200,7 @@ def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
                     alxm = unpack(pack(log(xm)))[0]
                     gl = gammln(unpack(pack(xm + 1.0))[0], fma)
                     if fma:
-                        g = _fmaf(xm, alxm, -gl)
+                        g = fmaf(xm, alxm, -gl)
                     else:
                         g = unpack(pack(unpack(pack(xm * alxm))[0] - gl))[0]
                 while True:
@@ -213,7 +212,7 @@ def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
                         y = unpack(pack(tan(pi * buf[pos])))[0]
                         pos += 1
                         if fma:
-                            em = _fmaf(sq, y, xm)
+                            em = fmaf(sq, y, xm)
                         else:
                             em = unpack(pack(unpack(pack(sq * y))[0] + xm))[0]
                         if not em < 0.0:
@@ -225,7 +224,7 @@ def noise_image(float_image: np.ndarray, seed: int, adc_offset: float = 40.0,
                             gl_cache.clear()
                         gl = gl_cache[em] = gammln(em + 1.0, fma)
                     if fma:
-                        e = unpack(pack(_fmaf(em, alxm, -gl) - g))[0]
+                        e = unpack(pack(fmaf(em, alxm, -gl) - g))[0]
                     else:
                         e = unpack(pack(unpack(pack(unpack(pack(em * alxm))[0] - gl))[0] - g))[0]
                     t = unpack(pack(0.9 * (1.0 + unpack(pack(y * y))[0]) * exp(e)))[0]

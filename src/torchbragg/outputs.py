@@ -5,7 +5,6 @@ otherwise (-nopgm, -nonoise); every file is written whole or not at all."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -13,12 +12,12 @@ import torch
 from . import stats
 from .io.atomic import atomic_write
 from .io.smv import SMVGeometry, header_text, smv_bytes
+from .units import DEG
 from .validate import output_paths
 
-DEG = math.pi / 180.0
 
 
-def smv_geometry(sim, info) -> SMVGeometry:
+def run_smv_geometry(sim, info) -> SMVGeometry:
     """The values an SMV header of the original carries, in metres and radians."""
     panel = sim.detector.panels[0]
     with torch.no_grad():
@@ -71,7 +70,7 @@ def write_all(sim, info, image, out) -> None:
     scale = stats.intfile_scale(o.int_scale, st.max_I)
     for line in stats.format_report(st, scale):
         print(line, file=out)
-    geometry = smv_geometry(sim, info)
+    geometry = run_smv_geometry(sim, info)
     ints = stats.int_image(img, scale, o.adc_offset, roi=roi, max_I=st.max_I)
     print(f"writing {paths['intfile']} as 2-byte integers", file=out)
     atomic_write(paths["intfile"], smv_bytes(ints, header_text(geometry, denzo_sign=-1.0)))

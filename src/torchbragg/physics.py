@@ -10,8 +10,8 @@ import math
 
 import torch
 
-R_E_SQR = 7.94079248018965e-30  # Thomson cross section, m^2
-AVOGADRO = 6.02214179e23
+from .units import AVOGADRO, R_E_SQR
+
 WATER_F = 2.57  # forward-scattering structure factor of water
 WATER_MW = 18.0
 # Volume correction between a cube and the inscribed sphere used by -round_xtal.

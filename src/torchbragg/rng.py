@@ -6,7 +6,7 @@ intermediate values in C ``float``.  Every function here reproduces that
 arithmetic, including the float32 rounding of each step, so that the same
 seeds give the same numbers.
 
-Floats are Python floats that hold float32 values.  ``_f32`` rounds a double
+Floats are Python floats that hold float32 values.  ``f32`` rounds a double
 to the nearest float32; for one ``+ - * /`` or ``sqrt`` of two float32
 operands, doing the operation in double and rounding once gives the correctly
 rounded float32 result, which is what the C gets.
@@ -49,12 +49,12 @@ _NDIV = 1 + (_IM - 1) // _NTAB
 assert _NDIV == 1 << 26
 _RNMX = 1.0 - 1.2e-7
 
-_F32 = struct.Struct("f")
-_pack = _F32.pack
-_unpack = _F32.unpack
+F32 = struct.Struct("f")
+_pack = F32.pack
+_unpack = F32.unpack
 
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
     """Round a double to the nearest float32 (returned as a Python float)."""
     try:
         return _unpack(_pack(x))[0]
@@ -64,17 +64,17 @@ def _f32(x: float) -> float:
 
 def _f32_fix_tie(s: float, err: float) -> float:
     """float32 rounding of the exact value ``s + err`` (``|err|`` < half an ulp of ``s``)."""
-    r = _f32(s)
+    r = f32(s)
     if err and r != s:
         other = 2.0 * s - r
-        if _f32(other) == other:
+        if f32(other) == other:
             # s sits exactly half-way between two float32 values: the
             # residual decides, not ties-to-even
             r = max(r, other) if err > 0 else min(r, other)
     return r
 
 
-def _fmaf(a: float, b: float, c: float) -> float:
+def fmaf(a: float, b: float, c: float) -> float:
     """C ``fmaf`` for float32 operands: a*b + c rounded once to float32."""
     p = a * b  # exact: two 24-bit significands fit in a double
     s = p + c
@@ -99,8 +99,8 @@ def _fma(a: float, b: float, c: float) -> float:
     return num / den  # int / int is correctly rounded
 
 
-_RNMX_F = _f32(_RNMX)
-_ONE_THIRD_F = _f32(1.0 / 3.0)
+_RNMX_F = f32(_RNMX)
+_ONE_THIRD_F = f32(1.0 / 3.0)
 
 
 def _load_powf() -> Callable[[float, float], float]:
@@ -116,7 +116,7 @@ def _load_powf() -> Callable[[float, float], float]:
             return lambda x, y: float(fn(x, y))
         except (OSError, AttributeError):
             pass
-    return lambda x, y: _f32(math.pow(_f32(x), _f32(y)))
+    return lambda x, y: f32(math.pow(f32(x), f32(y)))
 
 
 _powf = _load_powf()
@@ -182,7 +182,7 @@ class Ran1:
         j = self.iy // _NDIV
         self.iy = iv[j]
         iv[j] = idum
-        temp = _f32(_AM * self.iy)
+        temp = f32(_AM * self.iy)
         return _RNMX_F if temp > _RNMX else temp
 
     def raw_block(self, n: int) -> list:
@@ -272,7 +272,7 @@ def ran1(rng: Ran1) -> float:
 
 def gammln(xx: float, fma: bool = True) -> float:
     """ln(Gamma(xx)) by the Lanczos series, float argument and result."""
-    x = y = _f32(xx)
+    x = y = f32(xx)
     tmp = x + 5.5
     if fma:
         tmp = _fma(-(x + 0.5), math.log(tmp), tmp)
@@ -283,25 +283,25 @@ def gammln(xx: float, fma: bool = True) -> float:
               -1.231739572450155, 0.1208650973866179e-2, -0.5395239384953e-5):
         y += 1.0
         ser += c / y
-    return _f32(-tmp + math.log(2.5066282746310005 * ser / x))
+    return f32(-tmp + math.log(2.5066282746310005 * ser / x))
 
 
 def gaussdev(rng: Ran1, fma: bool = True) -> float:
     """Unit normal deviate (Box-Muller polar form, one spare kept in ``rng``)."""
     if rng.gauss_iset == 0:
         while True:
-            v1 = _f32(2.0 * rng() - 1.0)
-            v2 = _f32(2.0 * rng() - 1.0)
+            v1 = f32(2.0 * rng() - 1.0)
+            v2 = f32(2.0 * rng() - 1.0)
             if fma:
-                rsq = _fmaf(v1, v1, _f32(v2 * v2))
+                rsq = fmaf(v1, v1, f32(v2 * v2))
             else:
-                rsq = _f32(_f32(v1 * v1) + _f32(v2 * v2))
+                rsq = f32(f32(v1 * v1) + f32(v2 * v2))
             if not (rsq >= 1.0 or rsq == 0.0):
                 break
-        fac = _f32(math.sqrt(-2.0 * math.log(rsq) / rsq))
-        rng.gauss_gset = _f32(v1 * fac)
+        fac = f32(math.sqrt(-2.0 * math.log(rsq) / rsq))
+        rng.gauss_gset = f32(v1 * fac)
         rng.gauss_iset = 1
-        return _f32(v2 * fac)
+        return f32(v2 * fac)
     rng.gauss_iset = 0
     return rng.gauss_gset
 
@@ -319,52 +319,53 @@ def poidev(xm: float, rng: Ran1, fma: bool = True) -> float:
     Pre-computed terms are cached on ``rng`` exactly like the C's statics.
     ``fma`` selects the fused multiply-adds of the reference build.
     """
-    xm = _f32(xm)
+    xm = f32(xm)
     if xm > 1.0e6:
         dev = gaussdev(rng, fma)
         if fma:
-            return _f32(_fma(math.sqrt(xm), dev, xm))
-        return _f32(xm + math.sqrt(xm) * dev)
+            return f32(_fma(math.sqrt(xm), dev, xm))
+        return f32(xm + math.sqrt(xm) * dev)
     if xm < 12.0:
         if xm != rng.poi_oldm:
             rng.poi_oldm = xm
-            rng.poi_g = _f32(math.exp(-xm))
+            rng.poi_g = f32(math.exp(-xm))
         g = rng.poi_g
         em = -1.0
         t = 1.0
         while True:
             em += 1.0
-            t = _f32(t * rng())
+            t = f32(t * rng())
             if not t > g:
                 break
         return em
     if xm != rng.poi_oldm:
         rng.poi_oldm = xm
-        rng.poi_sq = _f32(math.sqrt(2.0 * xm))
-        rng.poi_alxm = _f32(math.log(xm))
+        rng.poi_sq = f32(math.sqrt(2.0 * xm))
+        rng.poi_alxm = f32(math.log(xm))
         if fma:
-            rng.poi_g = _fmaf(xm, rng.poi_alxm, -gammln(_f32(xm + 1.0), True))
+            rng.poi_g = fmaf(xm, rng.poi_alxm, -gammln(f32(xm + 1.0), True))
         else:
-            rng.poi_g = _f32(_f32(xm * rng.poi_alxm) - gammln(_f32(xm + 1.0), False))
+            rng.poi_g = f32(f32(xm * rng.poi_alxm) - gammln(f32(xm + 1.0), False))
     sq, alxm, g = rng.poi_sq, rng.poi_alxm, rng.poi_g
     while True:
         while True:
-            y = _f32(_tan_pi(rng()))
-            em = _fmaf(sq, y, xm) if fma else _f32(_f32(sq * y) + xm)
+            y = f32(_tan_pi(rng()))
+            em = fmaf(sq, y, xm) if fma else f32(f32(sq * y) + xm)
             if not em < 0.0:
                 break
         em = float(math.floor(em)) if math.isfinite(em) else em
         if fma:
-            e = _f32(_fmaf(em, alxm, -gammln(_f32(em + 1.0), True)) - g)
+            e = f32(fmaf(em, alxm, -gammln(f32(em + 1.0), True)) - g)
         else:
-            e = _f32(_f32(_f32(em * alxm) - gammln(_f32(em + 1.0), False)) - g)
-        t = _f32(0.9 * (1.0 + _f32(y * y)) * _exp(e))
+            e = f32(f32(f32(em * alxm) - gammln(f32(em + 1.0), False)) - g)
+        t = f32(0.9 * (1.0 + f32(y * y)) * exp_or_inf(e))
         if not rng() > t:
             break
     return em
 
 
-def _exp(x: float) -> float:
+def exp_or_inf(x: float) -> float:
+    """exp(x), infinite where a double overflows (as C's exp)."""
     try:
         return math.exp(x)
     except OverflowError:
@@ -374,13 +375,13 @@ def _exp(x: float) -> float:
 def uniform3Ddev(rng: Ran1) -> tuple[float, float, float, float]:
     """Random unit vector (dx, dy, dz) and the radius it was cut at."""
     while True:
-        dx = _f32(2.1 * (rng() - 0.5))
-        dy = _f32(2.1 * (rng() - 0.5))
-        dz = _f32(2.1 * (rng() - 0.5))
-        dr = _f32(math.sqrt(_f32(_f32(_f32(dx * dx) + _f32(dy * dy)) + _f32(dz * dz))))
+        dx = f32(2.1 * (rng() - 0.5))
+        dy = f32(2.1 * (rng() - 0.5))
+        dz = f32(2.1 * (rng() - 0.5))
+        dr = f32(math.sqrt(f32(f32(f32(dx * dx) + f32(dy * dy)) + f32(dz * dz))))
         if not (dr > 1 or dr < 1e-2):
             break
-    return _f32(dx / dr), _f32(dy / dr), _f32(dz / dr), dr
+    return f32(dx / dr), f32(dy / dr), f32(dz / dr), dr
 
 
 # ---------------------------------------------------------------- rotations
@@ -396,7 +397,7 @@ def mosaic_axis_and_factor(rng: Ran1) -> tuple[tuple[float, float, float], float
     r2 = 2.0 * rng() - 1.0
     r3 = 2.0 * rng() - 1.0
     xyrad = math.sqrt(1.0 - r2 * r2)
-    factor = _powf(_f32(1.0 - r3 * r3), _ONE_THIRD_F)
+    factor = _powf(f32(1.0 - r3 * r3), _ONE_THIRD_F)
     v1 = xyrad * math.sin(math.pi * r1)
     v2 = xyrad * math.cos(math.pi * r1)
     v3 = r2
@@ -405,7 +406,7 @@ def mosaic_axis_and_factor(rng: Ran1) -> tuple[tuple[float, float, float], float
 
 def mosaic_angle(mosaicity: float, factor: float) -> float:
     """Rotation angle in radians; the C multiplies in float precision."""
-    return _f32(_f32(mosaicity) * _f32(factor))
+    return f32(f32(mosaicity) * f32(factor))
 
 
 def umat_from_axis_angle(axis, rot: float) -> np.ndarray:

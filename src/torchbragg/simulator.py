@@ -11,9 +11,8 @@ per-image tensors, picks the kernel and assembles the image.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -21,79 +20,31 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from . import physics as ph
+from .build.nanobragg import models_from_args, models_from_config
 from .kernels import KERNELS, KernelPlan
 from .models import Beam, Crystal, Detector, Goniometer, Scan
+from .resolve import RenderOptions
 
 # elements of the (pixel, layer, sub-pixel, source, orientation) grid per chunk
 DEFAULT_CHUNK_ELEMENTS = int(os.environ.get("TORCHBRAGG_CHUNK", 1 << 21))
 
 
-@dataclass
-class RenderOptions:
-    """How the sums are sampled, and the original's per-pixel rules.
-
-    oversample: sub-pixels per pixel edge (None: chosen from the crystal size).
-    phisteps: rotation steps per image. sensor_layers: depth samples of the
-    sensor (0: a thin detector that absorbs everything); the layers are
-    thickness / layer_divisor apart. With oversample_thick/polar/omega off,
-    capture fraction, polarization and solid angle are evaluated once per
-    pixel as the original does. absorbed_layers: the sensor is cut into
-    sensor_layers equal slabs, each sampled at its mid-depth and weighted by
-    the photons it absorbs along each ray (the parallax a real sensor shows)
-    instead of the original's rule. roi: (fast min, fast max, slow min, slow max)
-    inclusive, on every panel. dmin: skip points whose resolution is finer."""
-    oversample: int | None = None
-    phisteps: int = 1
-    sensor_layers: int = 0
-    layer_divisor: int = 1
-    oversample_thick: bool = False
-    oversample_polar: bool = False
-    oversample_omega: bool = False
-    absorbed_layers: bool = False
-    point_pixel: bool = False
-    curved: bool = False
-    polarization: bool = True
-    dmin: float = 0.0
-    roi: tuple[int, int, int, int] | None = None
-    chunk_elements: int | None = None
-
-
-def sensor_sampling(thicksteps: int | None, has_thickness: bool, absorbed: bool = False) -> tuple[int, int]:
-    """(layers, divisor): the layers are thickness / divisor apart. Absorbed
-    slabs: `thicksteps` (default 10) slabs of thickness / n. The original's
-    rule: with a count the layers span the thickness end to end (thickness /
-    (n - 1) apart), without one two layers half the thickness apart."""
-    if not has_thickness:
-        return 0, 1
-    if absorbed:
-        n = thicksteps if thicksteps and thicksteps > 0 else 10
-        return n, n
-    n = -1 if thicksteps is None else thicksteps
-    return (2, 2) if n <= 0 else (max(n, 2), max(n, 2) - 1)
-
-
-def oversample_for(crystal: Crystal, wavelength: float, distance: float, pixel: float) -> int:
-    """The original's automatic oversampling: three sub-pixels per reciprocal
-    pixel (wavelength * distance / pixel) across the largest crystal dimension.
-    Distance and pixel in metres, wavelength in Angstrom; the arithmetic is
-    the original's so that the integer comes out the same."""
-    with torch.no_grad():
-        lengths = torch.linalg.norm(crystal.real_vectors(), dim=-1).tolist()
-        xtal_max = max(length * 1e-10 * n for length, n in zip(lengths, crystal.N.double().tolist()))
-    recip_px = wavelength / 1e10 * distance / pixel
-    return max(int(math.ceil(3.0 * xtal_max / recip_px)), 1)
-
-
-def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
-    """`oversample_for` on the panel that needs the most: the nearest along the
-    beam relative to its pixel size."""
+def nearest_panel(beam: Beam, detector: Detector) -> tuple[float, float]:
+    """(distance along the beam, pixel size) in mm of the panel that needs the
+    finest sampling: the nearest relative to its pixel size."""
     with torch.no_grad():
         incident = beam.incident().double()
         origin, _, _, normal = (t.double() for t in detector.panel_frames(incident))
         distance = ph.dot(origin, normal) / ph.dot(incident, normal)
         pixel = torch.stack([p.pixel_size.double().max() for p in detector.panels])
         k = int(torch.argmin(distance / pixel))
-        return oversample_for(crystal, float(beam.wavelength), float(distance[k]) / 1000.0, float(pixel[k]) / 1000.0)
+        return float(distance[k]), float(pixel[k])
+
+
+def recommended_oversample(crystal: Crystal, beam: Beam, detector: Detector) -> int:
+    """The crystal's automatic oversampling on the panel that needs the most."""
+    distance, pixel = nearest_panel(beam, detector)
+    return crystal.automatic_oversample(float(beam.wavelength), distance / 1000.0, pixel / 1000.0)
 
 
 class Simulator(nn.Module):
@@ -101,9 +52,10 @@ class Simulator(nn.Module):
 
     def __init__(self, beam: Beam, crystal: Crystal, detector: Detector, goniometer: Goniometer | None = None,
                  scan: Scan | None = None, options: RenderOptions | None = None, recommended: int | None = None,
-                 background: nn.Module | None = None):
+                 response: nn.Module | None = None, background: nn.Module | None = None):
         super().__init__()
         self.beam, self.crystal, self.detector = beam, crystal, detector
+        self.response = response  # a DetectorResponse: what the detector makes of the photons
         self.background = background  # e.g. models.Background: its photons are added to every panel
         self.goniometer, self.scan = goniometer, scan
         self.options = options or RenderOptions()
@@ -116,13 +68,14 @@ class Simulator(nn.Module):
     @classmethod
     def from_args(cls, argv: list[str], dtype=None, device=None, **kw) -> "Simulator":
         """A simulator for nanoBragg flags (panel 0 is the original's detector)."""
-        from .build.nanobragg import build_from_args
-        return build_from_args(argv, dtype=dtype, device=device, **kw)[0]
+        models, info = models_from_args(argv, dtype=dtype, device=device, **kw)
+        return cls(**models).to(info.dtype)
 
     @classmethod
     def from_config(cls, cfg, dtype=None, device=None, **kw) -> "Simulator":
-        from .build.nanobragg import build_from_config
-        return build_from_config(cfg, dtype=dtype, device=device, **kw)[0]
+        """A simulator for a SimulationConfig (nanoBragg flags parsed)."""
+        models, info = models_from_config(cfg, dtype=dtype, device=device, **kw)
+        return cls(**models).to(info.dtype)
 
     @property
     def dtype(self):
@@ -139,21 +92,25 @@ class Simulator(nn.Module):
             return range(1, 2)
         return range(self.scan.image_range[0], self.scan.image_range[1] + 1)
 
-    def rotation_angles(self, image: int | None = None) -> torch.Tensor | None:
-        """Scan angles (degrees) of the rotation steps of `image`; None for a still."""
-        if self.goniometer is None:
+    def rotation_angles(self, image: int | None = None, still: bool = False) -> torch.Tensor | None:
+        """Scan angles (degrees) of the rotation steps of `image`; None for a
+        still (no goniometer, or `still`: no rotation whatever the goniometer)."""
+        if self.goniometer is None or still:
             return None
         steps = self.options.phisteps
         if self.scan is None:
             return torch.zeros(steps, dtype=torch.float64, device=self.device)
-        return self.scan.angles(self.scan.image_range[0] if image is None else image, steps)
+        angles = self.scan.angles(self.scan.image_range[0] if image is None else image, steps)
+        if self.options.phi_midpoints:
+            angles = angles + self.scan.oscillation[1] / (2 * steps)
+        return angles
 
-    def orientations(self, image: int | None = None) -> torch.Tensor:
+    def orientations(self, image: int | None = None, still: bool = False) -> torch.Tensor:
         """Real cell vectors for every (rotation step, mosaic domain): (M, 3, 3),
         rows a, b, c in Angstrom; the mosaic turns after the goniometer."""
         real = self.crystal.real_vectors()
         mos = self.crystal.mosaic_rotations().double()  # (D,3,3)
-        phi = self.rotation_angles(image)
+        phi = self.rotation_angles(image, still)
         if phi is None:
             full = mos.unsqueeze(0)
         else:
@@ -161,9 +118,9 @@ class Simulator(nn.Module):
         oriented = real.unsqueeze(0).unsqueeze(0) @ full.transpose(-1, -2)
         return oriented.reshape(-1, 3, 3).to(self.dtype)
 
-    def steps(self) -> int:
-        n_src = self.beam.sources()[1].numel()
-        phisteps = 1 if self.goniometer is None else self.options.phisteps
+    def steps(self, beam=None, still: bool = False) -> int:
+        n_src = (self.beam if beam is None else beam).sources()[1].numel()
+        phisteps = 1 if self.goniometer is None or still else self.options.phisteps
         return n_src * self.crystal.mosaic_domains * phisteps * self.oversample ** 2
 
     def active_pixels(self, panel: int) -> torch.Tensor:
@@ -183,17 +140,21 @@ class Simulator(nn.Module):
         return torch.nonzero(keep.flatten(), as_tuple=False).squeeze(1)
 
     # ------------------------------------------------------------------ render
-    def forward(self, image: int | None = None, progress=None) -> torch.Tensor:
-        return self.render(image, progress)
+    def forward(self, image: int | None = None, *, still: bool = False, beam=None, progress=None) -> torch.Tensor:
+        return self.render(image, still=still, beam=beam, progress=progress)
 
-    def render(self, image: int | None = None, progress=None) -> torch.Tensor:
+    def render(self, image: int | None = None, *, still: bool = False, beam=None, progress=None) -> torch.Tensor:
         """Photons per pixel of image `image` of the scan (default: the first),
-        shape (panels, slow, fast). `progress(done, total)` follows the pixels."""
+        shape (panels, slow, fast). What varies per call: `still` renders
+        without rotation whatever the goniometer; `beam` (a Beam, e.g. with
+        another spectrum) stands in for the simulator's. A substituted
+        orientation or any other parameter goes through
+        torch.func.functional_call. `progress(done, total)` follows the pixels."""
         sizes = {p.image_size for p in self.detector.panels}
         if len(sizes) > 1:
             raise ValueError("panels of different sizes: render them one by one with render_panel()")
         panels = range(len(self.detector.panels))
-        shared = self._shared(image)
+        shared = self._shared(image, still, beam)
         total = sum(self.active_pixels(k).numel() for k in panels) if progress else 0
         done, out = 0, []
         for k in panels:
@@ -204,16 +165,33 @@ class Simulator(nn.Module):
             done += self.active_pixels(k).numel() if progress else 0
         return torch.stack(out)
 
-    def render_panel(self, panel: int, image: int | None = None) -> torch.Tensor:
-        """Photons per pixel of one panel, shape (slow, fast)."""
-        return self._render_panel(panel, self._shared(image), None)
+    def detector_counts(self, photons: torch.Tensor, sample: bool = True,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Photons (panels, slow, fast) as the detector reads them through
+        `response` (ADU): one noisy reading, or its expectation when `sample`
+        is False. Without a response, the photons themselves."""
+        if self.response is None:
+            return photons
+        panels = self.detector.panels
+        if sample:
+            with torch.no_grad():
+                same = all(torch.equal(p.pixel_size, panels[0].pixel_size) for p in panels)
+            if same:  # one draw for the whole detector: each panel its own calibration error
+                return self.response.sample(photons, panels[0].pixel_size, generator)
+        out = [self.response.sample(photons[k], p.pixel_size, generator) if sample
+               else self.response.expectation(photons[k], p.pixel_size) for k, p in enumerate(panels)]
+        return torch.stack(out)
 
-    def _shared(self, image):
+    def render_panel(self, panel: int, image: int | None = None, *, still: bool = False, beam=None) -> torch.Tensor:
+        """Photons per pixel of one panel, shape (slow, fast)."""
+        return self._render_panel(panel, self._shared(image, still, beam), None)
+
+    def _shared(self, image, still=False, beam=None):
         """What every panel and chunk of one image uses."""
-        beam, xtal = self.beam, self.crystal
+        beam, xtal = (self.beam if beam is None else beam), self.crystal
         incident, lam = beam.sources()
         frames = self.detector.panel_frames(beam.incident())
-        orient = self.orientations(image)
+        orient = self.orientations(image, still)
         fluence = beam.fluence
         # cell vectors over each source's wavelength (Src, M, 3, 3) and their
         # incident part i . a / lambda (Src, M, 3): per image, not per chunk
@@ -221,7 +199,7 @@ class Simulator(nn.Module):
         offset = (cells @ incident[:, None, :, None]).squeeze(-1)
         t = dict(incident=incident, lam=lam, cells=cells, offset=offset, recip=xtal.reciprocal_vectors().to(self.dtype),
                  n=xtal.N, fudge=xtal.fudge, kahn=beam.kahn_factor(), e_vector=beam.e_vector().to(self.dtype),
-                 i_bg=ph.water_background(fluence, beam.water_size), scale=ph.R_E_SQR * fluence / self.steps())
+                 i_bg=ph.water_background(fluence, beam.water_size), scale=ph.R_E_SQR * fluence / self.steps(beam, still))
         weights = beam.weights()
         if weights is not None:
             t["weights"] = weights.to(self.dtype)
@@ -236,12 +214,12 @@ class Simulator(nn.Module):
             if not torch.is_grad_enabled():  # a zero |F|^2 has a non-zero second derivative
                 t["reach_sq"] = ph.structure_factor_reach_sq(sf.Fhkl, sf.hkl_min, t["recip"], sf.default_F,
                                                              sf.lookup).to(self.dtype)
-        return dict(frames=frames, tensors=t)
+        return dict(frames=frames, tensors=t, beam=beam.incident())
 
     def _panel_geometry(self, k, shared):
         origin, fast, slow, normal = (t[k].to(self.dtype) for t in shared["frames"])
         panel = self.detector.panels[k]
-        beam = self.beam.incident().to(self.dtype)
+        beam = shared["beam"].to(self.dtype)
         close = ph.dot(origin, normal)
         return dict(origin=origin, fast=fast, slow=slow, normal=normal, close=close, beam=beam,
                     distance=close / ph.dot(beam, normal), pixel_size=panel.pixel_size,
@@ -250,7 +228,8 @@ class Simulator(nn.Module):
     def _plan(self, k, t) -> KernelPlan:
         opt, panel = self.options, self.detector.panels[k]
         return KernelPlan(fpixels=panel.fpixels, oversample=self.oversample, layers=max(opt.sensor_layers, 1),
-                          sensor=opt.sensor_layers > 0, absorbed=opt.absorbed_layers, curved=opt.curved,
+                          sensor=opt.sensor_layers > 0, absorbed=opt.absorbed_layers,
+                          surface_layer=opt.absorbed_layers and opt.parallax == "dials", curved=opt.curved,
                           point_pixel=opt.point_pixel, polarization=opt.polarization,
                           oversample_thick=opt.oversample_thick, oversample_polar=opt.oversample_polar,
                           oversample_omega=opt.oversample_omega, dmin=float(opt.dmin), shape=self.crystal.shape,

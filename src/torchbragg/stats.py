@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = [
-    "ImageStats", "image_statistics", "roi_mask", "intfile_scale", "int_image",
+    "ImageStats", "image_statistics", "intfile_scale", "int_image",
     "pgm_scale", "pgm_bytes", "c_g", "format_report",
 ]
 
@@ -41,23 +41,14 @@ def _roi_slices(roi, spixels: int, fpixels: int):
     return slice(ymin, ymax + 1), slice(xmin, xmax + 1)
 
 
-def roi_mask(shape, roi) -> np.ndarray:
-    """Boolean (spixels, fpixels) array, True inside the inclusive ROI."""
-    spixels, fpixels = shape
-    m = np.zeros((spixels, fpixels), dtype=bool)
-    sy, sx = _roi_slices(roi, spixels, fpixels)
-    m[sy, sx] = True
-    return m
-
-
 def _seq_sum(values: np.ndarray) -> float:
     # the C adds one pixel at a time; a running sum keeps its rounding
     if values.size == 0:
         return 0.0
-    from .noise import _LIB
-    if _LIB is not None:
+    from .noise import LIBRARY
+    if LIBRARY is not None:
         v = np.ascontiguousarray(values, dtype=np.float64)
-        return float(_LIB.tb_running_sum(v.ctypes.data, v.size))
+        return float(LIBRARY.tb_running_sum(v.ctypes.data, v.size))
     return float(np.add.accumulate(values, dtype=np.float64)[-1])
 
 
@@ -142,13 +133,13 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
     total = 0.0
     sumsqr = 0.0
     parts = [slice(row_start(lo), row_start(hi)) for lo, hi in chunks]  # each thread's rows: one run
-    from .noise import _LIB
-    if _LIB is not None:
+    from .noise import LIBRARY
+    if LIBRARY is not None:
         vals = np.ascontiguousarray(vals, dtype=np.float32)
         for part in parts:
             run = vals[part]
             s, q = ctypes.c_double(), ctypes.c_double()
-            _LIB.tb_float_moments(run.ctypes.data, run.size, ctypes.byref(s), ctypes.byref(q))
+            LIBRARY.tb_float_moments(run.ctypes.data, run.size, ctypes.byref(s), ctypes.byref(q))
             total += s.value
             sumsqr += q.value
     else:
@@ -166,9 +157,9 @@ def image_statistics(image, roi=None, mask=None, pixel_size_m: float = 0.0001,
         sumn = 2
     rms = math.sqrt(sumsqr / (sumn - 1))
 
-    if _LIB is not None:
+    if LIBRARY is not None:
         every = np.ascontiguousarray(sub, dtype=np.float32)
-        sumsqr2 = float(_LIB.tb_deviation_sq(every.ctypes.data, every.size, avg))
+        sumsqr2 = float(LIBRARY.tb_deviation_sq(every.ctypes.data, every.size, avg))
     else:
         dev = sub.astype(np.float64).ravel() - avg
         sumsqr2 = _seq_sum(dev * dev)
@@ -204,11 +195,11 @@ def _fma_np(a: np.ndarray, b: float, c: float) -> np.ndarray:
     doubles; adding the small parts first leaves only one rounding that
     matters.
     """
-    from .noise import _LIB
-    if _LIB is not None:
+    from .noise import LIBRARY
+    if LIBRARY is not None:
         src = np.ascontiguousarray(a, dtype=np.float64)
         out = np.empty_like(src)
-        _LIB.tb_fma_array(src.ctypes.data, src.size, float(b), float(c), out.ctypes.data)
+        LIBRARY.tb_fma_array(src.ctypes.data, src.size, float(b), float(c), out.ctypes.data)
         return out
     a = np.asarray(a, dtype=np.float64)
     b = np.float64(b)
@@ -249,11 +240,11 @@ def int_image(image, scale: float, adc_offset: float = 40.0, roi=None,
         scale = intfile_scale(scale, max_I)
     out = np.zeros(img.shape, dtype=np.uint16)
     sy, sx = _roi_slices(roi, *img.shape)
-    from .noise import _LIB
-    if _LIB is not None:
+    from .noise import LIBRARY
+    if LIBRARY is not None:
         vals = np.ascontiguousarray(img[sy, sx])
         part = np.empty(vals.shape, dtype=np.uint16)
-        _LIB.tb_int_image(vals.ctypes.data, vals.size, float(scale), float(adc_offset), int(bool(fma)),
+        LIBRARY.tb_int_image(vals.ctypes.data, vals.size, float(scale), float(adc_offset), int(bool(fma)),
                           part.ctypes.data)
         out[sy, sx] = part
         return out

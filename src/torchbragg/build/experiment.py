@@ -4,9 +4,74 @@ experiment file does not hold) -> Simulator."""
 from __future__ import annotations
 
 import copy
+import math
+
+import torch
 
 from ..config import SimulationConfig
 from ..errors import InputError
+from ..models import Crystal
+from ..resolve import ExperimentGeometry, Resolved
+from ..simulator import Simulator, nearest_panel
+from ..validate import check_experiment
+from .nanobragg import BuildInfo, make_beam, make_crystal, read_inputs, render_options, resolve_device
+
+
+# the domain size is continuous in the model (a refinement writes -N 9.69); the
+# nanoBragg command keeps the original's integer reading
+DOMAIN_FLAGS = ("-N", "-Na", "-Nb", "-Nc")
+
+
+def parse_experiment_flags(argv: list[str]) -> SimulationConfig:
+    """nanoBragg flags for the experiment path (simulate, refine, datasets):
+    as the nanoBragg command reads them, except that -N, -Na, -Nb and -Nc
+    take any number >= 1."""
+    from ..flags import COUNT_RULE, parse_args
+    argv = list(argv)
+    given = []
+    for i, name in enumerate(argv[:-1]):
+        if name in DOMAIN_FLAGS:
+            text = argv[i + 1]
+            try:
+                v = float(text)
+            except ValueError:
+                raise InputError(f"{name} expects a number, got '{text}'") from None
+            if not math.isfinite(v):
+                raise InputError(f"{name} expects a finite number, got '{text}'")
+            if v < 1:
+                raise InputError(f"{name} {v:g} is not allowed ({COUNT_RULE})")
+            given.append((name, v))
+            argv[i + 1] = "1"  # parsed here; the registry checks the rest
+    cfg = parse_args(argv)
+    if given:
+        n = list(SimulationConfig().crystal.N)
+        for name, v in given:
+            for axis in (range(3) if name == "-N" else ["abc".index(name[-1])]):
+                n[axis] = v
+        cfg.crystal.N = tuple(n)
+    return cfg
+
+
+def experiment_geometry(experiment) -> ExperimentGeometry:
+    """What resolution needs of an experiment, in plain numbers (float64)."""
+    if experiment.crystal is None:
+        raise InputError("the experiment has no crystal: index it first, or give one in the file")
+    with torch.no_grad():
+        detector = experiment.detector
+        distance, pixel = nearest_panel(experiment.beam, detector)
+        lengths = torch.linalg.norm(experiment.crystal.real_vectors().double(), dim=-1).tolist()
+        absorbing = all(float(p.thickness) > 0 and float(p.mu) > 0 for p in detector.panels)
+        depth = max(float(p.thickness * p.mu) for p in detector.panels)
+        return ExperimentGeometry(panels=tuple((p.fpixels, p.spixels) for p in detector.panels),
+                                  wavelength=float(experiment.beam.wavelength), cell_lengths=tuple(lengths),
+                                  nearest=(distance / 1000.0, pixel / 1000.0), absorbing=absorbing,
+                                  optical_depth=depth)
+
+
+def check_experiment_flags(experiment, cfg: SimulationConfig | None = None) -> Resolved:
+    """Refuse what the nanoBragg command refuses, with the same message, for
+    this experiment and these flags; return the resolved numbers."""
+    return check_experiment(cfg or SimulationConfig(), experiment_geometry(experiment))
 
 
 def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype=None, device=None,
@@ -15,28 +80,21 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     SimulationConfig) supplies what the experiment does not say; `background`:
     keywords of `Background.from_stol` (path, thickness, ...) for an amorphous
     background added to the Bragg image. Returns (simulator, BuildInfo)."""
-    import torch
-
-    from ..models import Crystal
-    from .nanobragg import BuildInfo, _device, make_beam, make_crystal, read_inputs, render_options
-    from ..simulator import Simulator
-
     cfg = cfg or SimulationConfig()
-    dtype, device = _device(cfg, dtype, device)
+    resolved = check_experiment_flags(experiment, cfg)
+    dtype, device = resolve_device(cfg, dtype, device)
     info = BuildInfo(cfg, messages=list(cfg.notes))
-    if experiment.crystal is None:
-        raise InputError("the experiment has no crystal: index it first, or give one in the file")
     table, sources, mask = read_inputs(cfg, info)
     f64 = torch.float64
     src = experiment.beam
     with torch.no_grad():
         travel, e_vector = src.incident().cpu().numpy(), src.e_vector().cpu().numpy()
         fraction = float(src.polarization_fraction)
-    beam = make_beam(cfg, info, sources, travel, e_vector, float(src.wavelength), fraction, device)
+    beam = make_beam(cfg, info, resolved, sources, travel, e_vector, float(src.wavelength), fraction, device)
     given = experiment.crystal
     probe = Crystal(given.cell, given.U, misset=given.misset, space_group=given.space_group, setting=given.setting,
                     dtype=f64, device=device)
-    crystal = make_crystal(cfg, info, probe, table, device)
+    crystal = make_crystal(cfg, info, resolved, probe, table, device)
     # copies: the experiment's own models keep their precision whatever the render dtype
     detector = copy.deepcopy(experiment.detector).to(device=device, dtype=f64)
     if mask is not None:
@@ -46,10 +104,8 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
             detector.panels[0].set_mask(mask)
         except ValueError as exc:
             raise InputError(f"-mask {cfg.detector.mask_file}: {exc}") from None
-    with torch.no_grad():
-        absorbing = all(float(p.thickness) > 0 and float(p.mu) > 0 for p in detector.panels)
-    options = render_options(cfg, absorbing, chunk_elements)
-    options.phisteps = max(cfg.crystal.phisteps or 1, 1)
+    options = render_options(cfg, resolved, chunk_elements)
+    options.phi_midpoints = True  # DIALS's frame convention: rotation steps sampled at their middles
     goniometer = None if experiment.goniometer is None else copy.deepcopy(experiment.goniometer).to(device, f64)
     scan = None if experiment.scan is None else copy.deepcopy(experiment.scan).to(device, f64)
     amorphous = None

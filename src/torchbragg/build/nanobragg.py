@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from .. import rng
-from ..config import CONVENTION_VECTORS, CUSTOM_START, FORCED_PIVOT, SimulationConfig, auto_steps, sweep_is_off
+from ..config import SimulationConfig
 from ..errors import InputError
 from ..flags import parse_args
-from ..validate import check_config, check_device
 from ..models import Beam, Crystal, Detector, DistanceMount, Goniometer, Panel, Scan, StructureFactors
-from ..simulator import RenderOptions, Simulator, oversample_for, sensor_sampling
+from ..resolve import Placement, RenderOptions, Resolved, clipped_sizes, crystal_cells
+from ..units import DEG, unit_vector
+from ..validate import check_config, check_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -41,25 +42,7 @@ class BuildInfo:
     phi_range: tuple[float, float] = (0.0, 0.0)  # phi0, osc (degrees)
     auto_interpolate: bool = False
     roi: tuple[int, int, int, int] = (0, 0, 0, 0)
-
-
-def _unit(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    n = np.linalg.norm(v)
-    if n == 0:
-        raise InputError(f"zero-length vector {tuple(v)}")
-    return v / n
-
-
-def convention_vectors(d) -> dict:
-    """The frame vectors of a run: the convention's, or the user's for CUSTOM."""
-    if d.convention != "CUSTOM":
-        return CONVENTION_VECTORS[d.convention]
-    chosen = dict(CUSTOM_START)
-    for key, attr in (("f", "fdet_vector"), ("s", "sdet_vector"), ("o", "odet_vector"), ("tt", "twotheta_axis")):
-        if getattr(d, attr) is not None:
-            chosen[key] = getattr(d, attr)
-    return chosen
+    dtype: object = None  # the torch dtype to render in
 
 
 # ----------------------------------------------------------------------------- headers
@@ -116,62 +99,26 @@ def apply_header(cfg: SimulationConfig, header: dict, shape, is_mask: bool) -> N
 
 # ----------------------------------------------------------------------------- models
 
-def make_detector(cfg: SimulationConfig, info: BuildInfo, mask, dtype, device) -> Detector:
-    """One panel placed by a DistanceMount, with the original's beam-centre
-    defaults and conventions resolved into (fast, slow) millimetres."""
+def make_detector(cfg: SimulationConfig, info: BuildInfo, placement: Placement, mask, dtype, device) -> Detector:
+    """One panel placed by a DistanceMount at the resolved beam centre and pivot."""
     d = cfg.detector
-    px = d.pixel_size
-    if not px > 0:
-        raise InputError(f"pixel size must be positive, got {px:g} mm")
-    detsize_f = px * d.fpixels if d.fpixels else d.detsize_f
-    detsize_s = px * d.spixels if d.spixels else d.detsize_s
-    fpixels = int(math.ceil(detsize_f / px - 0.5))
-    spixels = int(math.ceil(detsize_s / px - 0.5))
-    if fpixels <= 0 or spixels <= 0:
-        raise InputError(f"detector has {fpixels}x{spixels} pixels; both must be positive")
-    conv = d.convention
-    vecs = convention_vectors(d)
-    if conv == "CUSTOM":
+    px = placement.pixel_size
+    fpixels, spixels = placement.fpixels, placement.spixels
+    if placement.convention == "CUSTOM":
         if d.pix0_vector is not None:
             info.messages.append("note: -pix0_vector selects the CUSTOM convention (no half-pixel offset); as in "
                                  "the original, the detector origin is still derived from the beam centre and distance")
         else:
             info.messages.append("note: a custom detector or beam vector selects the CUSTOM convention, which "
                                  "drops the MOSFLM half-pixel beam-centre offset")
-    fast, slow = _unit(vecs["f"]), _unit(vecs["s"])
+    vecs = placement.vectors
+    fast, slow = unit_vector(vecs["f"]), unit_vector(vecs["s"])
     normal = np.asarray(vecs["o"], dtype=np.float64)
     if np.linalg.norm(normal) == 0:
         normal = np.cross(fast, slow)
-    normal = _unit(normal)
-
-    # near point and beam centre as the original defaults them (mm)
-    fclose = (d.ORGX - 0.5) * px if d.ORGX is not None else detsize_f / 2.0
-    sclose = (d.ORGY - 0.5) * px if d.ORGY is not None else detsize_s / 2.0
-    xclose = d.Xclose if d.Xclose is not None else fclose
-    yclose = d.Yclose if d.Yclose is not None else sclose
-    xb, yb = d.Xbeam, d.Ybeam
-    if conv == "ADXV":
-        xb = (detsize_f + px) / 2.0 if xb is None else xb
-        yb = (detsize_s - px) / 2.0 if yb is None else yb
-    elif conv in ("MOSFLM", "DENZO"):
-        xb = (detsize_s + px) / 2.0 if xb is None else xb
-        yb = (detsize_f + px) / 2.0 if yb is None else yb
-    else:
-        xb = xclose if xb is None else xb
-        yb = yclose if yb is None else yb
-    # the convention's (Xbeam, Ybeam) -> (fast, slow) distances of the beam spot from the origin
-    if conv == "ADXV":
-        fbeam, sbeam = xb, detsize_s - yb
-    elif conv == "MOSFLM":
-        fbeam, sbeam = yb + 0.5 * px, xb + 0.5 * px
-    elif conv == "DENZO":
-        fbeam, sbeam = yb, xb
-    else:
-        fbeam, sbeam = xb, yb
-    if conv == "CUSTOM":
-        fclose, sclose = xb, yb
-    info.convention, info.detsize = conv, (detsize_f, detsize_s)
-    info.beam_center, info.near_point = (xb, yb), (xclose, yclose)
+    normal = unit_vector(normal)
+    info.convention, info.detsize = placement.convention, placement.detsize
+    info.beam_center, info.near_point = placement.beam_center, placement.near_point
 
     thick = d.thickness * 1e-3  # um -> mm
     mu = None
@@ -184,10 +131,9 @@ def make_detector(cfg: SimulationConfig, info: BuildInfo, mask, dtype, device) -
         info.messages.append(f"WARNING: setting detector attenuation depth to {mu * 1e3:g} m")
     info.mu_reported = -1.0 if mu is None else mu * 1e3
 
-    mount = DistanceMount(fast, slow, normal, vecs["tt"], distance=d.distance, beam_center=(fbeam, sbeam),
-                          close_center=(fclose, sclose), rotation=d.rotation, twotheta=d.twotheta,
-                          close_distance=d.close_distance, pivot=FORCED_PIVOT.get(conv, d.pivot),
-                          dtype=dtype, device=device)
+    mount = DistanceMount(fast, slow, normal, vecs["tt"], distance=d.distance, beam_center=placement.beam_spot,
+                          close_center=placement.close_spot, rotation=d.rotation, twotheta=d.twotheta,
+                          close_distance=d.close_distance, pivot=placement.pivot, dtype=dtype, device=device)
     if mask is not None and mask.size != fpixels * spixels:
         raise InputError(f"mask {d.mask_file} has {mask.size} pixels but the detector has {fpixels}x{spixels}")
     panel = Panel(mount, (fpixels, spixels), (px, px), thickness=thick, mu=mu or 0.0, mask=mask,
@@ -195,42 +141,14 @@ def make_detector(cfg: SimulationConfig, info: BuildInfo, mask, dtype, device) -
     return Detector([panel], dtype=dtype, device=device)
 
 
-def _divergence(b) -> tuple[dict, list]:
-    """Per-axis (n, range, step) in radians and the grid points the original
-    keeps after trimming the grid to an ellipse."""
-    div = {}
-    for axis in ("h", "v"):
-        rng_ = getattr(b, f"{axis}divrange")
-        st = getattr(b, f"{axis}divstep")
-        n, r, s = auto_steps(getattr(b, f"{axis}divsteps"), None if rng_ is None else rng_ / 1000.0,
-                             None if st is None else st / 1000.0, 1.0, endpoints=True)
-        if sweep_is_off(n, r, s):
-            n, r, s = 1, 0.0, 0.0
-        div[axis] = dict(n=n, range=r, step=s, step_given=st is not None and st > 0)
-    h, v = div["h"], div["v"]
-    kept = []
-    for ih in range(h["n"]):
-        for iv in range(v["n"]):
-            hd = h["step"] * ih - h["range"] / 2.0
-            vd = v["step"] * iv - v["range"] / 2.0
-            with np.errstate(divide="ignore", invalid="ignore"):
-                test = np.float64(hd * hd - h["step"] ** 2 / 4.0 * (1 - h["n"] % 2)) / np.float64(h["range"]) ** 2
-                test += np.float64(vd * vd - v["step"] ** 2 / 4.0 * (1 - v["n"] % 2)) / np.float64(v["range"]) ** 2
-            if b.round_div and test * 4.0 > 1.1:
-                continue
-            kept.append((ih, iv))
-    return div, kept
-
-
-def make_beam(cfg: SimulationConfig, info: BuildInfo, sources, travel, e_vector, wavelength: float,
-              polarization_fraction: float, device) -> Beam:
+def make_beam(cfg: SimulationConfig, info: BuildInfo, resolved: Resolved, sources, travel, e_vector,
+              wavelength: float, polarization_fraction: float, device) -> Beam:
     """A beam travelling along `travel` with E-vector `e_vector`, with the
-    spectrum, divergence, fluence and water of the configuration (float64)."""
+    resolved spectrum and divergence and the configuration's fluence and
+    water (float64)."""
     b = cfg.beam
-    n, disp, _ = auto_steps(b.dispsteps, b.dispersion / 100.0, None, 1.0, endpoints=True)
-    if sweep_is_off(n, disp, 1.0 if n > 0 else 0.0) or disp <= 0.0:
-        n, disp = 1, 0.0
-    div, kept = _divergence(b)
+    n, disp = resolved.dispersion
+    div, kept = resolved.divergence, list(resolved.divergence_points)
     info.divergence = div
     info.n_divergence = -1 if sources is not None else len(kept)
     fluence = b.fluence
@@ -250,22 +168,14 @@ def make_beam(cfg: SimulationConfig, info: BuildInfo, sources, travel, e_vector,
                 **table)
 
 
-def _phi_sampling(c) -> tuple[int, float, float]:
-    """(steps, width, osc) of the one image: the width covers all steps; osc
-    is the range the original reports."""
-    n, osc, step = auto_steps(None if c.phisteps is None else max(c.phisteps, 1), c.osc, c.phistep, 1.0,
-                              endpoints=False)
-    given = c.phistep is not None and c.phistep > 0
-    return n, (step * n if given else osc), osc
-
-
-def build_from_args(argv: list[str], dtype=None, device=None, **kw):
+def models_from_args(argv: list[str], dtype=None, device=None, **kw):
     base = header_defaults(argv) if any(a in ("-img", "-mask") for a in argv) else None
     cfg = parse_args(argv) if base is None else parse_args(argv, base)
-    return build_from_config(cfg, dtype=dtype, device=device, **kw)
+    return models_from_config(cfg, dtype=dtype, device=device, **kw)
 
 
-def _device(cfg, dtype, device):
+def resolve_device(cfg, dtype=None, device=None):
+    """(dtype, device) of a build: the arguments, else the configuration's."""
     check_device(str(device if device is not None else cfg.device))
     dtype = dtype or DTYPES[cfg.dtype]
     device = torch.device(device or cfg.device)
@@ -342,32 +252,24 @@ def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False
     return table, sources, mask
 
 
-def make_crystal(cfg: SimulationConfig, info: BuildInfo, probe: Crystal, table, device) -> Crystal:
+def make_crystal(cfg: SimulationConfig, info: BuildInfo, resolved: Resolved, probe: Crystal, table,
+                 device) -> Crystal:
     """The crystal of `probe` (cell, U and misset, float64) with the size,
-    mosaic domains, spot shape and structure factors the configuration asks for."""
+    resolved mosaic domains, spot shape and structure factors the
+    configuration asks for."""
     c, b = cfg.crystal, cfg.beam
-    sizes = list(c.sample_size)
-    beamsize_m = b.beamsize * 1e-3
-    for i in (1, 2):
-        if sizes[i] is not None and beamsize_m >= 0 and beamsize_m < sizes[i] * 1e-3:
-            info.messages.append("WARNING: clipping sample (%g m %s) with beam (%g m)"
-                                 % (sizes[i] * 1e-3, "high" if i == 1 else "wide", beamsize_m))
-            sizes[i] = b.beamsize
-    n_cells = list(c.N)
+    sizes, clipped = clipped_sizes(cfg)
+    for i in clipped:
+        info.messages.append("WARNING: clipping sample (%g m %s) with beam (%g m)"
+                             % (c.sample_size[i] * 1e-3, "high" if i == 1 else "wide", b.beamsize * 1e-3))
+    # the cell counts are integer decisions taken from the model's own cell lengths, as the original's
+    n_cells = c.N
     if any(s is not None and s > 0 for s in sizes):
-        lengths = torch.linalg.norm(probe.real_vectors(), dim=-1).tolist()
-        for i in range(3):
-            if sizes[i] is not None and sizes[i] > 0:
-                n_cells[i] = float(math.ceil(sizes[i] * 1e7 / lengths[i]))
+        with torch.no_grad():
+            n_cells = crystal_cells(cfg, torch.linalg.norm(probe.real_vectors(), dim=-1).tolist())
     n_cells = tuple(max(x, 1.0) for x in n_cells)
 
-    spread = c.mosaic_spread
-    domains = c.mosaic_domains if c.mosaic_domains is not None else -1
-    if domains <= 0:
-        domains = 1 if spread is None or spread == 0.0 else 10
-        spread = spread or 0.0
-    elif spread is None or spread == 0.0:
-        spread, domains = 0.0, 1
+    spread, domains = resolved.mosaic_spread, resolved.mosaic_domains
     axes = factors = None
     if spread > 0.0 and domains > 1:
         draws = rng.mosaic_domain_draws(c.mosaic_spread * math.pi / 180.0, domains, -c.mosaic_seed)
@@ -389,23 +291,26 @@ def make_crystal(cfg: SimulationConfig, info: BuildInfo, probe: Crystal, table, 
                    space_group=probe.space_group, setting=probe.setting, dtype=f64, device=device)
 
 
-def render_options(cfg: SimulationConfig, has_thickness: bool, chunk_elements=None) -> RenderOptions:
-    d = cfg.detector
-    layers, divisor = sensor_sampling(d.thicksteps, has_thickness, d.absorbed_layers)
-    return RenderOptions(oversample=d.oversample, phisteps=_phi_sampling(cfg.crystal)[0], sensor_layers=layers,
-                         layer_divisor=divisor, oversample_thick=d.oversample_thick,
+def render_options(cfg: SimulationConfig, resolved: Resolved, chunk_elements=None) -> RenderOptions:
+    d, sampling = cfg.detector, resolved.sampling
+    rule = resolved.parallax
+    absorbed = rule != "original"
+    return RenderOptions(oversample=d.oversample, phisteps=resolved.phi[0], sensor_layers=sampling.layers,
+                         layer_divisor=sampling.layer_divisor, oversample_thick=d.oversample_thick,
                          oversample_polar=d.oversample_polar, oversample_omega=d.oversample_omega,
-                         absorbed_layers=d.absorbed_layers,
+                         absorbed_layers=absorbed, parallax="dials" if rule == "dials" else "physical",
                          point_pixel=d.point_pixel, curved=d.curved, polarization=not cfg.beam.nopolar,
                          dmin=d.dmin, roi=d.roi, chunk_elements=chunk_elements)
 
 
-def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elements=None,
-                      write_dump: bool = False):
-    """Models and Simulator for a configuration; returns (simulator, BuildInfo).
-    The configuration gets the command line's checks (ValueError subclasses)."""
-    check_config(cfg)
-    dtype, device = _device(cfg, dtype, device)
+def models_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elements=None,
+                       write_dump: bool = False):
+    """The models and render options of a configuration, in float64, as the
+    keyword arguments of a Simulator, and the BuildInfo (whose dtype is the
+    one to render in): `Simulator(**models).to(info.dtype)`. The
+    configuration gets the command line's checks (ValueError subclasses)."""
+    resolved = check_config(cfg)
+    dtype, device = resolve_device(cfg, dtype, device)
     info = BuildInfo(cfg, messages=list(cfg.notes))
     c, b, d = cfg.crystal, cfg.beam, cfg.detector
 
@@ -416,7 +321,7 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
     if c.misset_random:
         drawn = rng.random_misset_angles(misset_seed)
         info.random_misset = drawn
-        misset = tuple(x / (math.pi / 180.0) for x in drawn)
+        misset = tuple(x / DEG for x in drawn)
         info.messages.append("random orientation misset angles: %f %f %f deg"
                              % tuple(x * 180.0 / math.pi for x in drawn))
 
@@ -425,24 +330,17 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
         from ..io.matrix import read_mosflm_matrix
         A_matrix = read_mosflm_matrix(c.mat_file)
         info.messages.append(f"reading {c.mat_file}")
-    if c.cell is None and A_matrix is None:
-        raise InputError("no unit cell: give -cell a b c alpha beta gamma or -mat file")
     table, sources, mask = read_inputs(cfg, info, write_dump)
 
     f64 = torch.float64
-    detector = make_detector(cfg, info, mask, f64, device)
-    vecs = CONVENTION_VECTORS.get(d.convention, CUSTOM_START)
-    custom = d.convention == "CUSTOM"
-    travel = _unit(b.beam_vector if custom and b.beam_vector else vecs["beam"])
-    e_vector = _unit(b.polar_vector if custom and b.polar_vector else vecs["pol"])
-    beam = make_beam(cfg, info, sources, travel, e_vector, b.wavelength, (1.0 + b.polarization) / 2.0, device)
-    with torch.no_grad():
-        ratio = float(detector.panels[0].frame.geometry(beam.incident())["ratio"])
-    if abs(ratio) < 1e-9:
-        raise InputError("impossible geometry: the detector plane contains the beam (check rotations and vectors)")
-
-    spindle = c.spindle_axis if custom and c.spindle_axis is not None else vecs["spindle"]
-    _, width, osc = _phi_sampling(c)
+    placement = resolved.placement
+    detector = make_detector(cfg, info, placement, mask, f64, device)
+    vecs = placement.vectors
+    travel, e_vector = unit_vector(vecs["beam"]), unit_vector(vecs["pol"])
+    beam = make_beam(cfg, info, resolved, sources, travel, e_vector, b.wavelength, (1.0 + b.polarization) / 2.0,
+                     device)
+    spindle = vecs["spindle"]
+    _, width, osc = resolved.phi
     info.phi_range = (c.phi0, osc)
     goniometer = Goniometer([spindle], dtype=f64, device=device)
     scan = Scan((1, 1), (c.phi0, width), dtype=f64, device=device)
@@ -452,32 +350,41 @@ def build_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_elem
         probe = Crystal.from_reciprocal_vectors(*recip, misset=misset, dtype=f64)
     else:
         probe = Crystal(c.cell, misset=misset, setting="nanobragg", dtype=f64)
-    crystal = make_crystal(cfg, info, probe, table, device)
+    crystal = make_crystal(cfg, info, resolved, probe, table, device)
 
     panel = detector.panels[0]
     roi = d.roi or (-1, -1, -1, -1)
     info.roi = (roi[0] if roi[0] >= 0 else 0, roi[1] if roi[1] >= 0 else panel.fpixels,
                 roi[2] if roi[2] >= 0 else 0, roi[3] if roi[3] >= 0 else panel.spixels)
-    options = render_options(cfg, d.thickness > 0, chunk_elements)
+    options = render_options(cfg, resolved, chunk_elements)
     # models are built in float64 so the automatic oversampling (an integer
     # decision) is taken from exact values, then cast to the render dtype
     with torch.no_grad():
         distance = float(panel.frame.geometry(beam.incident())["distance"]) / 1000.0
-    recommended = oversample_for(crystal, b.wavelength, distance, d.pixel_size / 1000.0)
-    sim = Simulator(beam, crystal, detector, goniometer, scan, options, recommended=recommended)
-    return sim.to(dtype), info
+    info.dtype = dtype
+    recommended = crystal.automatic_oversample(b.wavelength, distance, d.pixel_size / 1000.0)
+    return dict(beam=beam, crystal=crystal, detector=detector, goniometer=goniometer, scan=scan, options=options,
+                recommended=recommended), info
 
 
 def write_experiment(path: str, argv: list[str], info: BuildInfo) -> None:
     """The DIALS experiment list of this run, from float64 models: beam,
     the detector as one panel in the lab frame (the convention's), spindle,
     a one-image scan, the crystal at phi = 0, and the SMV image (the noise
-    image when there is one) as its imageset."""
+    image when there is one) as its imageset. The command samples each
+    rotation step at its start, the experiment path (DIALS's convention) at
+    its middle: the scan starts half a step before -phi, so that rendering
+    the file gives the same image."""
     from ..io.dials import Experiment, write_experiments
     from ..validate import output_paths
-    sim, _ = build_from_args(argv, dtype=torch.float64)
+    models, _ = models_from_args(argv, dtype=torch.float64)
     paths = output_paths(info.config)
     images = [os.path.abspath(paths.get("noisefile", paths["intfile"]))]  # what a detector would record
-    expt = Experiment(beam=sim.beam, detector=sim.detector, crystal=sim.crystal, goniometer=sim.goniometer,
-                      scan=sim.scan, extras={"imageset": {"__id__": "ImageSet", "images": images}})
+    given = models["scan"]
+    with torch.no_grad():
+        start, width = (float(x) for x in given.oscillation)
+    scan = Scan(given.image_range, (start - width / (2 * models["options"].phisteps), width), dtype=torch.float64)
+    expt = Experiment(beam=models["beam"], detector=models["detector"], crystal=models["crystal"],
+                      goniometer=models["goniometer"], scan=scan,
+                      extras={"imageset": {"__id__": "ImageSet", "images": images}})
     write_experiments(path, [expt], history=["torchbragg nanoBragg " + " ".join(argv)])

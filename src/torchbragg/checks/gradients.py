@@ -38,7 +38,7 @@ __all__ = ["CASES", "inputs", "test_gradcheck", "test_gradgradcheck", "test_grad
            "test_every_parameter_is_checked", "test_chunked_render_gradient_matches",
            "test_float32_loss_gradient_matches_finite_differences", "test_loss_gradients",
            "test_background_float32_gradients_match_finite_differences",
-           "test_parametrisation_gradients", "test_every_parameter_group_is_checked"]
+           "test_parametrisation_gradients", "test_every_parameter_group_is_checked", "test_psf_width_gradient"]
 
 EPS, ATOL, RTOL = 1e-6, 1e-5, 1e-3
 DEVICE = os.environ.get("TORCHBRAGG_GRAD_DEVICE", "cpu")
@@ -582,7 +582,7 @@ GROUP_CASES = {
 
 
 def _group_objective(group, files):
-    from torchbragg.refine import Refiner
+    from torchbragg.refine import Entry, Refiner
     flags, setup = GROUP_CASES[group]
     sim = Simulator.from_args(shlex.split(f"{CELL} {BASE} {flags.format(**files)}"), device=DEVICE)
     if setup:
@@ -590,10 +590,9 @@ def _group_objective(group, files):
     with torch.no_grad():
         model = sim.render() + 2.0
     data = torch.poisson(model.cpu(), generator=torch.Generator().manual_seed(2)).to(model)
-    r = Refiner(sim, data, [group], roi="all", strategy=None, uncertainties=False)
-    mask = torch.ones(data.shape, dtype=torch.bool, device=DEVICE)
-    x0 = torch.randn(r.param.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    return (lambda x: r._objective(sim, x, mask, data) / data.numel()), x0
+    r = Refiner([Entry(sim, data, "all")], [group], strategy=None, uncertainties=False)
+    x0 = torch.randn(r.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    return (lambda x: r.objective(x) / data.numel()), x0
 
 
 def _known_groups():
@@ -618,7 +617,41 @@ def test_parametrisation_gradients(group, order, inputs, request):
     assert ok, f"refinement group {group}: analytic and numerical derivatives of the objective differ"
 
 
+@pytest.mark.parametrize("kind", ["gauss", "fiber"])
+def test_psf_width_gradient(kind, request):
+    """The detector response's PSF width through the psf_width group, and its
+    gain: a Poisson likelihood of the response's expectation of a rendered
+    image, first and second order."""
+    from torchbragg.models import DetectorResponse
+    from torchbragg.refine.losses import poisson_nll
+    from torchbragg.refine.parameters import Parametrisation
+    t0 = time.perf_counter()
+    sim = Simulator.from_args(shlex.split(f"{CELL} {BASE}"), device=DEVICE)
+    sim.response = DetectorResponse(gain=1.3, psf=kind, psf_fwhm=0.15, psf_radius=4, dtype=torch.float64,
+                                    device=DEVICE)
+    pixel = sim.detector.panels[0].pixel_size
+    with torch.no_grad():
+        photons = sim.render()[0]
+        want = sim.response.expectation(photons, pixel) + 2.0
+    data = torch.poisson(want.cpu(), generator=torch.Generator().manual_seed(2)).to(want)
+    param = Parametrisation(["psf_width"], sim)
+
+    def f(x, gain):
+        width = param.substitutions(sim, x)["response.psf_fwhm"]
+        model = functional_call(sim.response, {"psf_fwhm": width, "gain": gain}, (photons, pixel))
+        return poisson_nll(model + 2.0, data) / data.numel()
+
+    x = torch.tensor([3.0], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    gain = torch.tensor(1.2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    kw = dict(eps=1e-6, atol=1e-6, rtol=1e-3, nondet_tol=NONDET_TOL, raise_exception=False)
+    ok = torch.autograd.gradcheck(f, (x, gain), **kw) and torch.autograd.gradgradcheck(f, (x, gain), **kw)
+    c = Case(f"refine.psf_width.{kind}", "response.psf_fwhm", None, "", 1.0, True, None, sys._getframe().f_lineno)
+    record(request, c, "gradcheck", ok, time.perf_counter() - t0, eps=kw["eps"], atol=kw["atol"], rtol=kw["rtol"])
+    assert ok, f"PSF width ({kind}) or gain: analytic and numerical derivatives differ"
+
+
 def test_every_parameter_group_is_checked():
     from torchbragg.refine.parameters import GROUPS
-    missing = sorted(set(GROUPS) - set(GROUP_CASES))
+    # psf_width acts through the detector response, checked by test_psf_width_gradient
+    missing = sorted(set(GROUPS) - set(GROUP_CASES) - {"psf_width"})
     assert not missing, f"parameter groups without a gradient check: {missing}"

@@ -448,7 +448,15 @@ def _parser():
     return p
 
 
+PYTEST_MISSING = "torchbragg gradcheck needs pytest: pip install 'torchbragg[audit]'"
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        import pytest  # noqa: F401  (the checks are pytest tests, run by this interpreter)
+    except ImportError:
+        print(PYTEST_MISSING, file=sys.stderr)
+        return 2
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     t_start = time.monotonic()
     now = _dt.datetime.now(_dt.timezone.utc)

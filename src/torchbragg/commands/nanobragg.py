@@ -10,7 +10,6 @@ import sys
 
 from ..errors import InputError
 
-RTD = 180.0 / 3.141592653589793
 
 
 def _g(x) -> str:
@@ -26,7 +25,7 @@ def geometry_report(sim, info) -> list[str]:
     numbers, plus the detector origin (pix0) which it leaves implicit."""
     import torch
 
-    from ..outputs import smv_geometry
+    from ..outputs import run_smv_geometry
 
     beam, xtal, opt = sim.beam, sim.crystal, sim.options
     panel = sim.detector.panels[0]
@@ -94,7 +93,7 @@ def geometry_report(sim, info) -> list[str]:
         lines.append("  INCIDENT_BEAM_DIRECTION= " + _vec(g["beam"]))
         lines.append("  spindle ROTATION_AXIS= " + _vec(sim.goniometer.rotation_axis.cpu()))
         lines.append("  POLARIZATION_PLANE_NORMAL= " + _vec(beam.polarization_normal.cpu()))
-        header = smv_geometry(sim, info)  # the same derived values the image headers carry
+        header = run_smv_geometry(sim, info)  # the same derived values the image headers carry
         lines.append("  dials origin= " + _vec(header.dials_origin))
         lines.append("  pix0_vector= " + _vec(mm["pix0"]))
         lines.append("  XDS ORGX=%g ORGY=%g" % (header.ORGX, header.ORGY))
@@ -131,11 +130,15 @@ def run(argv: list[str], out=None) -> int:
     import torch
 
     from .. import outputs
-    from ..build.nanobragg import build_from_args
+    from ..build.nanobragg import models_from_args
+    from ..simulator import Simulator
 
-    sim, info = build_from_args(argv, write_dump=True)
+    # the command renders in float64 unless told otherwise: its files then equal the original's byte for byte
+    dtype = None if "-dtype" in argv else torch.float64
+    models, info = models_from_args(argv, dtype=dtype, write_dump=True)
+    sim = Simulator(**models).to(info.dtype)
     for line in info.messages:
-        print(line, file=out)
+        print(line, file=sys.stderr if is_warning(line) else out)
     for line in geometry_report(sim, info):
         print(line, file=out)
     progress = None
@@ -153,14 +156,20 @@ def run(argv: list[str], out=None) -> int:
     return 0
 
 
+def is_warning(line: str) -> bool:
+    """Warnings and notes go to stderr; the report stays on stdout."""
+    return line.startswith(("WARNING", "note:"))
+
+
 def check_image(image) -> None:
     """Never write a non-finite or negative image: say what went wrong instead."""
     import torch
-    bad = int((~torch.isfinite(image)).sum())
+    # the float file holds 4-byte floats: a float64 pixel beyond their range would be written as infinity
+    bad = int((~torch.isfinite(image) | (image.abs() > torch.finfo(torch.float32).max)).sum())
     if bad:
-        raise InputError(f"the rendered image has {bad} NaN or infinite pixels: the intensities overflow or the "
-                         "inputs are degenerate; lower -default_F, -fluence or the structure factors, "
-                         "or try -dtype float64")
+        raise InputError(f"the rendered image has {bad} NaN or infinite pixels (as 4-byte floats): the "
+                         "intensities overflow or the inputs are degenerate; lower -default_F, -fluence or the "
+                         "structure factors")
     if bool((image < 0).any()):
         raise InputError("the rendered image has negative pixels: check the detector geometry "
                          "(-twotheta, -detector_rotx/y/z, detector vectors)")

@@ -3,19 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
-
-# Flags whose values the experiment file holds: refused, so a run never mixes two geometries.
-GEOMETRY_FLAGS = {
-    "-cell", "-mat", "-misset", "-lambda", "-wave", "-wavelength", "-energy", "-pixel", "-detpixels",
-    "-detpixels_f", "-detpixels_x", "-detpixels_s", "-detpixels_y", "-detsize", "-detsize_f", "-detsize_s",
-    "-distance", "-close_distance", "-Xbeam", "-Ybeam", "-Xclose", "-Yclose", "-ORGX", "-ORGY", "-mosflm", "-xds",
-    "-adxv", "-denzo", "-dials", "-pivot", "-fdet_vector", "-sdet_vector", "-odet_vector", "-pix0_vector",
-    "-beam_vector", "-polar_vector", "-spindle_axis", "-twotheta_axis", "-twotheta", "-detector_rotx",
-    "-detector_roty", "-detector_rotz", "-phi", "-osc", "-phistep", "-detector_thick", "-detector_abs",
-    "-detector_absorb", "-detector_absorption", "-polar", "-img", "-floatfile", "-floatimage", "-intfile",
-    "-intimage", "-noisefile", "-noiseimage", "-pgmfile", "-pgmimage", "-write_expt",
-}
-
+from ..flags import GEOMETRY_FLAGS
 
 
 def split_options(argv: list[str], opts: dict, valued, switches, command: str, max_positional=None,

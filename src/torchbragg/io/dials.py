@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,26 +52,85 @@ class ExperimentList:
         return self.experiments[k]
 
 
-def _vec(d: dict, key: str, where: str, n: int = 3) -> np.ndarray:
-    try:
-        v = np.asarray(d[key], dtype=np.float64).reshape(n)
-    except KeyError:
-        raise InputError(f"{where} has no '{key}'") from None
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: '{key}' must be {n} numbers") from None
-    if not np.all(np.isfinite(v)):
-        raise InputError(f"{where}: '{key}' is not finite")
-    return v
+# Physical bounds on what a file may hold: beyond them the arithmetic
+# overflows or the experiment is not an X-ray diffraction experiment.
+WAVELENGTH_RANGE = (1e-3, 1e3)  # Angstrom
+PIXEL_RANGE = (1e-4, 100.0)  # mm
+MAX_PANEL_EDGE = 100000  # pixels along one panel edge
+DISTANCE_RANGE = (1e-3, 1e6)  # mm, sample to each panel's plane
+MAX_THICKNESS = 100.0  # mm of sensor
+MAX_SCAN_IMAGES = 1000000  # images in one scan
+MAX_DEPTH = 64  # nesting of the JSON document
+AXIS_TOLERANCE = 1e-6  # |cos| between a panel's fast and slow axes (dxtbx refuses beyond 1e-7)
+ROTATION_TOLERANCE = 1e-5  # |M M^T - 1| of a goniometer's fixed and setting rotations
+
+
+def warn(message: str) -> None:
+    """A degenerate but legal input: one line on stderr, the result stays correct."""
+    print(f"WARNING: {message}", file=sys.stderr)
+
+
+def _block(d, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise InputError(f"{where} must be a JSON object, got {type(d).__name__} {_short(d)}")
+    return d
+
+
+def _short(v) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _numbers(v, key: str, where: str, n: int | None) -> np.ndarray:
+    """A list of numbers (not strings, not booleans): n of them, or any count for n None."""
+    what = f"{n} number{'s' if n != 1 else ''}" if n is not None else "a list of numbers"
+    if not isinstance(v, (list, tuple)) or (n is not None and len(v) != n) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise InputError(f"{where}: '{key}' must be {what}, got {_short(v)}")
+    out = np.asarray(v, dtype=np.float64)
+    if not np.all(np.isfinite(out)):
+        raise InputError(f"{where}: '{key}' is not finite ({_short(v)})")
+    return out
+
+
+def _vec(d: dict, key: str, where: str, n: int = 3, default=None) -> np.ndarray:
+    if key not in d and default is not None:
+        return np.asarray(default, dtype=np.float64)
+    if key not in d:
+        raise InputError(f"{where} has no '{key}'")
+    return _numbers(d[key], key, where, n)
+
+
+def _ints(d: dict, key: str, where: str, n: int, default=None) -> list[int]:
+    v = d.get(key, default)
+    if v is None:
+        raise InputError(f"{where} has no '{key}'")
+    nums = _numbers(v, key, where, n)
+    if not np.all(nums == np.round(nums)) or not np.all(np.abs(nums) < 2 ** 53):
+        raise InputError(f"{where}: '{key}' must be {n} integers, got {_short(v)}")
+    return [int(x) for x in nums]
+
+
+def _int(d: dict, key: str, where: str, default=None) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+        raise InputError(f"{where}: '{key}' must be an integer, got {_short(v)}")
+    return int(v)
 
 
 def _number(d: dict, key: str, where: str, default=None) -> float:
     v = d.get(key, default)
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: '{key}' must be a number") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InputError(f"{where}: '{key}' must be a number, got {_short(v)}")
     if not math.isfinite(v):
-        raise InputError(f"{where}: '{key}' is not finite")
+        raise InputError(f"{where}: '{key}' is not finite ({v})")
+    return float(v)
+
+
+def _within(v: float, bounds, key: str, where: str, unit: str) -> float:
+    lo, hi = bounds
+    if not lo <= v <= hi:
+        raise InputError(f"{where}: '{key}' {v:g} {unit} is outside the physical range {lo:g} to {hi:g} {unit}")
     return v
 
 
@@ -82,126 +142,254 @@ def _direction(d: dict, key: str, where: str) -> np.ndarray:
     return v / n
 
 
-def _matrix(d: dict, key: str, where: str) -> np.ndarray:
-    return _vec(d, key, where, 9).reshape(3, 3) if key in d else np.eye(3)
+def _rotation(d: dict, key: str, where: str) -> np.ndarray:
+    m = _vec(d, key, where, 9, default=np.eye(3).ravel()).reshape(3, 3)
+    if not np.allclose(m @ m.T, np.eye(3), atol=ROTATION_TOLERANCE) or not np.linalg.det(m) > 0:
+        raise InputError(f"{where}: '{key}' is not a rotation matrix (orthonormal, determinant +1)")
+    return m
+
+
+def _depth(doc) -> int:
+    """Nesting depth of a JSON document, without recursion."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                break
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 # ----------------------------------------------------------------------------- reading
 
 def beam_from_dict(d: dict, **kw) -> Beam:
     where = "beam"
+    _block(d, where)
     if d.get("__id__") == "polychromatic" or "wavelength" not in d:
         raise InputError("beam: only monochromatic beams are read (a 'wavelength'); give a spectrum with "
                          "-sourcefile or --spectra instead")
     wavelength = _number(d, "wavelength", where)
     if not wavelength > 0:
         raise InputError(f"beam wavelength must be positive, got {wavelength:g}")
+    _within(wavelength, WAVELENGTH_RANGE, "wavelength", where, "A")
+    direction = _direction(d, "direction", where)
+    fraction = _number(d, "polarization_fraction", where, 0.999)
+    if not 0 <= fraction <= 1:
+        raise InputError(f"beam: 'polarization_fraction' {fraction:g} is not a fraction between 0 and 1")
+    normal = (0.0, 1.0, 0.0)
+    if "polarization_normal" in d:
+        normal = _direction(d, "polarization_normal", where)
+        if np.linalg.norm(np.cross(normal, direction)) < 1e-6:
+            raise InputError("beam: 'polarization_normal' lies along the beam direction; it must be a direction "
+                             "across the beam (the normal of the polarization plane)")
     extras = {k: v for k, v in d.items() if k not in ("direction", "wavelength", "polarization_fraction",
                                                        "polarization_normal")}
-    return Beam(_direction(d, "direction", where), wavelength,
-                polarization_fraction=_number(d, "polarization_fraction", where, 0.999),
-                polarization_normal=_direction(d, "polarization_normal", where) if "polarization_normal" in d
-                else (0.0, 1.0, 0.0), extras=extras, **kw)
+    return Beam(direction, wavelength, polarization_fraction=fraction, polarization_normal=normal, extras=extras,
+                **kw)
 
 
-def _panel_mask(d: dict, image_size) -> np.ndarray | None:
+def _panel_mask(d: dict, image_size, where: str) -> np.ndarray | None:
     """Untrusted rectangles [f0, s0, f1, s1] (1-based, inclusive, as dxtbx's
     Pilatus gap masks are written) -> (slow, fast) array, 0 = skip."""
     rects = d.get("mask") or []
+    if not isinstance(rects, list):
+        raise InputError(f"{where}: 'mask' must be a list of rectangles [f0, s0, f1, s1], got {_short(rects)}")
     if not rects:
         return None
     nf, ns = image_size
     mask = np.ones((ns, nf), dtype=np.uint8)
-    for r in rects:
-        f0, s0, f1, s1 = (int(x) for x in r)
-        mask[max(s0 - 1, 0):s1, max(f0 - 1, 0):f1] = 0
+    for i, r in enumerate(rects):
+        f0, s0, f1, s1 = _ints({"mask": r}, "mask", f"{where} mask rectangle {i}", 4)
+        if f1 < f0 or s1 < s0:
+            raise InputError(f"{where}: mask rectangle {i} {r} is empty (give [f0, s0, f1, s1] with f0 <= f1, "
+                             "s0 <= s1)")
+        mask[max(s0 - 1, 0):max(s1, 0), max(f0 - 1, 0):max(f1, 0)] = 0
     return mask
 
 
+def _panel_axes(d: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+    fast, slow = _direction(d, "fast_axis", where), _direction(d, "slow_axis", where)
+    cos = float(np.dot(fast, slow))
+    if abs(cos) > 1 - 1e-9:
+        raise InputError(f"{where}: 'fast_axis' and 'slow_axis' are parallel; a panel needs two directions")
+    if abs(cos) > AXIS_TOLERANCE:
+        raise InputError(f"{where}: 'fast_axis' and 'slow_axis' are not perpendicular (they meet at "
+                         f"{math.degrees(math.acos(cos)):.6g} degrees)")
+    return fast, slow
+
+
 def panel_from_dict(d: dict, where: str, **kw) -> Panel:
-    image_size = [int(x) for x in d.get("image_size", (0, 0))]
-    if len(image_size) != 2 or min(image_size) <= 0:
-        raise InputError(f"{where}: 'image_size' must be two positive integers")
+    _block(d, where)
+    image_size = _ints(d, "image_size", where, 2)
+    if min(image_size) <= 0:
+        raise InputError(f"{where}: 'image_size' must be two positive integers, got {image_size}")
+    if max(image_size) > MAX_PANEL_EDGE:
+        raise InputError(f"{where}: 'image_size' {image_size} is beyond any detector (limit {MAX_PANEL_EDGE} "
+                         "pixels an edge)")
     pixel = _vec(d, "pixel_size", where, 2)
     if not np.all(pixel > 0):
         raise InputError(f"{where}: 'pixel_size' must be positive")
-    frame = Frame(_vec(d, "origin", where), _direction(d, "fast_axis", where), _direction(d, "slow_axis", where), **kw)
+    for p in pixel:
+        _within(float(p), PIXEL_RANGE, "pixel_size", where, "mm")
+    fast, slow = _panel_axes(d, where)
+    thickness, mu = _number(d, "thickness", where, 0.0), _number(d, "mu", where, 0.0)
+    if not 0 <= thickness <= MAX_THICKNESS:
+        raise InputError(f"{where}: 'thickness' {thickness:g} mm must be between 0 and {MAX_THICKNESS:g} mm")
+    if mu < 0:
+        raise InputError(f"{where}: 'mu' {mu:g} (the sensor's attenuation coefficient) must not be negative")
+    trusted = _vec(d, "trusted_range", where, 2, default=(-1.0, 1e9))
+    if trusted[0] > trusted[1]:
+        raise InputError(f"{where}: 'trusted_range' {list(trusted)} is empty (give [low, high])")
+    frame = Frame(_vec(d, "origin", where), fast, slow, **kw)
     extras = {k: v for k, v in d.items() if k not in ("origin", "fast_axis", "slow_axis", "image_size",
                                                        "pixel_size", "thickness", "mu", "trusted_range",
                                                        "name", "material")}
-    return Panel(frame, image_size, pixel, thickness=_number(d, "thickness", where, 0.0),
-                 mu=_number(d, "mu", where, 0.0), trusted_range=d.get("trusted_range", (-1.0, 1e9)),
-                 name=d.get("name", ""), material=d.get("material", ""), mask=_panel_mask(d, image_size),
-                 extras=extras, **kw)
+    return Panel(frame, image_size, pixel, thickness=thickness, mu=mu, trusted_range=tuple(trusted),
+                 name=str(d.get("name", "")), material=str(d.get("material", "")),
+                 mask=_panel_mask(d, image_size, where), extras=extras, **kw)
 
 
 def _group_from_dict(d: dict, where: str, **kw) -> PanelGroup:
+    _block(d, where)
     children = []
-    for i, c in enumerate(d.get("children", [])):
+    kids = d.get("children", [])
+    if not isinstance(kids, list):
+        raise InputError(f"{where}: 'children' must be a list, got {_short(kids)}")
+    for i, c in enumerate(kids):
+        _block(c, f"{where} child {i}")
         if "panel" in c:
-            children.append(int(c["panel"]))
+            children.append(_int(c, "panel", f"{where} child {i}"))
         else:
             children.append(_group_from_dict(c, f"{where} child {i}", **kw))
-    frame = Frame(_vec(d, "origin", where), _direction(d, "fast_axis", where), _direction(d, "slow_axis", where), **kw)
+    fast, slow = _panel_axes(d, where)
+    frame = Frame(_vec(d, "origin", where), fast, slow, **kw)
     extras = {k: v for k, v in d.items() if k not in ("origin", "fast_axis", "slow_axis", "children", "name")}
-    return PanelGroup(frame, children, name=d.get("name", ""), extras=extras, **kw)
+    return PanelGroup(frame, children, name=str(d.get("name", "")), extras=extras, **kw)
 
 
 def detector_from_dict(d: dict, **kw) -> Detector:
+    _block(d, "detector")
     panels = d.get("panels")
-    if not panels:
+    if not panels or not isinstance(panels, list):
         raise InputError("detector has no panels")
+    _check_memory([_ints(_block(p, f"detector panel {i}"), "image_size", f"detector panel {i}", 2)
+                   for i, p in enumerate(panels)])
     models = [panel_from_dict(p, f"detector panel {i}", **kw) for i, p in enumerate(panels)]
     hierarchy = _group_from_dict(d["hierarchy"], "detector hierarchy", **kw) if d.get("hierarchy") else None
     try:
-        return Detector(models, hierarchy, **kw)
+        detector = Detector(models, hierarchy, **kw)
     except ValueError as exc:
         raise InputError(f"detector: {exc}") from None
+    _check_panels(detector)
+    return detector
+
+
+def _check_memory(sizes) -> None:
+    """Refuse, before any array is made, a detector whose images no machine here can hold."""
+    from ..validate import BYTES_PER_PIXEL, physical_memory
+    pixels = sum(abs(f) * abs(s) for f, s in sizes)
+    need, have = pixels * BYTES_PER_PIXEL, physical_memory()
+    if need > have:
+        raise InputError(f"detector: its {pixels:g} pixels need about {need / 2**30:.1f} GiB for their images, more "
+                         f"than this machine's {have / 2**30:.1f} GiB")
+
+
+def _check_panels(detector: Detector) -> None:
+    """Every panel (in the lab frame, after its hierarchy) lies in a plane at a
+    physical distance from the sample; an all-masked panel is legal but worth a word."""
+    with torch.no_grad():
+        origin, _, _, normal = (t.double().cpu().numpy() for t in detector.panel_frames(None))
+    for i, panel in enumerate(detector.panels):
+        distance = abs(float(origin[i] @ normal[i]))
+        if distance < DISTANCE_RANGE[0]:
+            raise InputError(f"detector panel {i}: its plane passes through the sample (distance {distance:g} mm); "
+                             "check its origin and axes")
+        if distance > DISTANCE_RANGE[1]:
+            raise InputError(f"detector panel {i}: its plane lies {distance:g} mm from the sample, beyond the "
+                             f"physical range (up to {DISTANCE_RANGE[1]:g} mm)")
+        if panel.mask is not None and not bool(panel.mask.any()):
+            warn(f"detector panel {i} is masked entirely: it stays empty")
 
 
 def goniometer_from_dict(d: dict, **kw) -> Goniometer:
     where = "goniometer"
+    _block(d, where)
     if "axes" in d:
-        axes = [_direction({"a": a}, "a", where) for a in d["axes"]]
-        try:
-            return Goniometer(axes, d.get("angles"), scan_axis=int(d.get("scan_axis", 0)), names=d.get("names"),
-                              **kw)
-        except ValueError as exc:
-            raise InputError(f"goniometer: {exc}") from None
-    return Goniometer([_direction(d, "rotation_axis", where)], fixed_rotation=_matrix(d, "fixed_rotation", where),
-                      setting_rotation=_matrix(d, "setting_rotation", where), **kw)
+        if not isinstance(d["axes"], list) or not d["axes"]:
+            raise InputError(f"{where}: 'axes' must be a list of directions, got {_short(d['axes'])}")
+        axes = [_direction({"axes": a}, "axes", where) for a in d["axes"]]
+        angles = _vec(d, "angles", where, len(axes), default=np.zeros(len(axes)))
+        names = d.get("names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(axes)):
+            raise InputError(f"{where}: 'names' must name each of the {len(axes)} axes, got {_short(names)}")
+        scan_axis = _int(d, "scan_axis", where, 0)
+        if not 0 <= scan_axis < len(axes):
+            raise InputError(f"{where}: 'scan_axis' {scan_axis} is not one of the {len(axes)} axes (0-based)")
+        return Goniometer(axes, angles, scan_axis=scan_axis, names=[str(n) for n in names] if names else None,
+                          **kw)
+    return Goniometer([_direction(d, "rotation_axis", where)], fixed_rotation=_rotation(d, "fixed_rotation", where),
+                      setting_rotation=_rotation(d, "setting_rotation", where), **kw)
 
 
 def scan_from_dict(d: dict, **kw) -> Scan:
     """Both layouts: `oscillation` [start, width], or per-image starts under
     `properties` (with `oscillation_width` when there is one image)."""
     where = "scan"
-    first, last = (int(x) for x in d.get("image_range", (1, 1)))
+    _block(d, where)
+    first, last = _ints(d, "image_range", where, 2, default=[1, 1])
+    if last < first:
+        raise InputError(f"{where}: 'image_range' {[first, last]} is empty")
+    count = last - first + 1
+    if count > MAX_SCAN_IMAGES:
+        raise InputError(f"{where}: 'image_range' {[first, last]} holds {count} images, more than the "
+                         f"{MAX_SCAN_IMAGES} a scan may hold")
     props = d.get("properties") or {}
+    _block(props, f"{where} properties")
+    for key, values in props.items():
+        if isinstance(values, list) and len(values) != count and key != "oscillation_width":
+            raise InputError(f"{where}: property '{key}' lists {len(values)} values for the {count} images of "
+                             f"'image_range' {[first, last]}")
     if "oscillation" in d:
         start, width = _vec(d, "oscillation", where, 2)
     elif "oscillation" in props:
-        starts = np.asarray(props["oscillation"], dtype=np.float64)
+        starts = _numbers(props["oscillation"], "oscillation", f"{where} properties", None)
+        if starts.size == 0:
+            raise InputError(f"{where}: property 'oscillation' is empty")
         start = float(starts[0])
-        width = float(starts[1] - starts[0]) if starts.size > 1 else float(props.get("oscillation_width", [0.0])[0])
+        if starts.size > 1:
+            steps = np.diff(starts)
+            width = float(steps[0])
+            if np.max(np.abs(steps - width)) > 1e-6 * max(1.0, abs(width)):
+                k = int(np.argmax(np.abs(steps - width)))
+                raise InputError(f"{where}: the images' oscillation widths differ ({width:g} then {steps[k]:g} "
+                                 f"degrees at image {first + k + 1}); a scan turns by the same angle per image")
+        else:
+            width = float(_vec(props, "oscillation_width", f"{where} properties", 1, default=[0.0])[0])
     else:
         raise InputError("scan has no oscillation")
+    if count > 1 and width == 0:
+        warn(f"the scan's {count} images have an oscillation width of 0: each is a still at {start:g} degrees")
     extras = {k: v for k, v in d.items() if k not in ("image_range", "oscillation")}
-    try:
-        return Scan((first, last), (float(start), float(width)), extras=extras, **kw)
-    except ValueError as exc:
-        raise InputError(f"scan: {exc}") from None
+    return Scan((first, last), (float(start), float(width)), extras=extras, **kw)
 
 
 def crystal_from_dict(d: dict, **kw) -> Crystal:
     where = "crystal"
+    _block(d, where)
     a, b, c = (_vec(d, f"real_space_{x}", where) for x in "abc")
+    if np.abs(np.stack([a, b, c])).max() > 1e5:
+        raise InputError("crystal: a real-space vector is longer than 1e5 A, beyond any crystal's cell")
     if abs(np.dot(a, np.cross(b, c))) < 1e-9:
         raise InputError("crystal: the real-space vectors are coplanar")
+    lengths = [np.linalg.norm(v) for v in (a, b, c)]
+    if not min(lengths) >= 0.1:
+        raise InputError(f"crystal: a cell edge of {min(lengths):g} A is shorter than any crystal's (0.1 A)")
     extras = {k: v for k, v in d.items() if k not in ("real_space_a", "real_space_b", "real_space_c",
                                                        "space_group_hall_symbol")}
-    return Crystal.from_real_vectors(a, b, c, space_group=d.get("space_group_hall_symbol", " P 1"), extras=extras,
-                                     **kw)
+    return Crystal.from_real_vectors(a, b, c, space_group=str(d.get("space_group_hall_symbol", " P 1")),
+                                     extras=extras, **kw)
 
 
 READERS = {"beam": beam_from_dict, "detector": detector_from_dict, "goniometer": goniometer_from_dict,
@@ -218,12 +406,16 @@ def read_experiments(path: str, dtype=torch.float64, device="cpu") -> Experiment
         raise InputError(f"cannot read experiment file {path}: {exc.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"experiment file {path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"experiment file {path} is nested deeper than JSON readers allow") from None
     return experiments_from_dict(doc, path, dtype=dtype, device=device)
 
 
 def experiments_from_dict(doc: dict, path: str = "experiment list", dtype=torch.float64, device="cpu"):
     if not isinstance(doc, dict) or not isinstance(doc.get("experiment"), list) or not doc["experiment"]:
         raise InputError(f"{path} is not a DIALS experiment list (no 'experiment' entries)")
+    if _depth(doc) > MAX_DEPTH:
+        raise InputError(f"{path} is nested more than {MAX_DEPTH} levels deep; no experiment list is")
     kw = dict(dtype=dtype, device=device)
     cache: dict = {}
 
@@ -233,8 +425,10 @@ def experiments_from_dict(doc: dict, path: str = "experiment list", dtype=torch.
         key = (kind, index)
         if key not in cache:
             block = doc.get(kind) or []
-            if not isinstance(index, int) or not 0 <= index < len(block):
-                raise InputError(f"{path}: experiment refers to {kind} {index}, which the file does not have")
+            if (not isinstance(index, int) or isinstance(index, bool) or not isinstance(block, list)
+                    or not 0 <= index < len(block)):
+                raise InputError(f"{path}: experiment refers to {kind} {_short(index)}, which the file does not "
+                                 "have")
             if kind in READERS:
                 try:
                     cache[key] = READERS[kind](block[index], **kw)
@@ -244,16 +438,34 @@ def experiments_from_dict(doc: dict, path: str = "experiment list", dtype=torch.
                 cache[key] = block[index]
         return cache[key]
 
-    out = []
+    out, met = [], set()
     for i, e in enumerate(doc["experiment"]):
+        _block(e, f"{path}: experiment {i}")
         if e.get("beam") is None or e.get("detector") is None:
             raise InputError(f"{path}: experiment {i} has no beam or no detector")
         extras = {k: model(k, e.get(k)) for k in ("imageset", "profile", "scaling_model") if e.get(k) is not None}
-        out.append(Experiment(beam=model("beam", e["beam"]), detector=model("detector", e["detector"]),
-                              crystal=model("crystal", e.get("crystal")),
-                              goniometer=model("goniometer", e.get("goniometer")), scan=model("scan", e.get("scan")),
-                              identifier=e.get("identifier", ""), extras=extras))
-    return ExperimentList(out, history=list(doc.get("history", [])))
+        beam, detector = model("beam", e["beam"]), model("detector", e["detector"])
+        goniometer, scan = model("goniometer", e.get("goniometer")), model("scan", e.get("scan"))
+        if scan is not None and goniometer is None and float(scan.oscillation[1]) != 0:
+            raise InputError(f"{path}: experiment {i} has a scan turning {float(scan.oscillation[1]):g} degrees "
+                             "per image but no goniometer to turn the crystal")
+        if (id(beam), id(detector)) not in met:
+            _check_beam_meets(beam, detector, f"{path}: experiment {i}")
+            met.add((id(beam), id(detector)))
+        out.append(Experiment(beam=beam, detector=detector, crystal=model("crystal", e.get("crystal")),
+                              goniometer=goniometer, scan=scan, identifier=str(e.get("identifier", "")),
+                              extras=extras))
+    history = doc.get("history", [])
+    return ExperimentList(out, history=list(history) if isinstance(history, list) else [])
+
+
+def _check_beam_meets(beam: Beam, detector: Detector, where: str) -> None:
+    """The beam must not run inside a panel's plane (no distance along the beam)."""
+    with torch.no_grad():
+        incident = beam.incident().double().cpu().numpy()
+        _, _, _, normal = (t.double().cpu().numpy() for t in detector.panel_frames(None))
+    if np.all(np.abs(normal @ incident) < 1e-9):
+        raise InputError(f"{where}: the beam runs parallel to every panel; no panel faces it")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -12,7 +12,8 @@ import numpy as np
 from ..errors import InputError
 
 # what C's strtod takes as a decimal number (no hex floats, no underscores)
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+# one decimal number, as the text readers (hkl, matrix, source files) accept it
+NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _MAX_CELLS = 2e9 / 8
 _MAX_INDEX = 2.0 ** 31  # the original keeps indices in C ints
 
@@ -53,7 +54,7 @@ class HKLTable:
 
 
 def _parse_number(tok: str) -> float:
-    if _NUMBER.match(tok):
+    if NUMBER.match(tok):
         return float(tok)
     raise ValueError(tok)
 

@@ -3,7 +3,13 @@ fast) photons with the mask of pixels to use."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import logging
 import os
+import re
+import sys
 
 import numpy as np
 
@@ -11,6 +17,8 @@ from ..errors import InputError
 
 # files that hold several images (one per scan image or still)
 CONTAINERS = (".nxs", ".h5", ".hdf5", ".nx5")
+MAX_IMAGE_PIXELS = 2 ** 28  # elements of one stored image: 16 times the largest detectors
+CBF_BINARY_START = b"\x0c\x1a\x04\xd5"
 
 
 def is_container(path: str) -> bool:
@@ -49,7 +57,28 @@ def split_frame(frame: np.ndarray, detector, path: str) -> np.ndarray:
     return np.stack(out)
 
 
+def _npy_layout(path) -> None:
+    """Check an .npy file's declared shape against its size before loading
+    (a header may declare anything)."""
+    from numpy.lib import format as npy
+    try:
+        with open(path, "rb") as fh:
+            version = npy.read_magic(fh)
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            offset, size = fh.tell(), os.fstat(fh.fileno()).st_size
+    except (OSError, ValueError, EOFError):
+        return  # np.load gives the reason
+    count = int(np.prod(shape, dtype=np.float64)) if shape else 1
+    if count > MAX_IMAGE_PIXELS:
+        raise InputError(f"{path}: an array of shape {shape} is beyond any detector's image")
+    if dtype.itemsize and size - offset < count * dtype.itemsize:
+        raise InputError(f"{path} is cut short: its header declares {shape} {dtype} ({count * dtype.itemsize} "
+                         f"bytes), the file holds {size - offset}")
+
+
 def read_npy(path):
+    _npy_layout(path)
     try:
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -64,17 +93,89 @@ def read_smv_image(path):
     return read_smv(path)[1], None
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence what reader libraries print themselves (fabio's log lines,
+    HDF5's diagnostics written straight to file descriptor 2): a bad file
+    gives our one line, not theirs."""
+    level = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to silence
+        saved = None
+    try:
+        if saved is not None:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        logging.disable(level)
+
+
+def _cbf_field(header: str, name: str) -> str | None:
+    m = re.search(rf"^{re.escape(name)}:\s*(\S+)", header, re.MULTILINE | re.IGNORECASE)
+    return m.group(1).strip('"') if m else None
+
+
+def check_cbf_binary(path: str, raw: bytes) -> tuple[int, int] | None:
+    """Check the binary section against its MIME header before decoding: the
+    declared size must be present in the file (a cut file cannot make the
+    decoder run past its end) and, where the header has them, the MD5 digest
+    and the element count must agree. Returns (slow, fast) when declared."""
+    start = raw.find(CBF_BINARY_START)
+    if start < 0:
+        raise InputError(f"cannot read CBF image {path}: no binary section")
+    header = raw[max(0, start - 4096):start].decode("latin-1")
+    size = _cbf_field(header, "X-Binary-Size")
+    if size is None or not size.isdigit():
+        raise InputError(f"cannot read CBF image {path}: the binary section declares no X-Binary-Size")
+    size = int(size)
+    body = raw[start + len(CBF_BINARY_START):start + len(CBF_BINARY_START) + size]
+    if len(body) < size:
+        raise InputError(f"cannot read CBF image {path}: the file is cut short ({len(body)} of the {size} bytes "
+                         "its binary section declares)")
+    digest = _cbf_field(header, "Content-MD5")
+    if digest is not None and base64.b64encode(hashlib.md5(body).digest()).decode() != digest:
+        raise InputError(f"cannot read CBF image {path}: its binary section is corrupt (the MD5 digest does not "
+                         "match the header's Content-MD5)")
+    fast, slow = (_cbf_field(header, f"X-Binary-Size-{k}-Dimension") for k in ("Fastest", "Second"))
+    count = _cbf_field(header, "X-Binary-Number-of-Elements")
+    if fast is None or slow is None or not fast.isdigit() or not slow.isdigit():
+        return None
+    fast, slow = int(fast), int(slow)
+    if count is not None and count.isdigit() and int(count) != fast * slow:
+        raise InputError(f"cannot read CBF image {path}: the header declares {count} elements for a {fast} x {slow} "
+                         "image")
+    if not 0 < fast * slow <= MAX_IMAGE_PIXELS:
+        raise InputError(f"cannot read CBF image {path}: a {fast} x {slow} image is beyond any detector")
+    return slow, fast
+
+
 def read_cbf(path):
     import fabio
     try:
-        img = fabio.open(path)
-        data = np.asarray(img.data)
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise InputError(f"cannot read CBF image {path}: {exc.strerror}") from None
+    shape = check_cbf_binary(path, raw)
+    try:
+        with quiet_libraries():
+            img = fabio.open(path)
+            data = np.asarray(img.data)
     except Exception as exc:  # fabio raises many kinds on foreign or broken files
         text = str(exc).strip()
         reason = getattr(exc, "strerror", None) or (text.splitlines()[0][:200] if text else type(exc).__name__)
         raise InputError(f"cannot read CBF image {path}: not a CBF file fabio can decode ({reason})") from None
     if data is None or data.ndim != 2:
         raise InputError(f"cannot read CBF image {path}: no 2-D image in it")
+    if shape is not None and data.shape != shape:
+        raise InputError(f"cannot read CBF image {path}: decoded {data.shape} pixels, the header declares {shape}")
     return data, None
 
 
@@ -82,23 +183,31 @@ def read_nexus(path, index):
     import hdf5plugin  # noqa: F401  (registers the bitshuffle-LZ4 filter before h5py reads)
     import h5py
     try:
-        with h5py.File(path, "r") as f:
-            if "entry/data/data" not in f:
+        with quiet_libraries(), h5py.File(path, "r") as f:
+            ds = f.get("entry/data/data")
+            if ds is None:
                 raise InputError(f"{path} has no /entry/data/data")
-            ds = f["entry/data/data"]
-            if ds.ndim not in (3, 4):
-                raise InputError(f"{path}: /entry/data/data has shape {ds.shape}; expected (images, slow, fast) "
-                                 "or (images, panels, slow, fast)")
+            if not isinstance(ds, h5py.Dataset):
+                raise InputError(f"{path}: /entry/data/data is a {type(ds).__name__.lower()}, not an image dataset")
+            if ds.ndim not in (3, 4) or not np.issubdtype(ds.dtype, np.number):
+                raise InputError(f"{path}: /entry/data/data has shape {ds.shape} and type {ds.dtype}; expected "
+                                 "numbers (images, slow, fast) or (images, panels, slow, fast)")
             if not 0 <= index < ds.shape[0]:
                 raise InputError(f"{path} holds images 1..{ds.shape[0]}, not image {index + 1}")
+            if np.prod(ds.shape[1:], dtype=np.float64) > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path}: images of shape {ds.shape[1:]} are beyond any detector's")
             data = np.asarray(ds[index])
             flags = None
             key = "entry/instrument/detector/pixel_mask"
-            if key in f and tuple(f[key].shape) == data.shape:
-                flags = np.asarray(f[key]) != 0
+            if key in f:
+                mask = f[key]
+                if not isinstance(mask, h5py.Dataset) or tuple(mask.shape) != data.shape:
+                    raise InputError(f"{path}: /{key} has shape {getattr(mask, 'shape', None)}, the images "
+                                     f"{data.shape}")
+                flags = np.asarray(mask) != 0
     except InputError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise InputError(f"cannot read NeXus image {path}: {str(exc).strip()[:200]}") from None
     return data, flags
 
@@ -135,5 +244,7 @@ def read_image(path: str, detector, index: int = 0, adc_offset: float = 0.0):
             valid[k] &= p.mask.detach().cpu().numpy().astype(bool)
     if not valid.any():
         raise InputError(f"{path}: no valid pixel in the image")
+    if not data[valid].any():
+        raise InputError(f"{path}: every valid pixel is 0; an image without photons cannot be refined")
     data = np.where(valid, data, 0.0)
     return data, valid

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from .hkl import _NUMBER
+from .hkl import NUMBER
 
 
 def _number(tok: str) -> float:
     low = tok.lower()
-    if _NUMBER.match(tok) or low in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+    if NUMBER.match(tok) or low in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
         return float(tok)
     raise ValueError(tok)
 

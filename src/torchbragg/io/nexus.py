@@ -1,38 +1,40 @@
 """Simulated images as NeXus/NXmx HDF5 files, the layout DIALS reads with its
-full geometry (beam, detector modules, goniometer and scan).
+full geometry (beam, detector modules and their hierarchy, goniometer, scan).
 
-Frames. NXmx places everything in the McStas frame: the beam travels along
-+z, y is up, x completes a right-handed frame. An experiment may come in any
-right-handed lab frame; every vector (beam, panel origins and axes,
-goniometer axes, polarization) is turned by one proper rotation Q:
+Frames. dxtbx's NXmx reader takes the beam along McStas +z whatever the file
+says, so the models are first turned into the reader frame of
+`torchbragg.io.frames` (beam along -z in DIALS's imgCIF frame) and then
+written in McStas, (x, y, z) -> (-x, y, -z), the change DIALS undoes when it
+reads. `NXmxWriter.truth` is the experiment as a reader of the file gets it
+(same frame; a partial render's scan numbered 1..n, as dxtbx numbers the
+images of a file): `torchbragg simulate` writes it as PREFIX.expt.
 
-    Q = F @ R
+Layout (lengths in mm, angles in degrees, times in s, each with `units`):
 
-R is the smallest rotation taking the beam's travel direction to DIALS's
-beam direction (0, 0, -1) (about the axis beam x (0, 0, -1); a beam already
-along +z is turned 180 degrees about y), and F = diag(-1, 1, -1) is the fixed
-change from the DIALS (imgCIF) frame to McStas, (x, y, z) -> (-x, y, -z),
-the one DIALS applies (in reverse) when it reads NXmx. So an experiment in
-the DIALS frame is written exactly as DIALS would write it, one in McStas is
-written unchanged, and one in nanoBragg's MOSFLM frame (beam along +x) is
-first taken to DIALS as (x, y, z) -> (z, y, -x). `mcstas_rotation` gives Q.
-
-Layout (lengths in mm, angles in degrees, each with a `units` attribute):
-
-    /entry                        NXentry, definition "NXmx", start_time, end_time
+    /entry                        NXentry: definition "NXmx"; start_time (the
+                                  first image's epoch from the scan, or the
+                                  Unix epoch 1970-01-01T00:00:00Z when the scan
+                                  has none), end_time and end_time_estimated
+                                  (start + images x frame_time)
       source                      NXsource
       instrument                  NXinstrument
         beam                      NXbeam: incident_wavelength (angstrom),
                                   incident_polarization_stokes [1, Q, U, 0]
         detector                  NXdetector: sensor_material, sensor_thickness,
-                                  saturation/underload values, pixel_mask,
-                                  depends_on -> transformations/translation
-          transformations         translation: distance D along the beam (+z)
+                                  sensor_mu (the experiment's mu, 1/mm; dxtbx
+                                  computes its own from the material),
+                                  count_time (per image), frame_time, bit depths,
+                                  serial_number, saturation/underload values,
+                                  pixel_mask, data (link to /entry/data/data)
+          transformations         one panel: translation D along the beam;
+                                  several: per hierarchy group (a flat detector
+                                  has one root group) a translation and a
+                                  rotation from its parent, labelled with the
+                                  group as equipment_component
           module | module_NNN     NXdetector_module per panel: data_origin,
-                                  data_size, module_offset (translation from
-                                  the detector translation to the panel origin),
-                                  fast_/slow_pixel_direction (pixel size along
-                                  the panel axis)
+                                  data_size, fast_/slow_pixel_direction (pixel
+                                  size along the panel axis; several panels:
+                                  axes and origin (offset) in the group's frame)
       sample                      NXsample, depends_on -> innermost goniometer axis
         transformations           one rotation per goniometer axis, innermost
                                   first in the depends_on chain; the scan axis
@@ -42,14 +44,14 @@ Layout (lengths in mm, angles in degrees, each with a `units` attribute):
       data                        NXdata, signal "data": the images, int32,
                                   bitshuffle-LZ4, one image per chunk
 
-A panel's origin (the outer corner of its first pixel) is the end of its
-chain: detector translation + module_offset; its axes are the vectors of
-fast_pixel_direction and slow_pixel_direction. The chain holds translations
-only, so readers need not compose rotations. D is the distance from the
-sample to where the beam meets the plane of the first panel (in panel order)
-whose plane lies downstream (the NXdetector distance); 0 when there is none.
-The sensor material and thickness are the first panel's. Reading the images
-needs the bitshuffle filter (`import hdf5plugin`, as DIALS does).
+One panel: its origin (the outer corner of its first pixel) is the end of
+the chain detector translation + module_offset. Several: a module's origin is
+its offset taken through its group's chain, so dxtbx rebuilds the hierarchy
+(grouping transformations by equipment_component). D is the distance from
+the sample to where the beam meets the plane of the first panel (in panel
+order) whose plane lies downstream (the NXdetector distance); 0 when there
+is none. The sensor material and thickness are the first panel's. Reading
+the images needs the bitshuffle filter (`import hdf5plugin`, as DIALS does).
 
 Images: one panel -> (n, slow, fast), one module. Panels that all carry a
 "raw_image_offset" [x, y] (from a DIALS file) and tile a frame without
@@ -71,11 +73,13 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..units import unit_vector
 
 DIALS_TO_MCSTAS = np.diag([-1.0, 1.0, -1.0])
 GAP = -1  # pixel value of gaps and padding
 MASK_GAP = 1  # pixel_mask bit 0: no sensor / do not use
 INT32_MAX = 2**31 - 1
+SERIAL = "TB-0000"  # serial_number of the simulated detector
 
 
 def _np(t) -> np.ndarray:
@@ -84,32 +88,6 @@ def _np(t) -> np.ndarray:
     return np.asarray(t, dtype=np.float64)
 
 
-def _unit(v) -> np.ndarray:
-    v = _np(v).reshape(3)
-    n = np.linalg.norm(v)
-    if not n > 0:
-        raise InputError(f"zero-length direction {tuple(v)}")
-    return v / n
-
-
-def _skew(v) -> np.ndarray:
-    return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
-
-
-def mcstas_rotation(incident) -> np.ndarray:
-    """The proper rotation Q (3, 3) taking lab vectors to McStas: Q @ incident
-    = (0, 0, 1). See the module notes for the rule."""
-    b = _unit(incident)
-    target = np.array([0.0, 0.0, -1.0])
-    c = float(b @ target)
-    if 1.0 + c < 1e-12:  # beam along +z: half a turn about y
-        r = np.diag([-1.0, 1.0, -1.0])
-    else:
-        k = _skew(np.cross(b, target))
-        r = np.eye(3) + k + k @ k / (1.0 + c)
-    # re-orthonormalize (polar decomposition) against rounding
-    u, _, vt = np.linalg.svd(r)
-    return DIALS_TO_MCSTAS @ (u @ vt)
 
 
 def _axis_angle(m: np.ndarray) -> tuple[np.ndarray, float]:
@@ -149,8 +127,14 @@ def _clean_name(name: str, taken: set) -> str:
     return out
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(float(seconds), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _matrix(r, t) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = r, t
+    return m
 
 
 class _Layout:
@@ -203,29 +187,45 @@ class NXmxWriter:
     """Write `n_images` images of `experiment` to the NXmx file `path`.
 
     Use as a context manager; `write(index, counts)` stores image `index`
-    (0-based within the file; DIALS image number start_image + index), counts
-    int32 (panels, slow, fast) (or (slow, fast) for one panel, or a sequence
-    of per-panel (slow, fast) arrays when panel sizes differ). The file is
-    built under a temporary name in the same folder and renamed to `path` by
-    `close()`, which requires every image written; on an exception inside the
-    `with` block (or `abort()`) nothing is left behind.
+    (0-based within the file; scan image start_image + index, which DIALS
+    numbers index + 1), counts int32 (panels, slow, fast) (or (slow, fast)
+    for one panel, or a sequence of per-panel (slow, fast) arrays when panel
+    sizes differ). The file is built under a temporary name in the same
+    folder and renamed to `path` by `close()`, which requires every image
+    written; on an exception inside the `with` block (or `abort()`) nothing
+    is left behind. `truth` is the experiment as DIALS reads it from the file.
     """
 
     def __init__(self, path, experiment, n_images: int, start_image: int = 1):
         import h5py
         import hdf5plugin
 
+        from .frames import as_written, scan_timing
+
         self.n_images = int(n_images)
         if self.n_images < 1:
             raise InputError(f"an NXmx file needs at least one image, not {n_images}")
         self.start_image = int(start_image)
-        self.experiment = experiment
+        scan = experiment.scan
+        if scan is not None:
+            first, last = scan.image_range
+            lo, hi = self.start_image, self.start_image + self.n_images - 1
+            if lo < first or hi > last:
+                raise InputError(f"images {lo}..{hi} are outside the scan's images {first}..{last}")
+            self.truth = as_written(experiment, (lo, hi), renumber=True)
+            exposure, epochs, period = scan_timing(self.truth.scan)
+            start, width = (float(x) for x in _np(self.truth.scan.oscillation).reshape(2))
+            self._angles = (start + np.arange(self.n_images) * width, width)
+            self._timing = (exposure, epochs, period)
+        else:
+            self.truth = as_written(experiment)
+            self._angles = self._timing = None
+        self.experiment = self.truth
         text = os.fspath(path)
         if text == "" or text.endswith(("/", os.sep)):
             raise InputError(f"cannot write {text!r}: not a file name")
         self.path = Path(os.path.realpath(text))
-        self.layout = _Layout(experiment.detector)
-        self._angles = self._scan_angles()
+        self.layout = _Layout(self.truth.detector)
         self._written = np.zeros(self.n_images, dtype=bool)
         self._tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(4)}.tmp"
         try:
@@ -240,23 +240,10 @@ class NXmxWriter:
 
     # ------------------------------------------------------------------ geometry
 
-    def _scan_angles(self):
-        """Start angle of each image of the file on the scan axis (None: no scan)."""
-        scan = self.experiment.scan
-        if scan is None:
-            return None
-        first, last = scan.image_range
-        lo, hi = self.start_image, self.start_image + self.n_images - 1
-        if lo < first or hi > last:
-            raise InputError(f"images {lo}..{hi} are outside the scan's images {first}..{last}")
-        start, width = (float(x) for x in _np(scan.oscillation).reshape(2))
-        return start + (np.arange(lo, hi + 1) - first) * width, width
-
     def _build(self, hdf5plugin):
         e = self.experiment
         f = self._file
-        incident = e.beam.incident()
-        q = self.q = mcstas_rotation(_np(incident))
+        self.q = DIALS_TO_MCSTAS  # the models are in the reader frame already
         f.attrs["NX_class"] = "NXroot"
         f.attrs["default"] = "entry"
         f.attrs["creator"] = "torchbragg"
@@ -264,7 +251,14 @@ class NXmxWriter:
         entry.attrs["NX_class"] = "NXentry"
         entry.attrs["default"] = "data"
         entry.create_dataset("definition", data="NXmx")
-        entry.create_dataset("start_time", data=_now())
+        if self._timing is not None:
+            exposure, epochs, period = self._timing
+            began, ended = float(epochs[0]), float(epochs[0]) + self.n_images * period
+        else:
+            began = ended = 0.0
+        entry.create_dataset("start_time", data=_utc(began))
+        entry.create_dataset("end_time", data=_utc(ended))
+        entry.create_dataset("end_time_estimated", data=_utc(ended))
         self._entry = entry
 
         source = entry.create_group("source")
@@ -280,7 +274,7 @@ class NXmxWriter:
         beam.attrs["NX_class"] = "NXbeam"
         lam = beam.create_dataset("incident_wavelength", data=float(_np(e.beam.wavelength)))
         lam.attrs["units"] = "angstrom"
-        beam.create_dataset("incident_polarization_stokes", data=self._stokes(q))
+        beam.create_dataset("incident_polarization_stokes", data=self._stokes(self.q))
 
         self._detector(inst, hdf5plugin)
         self._sample(entry, beam)
@@ -290,7 +284,7 @@ class NXmxWriter:
         psi the E-vector's angle from +x towards +y, P = 2 f - 1."""
         beam = self.experiment.beam
         p = 2.0 * float(_np(beam.polarization_fraction)) - 1.0
-        ev = q @ _unit(_np(beam.e_vector()))
+        ev = q @ unit_vector(_np(beam.e_vector()))
         psi = np.arctan2(ev[1], ev[0])
         return np.array([1.0, p * np.cos(2 * psi), p * np.sin(2 * psi), 0.0])
 
@@ -315,16 +309,26 @@ class NXmxWriter:
         p0 = det.panels[0]
         d.create_dataset("description", data="torchbragg simulated detector")
         d.create_dataset("type", data="pixel")
+        d.create_dataset("serial_number", data=SERIAL)
         material = p0.material if p0.material in ("Si", "CdTe", "GaAs") else "Si"
         d.create_dataset("sensor_material", data=material)
         th = d.create_dataset("sensor_thickness", data=float(_np(p0.thickness)))
         th.attrs["units"] = "mm"
+        mu = d.create_dataset("sensor_mu", data=float(_np(p0.mu)))
+        mu.attrs["units"] = "1/mm"
         dist = d.create_dataset("distance", data=distance)
         dist.attrs["units"] = "mm"
         top = max(p.trusted_range[1] for p in det.panels)
         d.create_dataset("saturation_value", data=np.int32(min(int(np.floor(top)), INT32_MAX)))
         d.create_dataset("underload_value", data=np.int32(0))
         d.create_dataset("bit_depth_image", data=np.int32(32))
+        d.create_dataset("bit_depth_readout", data=np.int32(32))
+        if self._timing is not None:
+            exposure, _, period = self._timing
+            ct = d.create_dataset("count_time", data=np.asarray(exposure, dtype=np.float64))
+            ct.attrs["units"] = "s"
+            ft = d.create_dataset("frame_time", data=float(period))
+            ft.attrs["units"] = "s"
         if len(det.panels) == 1 and distance > 0:
             hit = np.array([0.0, 0.0, distance]) - origin[0]
             px = _np(p0.pixel_size).reshape(2)
@@ -334,10 +338,15 @@ class NXmxWriter:
 
         tr = d.create_group("transformations")
         tr.attrs["NX_class"] = "NXtransformations"
-        t = tr.create_dataset("translation", data=distance)
-        t.attrs.update(transformation_type="translation", units="mm", vector=[0.0, 0.0, 1.0],
-                       offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=".")
-        d.create_dataset("depends_on", data=t.name)
+        if len(det.panels) == 1:
+            t = tr.create_dataset("translation", data=distance)
+            t.attrs.update(transformation_type="translation", units="mm", vector=[0.0, 0.0, 1.0],
+                           offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=".")
+            d.create_dataset("depends_on", data=t.name)
+            parents = [None]
+        else:
+            parents = self._hierarchy(tr)
+            d.create_dataset("depends_on", data=self._root_path)
 
         n = len(det.panels)
         width = max(3, len(str(n - 1)))
@@ -347,18 +356,25 @@ class NXmxWriter:
             m.attrs["NX_class"] = "NXdetector_module"
             m.create_dataset("data_origin", data=np.array(lay.data_origin(k), dtype=np.int64))
             m.create_dataset("data_size", data=np.array(lay.data_size(k), dtype=np.int64))
-            rel = origin[k] - np.array([0.0, 0.0, distance])
-            length = float(np.linalg.norm(rel))
-            vec = rel / length if length > 0 else np.array([1.0, 0.0, 0.0])
-            off = m.create_dataset("module_offset", data=length)
-            off.attrs.update(transformation_type="translation", units="mm", vector=vec,
-                             offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=t.name)
             px = _np(panel.pixel_size).reshape(2)
-            for key, axis, size in (("fast_pixel_direction", fast[k], px[0]),
-                                    ("slow_pixel_direction", slow[k], px[1])):
+            if n == 1:
+                rel = origin[k] - np.array([0.0, 0.0, distance])
+                length = float(np.linalg.norm(rel))
+                vec = rel / length if length > 0 else np.array([1.0, 0.0, 0.0])
+                off = m.create_dataset("module_offset", data=length)
+                off.attrs.update(transformation_type="translation", units="mm", vector=vec,
+                                 offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=t.name)
+                base, local = off.name, (fast[k], slow[k], np.zeros(3))
+            else:  # axes and origin in the frame of the panel's group
+                path, g = parents[k]
+                r, shift = g[:3, :3], g[:3, 3]
+                base, local = path, (r.T @ fast[k], r.T @ slow[k], r.T @ (origin[k] - shift))
+            # both directions start from the panel's origin (dxtbx takes it from the fast one's offset)
+            for key, axis, size, offset in (("fast_pixel_direction", local[0], px[0], local[2]),
+                                            ("slow_pixel_direction", local[1], px[1], local[2])):
                 ds = m.create_dataset(key, data=float(size))
                 ds.attrs.update(transformation_type="translation", units="mm", vector=axis / np.linalg.norm(axis),
-                                offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=off.name)
+                                offset=offset, offset_units="mm", depends_on=base)
             region = lay.region(k)
             good = np.zeros(lay.sizes[k], dtype=np.uint32)
             if panel.mask is not None:
@@ -375,6 +391,65 @@ class NXmxWriter:
             "data", shape=(self.n_images, *lay.frame), dtype=np.int32, chunks=(1, *lay.frame),
             fillvalue=np.int32(GAP), **hdf5plugin.Bitshuffle(cname="lz4"))
         self._data.attrs["units"] = "counts"
+        d["data"] = self._data  # hard link, as detectors write it
+
+    def _hierarchy(self, tr) -> list:
+        """Per hierarchy group (a flat detector: one root group), a translation
+        and a rotation from its parent group, labelled with the group as
+        equipment_component. Returns, per panel, (path of its group's innermost
+        transformation, the group's 4x4 McStas matrix)."""
+        import torch
+
+        det, q = self.experiment.detector, self.q
+        incident = self.experiment.beam.incident()
+        panels: list = [None] * len(det.panels)
+        taken: set = set()
+
+        def lab_frame(frame, parent):
+            """(origin, columns fast slow normal) in the reader frame."""
+            o, f, s, n = (_np(x) for x in frame)
+            if parent is not None:
+                po, pm = parent
+                o, f, s, n = po + pm @ o, pm @ f, pm @ s, pm @ n
+            return o, np.stack([f, s, n], -1)
+
+        def write(name, lab, parent_matrix, parent_path):
+            # in McStas (x -> F x) a group's axes (-x, y, -z) are its fast, slow and normal
+            rot = q @ lab[1] @ q
+            g = _matrix(rot, q @ lab[0])
+            local = np.linalg.inv(parent_matrix) @ g
+            key = _clean_name(name, taken)
+            shift = local[:3, 3]
+            length = float(np.linalg.norm(shift))
+            t = tr.create_dataset(key + "_translation", data=length)
+            t.attrs.update(transformation_type="translation", units="mm",
+                           vector=shift / length if length > 0 else np.array([0.0, 0.0, 1.0]),
+                           offset=[0.0, 0.0, 0.0], offset_units="mm", depends_on=parent_path,
+                           equipment_component=key)
+            axis, angle = _axis_angle(local[:3, :3])
+            r = tr.create_dataset(key + "_rotation", data=angle)
+            r.attrs.update(transformation_type="rotation", units="deg", vector=axis, offset=[0.0, 0.0, 0.0],
+                           offset_units="mm", depends_on=t.name, equipment_component=key)
+            return r.name, g
+
+        def walk(group, lab_parent, matrix_parent, path_parent, depth):
+            with torch.no_grad():
+                lab = lab_frame(group.frame(incident), lab_parent)
+            path, g = write(group.name or f"group{depth}", lab, matrix_parent, path_parent)
+            for c in group.children_order:
+                if isinstance(c, int):
+                    panels[c] = (path, g)
+                else:
+                    walk(group.groups[c[1]], lab, g, path, depth + 1)
+            return path
+
+        if det.hierarchy is None:
+            path, g = write("detector", (np.zeros(3), np.eye(3)), np.eye(4), ".")
+            panels = [(path, g)] * len(det.panels)
+            self._root_path = path
+        else:
+            self._root_path = walk(det.hierarchy, None, np.eye(4), ".", 0)
+        return panels
 
     def _sample(self, entry, beam):
         e, q = self.experiment, self.q
@@ -414,7 +489,7 @@ class NXmxWriter:
         for i, (name, axis, values, width) in enumerate(chain):
             key = paths[i].rsplit("/", 1)[1]
             ds = tr.create_dataset(key, data=np.asarray(values, dtype=np.float64))
-            vec = q @ _unit(axis)
+            vec = q @ unit_vector(_np(axis))
             ds.attrs.update(transformation_type="rotation", units="deg", vector=vec, offset=[0.0, 0.0, 0.0],
                             offset_units="mm", depends_on=paths[i + 1] if i + 1 < len(paths) else ".")
             if width is not None:
@@ -485,7 +560,6 @@ class NXmxWriter:
             if missing.size:
                 raise InputError(f"{self.path}: {missing.size} of {self.n_images} images were not written "
                                  f"(first missing index {int(missing[0])})")
-            self._entry.create_dataset("end_time", data=_now())
             self._file.close()
             self._file = None
             os.replace(self._tmp, self.path)

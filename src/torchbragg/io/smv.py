@@ -12,9 +12,9 @@ from typing import Union
 import numpy as np
 
 from ..errors import InputError
+from ..units import RTD
 
 HEADER_BYTES = 512
-_RTD = 180.0 * (1.0 / math.pi)  # the C's 180.0*M_1_PI
 
 
 @dataclass
@@ -75,7 +75,7 @@ def header_text(g: SMVGeometry, denzo_sign: float = -1.0, byte_order: str | None
         return header_text(g, denzo_sign, byte_order, size)
     px = float(g.pixel_size)
     zero = (-0.0 if denzo_sign < 0 else 0.0) * px
-    phi = g.phi0 * _RTD
+    phi = g.phi0 * RTD
     lines = [
         "{",
         f"HEADER_BYTES={header_bytes};",
@@ -101,8 +101,8 @@ def header_text(g: SMVGeometry, denzo_sign: float = -1.0, byte_order: str | None
         f"CLOSE_DISTANCE={_g(g.close_distance * 1000.0)};",
         f"PHI={_g(phi)};",
         f"OSC_START={_g(phi)};",
-        f"OSC_RANGE={_g(g.osc * _RTD)};",
-        f"TWOTHETA={_g(g.twotheta * _RTD)};",
+        f"OSC_RANGE={_g(g.osc * RTD)};",
+        f"TWOTHETA={_g(g.twotheta * RTD)};",
         "DETECTOR_SN=000;",
         "BEAMLINE=fake;",
     ]

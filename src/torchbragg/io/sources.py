@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..errors import InputError
-from .hkl import _NUMBER
+from .hkl import NUMBER
 
 # the original's column separators
 DELIMITERS = " \t,;:!"
@@ -13,7 +13,7 @@ _SPLIT = str.maketrans({c: " " for c in DELIMITERS})
 
 
 def _number(tok: str) -> float:
-    if _NUMBER.match(tok) or tok.lower() in ("nan", "+nan", "-nan"):
+    if NUMBER.match(tok) or tok.lower() in ("nan", "+nan", "-nan"):
         return float(tok)
     raise ValueError(tok)
 

@@ -7,6 +7,7 @@ from .beam import Beam
 from .crystal import Crystal, StructureFactors
 from .detector import Detector, DistanceMount, Frame, Panel, PanelGroup
 from .goniometer import Goniometer, Scan
+from .response import DetectorResponse
 
 __all__ = ["Background", "Beam", "Crystal", "StructureFactors", "Detector", "Panel", "PanelGroup", "Frame",
-           "DistanceMount", "Goniometer", "Scan"]
+           "DistanceMount", "Goniometer", "Scan", "DetectorResponse"]

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from .. import physics as ph
+from ..resolve import automatic_oversample, crystal_extent
+from ..units import DEG
 from ._base import Model
 
-DEG = math.pi / 180.0
 
 
 class StructureFactors(Model):
@@ -149,6 +150,14 @@ class Crystal(Model):
 
     def reciprocal_vectors(self) -> torch.Tensor:
         return self.vectors()[1]
+
+    def automatic_oversample(self, wavelength: float, distance: float, pixel: float) -> int:
+        """`resolve.automatic_oversample` for this crystal (distance and pixel
+        in metres, wavelength in Angstrom)."""
+        with torch.no_grad():
+            lengths = torch.linalg.norm(self.real_vectors(), dim=-1).tolist()
+            extent = crystal_extent(lengths, self.N.double().tolist())
+        return int(automatic_oversample(extent, wavelength, distance, pixel))
 
     def volume(self) -> torch.Tensor:
         return self.vectors()[2]

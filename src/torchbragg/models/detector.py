@@ -4,7 +4,6 @@ panels, as dxtbx describes detectors. Lengths in mm."""
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -12,17 +11,9 @@ import torch
 from torch import nn
 
 from .. import physics as ph
+from ..units import DEG, unit_vector
 from ._base import Model
 
-DEG = math.pi / 180.0
-
-
-def _unit(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    n = np.linalg.norm(v)
-    if not n > 0:
-        raise ValueError(f"zero-length vector {tuple(v)}")
-    return v / n
 
 
 class Frame(Model):
@@ -35,8 +26,8 @@ class Frame(Model):
         super().__init__(dtype, device)
         self._param("origin", origin)
         self._param("orientation", orientation)
-        self._buffer("fast0", _unit(fast_axis))
-        self._buffer("slow0", _unit(slow_axis))
+        self._buffer("fast0", unit_vector(fast_axis))
+        self._buffer("slow0", unit_vector(slow_axis))
 
     def forward(self, incident=None):
         """(origin, fast, slow, normal) in the parent frame."""
@@ -63,7 +54,7 @@ class DistanceMount(Model):
         self.pivot = pivot
         for name, v in (("fast0", fast_axis), ("slow0", slow_axis), ("normal0", normal),
                         ("twotheta_axis", twotheta_axis)):
-            self._buffer(name, _unit(v), dtype=torch.float64)
+            self._buffer(name, unit_vector(v), dtype=torch.float64)
         self._param("distance", distance)
         self._param("beam_center", beam_center)
         self._param("close_center", close_center)

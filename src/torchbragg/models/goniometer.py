@@ -3,16 +3,15 @@ which rotation angles)."""
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from .. import physics as ph
+from ..units import DEG
 from ._base import Model
 
-DEG = math.pi / 180.0
 
 
 class Goniometer(Model):

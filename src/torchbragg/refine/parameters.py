@@ -23,6 +23,7 @@ Internal units (one unit step):
 | wavelength | relative shift of every wavelength | 0.1 % |
 | spectrum | shift of every wavelength; log of the spread about the weighted mean wavelength | 1e-4 of the mean wavelength (shift), 1 % (spread) |
 | structure_factors | log of the amplitude F of each unique reflection (asymmetric unit, Friedel mates merged) | 1 % |
+| psf_width | log of the FWHM of the detector response's point-spread function | 1 % |
 
 `physical(sim, x)` gives the values a user reads (degrees, Angstrom, mm,
 photons/m^2, ...) for reports and for propagating uncertainties.
@@ -30,15 +31,14 @@ photons/m^2, ...) for reports and for propagating uncertainties.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
 from .. import physics as ph
 from ..models import DistanceMount, Frame
+from ..units import DEG
 
-DEG = math.pi / 180.0
 
 CRYSTAL_SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic",
                    "rhombohedral")
@@ -230,9 +230,10 @@ class LogGroup(Group):
         return (v * torch.exp(self._expand(x, v) * self.step)).reshape(-1)
 
 
-class SpotSize(LogGroup):
-    """Cells along a, b, c: log of N, 1 % per unit; one value for all three
-    axes (`isotropic`, the default) or one per axis."""
+class DomainSize(LogGroup):
+    """The size of a coherent crystal domain, N unit cells along a, b, c (the
+    width of the spots): log of N, 1 % per unit; one value for all three axes
+    (`isotropic`, the default) or one per axis."""
 
     name = "N"
     target = "crystal.N"
@@ -580,6 +581,19 @@ class Background(Group):
             raise ValueError(f"background start has {self._start.numel()} values for {n} panels")
         return self
 
+    def start_from(self, data, model, mask) -> None:
+        """Unless a start was given, start each panel's constant at the median
+        difference of `data` and `model` over the faint half of the pixels of
+        `mask` (all (panels, slow, fast))."""
+        if not bool((self._start == 0).all()):
+            return
+        starts = []
+        for k in range(model.shape[0]):
+            region = mask[k]
+            faint = region & (model[k] <= torch.quantile(model[k][region], 0.5)) if region.any() else region
+            starts.append(max(float((data[k] - model[k])[faint].median()), 0.0) if faint.any() else 0.0)
+        self._start = torch.tensor(starts, dtype=torch.float64)
+
     def substitute(self, sim, x, subs):
         pass
 
@@ -602,6 +616,26 @@ class Background(Group):
 
 
 # ----------------------------------------------------------------------------- detector
+
+class PsfWidth(LogGroup):
+    """Width (FWHM, mm) of the point-spread function of the simulator's
+    detector response (`sim.response`, a DetectorResponse with a PSF): log,
+    1 % per unit. The model image is the response's expectation of the
+    photons (`sim.detector_counts(photons, sample=False)`)."""
+
+    name = "psf_width"
+    target = "response.psf_fwhm"
+    labels = ["psf_width"]
+    physical_labels = ["psf_fwhm"]
+    units = ["mm"]
+
+    def bind(self, sim):
+        response = getattr(sim, "response", None)
+        if response is None or getattr(response, "psf", None) is None or not float(response.psf_fwhm) > 0:
+            raise ValueError("the psf_width group needs a detector response with a point-spread function of "
+                             "positive width (Simulator(..., response=DetectorResponse(psf='gauss', psf_fwhm=...)))")
+        return self
+
 
 def _detector_kind(sim):
     frames = [p.frame for p in sim.detector.panels]
@@ -739,7 +773,7 @@ class Panels(Group):
 GROUPS = {
     "orientation": Orientation,
     "cell": Cell,
-    "N": SpotSize,
+    "N": DomainSize,
     "scale": Scale,
     "mosaic": Mosaic,
     "background": Background,
@@ -749,6 +783,7 @@ GROUPS = {
     "wavelength": Wavelength,
     "spectrum": Spectrum,
     "structure_factors": StructureFactorGroup,
+    "psf_width": PsfWidth,
 }
 
 
