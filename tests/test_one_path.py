@@ -77,7 +77,7 @@ def case(tmp_path_factory):
     rc = nanobragg(GEOMETRY + PHYSICS + ["-oversample", "1", "-write_expt", str(d / "x.expt"), "-floatfile",
                                          str(d / "f.bin"), "-intfile", str(d / "i.img"), "-nopgm", "-nonoise"])
     assert rc == 0
-    np.save(d / "image.npy", np.zeros((1, 16, 16), dtype=np.float32))
+    np.save(d / "image.npy", np.ones((1, 16, 16), dtype=np.float32))
     return d
 
 

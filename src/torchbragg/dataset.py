@@ -400,7 +400,7 @@ def detector_readings(dataset: Dataset, renderer: Renderer, shot: Shot, image: n
     import torch
 
     from .models import DetectorResponse
-    sim = renderer.simulator(shot.experiment)[0]
+    sim = renderer.simulator(shot.experiment)
     pixel = float(min(float(p.pixel_size.detach().min()) for p in sim.detector.panels))
     sim.response = DetectorResponse(**dataset.response, pixel_size=pixel, calibration_seed=dataset.seed,
                                     dtype=torch.float64)

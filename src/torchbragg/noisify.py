@@ -65,20 +65,20 @@ def _compiled():
     """The compiled helpers of _noise.c (same arithmetic), or None when not built."""
     import ctypes as ct
 
-    from .noise import _LIB
-    if _LIB is None or not hasattr(_LIB, "tb_noisify_photons"):
+    from .noise import LIBRARY as lib
+    if lib is None or not hasattr(lib, "tb_noisify_photons"):
         return None
     p, lg, d, i = ct.c_void_p, ct.c_long, ct.c_double, ct.c_int
-    _LIB.tb_stream_size.restype = lg
-    _LIB.tb_noisify_photons.restype = None
-    _LIB.tb_noisify_photons.argtypes = [p, lg, lg, lg, d, d, p, ct.POINTER(lg), p, ct.POINTER(d)]
-    _LIB.tb_noisify_read_noise.restype = None
-    _LIB.tb_noisify_read_noise.argtypes = [p, lg, lg, d, p]
-    _LIB.tb_noisify_psf_radii.restype = None
-    _LIB.tb_noisify_psf_radii.argtypes = [p, lg, i, d, d, i, i, p, ct.POINTER(d)]
-    _LIB.tb_noisify_psf_spread.restype = None
-    _LIB.tb_noisify_psf_spread.argtypes = [p, p, p, lg, i, i, p, i, p]
-    return _LIB
+    lib.tb_stream_size.restype = lg
+    lib.tb_noisify_photons.restype = None
+    lib.tb_noisify_photons.argtypes = [p, lg, lg, lg, d, d, p, ct.POINTER(lg), p, ct.POINTER(d)]
+    lib.tb_noisify_read_noise.restype = None
+    lib.tb_noisify_read_noise.argtypes = [p, lg, lg, d, p]
+    lib.tb_noisify_psf_radii.restype = None
+    lib.tb_noisify_psf_radii.argtypes = [p, lg, i, d, d, i, i, p, ct.POINTER(d)]
+    lib.tb_noisify_psf_spread.restype = None
+    lib.tb_noisify_psf_spread.argtypes = [p, p, p, lg, i, i, p, i, p]
+    return lib
 
 
 _C = _compiled()

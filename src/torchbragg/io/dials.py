@@ -10,6 +10,7 @@ scaling_model, exposure times, ...) are kept and written back unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -65,9 +66,23 @@ AXIS_TOLERANCE = 1e-6  # |cos| between a panel's fast and slow axes (dxtbx refus
 ROTATION_TOLERANCE = 1e-5  # |M M^T - 1| of a goniometer's fixed and setting rotations
 
 
+_SILENT = [0]  # > 0 while re-reading documents this process wrote: their warnings were given once
+
+
 def warn(message: str) -> None:
     """A degenerate but legal input: one line on stderr, the result stays correct."""
-    print(f"WARNING: {message}", file=sys.stderr)
+    if not _SILENT[0]:
+        print(f"WARNING: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def warnings_given():
+    """Read back a document whose input was already read (and warned about)."""
+    _SILENT[0] += 1
+    try:
+        yield
+    finally:
+        _SILENT[0] -= 1
 
 
 def _block(d, where: str) -> dict:
@@ -288,7 +303,8 @@ def detector_from_dict(d: dict, **kw) -> Detector:
 
 def _check_memory(sizes) -> None:
     """Refuse, before any array is made, a detector whose images no machine here can hold."""
-    from ..validate import BYTES_PER_PIXEL, physical_memory
+    from ..resolve import BYTES_PER_PIXEL
+    from ..validate import physical_memory
     pixels = sum(abs(f) * abs(s) for f, s in sizes)
     need, have = pixels * BYTES_PER_PIXEL, physical_memory()
     if need > have:

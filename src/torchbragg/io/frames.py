@@ -130,7 +130,7 @@ def written_list(items, renumber: bool = False, rotate: bool = True) -> list:
     """`as_written` for several (experiment, images, imageset) at once: models
     the experiments share stay shared, and all turn with the first one's
     rotation (experiments that share a beam and detector have the same)."""
-    from .dials import experiments_from_dict, experiments_to_dict
+    from .dials import experiments_from_dict, experiments_to_dict, warnings_given
     doc = experiments_to_dict([e for e, _, _ in items])
     doc["imageset"] = []
     for entry, (e, images, imageset) in zip(doc["experiment"], items):
@@ -150,7 +150,8 @@ def written_list(items, renumber: bool = False, rotate: bool = True) -> list:
                 entry["scan"] = keep.index(entry["scan"])
     if rotate:
         rotate_document(doc, reader_rotation(items[0][0]))
-    return list(experiments_from_dict(doc).experiments)
+    with warnings_given():
+        return list(experiments_from_dict(doc).experiments)
 
 
 # ----------------------------------------------------------------------------- scan timing
