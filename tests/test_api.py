@@ -72,7 +72,7 @@ def test_sources_and_orientations_are_chunked_too():
             "-divsteps", "3", "-dispersion", "1", "-dispsteps", "2", "-detpixels", "10", "-pixel", "0.5",
             "-distance", "100", "-dtype", "float64", "-oversample", "2"]
     results = []
-    for chunk in (None, 40):
+    for chunk in (None, 400):  # 400 grid points: less than one pixel's (sources x orientations)
         sim = Simulator.from_args(argv, chunk_elements=chunk)
         cell = sim.get_parameter("crystal.cell").requires_grad_(True)
         image = sim.render()
