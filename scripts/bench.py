@@ -65,9 +65,12 @@ RENDER_CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch  # the render time excludes imports, as the original's has none
-import torchbragg.commands.nanobragg as cli
+try:
+    import torchbragg.commands.nanobragg as cli
+except ImportError:  # revisions before the commands/ package
+    import torchbragg.cli as cli
 import torchbragg.outputs, torchbragg.simulator
-for name in ("torchbragg.build.nanobragg", "torchbragg.build"):  # the factory (older trees: build)
+for name in ("torchbragg.build.nanobragg", "torchbragg.nanobragg", "torchbragg.build"):  # the factory
     try:
         __import__(name)
     except ImportError:

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+TESTS = Path(__file__).resolve().parent
+DATA = TESTS / "data"  # reference outputs and inputs the tests read
+ROOT = TESTS.parent  # the checkout
+GOLDEN = DATA / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 OUTPUTS = {"float.bin", "int.img", "noise.img", "image.pgm", "Fdump.bin", "stdout.txt", "args.txt"}
 

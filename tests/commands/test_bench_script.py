@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from golden import ROOT
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+SCRIPT = ROOT / "scripts" / "bench.py"
 
 
 def load():

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from torchbragg.commands import noisify as cmd
+from golden import DATA
 
-DATA = Path(__file__).parent / "data" / "golden_suite" / "noisify.tar.xz"
+DATA = DATA / "golden_suite" / "noisify.tar.xz"
 
 
 @pytest.fixture(scope="module")

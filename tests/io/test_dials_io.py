@@ -12,8 +12,9 @@ import torch
 
 from torchbragg.io.dials import experiments_from_dict, experiments_to_dict, read_experiments, write_experiments
 from torchbragg.errors import InputError
+from golden import DATA
 
-DATA = Path(__file__).parent / "data" / "dials"
+DATA = DATA / "dials"
 
 
 def rot(axis, deg):

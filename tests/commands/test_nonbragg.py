@@ -22,8 +22,9 @@ from torchbragg.commands.nonbragg import FLAGS, main
 from torchbragg.errors import InputError
 from torchbragg.io.stol import read_stol
 from torchbragg.models import Background, Beam, Detector, DistanceMount, Frame, Panel
+from golden import DATA, ROOT
 
-SUITE = Path(__file__).parent / "data" / "golden_suite" / "nonBragg"
+SUITE = DATA / "golden_suite" / "nonBragg"
 MANIFEST = json.loads((SUITE / "manifest.json").read_text())
 CASES = sorted(MANIFEST)
 
@@ -395,7 +396,7 @@ def test_simulate_command_with_background(tmp_path):
 
 def test_bench_script_scales_cases_to_a_pilatus_frame(tmp_path):
     import importlib.util
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_nonbragg.py"
+    path = ROOT / "scripts" / "bench_nonbragg.py"
     spec = importlib.util.spec_from_file_location("bench_nonbragg", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

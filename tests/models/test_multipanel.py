@@ -17,8 +17,9 @@ from torchbragg.commands import simulate
 from torchbragg.io.dials import experiments_from_dict, read_experiments, write_experiments
 from torchbragg.flags import parse_args
 from torchbragg.build.experiment import build_from_experiment
+from golden import DATA
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "dials")
+DATA = os.path.join(DATA, "dials")
 
 
 # ----------------------------------------------------------------------------- CSPAD hierarchy

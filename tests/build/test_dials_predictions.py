@@ -32,8 +32,9 @@ from torchbragg.io.dials import Experiment, read_experiments
 from torchbragg.flags import parse_args
 from torchbragg.models import Detector, Frame, Panel
 from torchbragg.build.experiment import build_from_experiment
+from golden import DATA
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "dials")
+DATA = os.path.join(DATA, "dials")
 EXPT = os.path.join(DATA, "thaum_0500_still.expt")
 CSV = os.path.join(DATA, "thaum_0500_still_predictions.csv")
 

@@ -4,8 +4,9 @@ import os
 import re
 import subprocess
 import sys
+from golden import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(ROOT)
 
 
 def test_refine_distance_recovers_the_true_distance():
