@@ -1,0 +1,138 @@
+"""Second-order steps on the Poisson likelihood: Levenberg-Marquardt with
+the Fisher information J^T diag(1/mu) J of the expected photons mu.
+
+A fit of a dozen parameters needs a handful of such steps where L-BFGS with
+line searches takes hundreds of renders. The Jacobian J (pixels x
+parameters) is taken by forward differences of renders without a graph (one
+per parameter), then kept up to date by Broyden's rank-one updates from the
+renders the steps make anyway, and taken afresh only when a step fails. At
+the minimum the inverse Fisher matrix is the covariance of the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TINY = 1e-10  # photons: the expectation is clamped above this
+
+
+def poisson_deviance(mu: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Half the Poisson deviance sum(mu - d + d log(d / mu)): the negative
+    log-likelihood up to a constant, near half the number of pixels at the
+    minimum."""
+    mu = torch.clamp(mu, min=TINY)
+    return (mu - data + torch.where(data > 0, data * torch.log(torch.clamp(data, min=TINY) / mu),
+                                    torch.zeros_like(data))).sum()
+
+
+@dataclass
+class StepResult:
+    """x: the parameters at the end; fisher: J^T diag(1/mu) J there (plus the
+    priors' information); loss: half the deviance; renders: images
+    rendered; iterations: steps taken; converged: the last step's expected
+    decrease of the loss was below the tolerance; loss_history: the loss
+    after every accepted step."""
+    x: torch.Tensor
+    fisher: torch.Tensor
+    gradient: torch.Tensor
+    loss: float
+    renders: int
+    iterations: int
+    converged: bool
+    loss_history: list
+
+
+def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, steps=None, max_iter: int = 20,
+                        tolerance: float = 1e-3, damping: float = 1e-3, prior_precision=None,
+                        prior_mean=None) -> StepResult:
+    """Minimise the Poisson negative log-likelihood of counts `data` (1-D)
+    given `expected(x)` (1-D photons, rendered without a graph).
+
+    steps: forward-difference steps per parameter (default 0.1 of an
+    internal unit, which is of order one standard uncertainty or less).
+    tolerance: stop when the step's expected decrease of the loss,
+    g^T F^-1 g / 2, is below it (a fraction of a unit of log-likelihood is
+    far inside the statistical error). prior_precision / prior_mean:
+    Gaussian restraints (diagonal), added to the loss and the information."""
+    x = x0.detach().double().clone()
+    n = x.numel()
+    data = data.detach().double()
+    h = torch.full((n,), 0.1, dtype=torch.float64) if steps is None else torch.as_tensor(steps, dtype=torch.float64)
+    prec = torch.zeros(n, dtype=torch.float64) if prior_precision is None else \
+        torch.as_tensor(prior_precision, dtype=torch.float64)
+    mean = torch.zeros(n, dtype=torch.float64) if prior_mean is None else torch.as_tensor(prior_mean, dtype=torch.float64)
+    renders = 0
+
+    def render(v):
+        nonlocal renders
+        renders += 1
+        with torch.no_grad():
+            return expected(v.to(x0)).double()
+
+    def loss_of(mu, v):
+        return float(poisson_deviance(mu, data)) + 0.5 * float((prec * (v - mean) ** 2).sum())
+
+    def jacobian(v, mu):
+        cols = [(render(v + h[i] * unit(i)) - mu) / h[i] for i in range(n)]
+        return torch.stack(cols, 1)
+
+    def unit(i):
+        e = torch.zeros(n, dtype=torch.float64)
+        e[i] = 1.0
+        return e
+
+    mu = render(x)
+    loss = loss_of(mu, x)
+    history = [loss]
+    J = jacobian(x, mu)
+    fresh = True
+    converged, it = False, 0
+    F = g = None
+    for it in range(1, max_iter + 1):
+        w = 1.0 / torch.clamp(mu, min=1e-6)
+        F = (J * w[:, None]).T @ J + torch.diag(prec)
+        g = J.T @ (1.0 - data * w) + prec * (x - mean)
+        if not bool(torch.isfinite(F).all() & torch.isfinite(g).all()):
+            break
+        expected_gain = 0.5 * float(g @ torch.linalg.lstsq(F, g.unsqueeze(1)).solution.squeeze(1))
+        if expected_gain < tolerance:
+            converged = True
+            break
+        accepted = False
+        for _ in range(8):
+            A = F + damping * torch.diag(torch.clamp(torch.diagonal(F), min=1e-12))
+            delta = -torch.linalg.lstsq(A, g.unsqueeze(1)).solution.squeeze(1)
+            predicted = -float(g @ delta + 0.5 * delta @ F @ delta)
+            trial = x + delta
+            mu_new = render(trial)
+            loss_new = loss_of(mu_new, trial)
+            ratio = (loss - loss_new) / predicted if predicted > 0 else -1.0
+            if math.isfinite(loss_new) and loss_new < loss:
+                # Broyden: the secant of this step corrects J along delta
+                J = J + torch.outer(mu_new - mu - J @ delta, delta) / float(delta @ delta)
+                gain = loss - loss_new
+                x, mu, loss = trial, mu_new, loss_new
+                damping = damping * max(1 / 3, 1 - (2 * ratio - 1) ** 3) if ratio > 0 else damping * 2
+                accepted, fresh = True, False
+                # far from the minimum the curvature changes with every step and a secant
+                # update corrects only one direction of it: take J afresh
+                if ratio < 0.25 or gain > n:
+                    J, fresh = jacobian(x, mu), True
+                break
+            if not fresh:
+                J, fresh = jacobian(x, mu), True
+                break
+            damping *= 4
+        history.append(loss)
+        if not accepted and fresh and damping > 1e8:
+            break
+    if not fresh:  # the information at the minimum from a Jacobian of its own, for the covariance
+        J = jacobian(x, mu)
+    if F is None or not converged or not fresh:
+        w = 1.0 / torch.clamp(mu, min=1e-6)
+        F = (J * w[:, None]).T @ J + torch.diag(prec)
+        g = J.T @ (1.0 - data * w) + prec * (x - mean)
+    return StepResult(x, F, g, loss, renders, it, converged, history)
