@@ -1,0 +1,160 @@
+"""A refinement strategy that holds from faint to bright images: spot
+centroids first, then the pixels by second-order steps, coarse to fine.
+
+1. Centroids (`centroids.fit_centroids`): orientation, cell, beam centre
+   and detector from the observed spots' centroids; no render, robust to
+   intensity, wide basin (a few pixels).
+2. Pixels, coarse: Levenberg-Marquardt on variance-stabilised counts
+   (`steps.anscombe_distance`), which stays smooth where a bright model
+   spot's shape transform has nodes that the measured spot fills.
+3. Pixels, fine: Levenberg-Marquardt on the Poisson likelihood, whose
+   Fisher information at the minimum gives the covariance.
+
+Only the pixels of the region of interest are rendered (`spot_region`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch.func import functional_call
+
+from .centroids import GEOMETRY_GROUPS, fit_centroids, local_background
+from .parameters import Background, Parametrisation
+from .refiner import assign
+from .roi import mask_substitutions
+from .steps import levenberg_marquardt
+
+
+def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | None = None, *,
+                fraction: float = 0.05, sigmas: float = 3.0, dilate: int = 2, window: int = 9,
+                background_fraction: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """Boolean (panels, slow, fast) region to fit: the pixels of spots of
+    the starting `model` and of the measured `data` above `fraction` of
+    their spot's peak (within `window`), the data's also `sigmas` Poisson
+    deviations above the local background, dilated by `dilate` pixels; and
+    a random `background_fraction` of the rest (seeded), for the background.
+    The faint tails of bright spots are left out: they cost renders and
+    carry little of the spots' position."""
+    m = model.detach().double().cpu().numpy()
+    d = data.detach().double().cpu().numpy()
+    ok = np.ones(d.shape, bool) if valid is None else np.asarray(valid.cpu(), bool)
+    out = np.zeros(d.shape, bool)
+    for k in range(d.shape[0]):
+        bg = local_background(d[k], ok[k])
+        excess = d[k] - bg
+        peak = ndimage.maximum_filter(excess, size=window)
+        out[k] = (excess > np.maximum(sigmas * np.sqrt(bg + 1.0), fraction * peak)) & ok[k]
+        mk = m[k] - np.median(m[k])
+        mpeak = ndimage.maximum_filter(mk, size=window)
+        out[k] |= (mk >= fraction * mpeak) & (mpeak >= 0.02 * max(float(mk.max()), 1e-300)) & (mk > 0)
+    region = torch.as_tensor(out)
+    if dilate > 0:
+        region = F.max_pool2d(region.double().unsqueeze(1), 2 * dilate + 1, stride=1, padding=dilate).squeeze(1) > 0
+    if background_fraction > 0:
+        rng = np.random.default_rng(seed)
+        region |= torch.as_tensor(rng.random(d.shape) < background_fraction)
+    return region & torch.as_tensor(ok)
+
+
+@dataclass
+class StillFit:
+    """What `refine_still` found: labels, x (internal vector, start 0) and
+    its covariance (the inverse Fisher information of the Poisson fit);
+    physical values (start, value, sigma) per physical label; half the
+    Poisson deviance at the end and its expectation for a right model
+    (`goodness`: their difference in standard deviations); renders and
+    seconds of each stage; converged: the last stage stopped on its
+    tolerance."""
+    labels: list
+    x: torch.Tensor
+    covariance: torch.Tensor
+    parameters: list
+    loss: float
+    pixels: int
+    renders: int
+    seconds: float
+    converged: bool
+    stages: list = field(default_factory=list)
+
+    def value(self, name):
+        for p in self.parameters:
+            if p["name"] == name:
+                return p
+        raise KeyError(name)
+
+
+def _background_start(data, region) -> list:
+    """Per panel: the median of the measured photons outside the spots."""
+    return [float(data[k][~region[k]].median()) if bool((~region[k]).any()) else 0.0 for k in range(data.shape[0])]
+
+
+def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids: bool = True,
+                 max_iter: int = 20) -> StillFit:
+    """Refine parameter `groups` of simulator `sim` (rendered as it is:
+    a still, or its first scan image) against measured photons `data`
+    (panels, slow, fast): centroids, then the pixels coarse (Anscombe) and
+    fine (Poisson), by Levenberg-Marquardt steps; writes the refined values
+    into `sim` unless write=False. valid: pixels that may be used.
+    "background" starts at the median of the pixels outside the spots."""
+    t0 = time.perf_counter()
+    d = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data).detach().double()
+    if d.dim() == 2:
+        d = d.unsqueeze(0)
+    work = copy.deepcopy(sim).double()
+    stages = []
+    x0 = None
+    geometric = [g for g in groups if (g if isinstance(g, str) else g.name) in GEOMETRY_GROUPS]
+    if centroids and geometric:
+        t = time.perf_counter()
+        fit = fit_centroids(work, d, geometric, valid)
+        x0 = dict(zip(fit.labels, fit.x.tolist()))
+        stages.append(dict(stage="centroids", spots=fit.spots, rms_start_px=fit.rms_start, rms_px=fit.rms,
+                           iterations=fit.iterations, renders=0, seconds=time.perf_counter() - t))
+    probe = Parametrisation([g for g in groups if (g if isinstance(g, str) else g.name) != "background"], work)
+    xp = torch.tensor([(x0 or {}).get(lab, 0.0) for lab in probe.labels], dtype=torch.float64)
+    with torch.no_grad():
+        start_model = functional_call(work, probe.substitutions(work, xp), ()).double()
+    region = spot_region(start_model, d, valid)
+    groups = [Background(start=_background_start(d, region)) if g == "background" else g for g in groups]
+    param = Parametrisation(groups, work)
+    x_start = torch.tensor([(x0 or {}).get(lab, 0.0) for lab in param.labels], dtype=torch.float64)
+    subs_region = mask_substitutions(region)
+    measured = d[region]
+
+    def expected(x):
+        subs = param.substitutions(work, x)
+        subs.update(subs_region)
+        model = functional_call(work, subs, ())
+        extra = param.image_terms(work, x, model.shape)
+        return (model if extra is None else model + extra)[region]
+
+    t = time.perf_counter()
+    coarse = levenberg_marquardt(expected, measured, x_start, loss="anscombe", tolerance=0.1, max_iter=max_iter)
+    stages.append(dict(stage="pixels, anscombe", iterations=coarse.iterations, renders=coarse.renders,
+                       loss=coarse.loss, seconds=time.perf_counter() - t))
+    # difference steps of a fraction of a standard uncertainty: larger ones bias the Jacobian
+    h = torch.clamp(0.3 / torch.sqrt(torch.clamp(torch.diagonal(coarse.fisher), min=1e-12)), 1e-4, 0.1)
+    t = time.perf_counter()
+    fine = levenberg_marquardt(expected, measured, coarse.x, steps=h, max_iter=max_iter)
+    stages.append(dict(stage="pixels, poisson", iterations=fine.iterations, renders=fine.renders,
+                       loss=fine.loss, seconds=time.perf_counter() - t))
+    cov = torch.linalg.pinv(fine.fisher)
+    jac = torch.autograd.functional.jacobian(lambda v: param.physical(work, v), fine.x)
+    psig = torch.sqrt(torch.clamp(torch.diagonal(jac @ cov @ jac.T), min=0.0))
+    start_vals = param.physical(work, torch.zeros(param.size, dtype=torch.float64))
+    values = param.physical(work, fine.x)
+    params = [dict(group=group, name=name, unit=unit, start=s, value=v, sigma=e)
+              for (group, name, unit), s, v, e in zip(param.physical_labels(), start_vals.tolist(), values.tolist(),
+                                                      psig.tolist())]
+    if write:
+        assign(sim, param.substitutions(sim, fine.x.to(sim.dtype)))
+    return StillFit(labels=list(param.labels), x=fine.x, covariance=cov, parameters=params, loss=fine.loss,
+                    pixels=int(region.sum()), renders=coarse.renders + fine.renders + 1,
+                    seconds=time.perf_counter() - t0, converged=fine.converged, stages=stages)
