@@ -3,10 +3,11 @@ the Fisher information J^T diag(1/mu) J of the expected photons mu.
 
 A fit of a dozen parameters needs a handful of such steps where L-BFGS with
 line searches takes hundreds of renders. The Jacobian J (pixels x
-parameters) is taken by forward differences of renders without a graph (one
-per parameter), then kept up to date by Broyden's rank-one updates from the
-renders the steps make anyway, and taken afresh only when a step fails. At
-the minimum the inverse Fisher matrix is the covariance of the estimate.
+parameters) is taken by central differences of renders without a graph
+(two per parameter), kept up to date by Broyden's rank-one updates from the
+renders the steps make anyway near the minimum, and taken afresh after
+large steps, when the quadratic model fails, and at the end. At the minimum
+the inverse Fisher matrix is the covariance of the estimate.
 """
 
 from __future__ import annotations
@@ -72,19 +73,22 @@ class StepResult:
     loss_history: list
 
 
-def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, steps=None, max_iter: int = 20,
-                        tolerance: float = 1e-2, damping: float = 1e-3, prior_precision=None,
-                        prior_mean=None, loss: str = "poisson") -> StepResult:
-    """Minimise the Poisson negative log-likelihood of counts `data` (1-D)
-    given `expected(x)` (1-D photons, rendered without a graph), or with
-    loss="anscombe" its variance-stabilised least squares (a coarse stage).
+def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phases=(("poisson", 1e-2),),
+                        steps=None, max_iter: int = 30, damping: float = 1e-3, prior_precision=None,
+                        prior_mean=None, progress=None) -> StepResult:
+    """Minimise a loss of counts `data` (1-D) given `expected(x)` (1-D
+    photons, rendered without a graph), in `phases` of (loss, tolerance):
+    each loss of LIKELIHOODS in turn (the Jacobian, of the expectation, is
+    shared), typically ("anscombe", 1.0) to come in from afar, then
+    ("poisson", 0.01) for the estimate and its information.
 
-    steps: forward-difference steps per parameter (default 0.1 of an
-    internal unit, which is of order one standard uncertainty or less).
-    tolerance: stop when the step's expected decrease of the loss,
-    g^T F^-1 g / 2, is below it (a fraction of a unit of log-likelihood is
-    far inside the statistical error). prior_precision / prior_mean:
-    Gaussian restraints (diagonal), added to the loss and the information."""
+    A phase ends when the step's expected decrease of its loss,
+    g^T F^-1 g / 2, is below its tolerance (a fraction of a unit of
+    log-likelihood is far inside the statistical error) with a Jacobian
+    taken afresh, by central differences of `steps` (default 0.1 internal
+    units; 2 renders per parameter). prior_precision / prior_mean: Gaussian
+    restraints (diagonal), added to the loss and the information.
+    progress: called with a line of text after every iteration."""
     x = x0.detach().double().clone()
     n = x.numel()
     data = data.detach().double()
@@ -93,7 +97,6 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, steps
         torch.as_tensor(prior_precision, dtype=torch.float64)
     mean = torch.zeros(n, dtype=torch.float64) if prior_mean is None else torch.as_tensor(prior_mean, dtype=torch.float64)
     renders = 0
-    objective, terms = LIKELIHOODS[loss]
 
     def render(v):
         nonlocal renders
@@ -101,36 +104,56 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, steps
         with torch.no_grad():
             return expected(v.to(x0)).double()
 
+    def jacobian(v):
+        # central differences: a forward difference at a node of a bright spot's
+        # shape transform (expectation near zero, derivative zero) is half the
+        # curvature times the step, and over the tiny expectation there it
+        # inflates the information and skews the gradient
+        cols = []
+        for i in range(n):
+            e = torch.zeros(n, dtype=torch.float64)
+            e[i] = h[i]
+            cols.append((render(v + e) - render(v - e)) / (2 * h[i]))
+        return torch.stack(cols, 1)
+
+    phase = 0
+    objective, terms = LIKELIHOODS[phases[0][0]]
+
     def loss_of(mu, v):
         return float(objective(mu, data)) + 0.5 * float((prec * (v - mean) ** 2).sum())
 
-    def jacobian(v, mu):
-        cols = [(render(v + h[i] * unit(i)) - mu) / h[i] for i in range(n)]
-        return torch.stack(cols, 1)
-
-    def unit(i):
-        e = torch.zeros(n, dtype=torch.float64)
-        e[i] = 1.0
-        return e
+    def information(mu):
+        dl, w = terms(mu, data)
+        return (J * w[:, None]).T @ J + torch.diag(prec), J.T @ dl + prec * (x - mean)
 
     mu = render(x)
     loss = loss_of(mu, x)
     history = [loss]
-    J = jacobian(x, mu)
+    J = jacobian(x)
     fresh = True
-    converged, it = False, 0
-    F = g = None
+    converged, stalled, it = False, False, 0
     for it in range(1, max_iter + 1):
-        dl, w = terms(mu, data)
-        F = (J * w[:, None]).T @ J + torch.diag(prec)
-        g = J.T @ dl + prec * (x - mean)
+        F, g = information(mu)
         if not bool(torch.isfinite(F).all() & torch.isfinite(g).all()):
             break
-        expected_gain = 0.5 * float(g @ torch.linalg.lstsq(F, g.unsqueeze(1)).solution.squeeze(1))
-        # forward differences leave the gradient a little noisy at the minimum: a step
-        # that gained less than the tolerance while less than one unit was expected ends it too
-        if expected_gain < tolerance or (len(history) > 1 and history[-2] - history[-1] < tolerance
-                                         and expected_gain < 1.0):
+        gain_expected = 0.5 * float(g @ torch.linalg.lstsq(F, g.unsqueeze(1)).solution.squeeze(1))
+        if progress:
+            progress(f"{phases[phase][0]} iteration {it}: loss {loss:.6g}, expected gain {gain_expected:.3g}, "
+                     f"{renders} renders")
+        # no step gains with a fresh Jacobian while under one unit is expected: the
+        # rest is the differences' own error, the minimum is reached within it
+        if gain_expected < phases[phase][1] or (stalled and gain_expected < 1.0):
+            stalled = False
+            if not fresh:
+                J, fresh = jacobian(x), True
+                continue
+            if phase + 1 < len(phases):
+                phase += 1
+                objective, terms = LIKELIHOODS[phases[phase][0]]
+                damping = 1e-3
+                loss = loss_of(mu, x)
+                history.append(loss)
+                continue
             converged = True
             break
         accepted = False
@@ -152,19 +175,19 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, steps
                 # far from the minimum the curvature changes with every step and a secant
                 # update corrects only one direction of it: take J afresh
                 if ratio < 0.25 or gain > n:
-                    J, fresh = jacobian(x, mu), True
+                    J, fresh = jacobian(x), True
                 break
             if not fresh:
-                J, fresh = jacobian(x, mu), True
+                J, fresh = jacobian(x), True
                 break
             damping *= 4
         history.append(loss)
-        if not accepted and fresh and damping > 1e8:
-            break
-    if not fresh:  # the information at the minimum from a Jacobian of its own, for the covariance
-        J = jacobian(x, mu)
-    if F is None or not converged or not fresh:
-        dl, w = terms(mu, data)
-        F = (J * w[:, None]).T @ J + torch.diag(prec)
-        g = J.T @ dl + prec * (x - mean)
+        if not accepted and fresh:
+            if gain_expected < 1.0:
+                stalled = True
+            elif damping > 1e8:
+                break
+    if not fresh:  # the information at the end from a Jacobian of its own, for the covariance
+        J = jacobian(x)
+    F, g = information(mu)
     return StepResult(x, F, g, loss, renders, it, converged, history)

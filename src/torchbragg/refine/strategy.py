@@ -33,12 +33,14 @@ from .steps import levenberg_marquardt
 
 
 def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | None = None, *,
-                fraction: float = 0.05, sigmas: float = 3.0, dilate: int = 2, window: int = 9,
+                fraction: float = 0.05, faintest: float = 0.02, sigmas: float = 3.0, dilate: int = 2,
+                window: int = 9,
                 background_fraction: float = 0.02, seed: int = 0) -> torch.Tensor:
     """Boolean (panels, slow, fast) region to fit: the pixels of spots of
     the starting `model` and of the measured `data` above `fraction` of
     their spot's peak (within `window`), the data's also `sigmas` Poisson
-    deviations above the local background, dilated by `dilate` pixels; and
+    deviations above the local background, of spots whose peak reaches
+    `faintest` of the brightest, dilated by `dilate` pixels; and
     a random `background_fraction` of the rest (seeded), for the background.
     The faint tails of bright spots are left out: they cost renders and
     carry little of the spots' position."""
@@ -50,10 +52,11 @@ def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | N
         bg = local_background(d[k], ok[k])
         excess = d[k] - bg
         peak = ndimage.maximum_filter(excess, size=window)
-        out[k] = (excess > np.maximum(sigmas * np.sqrt(bg + 1.0), fraction * peak)) & ok[k]
+        out[k] = (excess > np.maximum(sigmas * np.sqrt(bg + 1.0), fraction * peak)) & ok[k] \
+            & (peak >= faintest * float(peak[ok[k]].max() if ok[k].any() else 0.0))
         mk = m[k] - np.median(m[k])
         mpeak = ndimage.maximum_filter(mk, size=window)
-        out[k] |= (mk >= fraction * mpeak) & (mpeak >= 0.02 * max(float(mk.max()), 1e-300)) & (mk > 0)
+        out[k] |= (mk >= fraction * mpeak) & (mpeak >= faintest * max(float(mk.max()), 1e-300)) & (mk > 0)
     region = torch.as_tensor(out)
     if dilate > 0:
         region = F.max_pool2d(region.double().unsqueeze(1), 2 * dilate + 1, stride=1, padding=dilate).squeeze(1) > 0
@@ -96,7 +99,7 @@ def _background_start(data, region) -> list:
 
 
 def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids: bool = True,
-                 max_iter: int = 20) -> StillFit:
+                 max_iter: int = 30) -> StillFit:
     """Refine parameter `groups` of simulator `sim` (rendered as it is:
     a still, or its first scan image) against measured photons `data`
     (panels, slow, fast): centroids, then the pixels coarse (Anscombe) and
@@ -136,15 +139,10 @@ def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids
         return (model if extra is None else model + extra)[region]
 
     t = time.perf_counter()
-    coarse = levenberg_marquardt(expected, measured, x_start, loss="anscombe", tolerance=0.1, max_iter=max_iter)
-    stages.append(dict(stage="pixels, anscombe", iterations=coarse.iterations, renders=coarse.renders,
-                       loss=coarse.loss, seconds=time.perf_counter() - t))
-    # difference steps of a fraction of a standard uncertainty: larger ones bias the Jacobian
-    h = torch.clamp(0.3 / torch.sqrt(torch.clamp(torch.diagonal(coarse.fisher), min=1e-12)), 1e-4, 0.1)
-    t = time.perf_counter()
-    fine = levenberg_marquardt(expected, measured, coarse.x, steps=h, max_iter=max_iter)
-    stages.append(dict(stage="pixels, poisson", iterations=fine.iterations, renders=fine.renders,
-                       loss=fine.loss, seconds=time.perf_counter() - t))
+    fine = levenberg_marquardt(expected, measured, x_start, phases=(("anscombe", 1.0), ("poisson", 1e-2)),
+                               max_iter=max_iter)
+    stages.append(dict(stage="pixels", iterations=fine.iterations, renders=fine.renders, loss=fine.loss,
+                       seconds=time.perf_counter() - t))
     cov = torch.linalg.pinv(fine.fisher)
     jac = torch.autograd.functional.jacobian(lambda v: param.physical(work, v), fine.x)
     psig = torch.sqrt(torch.clamp(torch.diagonal(jac @ cov @ jac.T), min=0.0))
@@ -156,5 +154,5 @@ def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids
     if write:
         assign(sim, param.substitutions(sim, fine.x.to(sim.dtype)))
     return StillFit(labels=list(param.labels), x=fine.x, covariance=cov, parameters=params, loss=fine.loss,
-                    pixels=int(region.sum()), renders=coarse.renders + fine.renders + 1,
+                    pixels=int(region.sum()), renders=fine.renders + 1,
                     seconds=time.perf_counter() - t0, converged=fine.converged, stages=stages)
