@@ -137,6 +137,66 @@ class _Geometry(nn.Module):
         return real, incident[0], lam[0], n_cells, origin, fast, slow, normal, pixel
 
 
+class _Sweep(nn.Module):
+    """The rotation geometry of a scan, as a module for functional_call."""
+
+    def __init__(self, sim):
+        super().__init__()
+        self.sim = sim
+
+    def forward(self, hkl, phi):
+        sim = self.sim
+        incident, lam = sim.beam.sources()
+        q0 = hkl.to(torch.float64) @ torch.linalg.inv(sim.crystal.real_vectors().double()).T
+        rot = sim.goniometer.rotation(phi)  # (n, 3, 3)
+        s = incident[0].double() / lam[0].double() + (rot @ q0.unsqueeze(-1)).squeeze(-1)
+        return s, lam[0].double()
+
+
+def predict_rotation(sim, subs: dict, hkl: torch.Tensor, panel: torch.Tensor, frame_near: torch.Tensor):
+    """Where reflections `hkl` (n, 3) cross the Ewald sphere in a rotation
+    scan: (x, y) pixels on panels `panel` and z in frames (0 at the start
+    of the scan's first image, as DIALS's xyzobs.px), taking of each
+    reflection's crossings the one nearest `frame_near` (n,). The angle is
+    found on a grid of quarter images, then refined by one Newton step
+    that carries the derivatives (the implicit function's)."""
+    wrapped = _Sweep(sim)
+    params = {"sim." + k: v for k, v in subs.items()}
+    start, width = (float(v) for v in sim.scan.oscillation)
+    first, last = sim.scan.image_range
+    n_frames = last - first + 1
+    hkl = torch.as_tensor(hkl)
+
+    def excitation(phi):
+        s, lam = functional_call(wrapped, params, (hkl, phi))
+        return torch.linalg.norm(s, dim=-1) - 1.0 / lam
+
+    with torch.no_grad():
+        grid = start + width * torch.arange(-8, 4 * n_frames + 9, dtype=torch.float64) / 4
+        f = torch.stack([excitation(torch.full((len(hkl),), float(p), dtype=torch.float64)) for p in grid], 1)
+        cross = (f[:, :-1] * f[:, 1:] <= 0)
+        t = f[:, :-1] / torch.where(cross, f[:, :-1] - f[:, 1:], torch.ones_like(f[:, 1:]))
+        phis = grid[:-1] + t * (grid[1] - grid[0])
+        frames = (phis - start) / width
+        dist = torch.where(cross, (frames - torch.as_tensor(frame_near, dtype=torch.float64)[:, None]).abs(),
+                           torch.full_like(frames, float("inf")))
+        best = dist.argmin(1)
+        phi0 = phis.gather(1, best[:, None]).squeeze(1)
+        found = torch.isfinite(dist.gather(1, best[:, None]).squeeze(1))
+    h = 1e-4 * abs(width)
+    f0, f1 = excitation(phi0), excitation(phi0 + h)
+    phi = phi0 - f0 * h / (f1 - f0).detach()
+    s, lam = functional_call(wrapped, params, (hkl, phi))
+    _, _, _, _, origin, fast, slow, normal, pixel = geometry(sim, subs)
+    ray = s / torch.linalg.norm(s, dim=1, keepdim=True)
+    o, fa, sl, nrm = (t_.double()[panel] for t_ in (origin, fast, slow, normal))
+    dist_ = (o * nrm).sum(1) / (ray * nrm).sum(1)
+    rel = dist_[:, None] * ray - o
+    px = pixel.double()[panel]
+    xyz = torch.stack([(rel * fa).sum(1) / px[:, 0], (rel * sl).sum(1) / px[:, 1], (phi - start) / width], 1)
+    return xyz, found
+
+
 def geometry(sim, subs: dict, image=None):
     """(real vectors (3, 3) rows a, b, c; incident unit vector; wavelength;
     cells per axis N (3,); panel origin, fast, slow, normal (panels, 3); pixel sizes (panels, 2))
@@ -224,6 +284,34 @@ def _robust_rms(v: torch.Tensor) -> float:
     return float(1.4826 * v.abs().median()) if v.numel() else float("nan")
 
 
+def gauss_newton(residual, x: torch.Tensor, free: torch.Tensor | None = None, iterations: int = 10):
+    """Damped Gauss-Newton (Levenberg-Marquardt) on the sum of squares of
+    `residual(x)`, with the Jacobian by forward-mode differentiation; only
+    the elements of `free` move. Returns (x, iterations taken)."""
+    free = torch.ones(x.numel(), dtype=torch.bool) if free is None else free
+    damp, taken = 1e-3, 0
+    for _ in range(iterations):
+        res = residual(x).detach()
+        chi2 = float((res * res).sum())
+        J = torch.autograd.functional.jacobian(residual, x, vectorize=True, strategy="forward-mode") * free
+        JTJ, g = J.T @ J, J.T @ res
+        improved, chi2_new = False, chi2
+        for _ in range(8):
+            A = JTJ + damp * torch.diag(torch.clamp(torch.diagonal(JTJ), min=1e-12)) + torch.diag((~free).double())
+            trial = x - torch.linalg.lstsq(A, g.unsqueeze(1)).solution.squeeze(1)
+            with torch.no_grad():
+                r_new = residual(trial)
+            chi2_new = float((r_new * r_new).sum())
+            if np.isfinite(chi2_new) and chi2_new < chi2:
+                x, damp, improved = trial.detach(), max(damp / 10, 1e-7), True
+                break
+            damp *= 10
+        taken += 1
+        if not improved or chi2 - chi2_new < 1e-6 * chi2:
+            break
+    return x, taken
+
+
 def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, image=None, rounds: int = 4,
                   iterations: int = 10, tolerance: float = 0.3, reject: float = 5.0,
                   strongest: float = 0.25) -> CentroidFit:
@@ -287,26 +375,8 @@ def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, i
             xy, eps = predict(sim, param.substitutions(sim, w.to(sim.dtype)), hkl, panel, image)
             return torch.cat([((xy.to(dtype) - o) / sig).reshape(-1), eps.to(dtype) / eps_scale])
 
-        damp = 1e-3
-        for _ in range(iterations):
-            res = residual(x).detach()
-            chi2 = float((res * res).sum())
-            J = torch.autograd.functional.jacobian(residual, x, vectorize=True, strategy="forward-mode") * free
-            JTJ, g = J.T @ J, J.T @ res
-            improved, chi2_new = False, chi2
-            for _ in range(8):
-                A = JTJ + damp * torch.diag(torch.clamp(torch.diagonal(JTJ), min=1e-12)) + torch.diag((~free).double())
-                trial = x - torch.linalg.lstsq(A, g.unsqueeze(1)).solution.squeeze(1)
-                with torch.no_grad():
-                    r_new = residual(trial)
-                chi2_new = float((r_new * r_new).sum())
-                if np.isfinite(chi2_new) and chi2_new < chi2:
-                    x, damp, improved = trial.detach(), max(damp / 10, 1e-7), True
-                    break
-                damp *= 10
-            taken += 1
-            if not improved or chi2 - chi2_new < 1e-6 * chi2:
-                break
+        x, steps = gauss_newton(residual, x, free, iterations)
+        taken += steps
         with torch.no_grad():
             xy, eps = predict(sim, param.substitutions(sim, x.to(sim.dtype)), hkl, panel, image)
             d = xy.to(dtype) - o
@@ -319,3 +389,68 @@ def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, i
         rms_eps = float(torch.sqrt((eps.double()[good] ** 2).mean()))
     return CentroidFit(x.detach(), list(param.labels), int(usable.sum()), float(rms_start or float("nan")), rms,
                        rms_eps, taken)
+
+
+@dataclass
+class SweepFit:
+    """What `fit_sweep_centroids` found: the internal vector of the groups
+    (labels), the reflections used, and the rms position residuals (px) and
+    rotation residuals (frames) at the start and at the end."""
+    x: torch.Tensor
+    labels: list
+    reflections: int
+    rms_px_start: float
+    rms_px: float
+    rms_frames_start: float
+    rms_frames: float
+    iterations: int
+
+
+def fit_sweep_centroids(sim, hkl, panel, xyz, groups, *, rounds: int = 4, iterations: int = 15,
+                        reject: float = 5.0) -> SweepFit:
+    """Fit the geometric groups among `groups` to observed centroids `xyz`
+    (n, 3: x, y pixels, z frames from the start of the scan's first image,
+    DIALS's xyzobs.px) of indexed reflections `hkl` (n, 3) on panels
+    `panel` (n,) of a rotation scan, as dials.refine does: the residuals are
+    the differences from where each reflection crosses the Ewald sphere
+    (predict_rotation), positions in pixels and angles in frames, each
+    scaled by its robust rms at the start of each round, when reflections
+    beyond `reject` of them are left out of the round."""
+    names = [g for g in groups if (g if isinstance(g, str) else g.name) in GEOMETRY_GROUPS]
+    param = Parametrisation(names, sim)
+    x = torch.zeros(param.size, dtype=torch.float64)
+    hkl = torch.as_tensor(np.asarray(hkl), dtype=torch.long)
+    panel = torch.as_tensor(np.asarray(panel), dtype=torch.long)
+    obs = torch.as_tensor(np.asarray(xyz), dtype=torch.float64)
+    keep = torch.ones(len(hkl), dtype=torch.bool)
+
+    def rms(d):
+        return float(torch.sqrt((d[:, :2] ** 2).sum(1).mean())), float(torch.sqrt((d[:, 2] ** 2).mean()))
+
+    with torch.no_grad():
+        pred, found = predict_rotation(sim, {}, hkl, panel, obs[:, 2])
+    keep &= found
+    start = rms((pred - obs)[keep])
+    taken = 0
+    for _ in range(rounds):
+        # every round judges every reflection afresh at the current model, so that
+        # fits from different starts end on the same reflections
+        with torch.no_grad():
+            pred, found = predict_rotation(sim, param.substitutions(sim, x), hkl, panel, obs[:, 2])
+        d = (pred - obs)[found]
+        scale = torch.tensor([max(_robust_rms(d[:, 0]), 0.05), max(_robust_rms(d[:, 1]), 0.05),
+                              max(_robust_rms(d[:, 2]), 0.01)], dtype=torch.float64)
+        keep = found & ~((pred - obs).abs() / scale > reject).any(1)
+        h, p, o, near = hkl[keep], panel[keep], obs[keep], obs[keep, 2]
+
+        def residual(v):
+            return ((predict_rotation(sim, param.substitutions(sim, v), h, p, near)[0] - o) / scale).reshape(-1)
+
+        x, steps = gauss_newton(residual, x, None, iterations)
+        taken += steps
+    with torch.no_grad():
+        pred, found = predict_rotation(sim, param.substitutions(sim, x), hkl, panel, obs[:, 2])
+    keep = keep & found
+    d = (pred - obs)[keep]
+    end = rms(d)
+    return SweepFit(x.detach(), list(param.labels), int(keep.sum()), start[0], end[0], start[1], end[1], taken)
