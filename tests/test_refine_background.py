@@ -5,6 +5,7 @@ a known smooth profile on a tilted detector."""
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from torchbragg.refine.background import RadialBackground, pixel_two_theta
@@ -48,3 +49,22 @@ def test_radial_profile_recovered_from_counts():
     assert float((start - group.physical(sim, fit.x)).abs().max()) < 3.0  # the medians start it close
     values = group.physical(sim, fit.x).numpy()
     assert np.all(np.diff(values[values > 0]) < 0.5)  # falling with angle
+
+
+def test_profile_flags_from_dials_profile_block():
+    """DIALS's profile of the measured sweep (sigma_m 0.057, sigma_b 0.091
+    degree, 0.1 degree images) becomes a mosaic spread, a divergence FWHM
+    in mrad and rotation steps of at most half the rocking width."""
+    import json
+    from pathlib import Path
+
+    from torchbragg.refine.strategy import profile_flags
+    doc = json.loads((Path(__file__).parent / "data" / "lcys_02" / "23_integrated.expt").read_text())
+    profile = doc["profile"][0]
+    flags = profile_flags(profile, 0.1)
+    values = dict(zip(flags[::2], flags[1::2]))
+    assert float(values["-mosaic"]) == pytest.approx(profile["sigma_m"])
+    assert float(values["-divergence"]) == pytest.approx(math.radians(profile["sigma_b"]) * 1e3 * 2.3548, rel=1e-3)
+    steps = int(values["-phisteps"])
+    assert 0.1 / steps <= 0.5 * profile["sigma_m"] < 0.1 / (steps - 1)
+    assert profile_flags(None, 0.1) == [] and "-phisteps" not in profile_flags(profile)
