@@ -284,16 +284,29 @@ def _robust_rms(v: torch.Tensor) -> float:
     return float(1.4826 * v.abs().median()) if v.numel() else float("nan")
 
 
+def _jacobian(residual, x: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
+    """Central differences of `residual` (smooth geometry, float64): two
+    evaluations per parameter, cheaper here than forward-mode autograd,
+    whose first use costs seconds of set-up."""
+    cols = []
+    with torch.no_grad():
+        for i in range(x.numel()):
+            e = torch.zeros_like(x)
+            e[i] = step
+            cols.append((residual(x + e) - residual(x - e)) / (2 * step))
+    return torch.stack(cols, 1)
+
+
 def gauss_newton(residual, x: torch.Tensor, free: torch.Tensor | None = None, iterations: int = 10):
     """Damped Gauss-Newton (Levenberg-Marquardt) on the sum of squares of
-    `residual(x)`, with the Jacobian by forward-mode differentiation; only
-    the elements of `free` move. Returns (x, iterations taken)."""
+    `residual(x)`; only the elements of `free` move. Returns (x, iterations
+    taken)."""
     free = torch.ones(x.numel(), dtype=torch.bool) if free is None else free
     damp, taken = 1e-3, 0
     for _ in range(iterations):
         res = residual(x).detach()
         chi2 = float((res * res).sum())
-        J = torch.autograd.functional.jacobian(residual, x, vectorize=True, strategy="forward-mode") * free
+        J = _jacobian(residual, x) * free
         JTJ, g = J.T @ J, J.T @ res
         improved, chi2_new = False, chi2
         for _ in range(8):
