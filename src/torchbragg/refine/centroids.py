@@ -284,13 +284,19 @@ def _robust_rms(v: torch.Tensor) -> float:
     return float(1.4826 * v.abs().median()) if v.numel() else float("nan")
 
 
-def _jacobian(residual, x: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
-    """Central differences of `residual` (smooth geometry, float64): two
-    evaluations per parameter, cheaper here than forward-mode autograd,
-    whose first use costs seconds of set-up."""
+def _jacobian(residual, x: torch.Tensor, free: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
+    """Central differences of `residual` (smooth geometry, float64) for the
+    `free` parameters (zero columns for the others): two evaluations per
+    parameter, cheaper here than forward-mode autograd, whose first use
+    costs seconds of set-up."""
     cols = []
     with torch.no_grad():
+        r0 = None
         for i in range(x.numel()):
+            if not bool(free[i]):
+                r0 = residual(x) if r0 is None else r0
+                cols.append(torch.zeros_like(r0))
+                continue
             e = torch.zeros_like(x)
             e[i] = step
             cols.append((residual(x + e) - residual(x - e)) / (2 * step))
@@ -306,7 +312,7 @@ def gauss_newton(residual, x: torch.Tensor, free: torch.Tensor | None = None, it
     for _ in range(iterations):
         res = residual(x).detach()
         chi2 = float((res * res).sum())
-        J = _jacobian(residual, x) * free
+        J = _jacobian(residual, x, free)
         JTJ, g = J.T @ J, J.T @ res
         improved, chi2_new = False, chi2
         for _ in range(8):
