@@ -75,7 +75,7 @@ class StepResult:
 
 def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phases=(("poisson", 1e-2),),
                         steps=None, max_iter: int = 30, damping: float = 1e-3, prior_precision=None,
-                        prior_mean=None, progress=None) -> StepResult:
+                        prior_mean=None, progress=None, known=None) -> StepResult:
     """Minimise a loss of counts `data` (1-D) given `expected(x)` (1-D
     photons, rendered without a graph), in `phases` of (loss, tolerance):
     each loss of LIKELIHOODS in turn (the Jacobian, of the expectation, is
@@ -88,7 +88,9 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
     taken afresh, by central differences of `steps` (default 0.1 internal
     units; 2 renders per parameter). prior_precision / prior_mean: Gaussian
     restraints (diagonal), added to the loss and the information.
-    progress: called with a line of text after every iteration."""
+    progress: called with a line of text after every iteration. known:
+    known(x, mu) -> {parameter index: column d mu / d x_i} for parameters
+    whose derivative needs no render (a scale, an additive background)."""
     x = x0.detach().double().clone()
     n = x.numel()
     data = data.detach().double()
@@ -109,8 +111,12 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
         # shape transform (expectation near zero, derivative zero) is half the
         # curvature times the step, and over the tiny expectation there it
         # inflates the information and skews the gradient
+        given = {} if known is None else known(v, mu)
         cols = []
         for i in range(n):
+            if i in given:
+                cols.append(given[i].double())
+                continue
             e = torch.zeros(n, dtype=torch.float64)
             e[i] = h[i]
             cols.append((render(v + e) - render(v - e)) / (2 * h[i]))

@@ -27,7 +27,7 @@ from scipy import ndimage
 from torch.func import functional_call
 
 from .centroids import GEOMETRY_GROUPS, fit_centroids, local_background
-from .parameters import Background, Parametrisation
+from .parameters import Background, Parametrisation, Scale
 from .refiner import assign
 from .roi import mask_substitutions
 from .steps import levenberg_marquardt
@@ -94,6 +94,29 @@ class StillFit:
         raise KeyError(name)
 
 
+def linear_columns(param, sim, region):
+    """known(x, mu) for levenberg_marquardt: the derivatives that need no
+    render over the pixels of `region`: the scale's (the whole render is
+    proportional to the fluence: step times the photons without the added
+    image terms) and a constant background's (one on its panel's pixels)."""
+    offsets = np.cumsum([0] + param.sizes[:-1]).tolist()
+    panel_of = torch.nonzero(region)[:, 0]
+
+    def known(x, mu):
+        cols = {}
+        for g, off in zip(param.groups, offsets):
+            if isinstance(g, Scale):
+                extra = param.image_terms(sim, x, region.shape)
+                bragg = mu if extra is None else mu - extra[region]
+                cols[off] = g.step * bragg
+            elif isinstance(g, Background) and not g.linear:
+                for k in range(g.panels):
+                    cols[off + k] = (panel_of == k).double()
+        return cols
+
+    return known
+
+
 def _background_start(data, region) -> list:
     """Per panel: the median of the measured photons outside the spots."""
     return [float(data[k][~region[k]].median()) if bool((~region[k]).any()) else 0.0 for k in range(data.shape[0])]
@@ -141,7 +164,7 @@ def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids
 
     t = time.perf_counter()
     fine = levenberg_marquardt(expected, measured, x_start, phases=(("anscombe", 1.0), ("poisson", 1e-2)),
-                               max_iter=max_iter)
+                               max_iter=max_iter, known=linear_columns(param, work, region))
     stages.append(dict(stage="pixels", iterations=fine.iterations, renders=fine.renders, loss=fine.loss,
                        seconds=time.perf_counter() - t))
     cov = torch.linalg.pinv(fine.fisher)
