@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchbragg.dataset import photon_counts
-from torchbragg.refine import (Parametrisation, Refiner, crystal_system, gaussian_nll, poisson_nll, refine,
+from torchbragg.refine import (Entry, Parametrisation, Refiner, crystal_system, gaussian_nll, poisson_nll, refine,
                                roi_mask)
 from torchbragg.simulator import Simulator
 
@@ -61,12 +61,11 @@ def test_poisson_nll_value():
 def test_parametrisation_gradcheck(groups):
     sim = still(ARGS[:-8] + "-detpixels 10 -pixel 1.6 -oversample 1".split())
     data = torch.as_tensor(noisy(sim, 3), dtype=torch.float64)
-    r = Refiner(sim, data, groups, roi="all", strategy=None, uncertainties=False)
-    mask = torch.ones(data.shape, dtype=torch.bool)
-    x0 = (torch.randn(r.param.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2)
+    r = Refiner([Entry(sim, data, "all")], groups, strategy=None, uncertainties=False)
+    x0 = (torch.randn(r.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2)
 
     def f(x):
-        return r._objective(sim, x, mask, data)
+        return r.objective(x)
 
     assert torch.autograd.gradcheck(f, (x0.requires_grad_(),), eps=1e-4, atol=1e-4, rtol=1e-3, fast_mode=True)
 

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from torchbragg.dataset import photon_counts
 from torchbragg.models import Beam
 from torchbragg.models.crystal import StructureFactors
-from torchbragg.refine import Parametrisation, Refiner, refine, refine_joint
+from torchbragg.refine import Entry, Parametrisation, Refiner, refine, refine_joint
 from torchbragg.refine.parameters import FHKL, Spectrum, StructureFactorGroup, reflections_in_view
 from torchbragg.simulator import Simulator
 
@@ -86,12 +86,11 @@ WEIGHTS = [1.0, 2.0, 4.0, 2.0, 1.0]
 
 def gradcheck_objective(sim, groups, seed):
     data = torch.as_tensor(noisy(sim, seed), dtype=F64)
-    r = Refiner(sim, data, groups, roi="all", strategy=None, uncertainties=False)
-    mask = torch.ones(data.shape, dtype=torch.bool)
-    x0 = torch.randn(r.param.size, dtype=F64, generator=torch.Generator().manual_seed(1)) * 2
+    r = Refiner([Entry(sim, data, "all")], groups, strategy=None, uncertainties=False)
+    x0 = torch.randn(r.size, dtype=F64, generator=torch.Generator().manual_seed(1)) * 2
 
     def f(x):
-        return r._objective(sim, x, mask, data)
+        return r.objective(x)
 
     assert torch.autograd.gradcheck(f, (x0.requires_grad_(),), eps=1e-4, atol=1e-4, rtol=1e-3, fast_mode=True)
     return r

@@ -11,8 +11,7 @@ import torch
 
 from torchbragg.dataset import photon_counts, random_rotations
 from torchbragg.models import Detector, Frame, Panel
-from torchbragg.refine import Panels, Refiner
-from torchbragg.refine.joint import JointRefiner, refine_joint
+from torchbragg.refine import Entry, Panels, Refiner, refine_joint
 from torchbragg.simulator import RenderOptions, Simulator
 
 ARGS = ("-cell 60 70 80 90 90 90 -default_F 100 -N 12 -lambda 1 -distance 100 -detpixels 128 -pixel 0.2 "
@@ -134,7 +133,7 @@ def test_recovers_shifted_and_rotated_panel():
     assert float(shift @ fast) == pytest.approx(0.2, abs=0.02)
     assert float(turn @ normal) == pytest.approx(0.2, abs=0.02)
     # the uncertainties of the in-plane shift and the turn say the same
-    phys = {p.name: p for p in res.shared}
+    phys = {p.name: p for p in res.parameters}
     k_fast, k_norm = int(torch.argmax(fast.abs())), int(torch.argmax(normal.abs()))
     for name, axis, target in ((f"panel.1.{'xyz'[k_fast]}", fast, 0.2), (f"panel.1.r{'xyz'[k_norm]}", normal, 0.2)):
         p = phys[name]
@@ -149,14 +148,14 @@ def test_joint_objective_is_the_sum_of_single_image_ones():
     args = ARGS[:-8] + "-detpixels 24 -pixel 1.0 -oversample 1".split()
     sims = stills(3, args=args)
     data = observe(sims, 7)
-    j = JointRefiner(sims, data, shared=["distance"], per_image=PER_IMAGE, rois="all")
+    j = Refiner([Entry(s, d, "all") for s, d in zip(sims, data)], ["distance"], PER_IMAGE)
     x = torch.randn(j.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(data[0].shape, dtype=torch.bool)
+    n = (j.size - 1) // len(sims)
     for k, s in enumerate(sims):
-        single = Refiner(s, data[k], ["distance"] + PER_IMAGE, roi="all")
-        xk = torch.cat([x[:1], x[j.offsets[k]:j.offsets[k] + j.n_image[k]]])
-        a = j._image_objective(k, s, x, mask, j.datas[k])
-        b = single._objective(s, xk, mask, single.data)
+        single = Refiner([Entry(s, data[k], "all")], ["distance"] + PER_IMAGE)
+        xk = torch.cat([x[:1], x[1 + k * n:1 + (k + 1) * n]])
+        a = j.objective(x, entries=[k])
+        b = single.objective(xk)
         assert float(a) == pytest.approx(float(b), rel=1e-12)
 
 
@@ -174,3 +173,23 @@ def test_joint_bad_input():
         refine_joint(sims, data, shared=["distance"], rois=[None, torch.ones(1, 5, 5, dtype=torch.bool)])
     with pytest.raises(ValueError, match="priors: no parameter"):
         refine_joint(sims, data, shared=["distance"], priors={"image7.scale": (0, 1)})
+
+
+def test_groups_bind_to_the_images_they_act_on():
+    """A group bound to some images moves those images' models only; the
+    internal vector holds the groups in the order given, then each image's own."""
+    args = ARGS[:-8] + "-detpixels 24 -pixel 1.0 -oversample 1".split()
+    sims = stills(3, args=args)
+    for s in sims:  # their own detectors, so a distance bound to two stills leaves the third alone
+        s.detector = copy.deepcopy(s.detector)
+    data = observe(sims, 7)
+    r = Refiner([Entry(s, d, "all") for s, d in zip(sims, data)], ["scale", ("distance", [0, 1])], ["orientation"])
+    assert r.labels[:2] == ["scale", "images0+1.distance"] and r.labels[2:5] == [f"image0.orientation.{a}" for a in "xyz"]
+    x = torch.zeros(r.size, dtype=torch.float64)
+    moved = x.clone()
+    moved[1] = 5.0
+    for k, changes in ((0, True), (1, True), (2, False)):
+        a, b = float(r.objective(x, entries=[k])), float(r.objective(moved, entries=[k]))
+        assert (a != b) == changes
+    with pytest.raises(ValueError, match="bound to images"):
+        Refiner([Entry(s, d, "all") for s, d in zip(sims, data)], [("distance", [0, 3])])

@@ -190,9 +190,9 @@ def _image_range(text: str, scan) -> list:
 # ----------------------------------------------------------------------------- rendering
 
 class Renderer:
-    """Simulators built once per experiment and reused for every shot: a
-    still's orientation turns the crystal, a spectrum replaces the beam's
-    sources."""
+    """Simulators built once per experiment and reused for every shot, never
+    changed: a still's orientation is substituted for the crystal's (through
+    functional_call), a spectrum's beam is passed to the render."""
 
     def __init__(self, experiments, cfg, dtype=None, device=None):
         self.experiments, self.cfg, self.dtype, self.device = experiments, cfg, dtype, device
@@ -201,26 +201,20 @@ class Renderer:
     def simulator(self, k: int):
         if k not in self._sims:
             from .build.experiment import build_from_experiment
-            sim, info = build_from_experiment(self.experiments[k], self.cfg, self.dtype, self.device)
-            self._sims[k] = (sim, sim.crystal.U.detach().clone(), sim.beam)
+            self._sims[k] = build_from_experiment(self.experiments[k], self.cfg, self.dtype, self.device)[0]
         return self._sims[k]
 
     def render(self, shot: Shot) -> np.ndarray:
         import torch
-        sim, U0, beam = self.simulator(shot.experiment)
-        with torch.no_grad():
-            if shot.orientation is not None:
-                sim.crystal.U.copy_(torch.as_tensor(shot.orientation, dtype=torch.float64).to(U0) @ U0)
-            sim.beam = beam if shot.spectrum is None else spectrum_beam(beam, *shot.spectrum)
-            if shot.image is None:  # a still: no rotation, whatever the experiment's goniometer
-                gonio, scan = sim.goniometer, sim.scan
-                sim.goniometer = sim.scan = None
-                try:
-                    image = sim.render()
-                finally:
-                    sim.goniometer, sim.scan = gonio, scan
-            else:
-                image = sim.render(shot.image)
+        from torch.func import functional_call
+        sim = self.simulator(shot.experiment)
+        subs = {}
+        if shot.orientation is not None:
+            U0 = sim.crystal.U
+            subs["crystal.U"] = torch.as_tensor(shot.orientation, dtype=torch.float64).to(U0) @ U0
+        beam = None if shot.spectrum is None else spectrum_beam(sim.beam, *shot.spectrum)
+        with torch.no_grad():  # a still: no rotation, whatever the experiment's goniometer
+            image = functional_call(sim, subs, (shot.image,), dict(still=shot.image is None, beam=beam))
         return image.to("cpu", torch.float32).numpy()
 
     def truth(self, shot: Shot):
@@ -356,8 +350,8 @@ def _worker(dataset: Dataset, shots: list[Shot], threads: int | None = None) -> 
     if threads:
         torch.set_num_threads(threads)
     from .io.dials import read_experiments
-    from .flags import parse_args
-    renderer = Renderer(read_experiments(dataset.expt_path), parse_args(dataset.flags), dataset.dtype,
+    from .build.experiment import parse_experiment_flags
+    renderer = Renderer(read_experiments(dataset.expt_path), parse_experiment_flags(dataset.flags), dataset.dtype,
                         dataset.device)
     return [write_shot(dataset, renderer, s) for s in shots]
 
@@ -372,8 +366,8 @@ def images(expt_path: str, flags: list[str] | None = None, **plan_kw):
     """The dataset as a generator of (shot, float image (panels, slow, fast)),
     for code that consumes images directly."""
     from .io.dials import read_experiments
-    from .flags import parse_args
+    from .build.experiment import parse_experiment_flags
     experiments = read_experiments(expt_path)
-    renderer = Renderer(experiments, parse_args(list(flags or [])))
+    renderer = Renderer(experiments, parse_experiment_flags(list(flags or [])))
     for shot in plan(experiments, **plan_kw):
         yield shot, renderer.render(shot)

@@ -102,7 +102,8 @@ simple("-default_F", 1, "float", G, "structure factor of reflections not in the 
 simple("-dump -dumpfile", 1, "str", G, "binary structure-factor cache (default Fdump.bin)", "crystal", "dump_file")
 
 
-@flag("-N", 1, "int", G, "number of unit cells along every axis (default 1)")
+@flag("-N", 1, "int", G, "number of unit cells along every axis (default 1); an integer, as the original reads "
+      "it (torchbragg simulate and refine take any number >= 1)")
 def _n(cfg, v):
     cfg.crystal.N = (float(v), float(v), float(v))
 

@@ -137,21 +137,22 @@ class Simulator(nn.Module):
             return range(1, 2)
         return range(self.scan.image_range[0], self.scan.image_range[1] + 1)
 
-    def rotation_angles(self, image: int | None = None) -> torch.Tensor | None:
-        """Scan angles (degrees) of the rotation steps of `image`; None for a still."""
-        if self.goniometer is None:
+    def rotation_angles(self, image: int | None = None, still: bool = False) -> torch.Tensor | None:
+        """Scan angles (degrees) of the rotation steps of `image`; None for a
+        still (no goniometer, or `still`: no rotation whatever the goniometer)."""
+        if self.goniometer is None or still:
             return None
         steps = self.options.phisteps
         if self.scan is None:
             return torch.zeros(steps, dtype=torch.float64, device=self.device)
         return self.scan.angles(self.scan.image_range[0] if image is None else image, steps)
 
-    def orientations(self, image: int | None = None) -> torch.Tensor:
+    def orientations(self, image: int | None = None, still: bool = False) -> torch.Tensor:
         """Real cell vectors for every (rotation step, mosaic domain): (M, 3, 3),
         rows a, b, c in Angstrom; the mosaic turns after the goniometer."""
         real = self.crystal.real_vectors()
         mos = self.crystal.mosaic_rotations().double()  # (D,3,3)
-        phi = self.rotation_angles(image)
+        phi = self.rotation_angles(image, still)
         if phi is None:
             full = mos.unsqueeze(0)
         else:
@@ -159,9 +160,9 @@ class Simulator(nn.Module):
         oriented = real.unsqueeze(0).unsqueeze(0) @ full.transpose(-1, -2)
         return oriented.reshape(-1, 3, 3).to(self.dtype)
 
-    def steps(self) -> int:
-        n_src = self.beam.sources()[1].numel()
-        phisteps = 1 if self.goniometer is None else self.options.phisteps
+    def steps(self, beam=None, still: bool = False) -> int:
+        n_src = (self.beam if beam is None else beam).sources()[1].numel()
+        phisteps = 1 if self.goniometer is None or still else self.options.phisteps
         return n_src * self.crystal.mosaic_domains * phisteps * self.oversample ** 2
 
     def active_pixels(self, panel: int) -> torch.Tensor:
@@ -181,17 +182,21 @@ class Simulator(nn.Module):
         return torch.nonzero(keep.flatten(), as_tuple=False).squeeze(1)
 
     # ------------------------------------------------------------------ render
-    def forward(self, image: int | None = None, progress=None) -> torch.Tensor:
-        return self.render(image, progress)
+    def forward(self, image: int | None = None, *, still: bool = False, beam=None, progress=None) -> torch.Tensor:
+        return self.render(image, still=still, beam=beam, progress=progress)
 
-    def render(self, image: int | None = None, progress=None) -> torch.Tensor:
+    def render(self, image: int | None = None, *, still: bool = False, beam=None, progress=None) -> torch.Tensor:
         """Photons per pixel of image `image` of the scan (default: the first),
-        shape (panels, slow, fast). `progress(done, total)` follows the pixels."""
+        shape (panels, slow, fast). What varies per call: `still` renders
+        without rotation whatever the goniometer; `beam` (a Beam, e.g. with
+        another spectrum) stands in for the simulator's. A substituted
+        orientation or any other parameter goes through
+        torch.func.functional_call. `progress(done, total)` follows the pixels."""
         sizes = {p.image_size for p in self.detector.panels}
         if len(sizes) > 1:
             raise ValueError("panels of different sizes: render them one by one with render_panel()")
         panels = range(len(self.detector.panels))
-        shared = self._shared(image)
+        shared = self._shared(image, still, beam)
         total = sum(self.active_pixels(k).numel() for k in panels) if progress else 0
         done, out = 0, []
         for k in panels:
@@ -202,16 +207,16 @@ class Simulator(nn.Module):
             done += self.active_pixels(k).numel() if progress else 0
         return torch.stack(out)
 
-    def render_panel(self, panel: int, image: int | None = None) -> torch.Tensor:
+    def render_panel(self, panel: int, image: int | None = None, *, still: bool = False, beam=None) -> torch.Tensor:
         """Photons per pixel of one panel, shape (slow, fast)."""
-        return self._render_panel(panel, self._shared(image), None)
+        return self._render_panel(panel, self._shared(image, still, beam), None)
 
-    def _shared(self, image):
+    def _shared(self, image, still=False, beam=None):
         """What every panel and chunk of one image uses."""
-        beam, xtal = self.beam, self.crystal
+        beam, xtal = (self.beam if beam is None else beam), self.crystal
         incident, lam = beam.sources()
         frames = self.detector.panel_frames(beam.incident())
-        orient = self.orientations(image)
+        orient = self.orientations(image, still)
         fluence = beam.fluence
         # cell vectors over each source's wavelength (Src, M, 3, 3) and their
         # incident part i . a / lambda (Src, M, 3): per image, not per chunk
@@ -219,7 +224,7 @@ class Simulator(nn.Module):
         offset = (cells @ incident[:, None, :, None]).squeeze(-1)
         t = dict(incident=incident, lam=lam, cells=cells, offset=offset, recip=xtal.reciprocal_vectors().to(self.dtype),
                  n=xtal.N, fudge=xtal.fudge, kahn=beam.kahn_factor(), e_vector=beam.e_vector().to(self.dtype),
-                 i_bg=ph.water_background(fluence, beam.water_size), scale=ph.R_E_SQR * fluence / self.steps())
+                 i_bg=ph.water_background(fluence, beam.water_size), scale=ph.R_E_SQR * fluence / self.steps(beam, still))
         weights = beam.weights()
         if weights is not None:
             t["weights"] = weights.to(self.dtype)
@@ -234,12 +239,12 @@ class Simulator(nn.Module):
             if not torch.is_grad_enabled():  # a zero |F|^2 has a non-zero second derivative
                 t["reach_sq"] = ph.structure_factor_reach_sq(sf.Fhkl, sf.hkl_min, t["recip"], sf.default_F,
                                                              sf.lookup).to(self.dtype)
-        return dict(frames=frames, tensors=t)
+        return dict(frames=frames, tensors=t, beam=beam.incident())
 
     def _panel_geometry(self, k, shared):
         origin, fast, slow, normal = (t[k].to(self.dtype) for t in shared["frames"])
         panel = self.detector.panels[k]
-        beam = self.beam.incident().to(self.dtype)
+        beam = shared["beam"].to(self.dtype)
         close = ph.dot(origin, normal)
         return dict(origin=origin, fast=fast, slow=slow, normal=normal, close=close, beam=beam,
                     distance=close / ph.dot(beam, normal), pixel_size=panel.pixel_size,

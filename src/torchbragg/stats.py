@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = [
-    "ImageStats", "image_statistics", "roi_mask", "intfile_scale", "int_image",
+    "ImageStats", "image_statistics", "intfile_scale", "int_image",
     "pgm_scale", "pgm_bytes", "c_g", "format_report",
 ]
 
@@ -39,15 +39,6 @@ def _roi_slices(roi, spixels: int, fpixels: int):
     if xmin > xmax or ymin > ymax:
         return slice(0, 0), slice(0, 0)
     return slice(ymin, ymax + 1), slice(xmin, xmax + 1)
-
-
-def roi_mask(shape, roi) -> np.ndarray:
-    """Boolean (spixels, fpixels) array, True inside the inclusive ROI."""
-    spixels, fpixels = shape
-    m = np.zeros((spixels, fpixels), dtype=bool)
-    sy, sx = _roi_slices(roi, spixels, fpixels)
-    m[sy, sx] = True
-    return m
 
 
 def _seq_sum(values: np.ndarray) -> float:

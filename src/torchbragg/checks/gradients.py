@@ -515,7 +515,7 @@ GROUP_CASES = {
 
 
 def _group_objective(group, files):
-    from torchbragg.refine import Refiner
+    from torchbragg.refine import Entry, Refiner
     flags, setup = GROUP_CASES[group]
     sim = Simulator.from_args(shlex.split(f"{CELL} {BASE} {flags.format(**files)}"), device=DEVICE)
     if setup:
@@ -523,10 +523,9 @@ def _group_objective(group, files):
     with torch.no_grad():
         model = sim.render() + 2.0
     data = torch.poisson(model.cpu(), generator=torch.Generator().manual_seed(2)).to(model)
-    r = Refiner(sim, data, [group], roi="all", strategy=None, uncertainties=False)
-    mask = torch.ones(data.shape, dtype=torch.bool, device=DEVICE)
-    x0 = torch.randn(r.param.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    return (lambda x: r._objective(sim, x, mask, data) / data.numel()), x0
+    r = Refiner([Entry(sim, data, "all")], [group], strategy=None, uncertainties=False)
+    x0 = torch.randn(r.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    return (lambda x: r.objective(x) / data.numel()), x0
 
 
 def _known_groups():

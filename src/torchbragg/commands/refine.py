@@ -48,7 +48,8 @@ Beam, detector, goniometer, scan and crystal come from the experiment;
 nanoBragg flags give the physics the file does not hold: -N, -default_F,
 -hkl, -fluence or -flux, -mosaic, -mosaic_dom, -oversample, -dtype, -device,
 spot shape, divergence, dispersion and so on. Start values of refined
-quantities (N, fluence, mosaic spread) come from these flags.
+quantities (N, fluence, mosaic spread) come from these flags; -N, -Na, -Nb
+and -Nc take any number >= 1 (e.g. a refined -N 9.69).
 
 images:
   .npy                      photons, (panels, slow, fast) or (slow, fast)
@@ -76,8 +77,27 @@ options:
   --read-noise R --gain G   the Gaussian likelihood's read noise (photons) and gain
   --max-iter N              L-BFGS iterations per stage (default 60)
   --spots K                 cut-outs of the K strongest spots in the report (default 12)
-  --quiet                   no summary on stdout
+  --quiet                   no summary on stdout and no progress on stderr
+
+While it runs, the stage, evaluation and loss are written to stderr every few
+seconds. The result is trusted (converged) only when the fit ended with a
+small gradient AND the data accept it: the Poisson deviance within what photon
+noise allows and few spots with their observed centroid shifted from the
+model's. Otherwise, and for parameters the data cannot determine (an
+uncertainty beyond the value's own scale, or a correlation beyond 0.99), a
+warning goes to stderr and into report.md and refined.json ("warnings",
+"converged", "fit_acceptable", "fit"). Uncertainties are inflated by the square
+root of the deviance ratio when the data scatter more than photon noise.
+
+exit status:
+  0  converged: every output written, the fit trusted
+  2  bad input (one line on stderr), nothing written
+  3  not enough memory
+  4  finished but not trustworthy (likely a wrong minimum, or the fit did not
+     converge): every output written, with the warnings
 """
+
+NOT_TRUSTED = 4  # exit status: outputs written, but the fit is not trusted
 
 DEFAULT_GROUPS = ("scale", "background", "orientation", "cell", "N")
 DETECTOR_GROUPS = ("distance", "beam_centre", "panels")
@@ -86,7 +106,7 @@ PER_IMAGE_GROUPS = ("orientation", "cell", "N", "mosaic", "scale", "background")
 OUTPUTS = ("refined.expt", "refined.json", "report.md")
 
 # one image to refine against: experiment index, file, image index in the file, scan image (None: a still)
-Shot = namedtuple("Shot", "experiment path index number")
+MeasuredImage = namedtuple("MeasuredImage", "experiment path index number")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -130,6 +150,8 @@ def parse(argv: list[str]) -> dict:
         raise InputError("--read-noise and --gain belong to --loss gaussian")
     if opts["gain"] is not None and not opts["gain"] > 0:
         raise InputError("--gain must be positive")
+    if opts["read_noise"] is not None and opts["read_noise"] < 0:
+        raise InputError("--read-noise must be >= 0")
     opts["groups"] = parse_groups(opts["refine"])
     refuse_geometry(opts["flags"])
     return opts
@@ -187,7 +209,7 @@ def pick_image(paths: list[str], experiment, number: int | None) -> tuple[str, i
     return paths[k], 0, (n if scan is not None else None)
 
 
-def plan_shots(opts, experiments) -> list[Shot]:
+def plan_shots(opts, experiments) -> list[MeasuredImage]:
     """The images to refine against, checked against the experiments and the
     files given: one, several of one sweep, or one per experiment."""
     count = len(experiments)
@@ -221,11 +243,12 @@ def plan_shots(opts, experiments) -> list[Shot]:
     for j, k in enumerate(chosen):
         scan = experiments[k].scan
         number = scan.image_range[0] if scan is not None else None
-        shots.append(Shot(k, paths[0], k, number) if len(paths) == 1 else Shot(k, paths[j], 0, number))
+        shots.append(MeasuredImage(k, paths[0], k, number) if len(paths) == 1
+                     else MeasuredImage(k, paths[j], 0, number))
     return shots
 
 
-def _sweep_shots(opts, k, experiment, paths) -> list[Shot]:
+def _sweep_shots(opts, k, experiment, paths) -> list[MeasuredImage]:
     """The image(s) of one experiment: --image, --images, one per file given, or its first."""
     from ..dataset import _image_range
     scan = experiment.scan
@@ -243,8 +266,8 @@ def _sweep_shots(opts, k, experiment, paths) -> list[Shot]:
         raise InputError(f"--images {opts['range']} asks for {len(numbers)} images but {paths[0]} holds one: give "
                          "one file per image (file k is image FIRST + k) or a NeXus file")
     if scan is None and is_container(paths[0]):  # a series of stills in one file: image k is experiment k's
-        return [Shot(k, paths[0], k, None)]
-    return [Shot(k, *pick_image(paths, experiment, n)) for n in numbers]
+        return [MeasuredImage(k, paths[0], k, None)]
+    return [MeasuredImage(k, *pick_image(paths, experiment, n)) for n in numbers]
 
 
 # ----------------------------------------------------------------------------- refined experiment
@@ -315,28 +338,6 @@ def _finite(v):
     return v
 
 
-class _OneImage:
-    """Mixin for a simulator class whose forward() renders one chosen scan image."""
-
-    def forward(self, image=None, progress=None):
-        return self.render(self.refine_image if image is None else image, progress)
-
-
-_IMAGE_CLASSES: dict = {}
-
-
-def render_image(sim, image: int | None) -> None:
-    """Make sim(), as the refiner calls it, render scan image `image`."""
-    if image is None:
-        return
-    base = type(sim)
-    if base not in _IMAGE_CLASSES:
-        _IMAGE_CLASSES[base] = type(base.__name__, (_OneImage, base), {"__module__": __name__})
-        globals()[f"_{base.__name__}OneImage"] = _IMAGE_CLASSES[base]
-    sim.__class__ = _IMAGE_CLASSES[base]
-    sim.refine_image = int(image)
-
-
 # ----------------------------------------------------------------------------- run
 
 def _make_folder(out: str) -> bool:
@@ -355,8 +356,8 @@ def _make_folder(out: str) -> bool:
 def run(argv: list[str], out=None) -> int:
     out = out or sys.stdout
     opts = parse(argv)
-    from ..flags import parse_args
-    cfg = parse_args(opts["flags"])
+    from ..build.experiment import parse_experiment_flags
+    cfg = parse_experiment_flags(opts["flags"])
 
     from ..io.dials import read_experiments
 
@@ -364,28 +365,13 @@ def run(argv: list[str], out=None) -> int:
     shots = plan_shots(opts, experiments)
     # every image is read (and checked) before anything is rendered
     images = [read_image(s.path, experiments[s.experiment].detector, s.index, opts["adc_offset"]) for s in shots]
-    if len(shots) == 1:
-        return run_one(opts, cfg, experiments, shots[0], images[0], argv, out)
-    return run_many(opts, cfg, experiments, shots, images, argv, out)
+    return refine_shots(opts, cfg, experiments, shots, images, argv, out)
 
 
 def _loss_options(opts) -> dict:
     if opts["loss"] == "gaussian":
         return dict(read_noise=opts["read_noise"] or 0.0, gain=opts["gain"] or 1.0)
     return {}
-
-
-def _region(sim, data, valid, what):
-    """The region of interest of one image from its start model (a bool tensor)."""
-    import torch
-
-    from ..refine.roi import roi_mask
-    with torch.no_grad():
-        start_model = sim().detach()
-        roi = roi_mask(sim, data.to(start_model), model=start_model).cpu() & valid
-    if not bool(roi.any()):
-        raise InputError(f"no pixel of {what} is both valid and near a spot")
-    return roi
 
 
 def _with_background(model, parameters) -> np.ndarray:
@@ -400,117 +386,72 @@ def _with_background(model, parameters) -> np.ndarray:
     return model + background.reshape(-1, 1, 1)
 
 
-def run_one(opts, cfg, experiments, shot, image, argv, out) -> int:
-    """One image: the single-image refiner."""
+def image_entries(experiments, shots, images, cfg) -> list:
+    """One refinement entry per image. One sweep: one simulator (every model
+    shared), each entry its own scan image. Several experiments: each its own
+    simulator (beams included, so each still keeps its own refined scale)."""
     import torch
 
     from ..build.experiment import build_from_experiment
-    from ..refine.refiner import refine
+    from ..refine.refiner import Entry
+    sims, entries = {}, []
+    for s, (data, valid) in zip(shots, images):
+        if s.experiment not in sims:
+            sims[s.experiment] = build_from_experiment(experiments[s.experiment], cfg)[0]
+        entries.append(Entry(sims[s.experiment], torch.as_tensor(data, dtype=torch.float64),
+                             valid=torch.as_tensor(valid), image=s.number, still=s.number is None))
+    return entries
 
-    k, path, number = shot.experiment, shot.path, shot.number
-    experiment = experiments[k]
-    data, valid = image
-    sim, _ = build_from_experiment(experiment, cfg)
-    if number is None:  # a still: no rotation whatever the goniometer
-        sim.goniometer = sim.scan = None
-    render_image(sim, number)
-    start_real = sim.crystal.real_vectors().detach().double().cpu().numpy()
-    data_t = torch.as_tensor(data, dtype=torch.float64)
-    roi = _region(sim, data_t, torch.as_tensor(valid), "the image")
+
+def _real(crystal):
+    return crystal.real_vectors().detach().double().cpu().numpy()
+
+
+def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
+    """Every image refined by the one engine: one image; one sweep with every
+    group shared; or several stills with crystal groups per image."""
+    import torch
+
+    from ..refine.refiner import Refiner
+    from ..refine.report import FIGURE_IMAGES, build_joint_report, build_report
+
+    one = len(shots) == 1
+    sweep = len({s.experiment for s in shots}) == 1
+    groups = opts["groups"]
+    per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
+    shared = [g for g in groups if g not in per_image]
+    entries = image_entries(experiments, shots, images, cfg)
+    starts = [_real(e.sim.crystal) for e in entries]
+    try:
+        refiner = Refiner(entries, shared, per_image, loss=opts["loss"], max_iter=opts["max_iter"],
+                          entry_max_iter=opts["max_iter"], loss_options=_loss_options(opts),
+                          progress=None if opts["quiet"] else Progress(sys.stderr))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
     made = _make_folder(opts["out"])
     try:
         t0 = time.perf_counter()
         try:
-            result = refine(sim, data_t, opts["groups"], loss=opts["loss"], roi=roi, max_iter=opts["max_iter"],
-                            loss_options=_loss_options(opts))
+            result = refiner.run()
         except ValueError as exc:
             raise InputError(str(exc)) from None
         seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            model = sim().detach().double().cpu().numpy()
-        model = _with_background(model, [dict(group="background", name=n, value=v)
-                                         for n, v in result.background.items()])
-
-        listed = refined_experiments(experiments, [(k, sim)], opts["groups"])
-        final_real = listed[k].crystal.real_vectors().detach().double().cpu().numpy()
-        doc = summary_document(opts, k, path, number, result, seconds, start_real, final_real)
-        from ..refine.report import build_report
-        files = build_report(doc, result, data, model, valid, roi.numpy(), opts["spots"])
-        files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
-        write_outputs(opts, experiments, listed, files, argv)
-    except BaseException:
-        if made:
-            shutil.rmtree(opts["out"], ignore_errors=True)
-        raise
-    if not opts["quiet"]:
-        print(result.summary(), file=out)
-        print(f"rotation from the start: {doc['crystal']['rotation_from_start_deg']:.4f} deg", file=out)
-        print(f"wrote {', '.join(os.path.join(opts['out'], n) for n in OUTPUTS)}", file=out)
-    return 0
-
-
-def image_simulators(experiments, shots, cfg) -> list:
-    """One simulator per image. One sweep: views of one set of models, each
-    rendering its own scan image, so the crystal is shared. Several
-    experiments: each its own models (beams included, so each still keeps its
-    own refined scale)."""
-    from ..build.experiment import build_from_experiment
-    from ..simulator import Simulator
-    sims = []
-    if len({s.experiment for s in shots}) == 1:
-        base, _ = build_from_experiment(experiments[shots[0].experiment], cfg)
-        for s in shots:
-            sim = Simulator(base.beam, base.crystal, base.detector, base.goniometer, base.scan, base.options,
-                            recommended=base.recommended_oversample)
-            render_image(sim, s.number)
-            sims.append(sim)
-        return sims
-    for s in shots:
-        sim, _ = build_from_experiment(experiments[s.experiment], cfg)
-        if s.number is None:
-            sim.goniometer = sim.scan = None
-        render_image(sim, s.number)
-        sims.append(sim)
-    return sims
-
-
-def run_many(opts, cfg, experiments, shots, images, argv, out) -> int:
-    """Several images refined together (joint.refine_joint): one sweep with
-    every group shared, or several stills with crystal groups per image."""
-    import torch
-
-    from ..refine.joint import refine_joint
-    from ..refine.report import FIGURE_IMAGES, build_joint_report
-
-    sweep = len({s.experiment for s in shots}) == 1
-    groups = opts["groups"]
-    per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
-    shared = [g for g in groups if g not in per_image]
-    sims = image_simulators(experiments, shots, cfg)
-    starts = [sim.crystal.real_vectors().detach().double().cpu().numpy() for sim in sims]
-    datas = [torch.as_tensor(d, dtype=torch.float64) for d, _ in images]
-    rois = [_region(sim, d, torch.as_tensor(v), f"image {j} ({s.path})")
-            for j, (sim, d, (_, v), s) in enumerate(zip(sims, datas, images, shots))]
-
-    made = _make_folder(opts["out"])
-    try:
-        try:
-            result = refine_joint(sims, datas, shared=shared, per_image=per_image, loss=opts["loss"], rois=rois,
-                                  max_iter=opts["max_iter"], image_max_iter=opts["max_iter"],
-                                  loss_options=_loss_options(opts))
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        listed = refined_experiments(experiments, [(s.experiment, sim) for s, sim in zip(shots, sims)], groups)
-        finals = [listed[s.experiment].crystal.real_vectors().detach().double().cpu().numpy() for s in shots]
-        doc = joint_document(opts, shots, result, sweep, shared, per_image, starts, finals)
+        listed = refined_experiments(experiments, [(s.experiment, e.sim) for s, e in zip(shots, entries)], groups)
+        finals = [_real(listed[s.experiment].crystal) for s in shots]
         shown = []
-        for j in range(min(len(shots), FIGURE_IMAGES)):
+        for j, e in enumerate(entries[:FIGURE_IMAGES]):
             with torch.no_grad():
-                model = sims[j]().detach().double().cpu().numpy()
-            model = _with_background(model, result.shared + result.images[j])
-            shown.append((images[j][0], model, images[j][1], rois[j].numpy()))
-        files = build_joint_report(doc, result, shown, opts["spots"])
+                model = e.render(e.sim).detach().double().cpu().numpy()
+            model = _with_background(model, result.parameters + result.images[j])
+            shown.append((images[j][0], model, images[j][1], refiner.masks[j].numpy()))
+        if one:
+            s = shots[0]
+            doc = summary_document(opts, s.experiment, s.path, s.number, result, seconds, starts[0], finals[0])
+            files = build_report(doc, result, *shown[0], opts["spots"])
+        else:
+            doc = joint_document(opts, shots, result, sweep, shared, per_image, starts, finals)
+            files = build_joint_report(doc, result, shown, opts["spots"])
         files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
         write_outputs(opts, experiments, listed, files, argv)
     except BaseException:
@@ -519,17 +460,50 @@ def run_many(opts, cfg, experiments, shots, images, argv, out) -> int:
         raise
     if not opts["quiet"]:
         print(result.summary(), file=out)
-        for j, section in enumerate(doc["images"]):
+        if one:
+            print(f"rotation from the start: {doc['crystal']['rotation_from_start_deg']:.4f} deg", file=out)
+        for j, section in enumerate(doc.get("images", [])):
             where = f", scan image {section['image']}" if section["image"] is not None else ""
             print(f"  image {j} (experiment {section['experiment']}{where}): loss {section['loss']:.3f}, "
                   f"rotation from the start {section['crystal']['rotation_from_start_deg']:.4f} deg", file=out)
         print(f"wrote {', '.join(os.path.join(opts['out'], n) for n in OUTPUTS)}", file=out)
-    return 0
+    for w in result.warnings:
+        print(f"torchbragg refine: warning: {w}", file=sys.stderr)
+    return 0 if result.converged else NOT_TRUSTED
+
+
+class Progress:
+    """The stage, evaluation and loss of a running fit on `stream`, at most
+    every `every` seconds (and when the uncertainties start)."""
+
+    def __init__(self, stream, every: float = 3.0):
+        self.stream, self.every = stream, every
+        self.t0 = time.perf_counter()
+        self.last = None
+
+    def __call__(self, info: dict) -> None:
+        now = time.perf_counter()
+        if info["stage"] != "uncertainties" and self.last is not None and now - self.last < self.every:
+            return
+        self.last = now
+        where = f" (image {info['image']})" if info.get("image") is not None else ""
+        if info["stage"] == "uncertainties":
+            text = "computing the uncertainties"
+        else:
+            text = (f"stage {info['stage']}{where} [{info['dtype']}], evaluation {info['evaluation']}, "
+                    f"loss {info['loss']:.6g}")
+        print(f"torchbragg refine: {now - self.t0:.0f} s: {text}", file=self.stream, flush=True)
 
 
 def _crystal_section(start_real, final_real) -> dict:
     return dict(start_real_space=np.asarray(start_real).tolist(), refined_real_space=np.asarray(final_real).tolist(),
                 rotation_from_start_deg=misorientation(start_real, final_real))
+
+
+def _honesty(d) -> dict:
+    """What says whether the result can be trusted."""
+    return {k: d[k] for k in ("gradient_converged", "fit_acceptable", "fit", "uncertainty_scale", "newton_decrement",
+                              "warnings")}
 
 
 def summary_document(opts, k, path, number, result, seconds, start_real, final_real) -> dict:
@@ -541,7 +515,7 @@ def summary_document(opts, k, path, number, result, seconds, start_real, final_r
         parameters=d["parameters"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
         converged=d["converged"], renders=d["renders"], hessian_renders=d["hessian_renders"], pixels=d["pixels"],
         seconds=seconds, stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
-        correlation=d["correlation"], crystal=_crystal_section(start_real, final_real),
+        correlation=d["correlation"], crystal=_crystal_section(start_real, final_real), **_honesty(d),
     )
 
 
@@ -554,7 +528,7 @@ def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals
         images.append(dict(
             experiment=s.experiment, image_file=os.path.abspath(s.path), file_index=s.index, image=s.number,
             parameters=d["images"][j], loss=d["image_loss"][j], loss_history=d["image_history"][j],
-            converged=d["converged"], pixels=d["image_pixels"][j],
+            converged=d["converged"], pixels=d["image_pixels"][j], fit=d["image_fit"][j],
             undetermined=[lab for lab in d["undetermined"] if lab.startswith(f"image{j}.")],
             crystal=_crystal_section(starts[j], finals[j])))
     doc = dict(
@@ -562,10 +536,10 @@ def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals
         experiments=list(dict.fromkeys(s.experiment for s in shots)), groups=list(opts["groups"]),
         shared_groups=list(shared), per_image_groups=list(per_image), loss_function=opts["loss"],
         adc_offset=opts["adc_offset"], flags=list(opts["flags"]),
-        parameters=d["shared"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
+        parameters=d["parameters"], undetermined=d["undetermined"], loss=d["loss"], loss_history=d["loss_history"],
         converged=d["converged"], renders=d["renders"], hessian_renders=d["hessian_renders"], pixels=d["pixels"],
         seconds=d["seconds"], stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
-        correlation=d["correlation"], not_written=d["not_written"], images=images)
+        correlation=d["correlation"], not_written=d["not_written"], images=images, **_honesty(d))
     if sweep:
         doc["crystal"] = images[0]["crystal"]
     return doc

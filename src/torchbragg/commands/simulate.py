@@ -19,7 +19,8 @@ scan and crystal come from the experiment; nanoBragg flags give the rest:
 -N, -mosaic, -mosaic_dom, -default_F, -hkl, -fluence or -flux, -phisteps
 (rotation steps per image), -oversample, -thicksteps, -absorbed_layers,
 -roi, -mask, -dtype, -device, -seed, -nonoise, spot shape, divergence and
-dispersion, and so on.
+dispersion, and so on. -N, -Na, -Nb and -Nc take any number >= 1 here (the
+domain size is continuous in the model; nanoBragg reads integers).
 
 what to render (default: every image of every experiment's scan, one image
 for a still):
@@ -87,8 +88,8 @@ def _progress(total: int, quiet: bool):
 def run(argv: list[str], out=None) -> int:
     out = out or sys.stdout
     opts = parse(argv)
-    from ..flags import parse_args
-    cfg = parse_args(opts["flags"])
+    from ..build.experiment import parse_experiment_flags
+    cfg = parse_experiment_flags(opts["flags"])
     folder = os.path.dirname(os.path.abspath(opts["out"]))
     if not os.path.isdir(folder):
         raise InputError(f"cannot write {opts['out']}: folder {folder} does not exist")

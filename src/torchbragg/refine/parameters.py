@@ -230,9 +230,10 @@ class LogGroup(Group):
         return (v * torch.exp(self._expand(x, v) * self.step)).reshape(-1)
 
 
-class SpotSize(LogGroup):
-    """Cells along a, b, c: log of N, 1 % per unit; one value for all three
-    axes (`isotropic`, the default) or one per axis."""
+class DomainSize(LogGroup):
+    """The size of a coherent crystal domain, N unit cells along a, b, c (the
+    width of the spots): log of N, 1 % per unit; one value for all three axes
+    (`isotropic`, the default) or one per axis."""
 
     name = "N"
     target = "crystal.N"
@@ -580,6 +581,19 @@ class Background(Group):
             raise ValueError(f"background start has {self._start.numel()} values for {n} panels")
         return self
 
+    def start_from(self, data, model, mask) -> None:
+        """Unless a start was given, start each panel's constant at the median
+        difference of `data` and `model` over the faint half of the pixels of
+        `mask` (all (panels, slow, fast))."""
+        if not bool((self._start == 0).all()):
+            return
+        starts = []
+        for k in range(model.shape[0]):
+            region = mask[k]
+            faint = region & (model[k] <= torch.quantile(model[k][region], 0.5)) if region.any() else region
+            starts.append(max(float((data[k] - model[k])[faint].median()), 0.0) if faint.any() else 0.0)
+        self._start = torch.tensor(starts, dtype=torch.float64)
+
     def substitute(self, sim, x, subs):
         pass
 
@@ -739,7 +753,7 @@ class Panels(Group):
 GROUPS = {
     "orientation": Orientation,
     "cell": Cell,
-    "N": SpotSize,
+    "N": DomainSize,
     "scale": Scale,
     "mosaic": Mosaic,
     "background": Background,

@@ -1,13 +1,35 @@
-"""Fitting a simulator to measured images: L-BFGS over the internal vector
-of a parametrisation, staged and coarse to fine, with uncertainties from the
+"""The refinement engine: models fitted to measured images by L-BFGS over
+one internal vector, staged and coarse to fine, with uncertainties from the
 curvature of the negative log-likelihood at the minimum.
 
-Precision: the stages run with the simulator cast to the first dtype of
-`dtype_schedule` (float32 by default: fast, but a float32 render stops a few
-standard uncertainties short of the minimum), and the last stage is repeated
-with the simulator cast to the last dtype (float64), where the curvature is
-also computed. The user's models are copied for each precision, never
-mutated during the fit; `write` puts the refined values into them at the end.
+What is fitted is a list of entries (`Entry`: a simulator, its measured
+image, the region of interest, which scan image it is or that it is a
+still). Parameter groups are bound to the entries they act on, as DIALS
+binds parameterisations to experiments: a group bound to every entry is
+shared (the detector in a metrology fit, the crystal of a sweep), a group
+bound to one entry is that entry's own (a still's orientation). Refining
+one image is the one-entry case. The objective is the sum over entries of
+each entry's loss over its region; the internal vector is the bound groups'
+vectors one after the other, each in the well-scaled units of `parameters`.
+
+Stages: with groups bound to single entries (`per_entry`), each entry is
+first fitted alone (its own groups, shared ones at their start values), then
+every group together with the spots broadened, then with the real spot
+shape (`default_joint_strategy`); otherwise the coarse-to-fine plan of
+`default_strategy`. Precision: the stages run with the simulators cast to
+the first dtype of `dtype_schedule` (float32 by default: fast, but a float32
+render stops a few standard uncertainties short of the minimum), and the
+last stage is repeated in the last dtype (float64), where the curvature is
+also computed. The user's simulators are copied for each precision (copied
+together, so that modules they share stay shared), never changed during the
+fit; `write` puts the refined values into them at the end. Renders go
+through torch.func.functional_call with each entry's render options, so
+nothing is changed to render an entry.
+
+Writing: a value bound to one entry but stored in a module that several
+simulators share (per-image scale with a shared Beam) cannot hold one value
+per entry; it is left unwritten (listed in `RefinementResult.not_written`)
+and its values are in `RefinementResult.images`.
 """
 
 from __future__ import annotations
@@ -16,18 +38,110 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
+from ..errors import InputError
+from .fit import combine, goodness_of_fit
 from .losses import LOSSES
-from .parameters import Background, Parametrisation
+from .parameters import Background, Group, make_group
 from .roi import mask_substitutions, roi_mask
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
           torch.float64: torch.float64}
 
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclass
+class Entry:
+    """One measured image to fit.
+
+    sim: its simulator; data: photons (panels, slow, fast), or (slow, fast)
+    for one panel. mask: the region of interest, a boolean (panels, slow,
+    fast), None (roi.roi_mask from the start model and the data) or "all".
+    valid: pixels that may be used at all (None: every one), and-ed with the
+    region. image: which scan image it is (None: the scan's first); still:
+    rendered without rotation whatever the goniometer."""
+    sim: Any
+    data: Any
+    mask: Any = None
+    valid: Any = None
+    image: int | None = None
+    still: bool = False
+
+    def render(self, sim, subs=None):
+        """The expected photons of this entry from `sim` with parameters or
+        buffers substituted by `subs`."""
+        return functional_call(sim, subs or {}, (self.image,), dict(still=self.still))
+
+
+@dataclass
+class Binding:
+    """A parameter group bound to entries: its elements lie at
+    x[offset:offset + group.size]; labels carry `prefix`."""
+    group: Group
+    entries: tuple
+    offset: int
+    prefix: str
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.group.size)
+
+
+def image_shape(sim) -> tuple:
+    p = sim.detector.panels[0]
+    return len(sim.detector.panels), p.spixels, p.fpixels
+
+
+def as_data(data, shape, what="data") -> torch.Tensor:
+    """Measured photons as a float64 tensor of the simulator's image shape,
+    refused when not usable."""
+    if data is None:
+        raise InputError("no data to refine against")
+    d = data if torch.is_tensor(data) else torch.as_tensor(np.asarray(data))
+    if d.dim() == 2 and shape[0] == 1:
+        d = d.unsqueeze(0)
+    if tuple(d.shape) != tuple(shape):
+        raise InputError(f"{what} shape {tuple(d.shape)} does not match the simulator's image shape "
+                         f"{tuple(shape)} (panels, slow, fast)")
+    d = d.detach().to(torch.float64)
+    if not bool(torch.isfinite(d).all()):
+        raise InputError(f"{what} contain NaN or infinite values; mask them with roi= instead")
+    return d
+
+
+def _noise_options(options) -> dict:
+    """The Gaussian likelihood's read noise (>= 0) and gain (> 0), checked."""
+    options = dict(options or {})
+    for key, ok, need in (("read_noise", lambda v: v >= 0, ">= 0"), ("gain", lambda v: v > 0, "> 0")):
+        if key in options:
+            v = torch.as_tensor(options[key]).detach().double()
+            if not bool(torch.isfinite(v).all()) or not bool(ok(v).all()):
+                raise InputError(f"{key} must be finite and {need}, got {options[key]!r}")
+    return options
+
+
+def _as_mask(mask, shape, what, k=None):
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "all":
+            raise InputError(f"{what}: expected a boolean mask, None or 'all', got {mask!r}")
+        return torch.ones(shape, dtype=torch.bool)
+    m = torch.as_tensor(mask, dtype=torch.bool)
+    if tuple(m.shape) != tuple(shape):
+        if k is None:
+            raise InputError(f"{what} shape {tuple(m.shape)} does not match the image shape {tuple(shape)}")
+        raise InputError(f"{what} {k} has shape {tuple(m.shape)}, image {k} has {tuple(shape)}")
+    return m
+
+
+# ----------------------------------------------------------------------------- result
 
 @dataclass
 class ParameterResult:
@@ -45,55 +159,97 @@ class RefinementResult:
     """What a refinement found.
 
     labels / x / sigma_internal: internal parameters (units in
-    parameters.py), their refined values (start: 0) and standard
+    parameters.py; labels of groups bound to one entry of several are
+    prefixed "image{k}."), their refined values (start: 0) and standard
     uncertainties; covariance and correlation: (n, n) over them.
-    parameters: the physical values (start, refined, uncertainty, unit).
-    undetermined: internal labels the data cannot determine (near-zero
-    curvature or an uncertainty beyond `undetermined_sigma` internal units).
-    loss_history: the loss at every evaluation; renders: forward+backward
-    renders of the fit (the curvature's are counted in hessian_renders);
-    converged: the last stage stopped on its tolerances before max_iter;
-    hessian_renders: forward plus backward passes of the curvature."""
+    parameters: the physical values (start, refined, uncertainty, unit) of
+    the groups bound to every entry; images: per entry, those of its own
+    groups. undetermined: internal labels the data cannot determine.
+    loss / loss_history: the objective at the end and at every evaluation
+    of the stages over every entry; renders: forward+backward renders of the
+    fit (entries' own stages included); hessian_renders: the passes of the
+    curvature and the preconditioners; converged: the last stage stopped on
+    its tolerances before max_iter. image_loss / image_history /
+    image_pixels: per entry, its part of the loss, its loss at every
+    evaluation and the pixels of its region. not_written: values left
+    unwritten (see the module's docstring).
+
+    Honesty: gradient_converged: the last stage stopped on its tolerances
+    and the Newton decrement g^T H^-1 g (`newton_decrement`, twice the
+    loss still to gain) is below 1; fit / image_fit: goodness of fit
+    (fit.goodness_of_fit) of all entries and of each; fit_acceptable: the
+    deviance within `max_deviance_ratio` of what noise allows or within
+    `max_deviance_z` standard deviations of it, and at most
+    `max_shifted_fraction` of the spots shifted; converged: both.
+    uncertainty_scale: sqrt(deviance ratio) when above 1, by which the
+    uncertainties are inflated. warnings: what makes the result doubtful."""
     labels: list
     x: torch.Tensor
     sigma_internal: torch.Tensor
     covariance: torch.Tensor
     correlation: torch.Tensor
     parameters: list
+    images: list
     loss: float
     loss_history: list
     renders: int
     converged: bool
     undetermined: list
     stages: list = field(default_factory=list)
-    background: dict = field(default_factory=dict)
     seconds: float = 0.0
     hessian_renders: int = 0
     pixels: int = 0
+    not_written: list = field(default_factory=list)
+    image_loss: list = field(default_factory=list)
+    image_history: list = field(default_factory=list)
+    image_pixels: list = field(default_factory=list)
+    gradient_converged: bool = False
+    fit_acceptable: bool = True
+    fit: dict = field(default_factory=dict)
+    image_fit: list = field(default_factory=list)
+    uncertainty_scale: float = 1.0
+    newton_decrement: float = float("nan")
+    warnings: list = field(default_factory=list)
 
-    def value(self, name: str) -> ParameterResult:
-        for p in self.parameters:
+    def value(self, name: str, image: int | None = None) -> ParameterResult:
+        """A parameter of the groups bound to every entry by its physical
+        name, or entry `image`'s own."""
+        for p in (self.parameters if image is None else self.images[image]):
             if p.name == name:
                 return p
-        raise KeyError(name)
+        raise KeyError(name if image is None else f"image {image}: {name}")
 
     def to_dict(self) -> dict:
-        return dict(parameters=[vars(p) for p in self.parameters], labels=list(self.labels),
-                    x=self.x.tolist(), sigma_internal=self.sigma_internal.tolist(),
+        return dict(parameters=[vars(p) for p in self.parameters], images=[[vars(p) for p in ps] for ps in self.images],
+                    labels=list(self.labels), x=self.x.tolist(), sigma_internal=self.sigma_internal.tolist(),
                     correlation=self.correlation.tolist(), loss=self.loss, loss_history=list(self.loss_history),
                     renders=self.renders, hessian_renders=self.hessian_renders, converged=self.converged,
                     undetermined=list(self.undetermined), stages=list(self.stages), seconds=self.seconds,
-                    pixels=self.pixels)
+                    pixels=self.pixels, not_written=list(self.not_written), image_loss=list(self.image_loss),
+                    image_history=[list(h) for h in self.image_history], image_pixels=list(self.image_pixels),
+                    gradient_converged=self.gradient_converged, fit_acceptable=self.fit_acceptable,
+                    fit=dict(self.fit), image_fit=[dict(f) for f in self.image_fit],
+                    uncertainty_scale=self.uncertainty_scale, newton_decrement=self.newton_decrement,
+                    warnings=list(self.warnings))
 
     def summary(self) -> str:
-        lines = [f"loss {self.loss:.3f}, {self.renders} renders, {self.seconds:.1f} s, "
+        many = f"{len(self.images)} images, " if len(self.images) > 1 else ""
+        lines = [f"loss {self.loss:.3f}, {many}{self.renders} renders, {self.seconds:.1f} s, "
                  f"{'converged' if self.converged else 'NOT converged'}"]
         for p in self.parameters:
             lines.append(f"  {p.name:>24s} {p.start:14.6g} -> {p.value:14.6g} +- {p.sigma:.3g} {p.unit}")
+        f = self.fit
+        if f:
+            lines.append(f"  fit: deviance {f['deviance_per_pixel']:.3f} per pixel, expected "
+                         f"{f['expected_per_pixel']:.3f} (ratio {f['deviance_ratio']:.2f}); {f['spots']} spots, "
+                         f"{f['shifted_spots']} with a shifted centroid")
         if self.undetermined:
             lines.append("  undetermined: " + ", ".join(self.undetermined))
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
+
+# ----------------------------------------------------------------------------- strategies
 
 def default_strategy(names, broaden: float = 0.5, max_iter: int = 60) -> list[dict]:
     """Staged, coarse to fine: with spots broadened (N times `broaden`
@@ -124,87 +280,211 @@ def default_strategy(names, broaden: float = 0.5, max_iter: int = 60) -> list[di
     return stages
 
 
-def _as_data(data, shape, dtype):
-    if data is None:
-        raise ValueError("no data to refine against")
-    d = data if torch.is_tensor(data) else torch.as_tensor(np.asarray(data))
-    if d.dim() == 2 and shape[0] == 1:
-        d = d.unsqueeze(0)
-    if tuple(d.shape) != tuple(shape):
-        raise ValueError(f"data shape {tuple(d.shape)} does not match the simulator's image shape "
-                         f"{tuple(shape)} (panels, slow, fast)")
-    d = d.detach().to(dtype)
-    if not bool(torch.isfinite(d).all()):
-        raise ValueError("data contain NaN or infinite values; mask them with roi= instead")
-    return d
+def default_joint_strategy(names, broaden: float = 0.5, max_iter: int = 60) -> list[dict]:
+    """After each entry's own stage: every group together with spots
+    broadened (N times `broaden`, at least 3), then with the real spot shape."""
+    names = list(names)
+    stages = []
+    if broaden:
+        stages.append(dict(groups=names, broaden=broaden, max_iter=max_iter))
+    stages.append(dict(groups=names, broaden=None, max_iter=2 * max_iter))
+    return stages
 
+
+def default_entry_strategy(names, broaden: float = 0.5, max_iter: int = 30) -> list[dict]:
+    """An entry's own stage: with spots broadened (N times `broaden`, at
+    least 3), scale (+ background) alone, then every group of the entry."""
+    names = list(names)
+    always = [g for g in ("scale", "background") if g in names]
+    stages = []
+    if always and len(always) < len(names):
+        stages.append(dict(groups=always, broaden=broaden, max_iter=max_iter))
+    stages.append(dict(groups=names, broaden=broaden, max_iter=max_iter))
+    return stages
+
+
+def resolve_stages(strategy, names, broaden, max_iter, default) -> list[dict]:
+    """The stages of a fit: the `default` strategy, one stage of every group
+    (None), or the caller's list, checked against the refined groups."""
+    if isinstance(strategy, str):
+        if strategy != "default":
+            raise InputError(f"unknown strategy {strategy!r}; give 'default', None or a list of stages")
+        return default(names, broaden, max_iter)
+    if strategy is None:
+        return [dict(groups=names, broaden=None, max_iter=max_iter)]
+    stages = [dict(s) for s in strategy]
+    for s in stages:
+        unknown = [g for g in s["groups"] if g not in names]
+        if unknown:
+            raise InputError(f"stage groups {unknown} are not among the refined groups {names}")
+    return stages
+
+
+def _group_copy(spec):
+    """A fresh group per entry: names make new ones, instances are copied."""
+    g = make_group(spec)
+    return copy.deepcopy(g) if g is spec else g
+
+
+# ----------------------------------------------------------------------------- the engine
 
 class Refiner:
-    """Refines the models of `sim` against `data` (panels, slow, fast photons).
+    """Refines parameter groups of the simulators of `entries` (Entry) against
+    their images.
 
-    groups: parameter group names or Group instances (parameters.GROUPS).
+    groups: bound to every entry: group names or instances
+    (parameters.GROUPS), or (group, entry indices) pairs binding a group to
+    some entries. per_entry: groups of which each entry gets its own copy.
     loss: "poisson" or "gaussian" (loss_options: read_noise, gain) or a
-    callable loss(model, data, mask). roi: boolean (panels, slow, fast) mask,
-    None for roi.roi_mask(sim, data), or "all". priors: {internal label:
-    (mean, sigma)} Gaussian restraints in internal units. bounds: {internal
-    label: (low, high)} soft bounds in internal units (a steep quadratic
-    penalty outside). strategy: "default" (default_strategy), None (one
-    stage of all groups) or a list of stage dicts (groups, broaden,
-    max_iter). max_iter: L-BFGS iterations per stage."""
+    callable loss(model, data, mask). priors: {internal label: (mean,
+    sigma)} Gaussian restraints in internal units. bounds: {internal label:
+    (low, high)} soft bounds in internal units (a steep quadratic penalty
+    outside). strategy: "default", None (one stage of every group) or a list
+    of stage dicts (groups, broaden, max_iter); entry_strategy: the entries'
+    own stage ("default": default_entry_strategy; "single": default_strategy;
+    a list; None: skip it). max_iter / entry_max_iter: L-BFGS iterations per
+    stage. dtype_schedule: stages in the first dtype, the last repeated in
+    the last. undetermined_sigma: an internal uncertainty beyond it is
+    undetermined."""
 
-    def __init__(self, sim, data, groups, *, loss="poisson", roi=None, priors=None, bounds=None, max_iter=60,
-                 dtype_schedule=("float32", "float64"), strategy="default", loss_options=None, broaden=0.5,
-                 uncertainties=True, undetermined_sigma=1e4, precondition=True, verbose=False):
-        if not groups:
-            raise ValueError("no parameter groups to refine")
-        self.sim = sim
-        with torch.no_grad():
-            shape = (len(sim.detector.panels), sim.detector.panels[0].spixels, sim.detector.panels[0].fpixels)
-        self.data = _as_data(data, shape, torch.float64)
-        self.param = Parametrisation(groups, sim)
+    def __init__(self, entries, groups=(), per_entry=(), *, loss="poisson", priors=None, bounds=None, max_iter=60,
+                 dtype_schedule=("float32", "float64"), strategy="default", entry_strategy="default",
+                 entry_max_iter=30, loss_options=None, broaden=0.5, uncertainties=True, undetermined_sigma=1e4,
+                 precondition=True, verbose=False, max_deviance_ratio=1.05, max_deviance_z=5.0,
+                 max_shifted_fraction=0.2,
+                 max_correlation=0.99, progress=None):
+        self.entries = [e if isinstance(e, Entry) else Entry(*e) for e in entries]
+        if not self.entries:
+            raise InputError("no images to refine against")
+        if not groups and not per_entry:
+            raise InputError("no parameter groups to refine")
+        n = len(self.entries)
+        self.shapes = [image_shape(e.sim) for e in self.entries]
+        what = (lambda k: "data") if n == 1 else (lambda k: f"image {k}")
+        self.datas = [as_data(e.data, s, what(k)) for k, (e, s) in enumerate(zip(self.entries, self.shapes))]
+        self.masks = [_as_mask(e.mask, s, "roi", None if n == 1 else k)
+                      for k, (e, s) in enumerate(zip(self.entries, self.shapes))]
+        self.valid = [_as_mask(e.valid, s, "valid", None if n == 1 else k)
+                      for k, (e, s) in enumerate(zip(self.entries, self.shapes))]
         if callable(loss):
             self.loss_fn = loss
         elif loss in LOSSES:
             self.loss_fn = LOSSES[loss]
         else:
-            raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)} (or a callable)")
-        self.loss_options = dict(loss_options or {})
+            raise InputError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)} (or a callable)")
+        self.loss_name = loss if isinstance(loss, str) else "poisson"
+        self.loss_options = _noise_options(loss_options)
         try:
             self.dtypes = [DTYPES[d] for d in dtype_schedule]
         except KeyError as exc:
-            raise ValueError(f"unknown dtype {exc.args[0]!r} in dtype_schedule; use float32 or float64") from None
-        if isinstance(roi, str) and roi == "all":
-            roi = torch.ones(shape, dtype=torch.bool)
-        if roi is not None:
-            roi = torch.as_tensor(roi, dtype=torch.bool)
-            if tuple(roi.shape) != shape:
-                raise ValueError(f"roi shape {tuple(roi.shape)} does not match the image shape {shape}")
-        self.roi = roi
+            raise InputError(f"unknown dtype {exc.args[0]!r} in dtype_schedule; use float32 or float64") from None
+        self._bind(groups, per_entry)
         self.priors = self._by_label(priors or {}, "priors")
         self.bounds = self._by_label(bounds or {}, "bounds")
-        names = [g.name for g in self.param.groups]
-        self.stages = resolve_stages(strategy, names, broaden, max_iter, default_strategy)
+        names = list(dict.fromkeys(b.group.name for b in self.bindings))
+        own = [b for b in self.bindings if b.prefix]
+        self.entry_names = list(dict.fromkeys(b.group.name for b in own))
+        self.entry_stages = []
+        if own and entry_strategy is not None:
+            if isinstance(entry_strategy, str) and entry_strategy == "single":
+                entry_strategy = "default"
+                default = default_strategy
+            else:
+                default = default_entry_strategy
+            self.entry_stages = resolve_stages(entry_strategy, self.entry_names, broaden, entry_max_iter, default)
+        self.stages = resolve_stages(strategy, names, broaden, max_iter,
+                                     default_joint_strategy if own else default_strategy)
         self.uncertainties = uncertainties
-        self.precondition = precondition
         self.undetermined_sigma = undetermined_sigma
+        self.max_deviance_ratio = max_deviance_ratio
+        self.max_deviance_z = max_deviance_z
+        self.max_shifted_fraction = max_shifted_fraction
+        self.max_correlation = max_correlation
+        self.precondition = precondition
         self.verbose = verbose
+        self.progress = progress
         self.renders = 0
+        self.hessian_renders = 0
         self.history: list[float] = []
-        self.oversample: int | None = None  # re-derived automatic oversampling, written back with the values
+        self.image_history: list[list[float]] = [[] for _ in self.entries]
+        self.oversample: list = [None] * n  # re-derived automatic oversampling, written back with the values
+        self._scale = None
+        self._check_data()
+
+    def _check_data(self):
+        """Refuse data no likelihood can fit: photon counts below zero (Poisson)
+        or no signal at all among the pixels that may be used."""
+        for k, (d, valid, mask) in enumerate(zip(self.datas, self.valid, self.masks)):
+            what = "the data" if len(self.datas) == 1 else f"image {k}"
+            use = torch.ones_like(d, dtype=torch.bool)
+            for m in (valid, mask):
+                if m is not None:
+                    use = use & m
+            if not bool(use.any()):
+                raise InputError(f"no pixel of {what} is both valid and in the region of interest")
+            values = d[use]
+            if self.loss_name == "poisson" and bool((values < 0).any()):
+                raise InputError(f"{what} hold {int((values < 0).sum())} negative values among the pixels used; the "
+                                 "Poisson likelihood needs photon counts (mark bad pixels invalid, or use the "
+                                 "gaussian loss for readings with offsets)")
+            if not bool((values > 0).any()):
+                raise InputError(f"{what} hold no photons (no pixel above 0) among the pixels used: nothing to fit")
+
+    def _bind(self, groups, per_entry):
+        n = len(self.entries)
+        specs = []
+        for spec in groups:
+            if isinstance(spec, tuple) and len(spec) == 2 and not isinstance(spec[0], tuple):
+                g, ids = spec
+                ids = tuple(sorted({int(i) for i in ids}))
+                if not ids or not all(0 <= i < n for i in ids):
+                    raise InputError(f"group {spec[0]!r} is bound to images {list(ids)}; there are {n}")
+                specs.append((g, ids))
+            else:
+                specs.append((spec, tuple(range(n))))
+        for k in range(n):
+            specs += [(_group_copy(spec), (k,)) for spec in per_entry]
+        self.bindings, offset = [], 0
+        seen = {}  # (group name, entry) -> whether that binding was for every entry
+        for spec, ids in specs:
+            g = make_group(spec).bind(self.entries[ids[0]].sim)
+            whole = len(ids) == n
+            for k in ids:
+                if (g.name, k) in seen:
+                    if seen[(g.name, k)] == whole:
+                        raise InputError(f"parameter group {g.name!r} given twice")
+                    raise InputError(f"groups {[g.name]} are both shared and per image")
+                seen[(g.name, k)] = whole
+            prefix = "" if whole else (f"image{ids[0]}." if len(ids) == 1 else
+                                       "images" + "+".join(map(str, ids)) + ".")
+            self.bindings.append(Binding(g, ids, offset, prefix))
+            offset += g.size
+        self.size = offset
+        self.labels = [b.prefix + lab for b in self.bindings for lab in b.group.labels]
+        self.group_of = [b.group.name for b in self.bindings for _ in range(b.group.size)]
+        self.entries_of = [b.entries for b in self.bindings for _ in range(b.group.size)]
+        self.bound = [[b for b in self.bindings if k in b.entries] for k in range(n)]
 
     def _by_label(self, spec, what):
         out = {}
         for label, (a, b) in spec.items():
-            if label not in self.param.labels:
-                raise ValueError(f"{what}: no parameter {label!r}; the refined ones are {self.param.labels}")
-            out[self.param.labels.index(label)] = (float(a), float(b))
+            if label not in self.labels:
+                raise InputError(f"{what}: no parameter {label!r}; the refined ones are {self.labels}")
+            out[self.labels.index(label)] = (float(a), float(b))
         return out
 
     # ------------------------------------------------------------------ objective
-    def _model(self, sim, x, mask, broaden=None):
-        """Expected photons (panels, slow, fast) for internal vector `x`,
-        rendered over the mask only, with spots broadened when asked."""
-        subs = self.param.substitutions(sim, x)
+    def substitutions(self, k: int, sim, x) -> dict:
+        """{parameter or buffer name: value} of entry k's models at internal vector x."""
+        subs = {}
+        for b in self.bound[k]:
+            b.group.substitute(sim, x[b.slice], subs)
+        return subs
+
+    def model(self, k: int, sim, x, mask, broaden=None) -> torch.Tensor:
+        """Expected photons (panels, slow, fast) of entry k at internal vector
+        `x`, rendered over the mask only, with spots broadened when asked."""
+        subs = self.substitutions(k, sim, x)
         if broaden:
             n = subs.get("crystal.N", sim.crystal.N.to(x.dtype))
             nb = torch.clamp(n * broaden, min=3.0)
@@ -212,238 +492,448 @@ class Refiner:
             subs["crystal.N"] = nb
             subs["beam.fluence"] = subs.get("beam.fluence", sim.beam.fluence.to(x.dtype)) * ratio
         subs.update(mask_substitutions(mask))
-        model = functional_call(sim, subs, ())
-        extra = self.param.image_terms(sim, x, model.shape)
-        return model if extra is None else model + extra
+        model = self.entries[k].render(sim, subs)
+        for b in self.bound[k]:
+            extra = b.group.image_term(sim, x[b.slice], model.shape)
+            if extra is not None:
+                model = model + extra
+        return model
 
-    def _objective(self, sim, x, mask, data, broaden=None):
-        loss = self.loss_fn(self._model(sim, x, mask, broaden), data, mask, **self.loss_options)
+    def _entry_loss(self, k, sim, x, mask, data, broaden=None):
+        return self.loss_fn(self.model(k, sim, x, mask, broaden), data, mask, **self.loss_options)
+
+    def _restraints(self, x):
+        loss = x.new_zeros(())
         for i, (mean, sigma) in self.priors.items():
             loss = loss + 0.5 * ((x[i] - mean) / sigma) ** 2
         for i, (lo, hi) in self.bounds.items():
             loss = loss + 1e4 * (torch.relu(lo - x[i]) ** 2 + torch.relu(x[i] - hi) ** 2)
         return loss
 
-    def _stage(self, sim, x_master, stage, mask, data, dtype):
+    def objective(self, x, entries=None) -> torch.Tensor:
+        """The objective at internal vector `x` with the user's simulators:
+        the losses of `entries` (default: all, with the priors and bounds)
+        over their regions (those given, or the ones the last run used)."""
+        ks = range(len(self.entries)) if entries is None else entries
+        total = self._restraints(x) if entries is None else x.new_zeros(())
+        for k in ks:
+            sim = self.entries[k].sim
+            mask = self.masks[k]
+            if mask is None:
+                raise InputError(f"the region of interest of image {k} is not set yet: give one or run first")
+            data = self.datas[k].to(device=sim.device, dtype=x.dtype)
+            total = total + self._entry_loss(k, sim, x, mask.to(sim.device), data)
+        return total
+
+    # ------------------------------------------------------------------ stages
+    def _active(self, names, only=None):
+        """Internal indices of the groups `names` (only those bound to entry
+        `only` alone, when given) and the entries their loss depends on."""
+        if only is None:
+            active = [i for i, g in enumerate(self.group_of) if g in names]
+        else:
+            active = [i for i, (g, e) in enumerate(zip(self.group_of, self.entries_of)) if g in names and e == (only,)]
+        touched = sorted({k for i in active for k in self.entries_of[i]})
+        return active, touched
+
+    def _preconditioner(self, sims, x, active, touched, masks, datas, broaden):
+        """Per-parameter step scales 1 / sqrt(curvature) at the stage's start,
+        so that L-BFGS sees a problem of unit scale. The curvature is the
+        diagonal of the Fisher information (always positive, unlike the
+        Hessian far from the minimum), estimated from a few backward passes,
+        summed over the entries."""
+        idx = torch.tensor(active, dtype=torch.long, device=x.device)
+        if not self.precondition:
+            return torch.ones(len(active), dtype=x.dtype, device=x.device)
+        d = torch.zeros(self.size, dtype=torch.float64, device=x.device)
+        for k in touched:
+            v = x[idx].clone().requires_grad_(True)
+            model = self.model(k, sims[k], x.index_put((idx,), v), masks[k], broaden)
+            d[idx] += fisher_diagonal(model[masks[k]], v)
+            self.hessian_renders += 1
+        for i, (_, sigma) in self.priors.items():
+            d[i] += 1.0 / sigma ** 2
+        d = d[idx]
+        ok = torch.isfinite(d) & (d > 0)
+        scale = torch.where(ok, 1.0 / torch.sqrt(torch.where(ok, d, torch.ones_like(d))), torch.ones_like(d))
+        return torch.clamp(scale, 1e-4, 1e2).to(x.dtype)
+
+    def _stage(self, sims, x_master, stage, masks, datas, dtype, only=None, reuse=False):
         names = stage["groups"]
-        idx = []
-        offset = 0
-        for g, n in zip(self.param.groups, self.param.sizes):
-            if g.name in names:
-                idx.extend(range(offset, offset + n))
-            offset += n
+        active, touched = self._active(names, only)
         base = x_master.to(dtype)
-        idx = torch.tensor(idx, dtype=torch.long, device=base.device)
+        idx = torch.tensor(active, dtype=torch.long, device=base.device)
         broaden = stage.get("broaden")
-        scale = self._preconditioner(sim, base, idx, mask, data, broaden)
+        key = (tuple(active), broaden)
+        if reuse and self._scale is not None and self._scale[0] == key:  # the same objective, another dtype
+            scale = self._scale[1].to(dtype)
+        else:
+            scale = self._preconditioner(sims, base, active, touched, masks, datas, broaden)
+        self._scale = (key, scale)
         x0 = base[idx].clone()
         xs = torch.zeros_like(x0).requires_grad_(True)
         max_iter = int(stage.get("max_iter", 60))
         opt = torch.optim.LBFGS([xs], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.5) + 5,
                                 history_size=20, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-2 if dtype == torch.float32 else 1e-3, tolerance_change=1e-9)
+        history = self.history if only is None else []
 
         def closure():
             opt.zero_grad()
-            x = base.index_put((idx,), x0 + scale * xs)
-            loss = self._objective(sim, x, mask, data, broaden)
-            loss.backward()
-            self.renders += 1
-            self.history.append(float(loss.detach()))
-            return loss
+            total = 0.0
+            for k in touched:  # one entry's graph at a time
+                x = base.index_put((idx,), x0 + scale * xs)
+                loss = self._entry_loss(k, sims[k], x, masks[k], datas[k], broaden)
+                loss.backward()
+                total += float(loss.detach())
+                self.image_history[k].append(float(loss.detach()))
+                self.renders += 1
+            if only is None and (self.priors or self.bounds):
+                loss = self._restraints(base.index_put((idx,), x0 + scale * xs))
+                loss.backward()
+                total += float(loss.detach())
+            history.append(total)
+            if self.progress is not None:
+                self.progress(dict(stage=stage.get("name", ", ".join(names)), image=only, evaluation=len(history),
+                                   loss=total, dtype=str(dtype).replace("torch.", "")))
+            return torch.tensor(total, dtype=dtype)
 
-        return run_stage(self, opt, closure, xs, x_master, idx, x0, scale, names, broaden, dtype, max_iter)
-
-    def _preconditioner(self, sim, base, idx, mask, data, broaden):
-        """Per-parameter step scales 1 / sqrt(curvature) at the stage's start,
-        so that L-BFGS sees a problem of unit scale. The curvature is the
-        diagonal of the Fisher information (always positive, unlike the
-        Hessian far from the minimum), estimated from a few backward passes."""
-        if not self.precondition:
-            return torch.ones(len(idx), dtype=base.dtype, device=base.device)
-        v = base[idx].clone().requires_grad_(True)
-        model = self._model(sim, base.index_put((idx,), v), mask, broaden)
-        d = fisher_diagonal(model[mask], v)
-        self.renders += 1
-        for j, i in enumerate(idx.tolist()):
-            if i in self.priors:
-                d[j] += 1.0 / self.priors[i][1] ** 2
-        ok = torch.isfinite(d) & (d > 0)
-        scale = torch.where(ok, 1.0 / torch.sqrt(torch.where(ok, d, torch.ones_like(d))), torch.ones_like(d))
+        t0, r0 = time.perf_counter(), self.renders
+        ran_away = False
+        try:
+            opt.step(closure)
+        except RuntimeError:  # a line search that ran away on a flat objective
+            ran_away = True
+            with torch.no_grad():
+                xs.copy_(torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs)))
+            if not history or not math.isfinite(history[-1]):
+                history.append(float("nan"))
+        n_iter = opt.state[opt._params[0]].get("n_iter", 0) if opt.state else 0
+        with torch.no_grad():
+            x_new = x_master.clone()
+            x_new[idx] = (x0 + scale * xs.detach()).to(x_master.dtype)
+        last = history[-1] if history else float("nan")
+        finite = bool(torch.isfinite(xs).all()) and math.isfinite(last)
+        info = dict(groups=list(names), broaden=broaden, dtype=str(dtype).replace("torch.", ""),
+                    iterations=int(n_iter), renders=self.renders - r0, loss=last,
+                    seconds=time.perf_counter() - t0, converged=finite and not ran_away and n_iter < max_iter)
+        if only is not None:
+            info["image"] = only
         if self.verbose:
-            print("curvature", d.tolist())
-        return torch.clamp(scale, 1e-4, 1e2).to(base.dtype)
+            print(info)
+        return (x_new if finite else x_master), info
 
     # ------------------------------------------------------------------ run
+    def _copies(self, dtype):
+        """The simulators cast to `dtype`, copied together so that shared
+        modules stay shared."""
+        copies = copy.deepcopy([e.sim for e in self.entries])
+        for s in copies:
+            s.to(dtype)
+        return copies
+
+    def _regions(self, sims):
+        """Each entry's region of interest: the one given, or roi_mask from
+        the start model and the data; and-ed with its valid pixels."""
+        masks = []
+        for k, (e, s) in enumerate(zip(self.entries, sims)):
+            m = self.masks[k]
+            if m is None:
+                with torch.no_grad():
+                    model = e.render(s)
+                m = roi_mask(s, self.datas[k].to(model), model=model, render=e.render)
+            m = m.to(s.device)
+            if self.valid[k] is not None:
+                m = m & self.valid[k].to(s.device)
+            if not bool(m.any()):
+                what = "the image" if len(self.entries) == 1 else f"image {k}"
+                raise InputError(f"no pixel of {what} is both valid and in the region of interest")
+            masks.append(m)
+        return masks
+
     def run(self, write: bool = True) -> RefinementResult:
         t_start = time.perf_counter()
-        sims = {}
-        for dt in dict.fromkeys(self.dtypes):
-            sims[dt] = copy.deepcopy(self.sim).to(dt)
-        dev = self.sim.device  # the internal vector lives with the models
-        data = self.data.to(dev)
-        mask = self.roi
-        if mask is None:
-            mask = roi_mask(sims[self.dtypes[0]], data)
-        mask = mask.to(dev)
-        self._init_background(sims[self.dtypes[0]], mask)
-        x = torch.zeros(self.param.size, dtype=torch.float64, device=dev)
+        copies = {dt: self._copies(dt) for dt in dict.fromkeys(self.dtypes)}
+        lo = copies[self.dtypes[0]]
+        dev = lo[0].device  # the internal vector lives with the models
+        masks = self._regions(lo)
+        self.masks = [m.cpu() for m in masks]
+        self._start_backgrounds(lo, masks)
+        x = torch.zeros(self.size, dtype=torch.float64, device=dev)
         stages = []
-        for k, stage in enumerate(self.stages):
-            dt = self.dtypes[0]
-            x, info = self._stage(sims[dt], x, stage, mask, data.to(dt), dt)
-            info["oversample"] = self._rederive_oversample(sims, x)
+        dt = self.dtypes[0]
+        datas = [d.to(device=dev, dtype=dt) for d in self.datas]
+        for k in range(len(self.entries)) if self.entry_stages else ():  # each entry alone
+            for stage in self.entry_stages:
+                x, info = self._stage(lo, x, stage, masks, datas, dt, only=k)
+                stages.append(info)
+        for stage in self.stages:
+            x, info = self._stage(lo, x, stage, masks, datas, dt)
+            info["oversample"] = self._rederive_oversample(copies, x)
             stages.append(info)
         if self.dtypes[-1] != self.dtypes[0] or not self.stages:
             dt = self.dtypes[-1]
-            last = dict(self.stages[-1]) if self.stages else dict(groups=[g.name for g in self.param.groups])
+            last = dict(self.stages[-1]) if self.stages else dict(groups=sorted(set(self.group_of)))
             last["broaden"] = None
-            x, info = self._stage(sims[dt], x, last, mask, data.to(dt), dt)
+            datas = [d.to(device=dev, dtype=dt) for d in self.datas]
+            x, info = self._stage(copies[dt], x, last, masks, datas, dt, reuse=True)
             stages.append(info)
         converged = stages[-1]["converged"]
-        hi = sims[self.dtypes[-1]]
-        result = self._result(hi, x, mask, converged, stages)
-        result.seconds = time.perf_counter() - t_start
+        result = self._result(copies[self.dtypes[-1]], x, masks, converged, stages)
         if write:
-            self.write(x)
+            result.not_written = self.write(x)
+        result.seconds = time.perf_counter() - t_start
         return result
 
-    def _rederive_oversample(self, sims, x) -> int:
+    def _start_backgrounds(self, sims, masks):
+        """A background group starts from its first entry's data (unless a start was given)."""
+        for b in self.bindings:
+            if isinstance(b.group, Background):
+                k = b.entries[0]
+                with torch.no_grad():
+                    model = self.entries[k].render(sims[k], mask_substitutions(masks[k])).double()
+                b.group.start_from(self.datas[k].to(model), model, masks[k])
+
+    def _rederive_oversample(self, copies, x):
         """Automatic oversampling follows the refined crystal size and
         wavelength (an N or wavelength far from its start changes how finely
         the spots must be sampled); a user's explicit choice is kept."""
-        if not self.sim.oversample_auto:
-            return self.sim.oversample
         from ..simulator import recommended_oversample
-        probe = copy.deepcopy(self.sim).double()
-        assign(probe, self.param.substitutions(probe, x.double()))
-        n = recommended_oversample(probe.crystal, probe.beam, probe.detector)
-        for s in sims.values():
-            s.recommended_oversample = s.oversample = n
-        self.oversample = n
-        return n
+        chosen, done = [], {}
+        for k, e in enumerate(self.entries):
+            if not e.sim.oversample_auto:
+                chosen.append(e.sim.oversample)
+                continue
+            key = (id(e.sim), tuple(id(b) for b in self.bound[k]))  # the images of a sweep: one simulator
+            if key not in done:
+                probe = copy.deepcopy(e.sim).double()
+                assign(probe, self.substitutions(k, probe, x.to(probe.device, torch.float64)))
+                done[key] = recommended_oversample(probe.crystal, probe.beam, probe.detector)
+            n = done[key]
+            for sims in copies.values():
+                sims[k].recommended_oversample = sims[k].oversample = n
+            self.oversample[k] = n
+            chosen.append(n)
+        return chosen[0] if len(set(chosen)) == 1 else chosen
 
-    def _init_background(self, sim, mask):
-        """Start each panel's background constant at the median difference of
-        data and model over the region's faint pixels, unless a start was given."""
-        for g in self.param.groups:
-            if isinstance(g, Background) and bool((g._start == 0).all()):
-                with torch.no_grad():
-                    model = functional_call(sim, mask_substitutions(mask), ()).double()
-                    starts = []
-                    for k in range(model.shape[0]):
-                        m = mask[k] & (model[k] <= torch.quantile(model[k][mask[k]], 0.5))
-                        starts.append(max(float((self.data[k].to(model)[m] - model[k][m]).median()), 0.0) if m.any()
-                                      else 0.0)
-                g._start = torch.tensor(starts, dtype=torch.float64)
+    def hessian(self, sims, x, masks, datas):
+        """(Hessian, gradient) of the objective over every internal element:
+        per entry, autograd's Hessian and gradient of its loss over the
+        elements it depends on (central differences of gradients where double
+        backward fails), assembled; plus the priors' and bounds' terms."""
+        H = torch.zeros(self.size, self.size, dtype=torch.float64)
+        grad = torch.zeros(self.size, dtype=torch.float64)
+        for k in range(len(self.entries)):
+            gi = [i for i, e in enumerate(self.entries_of) if k in e]
+            if not gi:
+                continue
+            idx = torch.tensor(gi, dtype=torch.long, device=x.device)
 
-    def _curvature(self, sim, x, mask):
-        """Hessian of the loss in the internal vector, by autograd (falling
-        back to central differences of autograd gradients)."""
-        data = self.data.to(device=sim.device, dtype=sim.dtype)
-        counter = [0]
+            def f(v, k=k, idx=idx):
+                return self._entry_loss(k, sims[k], x.index_put((idx,), v), masks[k], datas[k])
 
-        def f(v):
-            counter[0] += 1
-            return self._objective(sim, v, mask, data)
+            v0 = x[idx].clone()
+            v = v0.clone().requires_grad_(True)
+            (g0,) = torch.autograd.grad(f(v), v)
+            grad[idx.cpu()] += g0.detach().double().cpu()
+            try:
+                block = torch.autograd.functional.hessian(f, v0)
+                self.hessian_renders += 2 * len(gi) + 1
+            except RuntimeError:
+                h = 1e-3
+                rows = []
+                for i in range(len(gi)):
+                    grads = []
+                    for s in (h, -h):
+                        v = v0.clone()
+                        v[i] += s
+                        v.requires_grad_(True)
+                        (g,) = torch.autograd.grad(f(v), v)
+                        grads.append(g)
+                    rows.append((grads[0] - grads[1]) / (2 * h))
+                    self.hessian_renders += 2
+                block = torch.stack(rows)
+            cpu = idx.cpu()
+            H[cpu[:, None], cpu[None, :]] += (0.5 * (block + block.T)).double().cpu()
+        xc = x.detach().double().cpu()
+        for i, (mean, sigma) in self.priors.items():
+            H[i, i] += 1.0 / sigma ** 2
+            grad[i] += (float(xc[i]) - mean) / sigma ** 2
+        for i, (lo, hi) in self.bounds.items():
+            if not lo <= float(xc[i]) <= hi:
+                H[i, i] += 2e4
+                grad[i] += 2e4 * (float(xc[i]) - (lo if float(xc[i]) < lo else hi))
+        return H, grad
 
-        x = x.to(sim.dtype)
-        try:
-            H = torch.autograd.functional.hessian(f, x)
-        except RuntimeError:
-            h = 1e-3
-            rows = []
-            for i in range(x.numel()):
-                grads = []
-                for s in (h, -h):
-                    v = x.clone()
-                    v[i] += s
-                    v.requires_grad_(True)
-                    (g,) = torch.autograd.grad(f(v), v)
-                    grads.append(g)
-                rows.append((grads[0] - grads[1]) / (2 * h))
-            H = torch.stack(rows)
-        H = 0.5 * (H + H.T)
-        return H.double(), counter[0] + x.numel()
+    def _fit(self, sims, x, masks):
+        """Goodness of fit of every entry at x, and all together."""
+        parts = []
+        with torch.no_grad():
+            for k, sim in enumerate(sims):
+                model = self.model(k, sim, x.to(sim.dtype), masks[k])
+                parts.append(goodness_of_fit(model, self.datas[k], masks[k], self.loss_name, **self.loss_options))
+        return combine(parts), parts
 
-    def _result(self, sim, x, mask, converged, stages):
-        n = x.numel()
-        labels = list(self.param.labels)
-        hessian_renders = 0
+    def _rejections(self, fit) -> list[str]:
+        """Why the data do not accept a fit (empty when they do)."""
+        why = []
+        ratio = fit["deviance_ratio"]
+        if not (ratio <= self.max_deviance_ratio or fit["deviance_z"] <= self.max_deviance_z):
+            why.append(f"the deviance is {ratio:.3g} times what photon noise allows "
+                       f"({fit['deviance_z']:.1f} standard deviations above)")
+        if fit["spots"] >= 3 and fit["shifted_fraction"] > self.max_shifted_fraction:
+            why.append(f"{fit['shifted_spots']} of {fit['spots']} observed spots lie off the model's beyond noise "
+                       "(shifted centroids)")
+        return why
+
+    def _result(self, sims, x, masks, stopped, stages):
+        n = self.size
+        labels = list(self.labels)
+        fit, image_fit = self._fit(sims, x, masks)
+        ratio = fit["deviance_ratio"]
+        inflate = math.sqrt(ratio) if math.isfinite(ratio) and ratio > 1 else 1.0
+        undetermined, warnings = set(), []
+        decrement = float("nan")
         if self.uncertainties:
-            H, hessian_renders = self._curvature(sim, x, mask)
-            H = H.cpu()
+            dt = sims[0].dtype
+            datas = [d.to(device=x.device, dtype=dt) for d in self.datas]
+            if self.progress is not None:
+                self.progress(dict(stage="uncertainties", image=None, evaluation=0, loss=float("nan"),
+                                   dtype=str(dt).replace("torch.", "")))
+            H, grad = self.hessian(sims, x.to(dt), masks, datas)
             evals, evecs = torch.linalg.eigh(H)
             top = float(evals.abs().max()) if n else 0.0
             good = evals > 1e-10 * max(top, 1e-300)
             inv = torch.where(good, 1.0 / torch.where(good, evals, torch.ones_like(evals)), torch.zeros_like(evals))
             cov = (evecs * inv) @ evecs.T
-            weak = set()
+            g = evecs.T @ grad
+            decrement = float((g * g * inv).sum())
+            cov = cov * inflate ** 2
             for j in torch.nonzero(~good).flatten().tolist():
-                for i in torch.nonzero(evecs[:, j].abs() > 0.3).flatten().tolist():
-                    weak.add(i)
+                undetermined.update(torch.nonzero(evecs[:, j].abs() > 0.3).flatten().tolist())
             sigma = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0.0))
             for i in range(n):
                 if not sigma[i] > 0 or sigma[i] > self.undetermined_sigma:
-                    weak.add(i)
-            for i in weak:
-                sigma[i] = float("inf")
-            undetermined = [labels[i] for i in sorted(weak)]
+                    undetermined.add(i)
         else:
             cov = torch.full((n, n), float("nan"), dtype=torch.float64)
             sigma = torch.full((n,), float("nan"), dtype=torch.float64)
-            undetermined = []
         d = torch.sqrt(torch.clamp(torch.diagonal(cov), min=1e-300))
         corr = cov / (d[:, None] * d[None, :])
-        # physical values and propagated uncertainties
-        x64 = x.double()
-        orig = self.sim
-        J = torch.autograd.functional.jacobian(lambda v: self.param.physical(orig, v), x64)
-        J = torch.nan_to_num(J.double()).cpu()
-        phys_start = self.param.physical(orig, torch.zeros_like(x64)).detach().cpu()
-        phys = self.param.physical(orig, x64).detach().cpu()
+        if self.uncertainties:
+            for i, j in torch.nonzero(torch.triu(corr.abs() > self.max_correlation, diagonal=1)).tolist():
+                if i not in undetermined or j not in undetermined:
+                    warnings.append(f"{labels[i]} and {labels[j]} are correlated {float(corr[i, j]):+.3f}: the "
+                                    "data determine only a combination of them")
+                undetermined.update((i, j))
         finite_cov = torch.where(torch.isfinite(cov), cov, torch.zeros_like(cov))
-        psig = torch.sqrt(torch.clamp(torch.diagonal(J @ finite_cov @ J.T), min=0.0))
-        for i in range(n):  # an undetermined parameter leaves what it moves undetermined
-            if not math.isfinite(float(sigma[i])):
-                psig = torch.where(J[:, i].abs() > 0, torch.full_like(psig, float("inf")), psig)
-        params = [ParameterResult(g, name, unit, float(s), float(v), float(e))
-                  for (g, name, unit), s, v, e in zip(self.param.physical_labels(), phys_start, phys, psig)]
-        background = {}
-        for g, xi in zip(self.param.groups, torch.split(x64, self.param.sizes)):
-            if isinstance(g, Background):
-                background = dict(zip(g.labels, g.physical(orig, xi).tolist()))
-        return RefinementResult(labels=labels, x=x64.detach().cpu(), sigma_internal=sigma, covariance=cov,
-                                correlation=corr, parameters=params, loss=self.history[-1],
-                                loss_history=list(self.history), renders=self.renders, converged=converged,
-                                undetermined=undetermined, stages=stages, background=background,
-                                hessian_renders=hessian_renders, pixels=int(mask.sum()))
+        x64 = x.detach().double().cpu()
+        shared, own = [], [[] for _ in self.entries]
+        for b in self.bindings:
+            sim = self.entries[b.entries[0]].sim
+            sl = b.slice
+            v = x64[sl].to(sim.device)
+            J = torch.autograd.functional.jacobian(lambda u, g=b.group, s=sim: g.physical(s, u), v)
+            J = torch.nan_to_num(J.double()).cpu().reshape(-1, v.numel())
+            start = b.group.physical(sim, torch.zeros_like(v)).detach().double().cpu().reshape(-1)
+            val = b.group.physical(sim, v).detach().double().cpu().reshape(-1)
+            psig = torch.sqrt(torch.clamp(torch.diagonal(J @ finite_cov[sl, sl] @ J.T), min=0.0))
+            if self.uncertainties:
+                for j, (name, unit) in enumerate(zip(b.group.physical_labels, b.group.units)):
+                    scale = _natural_scale(b.group.name, unit, float(val[j]))
+                    if scale is not None and float(psig[j]) > scale:
+                        moved = [b.offset + i for i in torch.nonzero(J[j].abs() > 0).flatten().tolist()]
+                        if not set(moved) <= undetermined:
+                            warnings.append(f"{b.prefix}{name} = {float(val[j]):.6g} +- {float(psig[j]):.3g} {unit}: "
+                                            "the uncertainty exceeds the value's own scale")
+                        undetermined.update(moved)
+            for i in range(v.numel()):  # an undetermined parameter leaves what it moves undetermined
+                if b.offset + i in undetermined:
+                    psig = torch.where(J[:, i].abs() > 0, torch.full_like(psig, float("inf")), psig)
+            params = [ParameterResult(b.group.name, name, unit, float(s), float(a), float(e))
+                      for name, unit, s, a, e in zip(b.group.physical_labels, b.group.units, start, val, psig)]
+            (own[b.entries[0]] if len(b.entries) == 1 and len(self.entries) > 1 else shared).extend(params)
+        for i in undetermined:
+            sigma[i] = float("inf")
+        undetermined = [labels[i] for i in sorted(undetermined)]
+        if undetermined:
+            warnings.insert(0, "undetermined by the data: " + ", ".join(undetermined))
+        gradient_ok = stopped and (not self.uncertainties or decrement < 1.0)
+        why = self._rejections(fit)
+        if len(image_fit) > 1:  # one image in a wrong minimum among many is not diluted
+            for k, f in enumerate(image_fit):
+                why += [f"image {k}: {w}" for w in self._rejections(f)]
+        acceptable = not why
+        if why:
+            warnings.insert(0, "likely a wrong minimum: " + "; ".join(why))
+        if not gradient_ok:
+            warnings.insert(0, "not converged: " + (
+                "the fit stopped before its tolerances (iteration limit or a failed line search)" if not stopped
+                else f"the gradient is not small at the end (Newton decrement {decrement:.3g})"))
+        if inflate > 1.05 and acceptable:
+            warnings.append(f"the data scatter {ratio:.3g} times more than photon noise: uncertainties are "
+                            f"inflated by {inflate:.3g}")
+        return RefinementResult(labels=labels, x=x64, sigma_internal=sigma, covariance=cov, correlation=corr,
+                                parameters=shared, images=own, loss=self.history[-1] if self.history else float("nan"),
+                                loss_history=list(self.history), renders=self.renders,
+                                converged=gradient_ok and acceptable, undetermined=undetermined, stages=stages,
+                                hessian_renders=self.hessian_renders, pixels=int(sum(int(m.sum()) for m in masks)),
+                                image_loss=[h[-1] if h else float("nan") for h in self.image_history],
+                                image_history=[list(h) for h in self.image_history],
+                                image_pixels=[int(m.sum()) for m in masks], gradient_converged=gradient_ok,
+                                fit_acceptable=acceptable, fit=fit, image_fit=image_fit, uncertainty_scale=inflate,
+                                newton_decrement=decrement, warnings=warnings)
 
-    def write(self, x) -> None:
-        """Put the values of internal vector `x` into the user's models."""
-        assign(self.sim, self.param.substitutions(self.sim, x.to(self.sim.device, torch.float64)))
-        if self.oversample is not None:
-            self.sim.recommended_oversample = self.sim.oversample = self.oversample
+    def write(self, x) -> list:
+        """Put the values of internal vector `x` into the user's models;
+        returns the names of values that shared modules cannot hold (left
+        unwritten)."""
+        targets = {}  # id(tensor) -> (tensor, value, name)
+        conflicts = set()
+        with torch.no_grad():
+            for k, e in enumerate(self.entries):
+                sim = e.sim
+                for name, value in self.substitutions(k, sim, x.to(sim.device, torch.float64)).items():
+                    t = _target(sim, name)
+                    if id(t) in targets and not torch.equal(targets[id(t)][1], value.detach()):
+                        conflicts.add(name)
+                    targets[id(t)] = (t, value.detach(), name)
+                if self.oversample[k] is not None:
+                    sim.recommended_oversample = sim.oversample = self.oversample[k]
+            for t, value, name in targets.values():
+                if name not in conflicts:
+                    t.copy_(value.to(t))
+        return sorted(conflicts)
+
+
+# groups of positive quantities: an uncertainty beyond the value is no determination
+POSITIVE_GROUPS = ("cell", "N", "scale", "mosaic", "wavelength", "structure_factors")
+
+
+def _natural_scale(group: str, unit: str, value: float) -> float | None:
+    """The scale an uncertainty of a physical value must stay below to say
+    anything: the value itself for positive quantities, 180 degrees for an
+    angle; None where there is no such scale (shifts, backgrounds)."""
+    if group in POSITIVE_GROUPS:
+        return abs(value)
+    if unit == "deg":
+        return 180.0
+    return None
+
+
+def _target(sim, name):
+    try:
+        return sim.get_parameter(name)
+    except AttributeError:
+        return sim.get_buffer(name)
 
 
 def assign(sim, subs: dict) -> None:
     """Copy substituted values {parameter or buffer name: tensor} into `sim`."""
     with torch.no_grad():
         for name, value in subs.items():
-            try:
-                target = sim.get_parameter(name)
-            except AttributeError:
-                target = sim.get_buffer(name)
+            target = _target(sim, name)
             target.copy_(value.detach().to(target))
-
-
-def refine(sim, data, groups, *, loss="poisson", roi=None, priors=None, bounds=None, max_iter=60,
-           dtype_schedule=("float32", "float64"), strategy="default", write=True, **kw) -> RefinementResult:
-    """Refine parameter `groups` of `sim` against measured `data` (panels, slow,
-    fast photons) and write the refined values into the models (unless
-    write=False). See `Refiner` for the arguments and `RefinementResult`."""
-    return Refiner(sim, data, groups, loss=loss, roi=roi, priors=priors, bounds=bounds, max_iter=max_iter,
-                   dtype_schedule=dtype_schedule, strategy=strategy, **kw).run(write=write)
 
 
 def fisher_diagonal(expected: torch.Tensor, v: torch.Tensor, samples: int = 8, seed: int = 0) -> torch.Tensor:
@@ -462,43 +952,33 @@ def fisher_diagonal(expected: torch.Tensor, v: torch.Tensor, samples: int = 8, s
     return acc / samples
 
 
-def run_stage(owner, opt, closure, xs, x_master, idx, x0, scale, names, broaden, dtype, max_iter):
-    """One L-BFGS stage of a refiner (`owner` keeps renders, history and
-    verbosity): run it, recover from a line search that ran away, and
-    return (the new internal vector, what the stage did)."""
-    t0, r0 = time.perf_counter(), owner.renders
-    ran_away = False
-    try:
-        opt.step(closure)
-    except RuntimeError:  # a line search that ran away on a flat objective
-        ran_away = True
-        with torch.no_grad():
-            xs.copy_(torch.where(torch.isfinite(xs), xs, torch.zeros_like(xs)))
-        if not owner.history or not math.isfinite(owner.history[-1]):
-            owner.history.append(float("nan"))
-    n_iter = opt.state[opt._params[0]].get("n_iter", 0)
-    with torch.no_grad():
-        x_new = x_master.clone()
-        x_new[idx] = (x0 + scale * xs.detach()).to(x_master.dtype)
-    finite = bool(torch.isfinite(xs).all()) and math.isfinite(owner.history[-1])
-    info = dict(groups=list(names), broaden=broaden, dtype=str(dtype).replace("torch.", ""),
-                iterations=int(n_iter), renders=owner.renders - r0, loss=owner.history[-1],
-                seconds=time.perf_counter() - t0, converged=finite and not ran_away and n_iter < max_iter)
-    if owner.verbose:
-        print(info)
-    return (x_new if finite else x_master), info
+# ----------------------------------------------------------------------------- conveniences
+
+def refine(sim, data, groups, *, roi=None, write=True, image=None, still=False, valid=None,
+           **kw) -> RefinementResult:
+    """Refine parameter `groups` of `sim` against measured `data` (panels,
+    slow, fast photons) and write the refined values into the models (unless
+    write=False): the one-entry case of `Refiner` (see it for the options;
+    roi is the Entry's mask)."""
+    return Refiner([Entry(sim, data, roi, valid, image, still)], groups, **kw).run(write=write)
 
 
-def resolve_stages(strategy, names, broaden, max_iter, default) -> list[dict]:
-    """The stages of a fit: the `default` strategy, one stage of every group
-    (None), or the caller's list, checked against the refined groups."""
-    if strategy == "default":
-        return default(names, broaden, max_iter)
-    if strategy is None:
-        return [dict(groups=names, broaden=None, max_iter=max_iter)]
-    stages = [dict(s) for s in strategy]
-    for s in stages:
-        unknown = [g for g in s["groups"] if g not in names]
-        if unknown:
-            raise ValueError(f"stage groups {unknown} are not among the refined groups {names}")
-    return stages
+def refine_joint(sims, datas, shared=(), per_image=("scale", "orientation"), *, rois=None, write=True,
+                 image_strategy="default", image_max_iter=30, **kw) -> RefinementResult:
+    """Refine `shared` groups (one value for every image: distance,
+    beam_centre, panels, wavelength, ...) and `per_image` groups
+    (orientation, scale, N, background, cell, ...) of simulators `sims`
+    against images `datas` (rois: None, "all" or one mask per image), and
+    write the refined values into the models (unless write=False)."""
+    sims, datas = list(sims), list(datas)
+    if not sims:
+        raise InputError("no simulators to refine")
+    if len(sims) != len(datas):
+        raise InputError(f"{len(sims)} simulators but {len(datas)} images")
+    if rois is None or isinstance(rois, str):
+        rois = [rois] * len(sims)
+    elif len(rois) != len(sims):
+        raise InputError(f"{len(rois)} regions of interest for {len(sims)} images")
+    entries = [Entry(s, d, r) for s, d, r in zip(sims, datas, rois)]
+    return Refiner(entries, shared, per_image, entry_strategy=image_strategy, entry_max_iter=image_max_iter,
+                   **kw).run(write=write)

@@ -130,6 +130,34 @@ def _num(v) -> str:
     return f"{v:.6g}"
 
 
+def fit_lines(doc: dict) -> list[str]:
+    """The converged line, the warnings and the goodness-of-fit section."""
+    lines = [f"- converged: {'yes' if doc['converged'] else 'NO'}"]
+    for w in doc.get("warnings", []):
+        lines.append(f"- **warning: {w}**")
+    f = doc.get("fit") or {}
+    if not f:
+        return lines
+    lines += ["", "## Goodness of fit", "",
+              "Deviance (for the Gaussian likelihood, chi-square) of the region's pixels against what photon noise "
+              "allows for the refined model; residuals around the observed spots normalised by the noise; spots "
+              "whose observed centroid lies off the model's beyond noise (a dipole residual: a wrong orientation "
+              "or geometry).", "",
+              "| quantity | value | expected from noise |", "| --- | --- | --- |",
+              f"| deviance per pixel ({f['pixels']} pixels) | {_num(f['deviance_per_pixel'])} | "
+              f"{_num(f['expected_per_pixel'])} |",
+              f"| deviance ratio (standard score) | {_num(f['deviance_ratio'])} ({_num(f['deviance_z'])}) | 1 (0) |",
+              f"| spots with a shifted centroid | {f['shifted_spots']} of {f['spots']} | about 0.1 % |",
+              f"| rms normalised residual of the spot pixels | {_num(f['spot_pixel_residual_rms'])} | "
+              f"{_num(f['spot_pixel_residual_expected'])} |",
+              f"| rms normalised residual of the spot intensities | {_num(f['spot_intensity_residual_rms'])} | "
+              f"{_num(f['spot_intensity_residual_expected'])} |",
+              f"| uncertainty inflation (sqrt of the deviance ratio when above 1) | "
+              f"{_num(doc.get('uncertainty_scale', 1.0))} | 1 |",
+              f"| Newton decrement (twice the loss still to gain) | {_num(doc.get('newton_decrement'))} | < 1 |"]
+    return lines
+
+
 def markdown(doc: dict, spots_shown: int) -> str:
     lines = ["# torchbragg refine report", ""]
     lines.append(f"- experiment: `{doc['experiment_file']}` (experiment {doc['experiment']})")
@@ -137,8 +165,8 @@ def markdown(doc: dict, spots_shown: int) -> str:
     lines.append(f"- groups: {', '.join(doc['groups'])}; loss: {doc['loss_function']}")
     lines.append(f"- final loss {doc['loss']:.6g} over {doc['pixels']} pixels; {doc['renders']} renders "
                  f"(+{doc['hessian_renders']} for the curvature); {doc['seconds']:.1f} s")
-    lines.append(f"- converged: {'yes' if doc['converged'] else 'NO'}")
     lines.append(f"- crystal rotation from the start: {doc['crystal']['rotation_from_start_deg']:.5f} deg")
+    lines += fit_lines(doc)
     lines.append("")
     lines.append("## Parameters")
     lines.append("")
@@ -210,7 +238,7 @@ def joint_markdown(doc: dict, figures: list[tuple[int, str, int]]) -> str:
                  f"{', '.join(doc['per_image_groups']) or 'none'}; loss: {doc['loss_function']}")
     lines.append(f"- final loss {doc['loss']:.6g} over {doc['pixels']} pixels; {doc['renders']} renders "
                  f"(+{doc['hessian_renders']} for the curvature); {doc['seconds']:.1f} s")
-    lines.append(f"- converged: {'yes' if doc['converged'] else 'NO'}")
+    lines += fit_lines(doc)
     lines.append("")
     if doc["parameters"]:
         lines += ["## Shared parameters", "", "| group | parameter | start | refined | uncertainty | unit |",

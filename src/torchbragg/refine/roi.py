@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -37,7 +38,8 @@ def bright_pixels(data: torch.Tensor, sigmas: float = 5.0) -> torch.Tensor:
 
 
 def roi_mask(sim, data=None, *, fraction: float = 0.05, dilate: int = 3, background_fraction: float = 0.02,
-             broaden: float | None = None, seed: int = 0, model: torch.Tensor | None = None) -> torch.Tensor:
+             broaden: float | None = None, seed: int = 0, model: torch.Tensor | None = None,
+             render=None) -> torch.Tensor:
     """Boolean (panels, slow, fast) mask of the pixels to refine against.
 
     Spots: pixels above `fraction` of their spot's peak in a render of the
@@ -46,15 +48,16 @@ def roi_mask(sim, data=None, *, fraction: float = 0.05, dilate: int = 3, backgro
     further), and, given measured `data`, pixels of observed spots
     (`bright_pixels`); all dilated by `dilate` pixels. Background: a random
     `background_fraction` of the other pixels (seeded). Masked panel
-    pixels are left out."""
+    pixels are left out. `render(sim, substitutions)` renders the image
+    meant (default: sim's first image)."""
+    render = render or (lambda s, subs=None: functional_call(s, subs or {}, ()))
     with torch.no_grad():
-        image = sim.render() if model is None else model.detach()
+        image = render(sim) if model is None else model.detach()
         spots = spot_pixels(image, fraction)
         if broaden:
-            from torch.func import functional_call
             n = sim.crystal.N.detach()
             nb = torch.clamp(n * broaden, min=3.0).to(n)
-            spots |= spot_pixels(functional_call(sim, {"crystal.N": nb}, ()), fraction)
+            spots |= spot_pixels(render(sim, {"crystal.N": nb}), fraction)
         if data is not None:
             d = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data)
             if d.shape != image.shape:

@@ -1,0 +1,90 @@
+"""Factory: a DIALS experiment plus nanoBragg flags (for the physics an
+experiment file does not hold) -> Simulator."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from ..config import SimulationConfig
+from ..errors import InputError
+
+# the domain size is continuous in the model (a refinement writes -N 9.69); the
+# nanoBragg command keeps the original's integer reading
+DOMAIN_FLAGS = ("-N", "-Na", "-Nb", "-Nc")
+
+
+def parse_experiment_flags(argv: list[str]) -> SimulationConfig:
+    """nanoBragg flags for the experiment path (simulate, refine, datasets):
+    as the nanoBragg command reads them, except that -N, -Na, -Nb and -Nc
+    take any number >= 1."""
+    from ..flags import COUNT_RULE, parse_args
+    argv = list(argv)
+    given = []
+    for i, name in enumerate(argv[:-1]):
+        if name in DOMAIN_FLAGS:
+            text = argv[i + 1]
+            try:
+                v = float(text)
+            except ValueError:
+                raise InputError(f"{name} expects a number, got '{text}'") from None
+            if not math.isfinite(v):
+                raise InputError(f"{name} expects a finite number, got '{text}'")
+            if v < 1:
+                raise InputError(f"{name} {v:g} is not allowed ({COUNT_RULE})")
+            given.append((name, v))
+            argv[i + 1] = "1"  # parsed here; the registry checks the rest
+    cfg = parse_args(argv)
+    if given:
+        n = list(SimulationConfig().crystal.N)
+        for name, v in given:
+            for axis in (range(3) if name == "-N" else ["abc".index(name[-1])]):
+                n[axis] = v
+        cfg.crystal.N = tuple(n)
+    return cfg
+
+
+def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype=None, device=None,
+                          chunk_elements=None):
+    """A Simulator for a dials.Experiment; `cfg` (nanoBragg flags parsed into a
+    SimulationConfig) supplies what the experiment does not say. Returns
+    (simulator, BuildInfo)."""
+    import torch
+
+    from ..models import Crystal
+    from .nanobragg import BuildInfo, _device, make_beam, make_crystal, read_inputs, render_options
+    from ..simulator import Simulator
+
+    cfg = cfg or SimulationConfig()
+    dtype, device = _device(cfg, dtype, device)
+    info = BuildInfo(cfg, messages=list(cfg.notes))
+    if experiment.crystal is None:
+        raise InputError("the experiment has no crystal: index it first, or give one in the file")
+    table, sources, mask = read_inputs(cfg, info)
+    f64 = torch.float64
+    src = experiment.beam
+    with torch.no_grad():
+        travel, e_vector = src.incident().cpu().numpy(), src.e_vector().cpu().numpy()
+        fraction = float(src.polarization_fraction)
+    beam = make_beam(cfg, info, sources, travel, e_vector, float(src.wavelength), fraction, device)
+    given = experiment.crystal
+    probe = Crystal(given.cell, given.U, misset=given.misset, space_group=given.space_group, setting=given.setting,
+                    dtype=f64, device=device)
+    crystal = make_crystal(cfg, info, probe, table, device)
+    # copies: the experiment's own models keep their precision whatever the render dtype
+    detector = copy.deepcopy(experiment.detector).to(device=device, dtype=f64)
+    if mask is not None:
+        if len(detector.panels) != 1:
+            raise InputError("-mask applies to single-panel detectors; this one has %d panels" % len(detector.panels))
+        try:
+            detector.panels[0].set_mask(mask)
+        except ValueError as exc:
+            raise InputError(f"-mask {cfg.detector.mask_file}: {exc}") from None
+    with torch.no_grad():
+        absorbing = all(float(p.thickness) > 0 and float(p.mu) > 0 for p in detector.panels)
+    options = render_options(cfg, absorbing, chunk_elements)
+    options.phisteps = max(cfg.crystal.phisteps or 1, 1)
+    goniometer = None if experiment.goniometer is None else copy.deepcopy(experiment.goniometer).to(device, f64)
+    scan = None if experiment.scan is None else copy.deepcopy(experiment.scan).to(device, f64)
+    sim = Simulator(beam, crystal, detector, goniometer, scan, options)
+    return sim.to(dtype), info
