@@ -76,6 +76,10 @@ options:
   --loss poisson|gaussian   likelihood (default poisson)
   --read-noise R --gain G   the Gaussian likelihood's read noise (photons) and gain
   --max-iter N              L-BFGS iterations per stage (default 60)
+  --strategy default|still  default: L-BFGS stages, coarse to fine; still: spot
+                            centroids first, then Levenberg-Marquardt steps on the
+                            pixels (Anscombe, then Poisson), which holds from faint
+                            to bright images and takes far fewer renders
   --spots K                 cut-outs of the K strongest spots in the report (default 12)
   --quiet                   no summary on stdout and no progress on stderr
 
@@ -114,9 +118,10 @@ MeasuredImage = namedtuple("MeasuredImage", "experiment path index number")
 def parse(argv: list[str]) -> dict:
     from .options import refuse_geometry, split_options
     opts = dict(expt=None, images=None, out=None, refine=None, experiment=None, image=None, adc_offset="0",
-                loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[])
+                loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[],
+                strategy="default")
     valued = ("--out", "--refine", "--experiment", "--image", "--images", "--adc-offset", "--loss", "--read-noise",
-              "--gain", "--max-iter", "--spots")
+              "--gain", "--max-iter", "--spots", "--strategy")
     positionals = split_options(argv, opts, valued, ("--quiet",), "refine")
     opts["range"] = opts["images"]  # --images FIRST:LAST; "images" holds the files
     opts["expt"], opts["images"] = (positionals[0], positionals[1:]) if positionals else (None, [])
@@ -144,6 +149,8 @@ def parse(argv: list[str]) -> dict:
                 raise InputError(f"--{key.replace('_', '-')} expects a number, got '{opts[key]}'") from None
             if not math.isfinite(opts[key]):
                 raise InputError(f"--{key.replace('_', '-')} must be finite")
+    if opts["strategy"] not in ("default", "still"):
+        raise InputError(f"unknown --strategy '{opts['strategy']}'; choose default or still")
     if opts["loss"] not in ("poisson", "gaussian"):
         raise InputError(f"unknown --loss '{opts['loss']}'; choose poisson or gaussian")
     if opts["loss"] != "gaussian" and (opts["read_noise"] is not None or opts["gain"] is not None):
@@ -424,6 +431,7 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
     starts = [_real(e.sim.crystal) for e in entries]
     try:
         refiner = Refiner(entries, shared, per_image, loss=opts["loss"], max_iter=opts["max_iter"],
+                          strategy=opts["strategy"],
                           entry_max_iter=opts["max_iter"], loss_options=_loss_options(opts),
                           progress=None if opts["quiet"] else Progress(sys.stderr))
     except ValueError as exc:

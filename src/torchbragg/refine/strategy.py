@@ -27,10 +27,11 @@ from scipy import ndimage
 from torch.func import functional_call
 
 from .centroids import GEOMETRY_GROUPS, fit_centroids, local_background
+from .fit import expected_deviance
 from .parameters import Background, Parametrisation, Scale
 from .refiner import assign
 from .roi import mask_substitutions
-from .steps import levenberg_marquardt
+from .steps import levenberg_marquardt, poisson_deviance
 
 
 def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | None = None, *,
@@ -44,17 +45,19 @@ def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | N
     `faintest` of the brightest, dilated by `dilate` pixels; and
     a random `background_fraction` of the rest (seeded), for the background.
     The faint tails of bright spots are left out: they cost renders and
-    carry little of the spots' position."""
+    carry little of the spots' position. Without `data`, the model's part
+    alone (pixels not chosen by the data's noise, for judging a fit)."""
     m = model.detach().double().cpu().numpy()
-    d = data.detach().double().cpu().numpy()
-    ok = np.ones(d.shape, bool) if valid is None else np.asarray(valid.cpu(), bool)
-    out = np.zeros(d.shape, bool)
-    for k in range(d.shape[0]):
-        bg = local_background(d[k], ok[k])
-        excess = d[k] - bg
-        peak = ndimage.maximum_filter(excess, size=window)
-        out[k] = (excess > np.maximum(sigmas * np.sqrt(bg + 1.0), fraction * peak)) & ok[k] \
-            & (peak >= faintest * float(peak[ok[k]].max() if ok[k].any() else 0.0))
+    ok = np.ones(m.shape, bool) if valid is None else np.asarray(valid.cpu(), bool)
+    out = np.zeros(m.shape, bool)
+    for k in range(m.shape[0]):
+        if data is not None:
+            d = data[k].detach().double().cpu().numpy()
+            bg = local_background(d, ok[k])
+            excess = d - bg
+            peak = ndimage.maximum_filter(excess, size=window)
+            out[k] = (excess > np.maximum(sigmas * np.sqrt(bg + 1.0), fraction * peak)) & ok[k] \
+                & (peak >= faintest * float(peak[ok[k]].max() if ok[k].any() else 0.0))
         mk = m[k] - np.median(m[k])
         mpeak = ndimage.maximum_filter(mk, size=window)
         out[k] |= (mk >= fraction * mpeak) & (mpeak >= faintest * max(float(mk.max()), 1e-300)) & (mk > 0)
@@ -63,7 +66,7 @@ def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | N
         region = F.max_pool2d(region.double().unsqueeze(1), 2 * dilate + 1, stride=1, padding=dilate).squeeze(1) > 0
     if background_fraction > 0:
         rng = np.random.default_rng(seed)
-        region |= torch.as_tensor(rng.random(d.shape) < background_fraction)
+        region |= torch.as_tensor(rng.random(m.shape) < background_fraction)
     return region & torch.as_tensor(ok)
 
 
@@ -122,14 +125,30 @@ def _background_start(data, region) -> list:
     return [float(data[k][~region[k]].median()) if bool((~region[k]).any()) else 0.0 for k in range(data.shape[0])]
 
 
+def deviance_z(model: torch.Tensor, data: torch.Tensor) -> float:
+    """The Poisson deviance of `data` given `model` (1-D) in standard
+    deviations above what photon noise gives for a right model."""
+    mean, var = expected_deviance(model)
+    dev = float(2.0 * poisson_deviance(model, data))
+    return (dev - float(mean.sum())) / math.sqrt(max(float(var.sum()), 1e-300))
+
+
+# a fit whose deviance lies further above its expectation ends in a wrong minimum
+MAX_DEVIANCE_Z = 5.0
+RESTART_TURN = 0.05  # degree: the neighbours' turn, under a spot's angular width
+
+
 def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids: bool = True,
-                 max_iter: int = 30) -> StillFit:
+                 max_iter: int = 30, restarts: bool = True) -> StillFit:
     """Refine parameter `groups` of simulator `sim` (rendered as it is:
     a still, or its first scan image) against measured photons `data`
     (panels, slow, fast): centroids, then the pixels coarse (Anscombe) and
     fine (Poisson), by Levenberg-Marquardt steps; writes the refined values
     into `sim` unless write=False. valid: pixels that may be used.
-    "background" starts at the median of the pixels outside the spots."""
+    "background" starts at the median of the pixels outside the spots.
+    restarts: when the fit's deviance is beyond MAX_DEVIANCE_Z of its
+    expectation, fit again from six neighbours of the centroid solution
+    (turned by RESTART_TURN about each lab axis) and keep the best."""
     t0 = time.perf_counter()
     d = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data).detach().double()
     if d.dim() == 2:
@@ -163,10 +182,47 @@ def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids
         return (model if extra is None else model + extra)[region]
 
     t = time.perf_counter()
-    fine = levenberg_marquardt(expected, measured, x_start, phases=(("anscombe", 1.0), ("poisson", 1e-2)),
-                               max_iter=max_iter, known=linear_columns(param, work, region))
+    known = linear_columns(param, work, region)
+
+    def pixels(x0):
+        return levenberg_marquardt(expected, measured, x0, phases=(("anscombe", 1.0), ("poisson", 1e-2)),
+                                   max_iter=max_iter, known=known)
+
+    def judged(x):
+        """The deviance z of the fit over the region's pixels its model picks:
+        those the data picked are biased upwards by the noise that picked them."""
+        with torch.no_grad():
+            subs = param.substitutions(work, x)
+            model = functional_call(work, subs, ())
+            extra = param.image_terms(work, x, model.shape)
+            model = (model if extra is None else model + extra).double()
+        use = region & spot_region(model, None, valid)
+        return deviance_z(model[use], d[use])
+
+    fine = pixels(x_start)
+    renders = fine.renders
     stages.append(dict(stage="pixels", iterations=fine.iterations, renders=fine.renders, loss=fine.loss,
-                       seconds=time.perf_counter() - t))
+                       seconds=time.perf_counter() - t, deviance_z=judged(fine.x)))
+    if restarts and stages[-1]["deviance_z"] > MAX_DEVIANCE_Z:
+        # a wrong minimum: start again from the neighbours of the centroid solution,
+        # turned about each axis by a fraction of a spot's angular width, keep the best
+        t = time.perf_counter()
+        labels = param.labels
+        tried = []
+        for axis in ("x", "y", "z"):
+            if f"orientation.{axis}" not in labels:
+                continue
+            for sign in (1.0, -1.0):
+                x0 = x_start.clone()
+                x0[labels.index(f"orientation.{axis}")] += sign * RESTART_TURN / 0.01
+                tried.append(pixels(x0))
+        if tried:
+            best = min(tried, key=lambda r: r.loss)
+            renders += sum(r.renders for r in tried)
+            if best.loss < fine.loss:
+                fine = best
+            stages.append(dict(stage="restarts", starts=len(tried), renders=sum(r.renders for r in tried),
+                               loss=fine.loss, seconds=time.perf_counter() - t, deviance_z=judged(fine.x)))
     cov = torch.linalg.pinv(fine.fisher)
     jac = torch.autograd.functional.jacobian(lambda v: param.physical(work, v), fine.x)
     psig = torch.sqrt(torch.clamp(torch.diagonal(jac @ cov @ jac.T), min=0.0))
@@ -178,89 +234,8 @@ def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids
     if write:
         assign(sim, param.substitutions(sim, fine.x.to(sim.dtype)))
     return StillFit(labels=list(param.labels), x=fine.x, covariance=cov, parameters=params, loss=fine.loss,
-                    pixels=int(region.sum()), renders=fine.renders + 1,
+                    pixels=int(region.sum()), renders=renders + 1,
                     seconds=time.perf_counter() - t0, converged=fine.converged, stages=stages)
-
-
-# ----------------------------------------------------------------------------- stages of the engine
-
-def still_strategy(names, max_iter: int = 30) -> list[dict]:
-    """Centroids of the geometric groups (when any is refined), then every
-    group by Levenberg-Marquardt steps (Anscombe, then Poisson)."""
-    names = list(names)
-    geometric = [g for g in names if g in GEOMETRY_GROUPS]
-    stages = [dict(kind="centroids", groups=geometric)] if geometric else []
-    stages.append(dict(kind="steps", groups=names, max_iter=max_iter))
-    return stages
-
-
-def centroid_stage(engine, sims, x, stage, masks, datas):
-    """An engine stage of kind "centroids": each entry's geometric groups
-    fitted to its observed spot centroids (fit_centroids), added to `x`.
-    Groups shared by several entries are left to the pixel stages."""
-    t0 = time.perf_counter()
-    x_new = x.clone()
-    fits = []
-    for k, entry in enumerate(engine.entries):
-        bound = [b for b in engine.bound[k] if b.group.name in stage["groups"] and b.group.name in GEOMETRY_GROUPS
-                 and (len(b.entries) == 1 or len(engine.entries) == 1)]
-        if not bound:
-            continue
-        sim = sims[k]
-        valid = engine.valid[k]
-        fit = fit_centroids(sim, datas[k].double(), [b.group for b in bound], valid,
-                            image=None if entry.still else entry.image)
-        for b in bound:
-            for j, label in enumerate(b.group.labels):
-                x_new[b.offset + j] += float(fit.x[fit.labels.index(label)])
-        fits.append(dict(image=k, spots=fit.spots, rms_start_px=fit.rms_start, rms_px=fit.rms,
-                         iterations=fit.iterations))
-    ok = all(np.isfinite(f["rms_px"]) for f in fits)
-    info = dict(kind="centroids", groups=list(stage["groups"]), renders=0, iterations=sum(f["iterations"] for f in fits),
-                loss=float("nan"), seconds=time.perf_counter() - t0, converged=ok, images=fits)
-    return (x_new if ok else x), info
-
-
-def steps_stage(engine, sims, x, stage, masks, datas):
-    """An engine stage of kind "steps": the stage's groups by Levenberg-
-    Marquardt steps (Anscombe, then Poisson) over the entries they touch,
-    rendered in float64 (`sims`) over each entry's region; the priors are
-    Gaussian restraints, the bounds are not applied."""
-    t0 = time.perf_counter()
-    active, touched = engine._active(stage["groups"])
-    idx = torch.tensor(active, dtype=torch.long, device=x.device)
-    base = x.double()
-
-    def expected(v):
-        full = base.index_put((idx,), v.to(base))
-        return torch.cat([engine.model(k, sims[k], full, masks[k])[masks[k]] for k in touched])
-
-    measured = torch.cat([datas[k].double()[masks[k]] for k in touched])
-    prec = torch.zeros(len(active), dtype=torch.float64)
-    mean = torch.zeros(len(active), dtype=torch.float64)
-    for j, i in enumerate(active):
-        if i in engine.priors:
-            mean[j], prec[j] = engine.priors[i][0], 1.0 / engine.priors[i][1] ** 2
-
-    def progress(line):
-        if engine.progress is not None:
-            engine.progress(dict(stage="steps", image=None, evaluation=len(engine.history), loss=float("nan"),
-                                 dtype="float64", message=line))
-
-    res = levenberg_marquardt(expected, measured, base[idx].cpu(), phases=(("anscombe", 1.0), ("poisson", 1e-2)),
-                              max_iter=int(stage.get("max_iter", 30)), prior_precision=prec, prior_mean=mean,
-                              progress=progress)
-    engine.renders += res.renders * len(touched)
-    engine.history.extend(res.loss_history)
-    x_new = x.clone()
-    x_new[idx] = res.x.to(x)
-    info = dict(kind="steps", groups=list(stage["groups"]), dtype="float64", iterations=res.iterations,
-                renders=res.renders * len(touched), loss=res.loss, seconds=time.perf_counter() - t0,
-                converged=res.converged)
-    return x_new, info
-
-
-STAGE_KINDS = {"centroids": centroid_stage, "steps": steps_stage}
 
 
 # ----------------------------------------------------------------------------- measured frames
