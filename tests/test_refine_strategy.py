@@ -74,3 +74,17 @@ def test_anscombe_distance_is_bounded_where_the_model_vanishes():
     assert float(anscombe_distance(torch.tensor([0.0, 0.0]), data)) < 2 * 51
     assert not np.isfinite(float(poisson_deviance(torch.tensor([0.0, 0.0]), data))) or \
         float(poisson_deviance(torch.tensor([0.0, 0.0]), data)) > 1000
+
+
+def test_a_start_outside_the_basin_is_not_reported_converged():
+    """Six degrees off and without the centroid stage the pixels cannot bring
+    the crystal back: the fit says so (deviance far above its expectation)
+    instead of reporting a result."""
+    from torchbragg.refine.parameters import Parametrisation
+    from torchbragg.refine.refiner import assign
+    truth, sim, data = trial_case("tetragonal", "bright", 0)
+    axis = torch.tensor([0.6, -0.3, 0.74], dtype=torch.float64)
+    assign(sim, Parametrisation(["orientation"], sim).substitutions(sim, axis / axis.norm() * 600.0))
+    fit = refine_still(sim, data, groups_for("bright"), centroids=False, restarts=False, max_iter=8)
+    assert not fit.converged
+    assert fit.deviance_z > 100

@@ -74,11 +74,13 @@ def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | N
 class StillFit:
     """What `refine_still` found: labels, x (internal vector, start 0) and
     its covariance (the inverse Fisher information of the Poisson fit);
-    physical values (start, value, sigma) per physical label; half the
-    Poisson deviance at the end and its expectation for a right model
-    (`goodness`: their difference in standard deviations); renders and
-    seconds of each stage; converged: the last stage stopped on its
-    tolerance."""
+    physical values (start, value, sigma) per physical label; loss: half
+    the Poisson deviance at the end over the region's `pixels`;
+    deviance_z: the deviance above its expectation for a right model, in
+    standard deviations, over the pixels the refined model picks; renders
+    and seconds of each stage;
+    converged: the steps stopped on their tolerance and the deviance is
+    within MAX_DEVIANCE_Z of its expectation (else a wrong minimum)."""
     labels: list
     x: torch.Tensor
     covariance: torch.Tensor
@@ -88,6 +90,7 @@ class StillFit:
     renders: int
     seconds: float
     converged: bool
+    deviance_z: float = float("nan")
     stages: list = field(default_factory=list)
 
     def value(self, name):
@@ -233,9 +236,10 @@ def refine_still(sim, data, groups, valid=None, *, write: bool = True, centroids
                                                       psig.tolist())]
     if write:
         assign(sim, param.substitutions(sim, fine.x.to(sim.dtype)))
+    z = stages[-1]["deviance_z"]
     return StillFit(labels=list(param.labels), x=fine.x, covariance=cov, parameters=params, loss=fine.loss,
-                    pixels=int(region.sum()), renders=renders + 1,
-                    seconds=time.perf_counter() - t0, converged=fine.converged, stages=stages)
+                    pixels=int(region.sum()), renders=renders + 1, seconds=time.perf_counter() - t0,
+                    converged=fine.converged and z <= MAX_DEVIANCE_Z, deviance_z=z, stages=stages)
 
 
 # ----------------------------------------------------------------------------- measured frames
