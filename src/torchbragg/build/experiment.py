@@ -45,10 +45,12 @@ def parse_experiment_flags(argv: list[str]) -> SimulationConfig:
 
 
 def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype=None, device=None,
-                          chunk_elements=None):
+                          chunk_elements=None, direct_beam: bool = True):
     """A Simulator for a dials.Experiment; `cfg` (nanoBragg flags parsed into a
     SimulationConfig) supplies what the experiment does not say. Returns
-    (simulator, BuildInfo)."""
+    (simulator, BuildInfo). direct_beam=False gives the 0 0 0 reflection no
+    amplitude (-default_F gives it one, as nanoBragg does): a model fitted
+    to measured frames must not put a spot where the beamstop is."""
     import torch
 
     from ..models import Crystal
@@ -71,6 +73,8 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     probe = Crystal(given.cell, given.U, misset=given.misset, space_group=given.space_group, setting=given.setting,
                     dtype=f64, device=device)
     crystal = make_crystal(cfg, info, probe, table, device)
+    if not direct_beam:
+        crystal.structure_factors = crystal.structure_factors.without_direct_beam()
     # copies: the experiment's own models keep their precision whatever the render dtype
     detector = copy.deepcopy(experiment.detector).to(device=device, dtype=f64)
     if mask is not None:

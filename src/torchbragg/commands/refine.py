@@ -404,7 +404,7 @@ def image_entries(experiments, shots, images, cfg) -> list:
     sims, entries = {}, []
     for s, (data, valid) in zip(shots, images):
         if s.experiment not in sims:
-            sims[s.experiment] = build_from_experiment(experiments[s.experiment], cfg)[0]
+            sims[s.experiment] = build_from_experiment(experiments[s.experiment], cfg, direct_beam=False)[0]
         entries.append(Entry(sims[s.experiment], torch.as_tensor(data, dtype=torch.float64),
                              valid=torch.as_tensor(valid), image=s.number, still=s.number is None))
     return entries
