@@ -74,10 +74,10 @@ def steps_stage(engine, sims, x, stage, masks, datas):
         if i in engine.priors:
             mean[j], prec[j] = engine.priors[i][0], 1.0 / engine.priors[i][1] ** 2
 
-    def progress(line):
+    def progress(step):
         if engine.progress is not None:
-            engine.progress(dict(stage="steps", image=None, evaluation=len(engine.history), loss=float("nan"),
-                                 dtype="float64", message=line))
+            engine.progress(dict(stage=f"steps, {step['phase']}", image=None, evaluation=step["renders"],
+                                 loss=step["loss"], dtype="float64"))
 
     res = levenberg_marquardt(expected, measured, base[idx].cpu(), phases=(("anscombe", 1.0), ("poisson", 1e-2)),
                               max_iter=int(stage.get("max_iter", 30)), prior_precision=prec, prior_mean=mean,

@@ -88,7 +88,8 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
     taken afresh, by central differences of `steps` (default 0.1 internal
     units; 2 renders per parameter). prior_precision / prior_mean: Gaussian
     restraints (diagonal), added to the loss and the information.
-    progress: called with a line of text after every iteration. known:
+    progress: called after every iteration with a dict (phase, iteration,
+    loss, expected_gain, renders). known:
     known(x, mu) -> {parameter index: column d mu / d x_i} for parameters
     whose derivative needs no render (a scale, an additive background)."""
     x = x0.detach().double().clone()
@@ -144,8 +145,8 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
             break
         gain_expected = 0.5 * float(g @ torch.linalg.lstsq(F, g.unsqueeze(1)).solution.squeeze(1))
         if progress:
-            progress(f"{phases[phase][0]} iteration {it}: loss {loss:.6g}, expected gain {gain_expected:.3g}, "
-                     f"{renders} renders")
+            progress(dict(phase=phases[phase][0], iteration=it, loss=loss, expected_gain=gain_expected,
+                          renders=renders))
         # no step gains with a fresh Jacobian while under one unit is expected: the
         # rest is the differences' own error, the minimum is reached within it
         if gain_expected < phases[phase][1] or (stalled and gain_expected < 1.0):
