@@ -27,3 +27,10 @@ def test_refine_command_strategy_option():
     assert opts["strategy"] == "still"
     with pytest.raises(InputError, match="unknown --strategy 'lbfgs'"):
         parse(["x.expt", "image.cbf", "--out", "o", "--strategy", "lbfgs"])
+
+
+def test_refine_command_per_image_option():
+    opts = parse(["x.expt", "a.cbf", "b.cbf", "--out", "o", "--refine", "scale,orientation", "--per-image", "scale"])
+    assert opts["per_image"] == ["scale"]
+    with pytest.raises(InputError, match="--per-image cell: not among the refined groups"):
+        parse(["x.expt", "a.cbf", "--out", "o", "--refine", "scale,orientation", "--per-image", "cell"])

@@ -80,6 +80,9 @@ options:
                             centroids first, then Levenberg-Marquardt steps on the
                             pixels (Anscombe, then Poisson), which holds from faint
                             to bright images and takes far fewer renders
+  --per-image G,G,...       groups refined per image (a sweep's scale: one per
+                            frame); default: none for a sweep, the crystal groups
+                            for several stills
   --spots K                 cut-outs of the K strongest spots in the report (default 12)
   --quiet                   no summary on stdout and no progress on stderr
 
@@ -119,9 +122,9 @@ def parse(argv: list[str]) -> dict:
     from .options import refuse_geometry, split_options
     opts = dict(expt=None, images=None, out=None, refine=None, experiment=None, image=None, adc_offset="0",
                 loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[],
-                strategy="default")
+                strategy="default", per_image=None)
     valued = ("--out", "--refine", "--experiment", "--image", "--images", "--adc-offset", "--loss", "--read-noise",
-              "--gain", "--max-iter", "--spots", "--strategy")
+              "--gain", "--max-iter", "--spots", "--strategy", "--per-image")
     positionals = split_options(argv, opts, valued, ("--quiet",), "refine")
     opts["range"] = opts["images"]  # --images FIRST:LAST; "images" holds the files
     opts["expt"], opts["images"] = (positionals[0], positionals[1:]) if positionals else (None, [])
@@ -160,6 +163,13 @@ def parse(argv: list[str]) -> dict:
     if opts["read_noise"] is not None and opts["read_noise"] < 0:
         raise InputError("--read-noise must be >= 0")
     opts["groups"] = parse_groups(opts["refine"])
+    if opts["per_image"] is not None:
+        per = parse_groups(opts["per_image"])
+        outside = [g for g in per if g not in opts["groups"]]
+        if outside:
+            raise InputError(f"--per-image {','.join(outside)}: not among the refined groups "
+                             f"{','.join(opts['groups'])}")
+        opts["per_image"] = per
     refuse_geometry(opts["flags"])
     return opts
 
@@ -425,7 +435,10 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
     one = len(shots) == 1
     sweep = len({s.experiment for s in shots}) == 1
     groups = opts["groups"]
-    per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
+    if opts.get("per_image") is not None:
+        per_image = list(opts["per_image"])
+    else:
+        per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
     shared = [g for g in groups if g not in per_image]
     entries = image_entries(experiments, shots, images, cfg)
     starts = [_real(e.sim.crystal) for e in entries]

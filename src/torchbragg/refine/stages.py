@@ -48,8 +48,9 @@ def centroid_stage(engine, sims, x, stage, masks, datas):
         fits.append(dict(image=k, spots=fit.spots, rms_start_px=fit.rms_start, rms_px=fit.rms,
                          iterations=fit.iterations))
     ok = all(np.isfinite(f["rms_px"]) for f in fits)
-    info = dict(kind="centroids", groups=list(stage["groups"]), renders=0, iterations=sum(f["iterations"] for f in fits),
-                loss=float("nan"), seconds=time.perf_counter() - t0, converged=ok, images=fits)
+    info = dict(kind="centroids", groups=list(stage["groups"]), broaden=None, dtype="float64", renders=0,
+                iterations=sum(f["iterations"] for f in fits), loss=float("nan"), seconds=time.perf_counter() - t0,
+                converged=ok, images=fits)
     return (x_new if ok else x), info
 
 
@@ -86,9 +87,9 @@ def steps_stage(engine, sims, x, stage, masks, datas):
     engine.history.extend(res.loss_history)
     x_new = x.clone()
     x_new[idx] = res.x.to(x)
-    info = dict(kind="steps", groups=list(stage["groups"]), dtype="float64", iterations=res.iterations,
-                renders=res.renders * len(touched), loss=res.loss, seconds=time.perf_counter() - t0,
-                converged=res.converged)
+    info = dict(kind="steps", groups=list(stage["groups"]), broaden=None, dtype="float64",
+                iterations=res.iterations, renders=res.renders * len(touched), loss=res.loss,
+                seconds=time.perf_counter() - t0, converged=res.converged)
     return x_new, info
 
 
