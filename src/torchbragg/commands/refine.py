@@ -429,6 +429,7 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
     group shared; or several stills with crystal groups per image."""
     import torch
 
+    from ..refine.centroids import miller_label
     from ..refine.refiner import Refiner
     from ..refine.report import FIGURE_IMAGES, build_joint_report, build_report
 
@@ -465,11 +466,12 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
             with torch.no_grad():
                 model = e.render(e.sim).detach().double().cpu().numpy()
             model = _with_background(model, result.parameters + result.images[j])
-            shown.append((images[j][0], model, images[j][1], refiner.masks[j].numpy()))
+            shown.append((images[j][0], model, images[j][1], refiner.masks[j].numpy(),
+                          miller_label(e.sim, None if e.still else e.image)))
         if one:
             s = shots[0]
             doc = summary_document(opts, s.experiment, s.path, s.number, result, seconds, starts[0], finals[0])
-            files = build_report(doc, result, *shown[0], opts["spots"])
+            files = build_report(doc, result, *shown[0][:4], opts["spots"], label=shown[0][4])
         else:
             doc = joint_document(opts, shots, result, sweep, shared, per_image, starts, finals)
             files = build_joint_report(doc, result, shown, opts["spots"])

@@ -473,3 +473,15 @@ def fit_sweep_centroids(sim, hkl, panel, xyz, groups, *, rounds: int = 4, iterat
     d = (pred - obs)[keep]
     end = rms(d)
     return SweepFit(x.detach(), list(param.labels), int(keep.sum()), start[0], end[0], start[1], end[1], taken)
+
+
+def miller_label(sim, image=None):
+    """label(panel, slow, fast) -> "h k l" of the reflection whose spot
+    covers that pixel under the model (the nearest reciprocal-lattice point
+    of its scattering vector; for a scan image, at the image's middle
+    angle)."""
+    def label(k, s, f):
+        spot = Spots(np.array([k]), np.array([[f + 0.5, s + 0.5]]), np.ones((1, 2)), np.ones(1))
+        hkl, _ = index(sim, {}, spot, image, tolerance=0.5)
+        return " ".join(str(int(v)) for v in hkl[0])
+    return label
