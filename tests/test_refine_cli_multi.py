@@ -208,6 +208,11 @@ def test_sweep_with_a_scale_per_image_and_the_still_strategy(sweep, tmp_path, ca
     scales = [im["parameters"][0] for im in doc["images"]]
     spread = max(p["value"] for p in scales) - min(p["value"] for p in scales)
     assert spread < 4 * max(p["sigma"] for p in scales)
+    # the refined model's spot centroids against the observed ones, per image, in the document and the report
+    rows = doc["centroids"]
+    assert [r["image"] for r in rows] == [1, 2, 3]
+    assert all(r["spots"] >= 3 and r["rms_px"] < 1.0 and r["rms_frames"] is not None for r in rows), rows
+    assert "## Spot centroids" in (out / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------- planning

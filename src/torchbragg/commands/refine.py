@@ -429,7 +429,7 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
     group shared; or several stills with crystal groups per image."""
     import torch
 
-    from ..refine.centroids import miller_label
+    from ..refine.centroids import centroid_rms, miller_label
     from ..refine.refiner import Refiner
     from ..refine.report import FIGURE_IMAGES, build_joint_report, build_report
 
@@ -475,6 +475,10 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
         else:
             doc = joint_document(opts, shots, result, sweep, shared, per_image, starts, finals)
             files = build_joint_report(doc, result, shown, opts["spots"])
+        doc["centroids"] = [dict(image=j if e.image is None else e.image,
+                                 **centroid_rms(e.sim, images[j][0], images[j][1], None if e.still else e.image))
+                            for j, e in enumerate(entries)]
+        files["report.md"] += centroid_lines(doc["centroids"]).encode()
         files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
         write_outputs(opts, experiments, listed, files, argv)
     except BaseException:
@@ -540,6 +544,19 @@ def summary_document(opts, k, path, number, result, seconds, start_real, final_r
         seconds=seconds, stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
         correlation=d["correlation"], crystal=_crystal_section(start_real, final_real), **_honesty(d),
     )
+
+
+def centroid_lines(rows) -> str:
+    """The report's table of spot centroids: refined model against observed."""
+    lines = ["", "## Spot centroids", "",
+             "The brightest observed spots of each image (centroids above the local background) against the "
+             "refined model's, as dials.refine reports: rms in pixels, and for scan images the rms of where the "
+             "model's reflections cross the Ewald sphere from the image's middle, in frames.", "",
+             "| image | spots | rms (px) | rms (frames) |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        frames = "-" if r["rms_frames"] is None else f"{r['rms_frames']:.3f}"
+        lines.append(f"| {r['image']} | {r['spots']} | {r['rms_px']:.3f} | {frames} |")
+    return "\n".join(lines) + "\n"
 
 
 def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals) -> dict:

@@ -485,3 +485,32 @@ def miller_label(sim, image=None):
         hkl, _ = index(sim, {}, spot, image, tolerance=0.5)
         return " ".join(str(int(v)) for v in hkl[0])
     return label
+
+
+def centroid_rms(sim, data, valid=None, image=None) -> dict:
+    """How well a model places the spots of one measured image, as
+    dials.refine reports it: the observed spots' centroids (observed_spots,
+    the brightest as in fit_centroids) against the model's, rms in pixels;
+    for a scan image also the rms of where the model's reflections cross the
+    Ewald sphere from the image's middle, in frames. image: the scan image
+    (None: a still)."""
+    found = observed_spots(data, valid)
+    if len(found):
+        found = found.select(found.intensity >= 0.25 * np.quantile(found.intensity, 0.95))
+    if len(found) == 0:
+        return dict(spots=0, rms_px=float("nan"), rms_frames=None)
+    with torch.no_grad():
+        hkl, ok = index(sim, {}, found, image)
+        if not ok.any():
+            return dict(spots=0, rms_px=float("nan"), rms_frames=None)
+        h, p = torch.as_tensor(hkl[ok]), torch.as_tensor(found.panel[ok])
+        if image is None:
+            xy, _ = predict(sim, {}, h, p)
+            frames = None
+        else:
+            middle = image - sim.scan.image_range[0] + 0.5
+            xyz, crossed = predict_rotation(sim, {}, h, p, torch.full((len(h),), middle, dtype=torch.float64))
+            xy = xyz[:, :2]
+            frames = float(torch.sqrt(((xyz[crossed, 2] - middle) ** 2).mean())) if bool(crossed.any()) else None
+    d = xy.double().numpy() - found.xy[ok]
+    return dict(spots=int(ok.sum()), rms_px=float(np.sqrt((d ** 2).sum(1).mean())), rms_frames=frames)
