@@ -34,3 +34,14 @@ def test_refine_command_per_image_option():
     assert opts["per_image"] == ["scale"]
     with pytest.raises(InputError, match="--per-image cell: not among the refined groups"):
         parse(["x.expt", "a.cbf", "--out", "o", "--refine", "scale,orientation", "--per-image", "cell"])
+
+
+def test_refine_command_notes_the_profile_flags():
+    from pathlib import Path
+
+    from torchbragg.commands.refine import profile_notes
+    from torchbragg.io.dials import read_experiments
+    experiments = read_experiments(str(Path(__file__).parent / "data" / "lcys_02" / "23_integrated.expt"))
+    (note,) = profile_notes(experiments, {0}, ["-N", "30"])
+    assert "-mosaic 0.0569572" in note and "-phisteps 4" in note and "-divergence" in note
+    assert profile_notes(experiments, {0}, ["-mosaic", "0.1"]) == []

@@ -380,9 +380,28 @@ def run(argv: list[str], out=None) -> int:
 
     experiments = read_experiments(opts["expt"])
     shots = plan_shots(opts, experiments)
+    if not opts["quiet"]:
+        for line in profile_notes(experiments, {s.experiment for s in shots}, opts["flags"]):
+            print(f"torchbragg refine: note: {line}", file=sys.stderr)
     # every image is read (and checked) before anything is rendered
     images = [read_image(s.path, experiments[s.experiment].detector, s.index, opts["adc_offset"]) for s in shots]
     return refine_shots(opts, cfg, experiments, shots, images, argv, out)
+
+
+def profile_notes(experiments, chosen, flags) -> list[str]:
+    """The spot-shape flags DIALS's profile block of each chosen experiment
+    suggests (refine.strategy.profile_flags), for those the user gave none
+    of: the render does not read the profile itself."""
+    from ..refine.strategy import profile_flags
+    notes = []
+    for k in sorted(chosen):
+        e = experiments[k]
+        width = float(e.scan.oscillation[1]) if e.scan is not None and e.goniometer is not None else None
+        suggested = profile_flags(e.extras.get("profile"), width)
+        names = suggested[::2]
+        if suggested and not any(n in flags for n in names + ["-mosaic_spread", "-mosaicity", "-mosaic_dom"]):
+            notes.append(f"experiment {k}'s profile (sigma_m, sigma_b) suggests {' '.join(suggested)}")
+    return notes
 
 
 def _loss_options(opts) -> dict:
