@@ -18,8 +18,19 @@ tests/test_refine_recovery.py.
   overall      seconds per refined still, shots per second (stills / summed
                refinement seconds), successes
 
+With --levels, the recovery trials of tests/recovery.py instead (512 x 512
+stills, 0.1 mm pixels, 1.1 A, starts 0.1-0.3 degree off) at the chosen
+signal levels (faint: peak ~30 photons over 3 of background, medium: ~300
+over 3, bright: ~3e4 without background), refined with the still strategy
+(torchbragg.refine.strategy.refine_still: centroids, then Levenberg-
+Marquardt on the pixels): per level and cell, seconds, renders, successes
+(each error within its limit or within 3 reported uncertainties) and the
+standard deviation of the pulls.
+
 Usage: python scripts/bench_refine.py [--stills K] [--detpixels N] [--device cuda] [--threads T]
                                       [--max-iter N] [--repeat R] [--seed S] [--json out.json]
+       python scripts/bench_refine.py --levels faint,medium,bright [--systems triclinic,tetragonal]
+                                      [--trials 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -253,6 +264,55 @@ def print_tables(report: dict) -> None:
     print(f"(success: {limits}; fwd+bwd: minimum over {report['repeat']} runs, float32, median over stills)")
 
 
+def run_levels(opts) -> int:
+    """The recovery trials at each level and cell: a table per case and a summary."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import numpy as np
+    from recovery import CELLS, LEVELS, assess, groups_for, trial_case
+
+    from torchbragg.refine.strategy import refine_still
+    levels, systems = opts.levels.split(","), opts.systems.split(",")
+    for name, known, given in (("--levels", LEVELS, levels), ("--systems", CELLS, systems)):
+        bad = [g for g in given if g not in known]
+        if bad:
+            print(f"bench_refine.py: error: {name}: unknown {', '.join(bad)}; known: {', '.join(known)}",
+                  file=sys.stderr)
+            return 2
+    report = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+              "threads": __import__("torch").get_num_threads(), "cases": []}
+    rows = []
+    for system in systems:
+        for level in levels:
+            trials = []
+            for k in range(opts.trials):
+                truth, sim, data = trial_case(system, level, k)
+                fit = refine_still(sim, data, groups_for(level))
+                a = assess(truth, sim, fit)
+                trials.append(dict(trial=k, seconds=fit.seconds, renders=fit.renders, converged=fit.converged,
+                                   pixels=fit.pixels, errors=a["errors"], pulls=a["pulls"], success=a["ok"],
+                                   stages=fit.stages))
+                print(f"{system} {level} {k}: {fit.seconds:.1f} s, {fit.renders} renders, "
+                      f"rotation {a['errors']['rotation_deg']:.4f} deg, cell {100 * a['errors']['cell_rel']:.4f} %, "
+                      f"beam centre {a['errors']['beam_centre_px']:.3f} px, "
+                      f"{'success' if a['ok'] else 'no success'}", flush=True)
+            pulls = [v for t in trials for v in t["pulls"].values()]
+            case = dict(system=system, level=level, peak_background=LEVELS[level], trials=trials,
+                        seconds_median=statistics.median(t["seconds"] for t in trials),
+                        renders_median=statistics.median(t["renders"] for t in trials),
+                        successes=sum(t["success"] for t in trials), pull_std=float(np.std(pulls)))
+            report["cases"].append(case)
+            rows.append([system, level, f"{LEVELS[level][0]:g}/{LEVELS[level][1]:g}", fmt(case["seconds_median"], ".1f"),
+                         fmt(case["renders_median"], ".0f"), f"{case['successes']}/{len(trials)}",
+                         fmt(case["pull_std"], ".2f")])
+    print()
+    print("\n".join(table(["cell", "level", "peak/background", "s/shot (median)", "renders/shot (median)",
+                            "success", "pull std"], rows)))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
+        print(f"wrote {opts.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Time refinement of simulated noisy stills (scale, background, "
                                 "orientation, cell, N, beam_centre; default strategy).")
@@ -264,8 +324,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="orientations, noise and starts (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     p.add_argument("--json", metavar="FILE", help="also write every number as JSON")
+    p.add_argument("--levels", help="recovery trials of the still strategy at these signal levels "
+                   "(comma-separated: faint, medium, bright) instead")
+    p.add_argument("--systems", default="triclinic,tetragonal", help="cells of the --levels trials")
+    p.add_argument("--trials", type=int, default=20, help="trials per level and cell (default 20)")
     opts = p.parse_args(argv)
-    for name in ("stills", "detpixels", "max_iter", "repeat", "threads"):
+    for name in ("stills", "detpixels", "max_iter", "repeat", "threads", "trials"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     import numpy as np
@@ -276,6 +340,8 @@ def main(argv=None) -> int:
         p.error(f"--device {opts.device}: use cpu or cuda")
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.levels:
+        return run_levels(opts)
 
     from torchbragg.dataset import random_rotations
     report = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),

@@ -91,7 +91,8 @@ def _misset(cfg, v):
 
 
 simple("-misset_seed", 1, "int", G, "seed for -misset random (default: the noise seed)", "crystal", "misset_seed")
-simple("-hkl", 1, "str", G, "text file of h k l F (P1)", "crystal", "hkl_file")
+simple("-hkl", 1, "str", G, "text file of h k l F (P1), or a DIALS reflection table (.refl, .json): F = sqrt(<I>)",
+       "crystal", "hkl_file")
 simple("-mtz", 1, "str", G, "MTZ file of merged F or I (instead of -hkl), expanded to P1 by its space group",
        "crystal", "mtz_file")
 simple("-mtz_column", 1, "str", G, "MTZ column: an F or I label, F(+) or I(+) for an anomalous pair (h from +, -h "

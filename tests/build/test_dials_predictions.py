@@ -362,8 +362,8 @@ def test_slab_count_follows_the_attenuation_length(experiment, thin_sensor):
 
 # ----------------------------------------------------------------------------- a real sweep
 
-LCYS = os.path.join(DATA, "lcys_02_integrated.expt")
-LCYS_REFL = os.path.join(DATA, "lcys_02_integrated_refl.json")
+LCYS = os.path.join(DATA, "..", "lcys_02", "23_integrated.expt")
+LCYS_REFL = os.path.join(DATA, "..", "lcys_02", "23_integrated_refl.json")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from golden import ROOT
@@ -124,3 +123,9 @@ def test_device_bench_tiny_run(tmp_path):
     doc = json.loads(out.read_text())
     s = doc["seconds"]["float32"]
     assert set(s) == {"series", "fwd", "fwd+bwd"} and all(v > 0 for v in s.values())
+
+
+def test_refine_bench_levels_refuses_unknown_level():
+    r = subprocess.run([sys.executable, str(REFINE_SCRIPT), "--levels", "medium,blinding"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "unknown blinding" in r.stderr

@@ -191,6 +191,30 @@ def test_sweep_refines_one_crystal_over_its_images(sweep, tmp_path, capsys):
     assert len(expt["crystal"]) == 1 and expt["scan"][0]["image_range"] == [1, 4]
 
 
+def test_sweep_with_a_scale_per_image_and_the_still_strategy(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    files = [str(sweep / f"truth_{k:05d}.cbf") for k in (1, 2, 3)]
+    rc = tool(["refine", str(sweep / "start.expt")] + files + ["--out", str(out), "--refine", "scale,orientation",
+                                                              "--per-image", "scale", "--strategy", "still",
+                                                              "--spots", "4"] + SWEEP_PHYSICS)
+    capsys.readouterr()
+    assert rc == 0
+    doc = json.loads((out / "refined.json").read_text())
+    assert doc["per_image_groups"] == ["scale"]
+    assert all([p["group"] for p in im["parameters"]] == ["scale"] for im in doc["images"])
+    (truth,), (final,) = crystals(sweep / "truth.expt"), crystals(out / "refined.expt")
+    assert misorientation(truth, final) < 0.01
+    # the frames were made with one fluence: their refined scales agree within their uncertainties
+    scales = [im["parameters"][0] for im in doc["images"]]
+    spread = max(p["value"] for p in scales) - min(p["value"] for p in scales)
+    assert spread < 4 * max(p["sigma"] for p in scales)
+    # the refined model's spot centroids against the observed ones, per image, in the document and the report
+    rows = doc["centroids"]
+    assert [r["image"] for r in rows] == [1, 2, 3]
+    assert all(r["spots"] >= 3 and r["rms_px"] < 1.0 and r["rms_frames"] is not None for r in rows), rows
+    assert "## Spot centroids" in (out / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------- planning
 
 def plan(args, expt):

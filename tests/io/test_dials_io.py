@@ -4,7 +4,6 @@ goniometers, both scan layouts, blocks torchbragg does not model, bad files."""
 import copy
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

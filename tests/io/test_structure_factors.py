@@ -4,7 +4,6 @@ independent expansion, anomalous pairs, model amplitudes against gemmi's
 direct summation, and bad input as one line. All data are made here with gemmi."""
 
 import io
-import os
 from contextlib import redirect_stdout
 
 import numpy as np

@@ -75,11 +75,14 @@ def check_experiment_flags(experiment, cfg: SimulationConfig | None = None) -> R
 
 
 def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype=None, device=None,
-                          chunk_elements=None, background: dict | None = None):
+                          chunk_elements=None, background: dict | None = None, direct_beam: bool = True):
     """A Simulator for a dials.Experiment; `cfg` (nanoBragg flags parsed into a
     SimulationConfig) supplies what the experiment does not say; `background`:
     keywords of `Background.from_stol` (path, thickness, ...) for an amorphous
-    background added to the Bragg image. Returns (simulator, BuildInfo)."""
+    background added to the Bragg image. direct_beam=False gives the 0 0 0
+    reflection no amplitude (-default_F gives it one, as nanoBragg does): a
+    model fitted to measured frames must not put a spot where the beamstop
+    is. Returns (simulator, BuildInfo)."""
     cfg = cfg or SimulationConfig()
     resolved = check_experiment_flags(experiment, cfg)
     dtype, device = resolve_device(cfg, dtype, device)
@@ -95,6 +98,8 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     probe = Crystal(given.cell, given.U, misset=given.misset, space_group=given.space_group, setting=given.setting,
                     dtype=f64, device=device)
     crystal = make_crystal(cfg, info, resolved, probe, table, device)
+    if not direct_beam:
+        crystal.structure_factors = crystal.structure_factors.without_direct_beam()
     # copies: the experiment's own models keep their precision whatever the render dtype
     detector = copy.deepcopy(experiment.detector).to(device=device, dtype=f64)
     if mask is not None:

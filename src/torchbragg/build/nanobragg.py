@@ -199,7 +199,12 @@ def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False
         raise InputError("-model_dmin sets the resolution of -model FILE; give -model")
     if given:
         from ..io.hkl import write_fdump
-        if c.hkl_file is not None:
+        if c.hkl_file is not None and c.hkl_file.lower().endswith((".refl", ".json")):
+            from ..io.structure_factors import read_dials_reflections
+            table = read_dials_reflections(c.hkl_file, default_F=c.default_F)
+            info.messages.append(f"reading {table.read} reflections from the DIALS table {c.hkl_file}, "
+                                 f"F = sqrt(<{table.columns[0]}>), {table.count} with Friedel mates")
+        elif c.hkl_file is not None:
             from ..io.hkl import read_hkl
             table = read_hkl(c.hkl_file, default_F=c.default_F)
         else:

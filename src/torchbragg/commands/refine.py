@@ -77,6 +77,13 @@ options:
   --loss poisson|gaussian   likelihood (default poisson)
   --read-noise R --gain G   the Gaussian likelihood's read noise (photons) and gain
   --max-iter N              L-BFGS iterations per stage (default 60)
+  --strategy default|still  default: L-BFGS stages, coarse to fine; still: spot
+                            centroids first, then Levenberg-Marquardt steps on the
+                            pixels (Anscombe, then Poisson), which holds from faint
+                            to bright images and takes far fewer renders
+  --per-image G,G,...       groups refined per image (a sweep's scale: one per
+                            frame); default: none for a sweep, the crystal groups
+                            for several stills
   --spots K                 cut-outs of the K strongest spots in the report (default 12)
   --quiet                   no summary on stdout and no progress on stderr
 
@@ -115,9 +122,10 @@ MeasuredImage = namedtuple("MeasuredImage", "experiment path index number")
 def parse(argv: list[str]) -> dict:
     from .options import refuse_geometry, split_options
     opts = dict(expt=None, images=None, out=None, refine=None, experiment=None, image=None, adc_offset="0",
-                loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[])
+                loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[],
+                strategy="default", per_image=None)
     valued = ("--out", "--refine", "--experiment", "--image", "--images", "--adc-offset", "--loss", "--read-noise",
-              "--gain", "--max-iter", "--spots")
+              "--gain", "--max-iter", "--spots", "--strategy", "--per-image")
     positionals = split_options(argv, opts, valued, ("--quiet",), "refine")
     opts["range"] = opts["images"]  # --images FIRST:LAST; "images" holds the files
     opts["expt"], opts["images"] = (positionals[0], positionals[1:]) if positionals else (None, [])
@@ -145,6 +153,8 @@ def parse(argv: list[str]) -> dict:
                 raise InputError(f"--{key.replace('_', '-')} expects a number, got '{opts[key]}'") from None
             if not math.isfinite(opts[key]):
                 raise InputError(f"--{key.replace('_', '-')} must be finite")
+    if opts["strategy"] not in ("default", "still"):
+        raise InputError(f"unknown --strategy '{opts['strategy']}'; choose default or still")
     if opts["loss"] not in ("poisson", "gaussian"):
         raise InputError(f"unknown --loss '{opts['loss']}'; choose poisson or gaussian")
     if opts["loss"] != "gaussian" and (opts["read_noise"] is not None or opts["gain"] is not None):
@@ -154,6 +164,13 @@ def parse(argv: list[str]) -> dict:
     if opts["read_noise"] is not None and opts["read_noise"] < 0:
         raise InputError("--read-noise must be >= 0")
     opts["groups"] = parse_groups(opts["refine"])
+    if opts["per_image"] is not None:
+        per = parse_groups(opts["per_image"])
+        outside = [g for g in per if g not in opts["groups"]]
+        if outside:
+            raise InputError(f"--per-image {','.join(outside)}: not among the refined groups "
+                             f"{','.join(opts['groups'])}")
+        opts["per_image"] = per
     refuse_geometry(opts["flags"])
     return opts
 
@@ -369,9 +386,28 @@ def run(argv: list[str], out=None) -> int:
         chosen = opts["experiment"] if opts["experiment"] is not None else list(range(len(experiments)))
         opts["images"] = named_images(experiments, opts["expt"], chosen)
     shots = plan_shots(opts, experiments)
+    if not opts["quiet"]:
+        for line in profile_notes(experiments, {s.experiment for s in shots}, opts["flags"]):
+            print(f"torchbragg refine: note: {line}", file=sys.stderr)
     # every image is read (and checked) before anything is rendered
     images = [read_image(s.path, experiments[s.experiment].detector, s.index, opts["adc_offset"]) for s in shots]
     return refine_shots(opts, cfg, experiments, shots, images, argv, out)
+
+
+def profile_notes(experiments, chosen, flags) -> list[str]:
+    """The spot-shape flags DIALS's profile block of each chosen experiment
+    suggests (refine.strategy.profile_flags), for those the user gave none
+    of: the render does not read the profile itself."""
+    from ..refine.strategy import profile_flags
+    notes = []
+    for k in sorted(chosen):
+        e = experiments[k]
+        width = float(e.scan.oscillation[1]) if e.scan is not None and e.goniometer is not None else None
+        suggested = profile_flags(e.extras.get("profile"), width)
+        names = suggested[::2]
+        if suggested and not any(n in flags for n in names + ["-mosaic_spread", "-mosaicity", "-mosaic_dom"]):
+            notes.append(f"experiment {k}'s profile (sigma_m, sigma_b) suggests {' '.join(suggested)}")
+    return notes
 
 
 def _loss_options(opts) -> dict:
@@ -403,7 +439,7 @@ def image_entries(experiments, shots, images, cfg) -> list:
     sims, entries = {}, []
     for s, (data, valid) in zip(shots, images):
         if s.experiment not in sims:
-            sims[s.experiment] = build_from_experiment(experiments[s.experiment], cfg)[0]
+            sims[s.experiment] = build_from_experiment(experiments[s.experiment], cfg, direct_beam=False)[0]
         entries.append(Entry(sims[s.experiment], torch.as_tensor(data, dtype=torch.float64),
                              valid=torch.as_tensor(valid), image=s.number, still=s.number is None))
     return entries
@@ -418,18 +454,23 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
     group shared; or several stills with crystal groups per image."""
     import torch
 
+    from ..refine.centroids import centroid_rms, miller_label
     from ..refine.refiner import Refiner
     from ..refine.report import FIGURE_IMAGES, build_joint_report, build_report
 
     one = len(shots) == 1
     sweep = len({s.experiment for s in shots}) == 1
     groups = opts["groups"]
-    per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
+    if opts.get("per_image") is not None:
+        per_image = list(opts["per_image"])
+    else:
+        per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
     shared = [g for g in groups if g not in per_image]
     entries = image_entries(experiments, shots, images, cfg)
     starts = [_real(e.sim.crystal) for e in entries]
     try:
         refiner = Refiner(entries, shared, per_image, loss=opts["loss"], max_iter=opts["max_iter"],
+                          strategy=opts["strategy"],
                           entry_max_iter=opts["max_iter"], loss_options=_loss_options(opts),
                           progress=None if opts["quiet"] else Progress(sys.stderr))
     except ValueError as exc:
@@ -450,14 +491,19 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
             with torch.no_grad():
                 model = e.render(e.sim).detach().double().cpu().numpy()
             model = _with_background(model, result.parameters + result.images[j])
-            shown.append((images[j][0], model, images[j][1], refiner.masks[j].numpy()))
+            shown.append((images[j][0], model, images[j][1], refiner.masks[j].numpy(),
+                          miller_label(e.sim, None if e.still else e.image)))
         if one:
             s = shots[0]
             doc = summary_document(opts, s.experiment, s.path, s.number, result, seconds, starts[0], finals[0])
-            files = build_report(doc, result, *shown[0], opts["spots"])
+            files = build_report(doc, result, *shown[0][:4], opts["spots"], label=shown[0][4])
         else:
             doc = joint_document(opts, shots, result, sweep, shared, per_image, starts, finals)
             files = build_joint_report(doc, result, shown, opts["spots"])
+        doc["centroids"] = [dict(image=j if e.image is None else e.image,
+                                 **centroid_rms(e.sim, images[j][0], images[j][1], None if e.still else e.image))
+                            for j, e in enumerate(entries)]
+        files["report.md"] += centroid_lines(doc["centroids"]).encode()
         files["refined.json"] = (json.dumps(_finite(doc), indent=2) + "\n").encode()
         write_outputs(opts, experiments, listed, files, argv)
     except BaseException:
@@ -523,6 +569,19 @@ def summary_document(opts, k, path, number, result, seconds, start_real, final_r
         seconds=seconds, stages=d["stages"], labels=d["labels"], x=d["x"], sigma_internal=d["sigma_internal"],
         correlation=d["correlation"], crystal=_crystal_section(start_real, final_real), **_honesty(d),
     )
+
+
+def centroid_lines(rows) -> str:
+    """The report's table of spot centroids: refined model against observed."""
+    lines = ["", "## Spot centroids", "",
+             "The brightest observed spots of each image (centroids above the local background) against the "
+             "refined model's, as dials.refine reports: rms in pixels, and for scan images the rms of where the "
+             "model's reflections cross the Ewald sphere from the image's middle, in frames.", "",
+             "| image | spots | rms (px) | rms (frames) |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        frames = "-" if r["rms_frames"] is None else f"{r['rms_frames']:.3f}"
+        lines.append(f"| {r['image']} | {r['spots']} | {r['rms_px']:.3f} | {frames} |")
+    return "\n".join(lines) + "\n"
 
 
 def joint_document(opts, shots, result, sweep, shared, per_image, starts, finals) -> dict:

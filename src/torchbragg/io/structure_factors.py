@@ -9,6 +9,9 @@ Both end as the dense P1 table the simulator looks up (the same object
   computed by gemmi (electron density on a fine grid, then an FFT).
 * ``expand_to_p1``: reflections given in one asymmetric unit made into every
   symmetry equivalent, plus Friedel mates where the data are not anomalous.
+* ``read_dials_reflections``: a DIALS reflection table (``.refl``, read with
+  plain msgpack, or its JSON export with ``hkl`` and ``I``): the mean
+  summation intensity of each reflection, as ``sqrt(max(I, 0))``.
 
 Reflections the source does not give keep ``default_F``, as with ``-hkl``.
 """
@@ -300,6 +303,95 @@ def read_mtz(path, column: str | None = None, default_F: float = 0.0) -> Structu
     return StructureFactorTable(grid, *lo, count=n, warnings=tuple(warnings), read=int(mtz.nreflections),
                                 space_group=sg.hm, cell=(cell.a, cell.b, cell.c, cell.alpha, cell.beta, cell.gamma),
                                 anomalous=anomalous, columns=tuple(c.label for c in pair))
+
+
+# ----------------------------------------------------------------------------- DIALS reflection tables
+# element types of a .refl column: numpy type and values per row
+_REFL_TYPES = {"double": ("<f8", 1), "float": ("<f4", 1), "int": ("<i4", 1), "bool": ("u1", 1),
+               "std::size_t": ("<u8", 1), "vec3<double>": ("<f8", 3), "vec2<double>": ("<f8", 2),
+               "cctbx::miller::index<>": ("<i4", 3), "int6": ("<i4", 6), "mat3<double>": ("<f8", 9)}
+_INTENSITY_COLUMNS = ("intensity.sum.value", "intensity.prf.value", "I")
+
+
+def _refl_columns(path) -> dict:
+    """The columns of a DIALS .refl file (msgpack: the tag
+    "dials::af::reflection_table", a version, then nrows and per column
+    its element type and its little-endian bytes) that the reader needs."""
+    try:
+        import msgpack
+    except ImportError:
+        raise InputError(f"reading DIALS reflection table {path} needs msgpack: pip install msgpack") from None
+    try:
+        with open(path, "rb") as fh:
+            doc = msgpack.unpackb(fh.read(), raw=False, strict_map_key=False)
+    except (OSError, ValueError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as exc:
+        raise InputError(f"cannot read DIALS reflection table {path}: {_one_line(exc)}") from None
+    if not (isinstance(doc, (list, tuple)) and len(doc) == 3 and doc[0] == "dials::af::reflection_table"
+            and isinstance(doc[2], dict)):
+        raise InputError(f"{path} is not a DIALS reflection table (no dials::af::reflection_table header)")
+    body = doc[2]
+    nrows = int(body.get("nrows", 0))
+    columns = {}
+    for name in ("miller_index",) + _INTENSITY_COLUMNS:
+        if name not in body.get("data", {}):
+            continue
+        kind, (count, blob) = body["data"][name]
+        if kind not in _REFL_TYPES:
+            raise InputError(f"{path}: column {name} has an unknown type {kind}")
+        dtype, per = _REFL_TYPES[kind]
+        values = np.frombuffer(blob, dtype=dtype)
+        if int(count) != nrows or values.size != nrows * per:
+            raise InputError(f"{path}: column {name} holds {values.size // per} rows, the table {nrows}")
+        columns[name] = values.reshape(nrows, per) if per > 1 else values
+    return columns
+
+
+def _json_columns(path) -> dict:
+    import json
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read reflections {path}: {_one_line(exc)}") from None
+    rows = doc.get("reflections") if isinstance(doc, dict) else doc
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "hkl" in r for r in rows):
+        raise InputError(f"{path}: expected a list of reflections with hkl and I (a DIALS table exported to JSON)")
+    columns = {"miller_index": np.array([r["hkl"] for r in rows], dtype=np.int64).reshape(-1, 3)}
+    for name in _INTENSITY_COLUMNS:
+        if all(name in r for r in rows):
+            columns[name] = np.array([r[name] for r in rows], dtype=np.float64)
+    return columns
+
+
+def read_dials_reflections(path, default_F: float = 0.0, space_group: str | None = None) -> StructureFactorTable:
+    """Amplitudes sqrt(max(<I>, 0)) from a DIALS reflection table: the mean
+    summation (else profile) intensity over every observation of a
+    reflection, expanded to P1 by `space_group` (a name gemmi knows; None:
+    P 1). Reflections indexed 0 0 0 are ignored; the rest keep `default_F`."""
+    path = os.fspath(path)
+    _check_file(path, "reflection table")
+    columns = _json_columns(path) if path.lower().endswith(".json") else _refl_columns(path)
+    name = next((c for c in _INTENSITY_COLUMNS if c in columns), None)
+    if "miller_index" not in columns or name is None:
+        raise InputError(f"{path}: no miller_index and intensity (intensity.sum.value, intensity.prf.value or I)")
+    hkl = np.asarray(columns["miller_index"], dtype=np.int64).reshape(-1, 3)
+    intensity = np.asarray(columns[name], dtype=np.float64).reshape(-1)
+    keep = np.isfinite(intensity) & (np.abs(hkl).sum(1) > 0)
+    if not keep.any():
+        raise InputError(f"{path}: no indexed reflection with an intensity")
+    unique, inverse = np.unique(hkl[keep], axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    mean = np.bincount(inverse, weights=intensity[keep]) / np.bincount(inverse)
+    sg = None
+    if space_group is not None:
+        gemmi = _gemmi()
+        sg = gemmi.find_spacegroup_by_name(space_group)
+        if sg is None:
+            raise InputError(f"unknown space group {space_group!r}")
+    grid, lo, n = expand_to_p1(unique, np.sqrt(np.maximum(mean, 0.0)), sg, default_F=default_F,
+                               source=f"reflection table {path}")
+    return StructureFactorTable(grid, *lo, count=n, read=int(keep.sum()), space_group=sg.hm if sg else "P 1",
+                                columns=(name,))
 
 
 # ----------------------------------------------------------------------------- atomic models

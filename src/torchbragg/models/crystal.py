@@ -33,6 +33,29 @@ class StructureFactors(Model):
                 raise ValueError(f"unknown structure-factor lookup '{lookup}'")
         self.lookup = lookup if self.has_grid else "constant"
 
+    def without_direct_beam(self) -> "StructureFactors":
+        """A copy with F(0 0 0) = 0: the undiffracted beam, which a measured
+        frame shows only as the beamstop's shadow, is no spot of the model.
+        A table that does not reach 0 0 0 is extended to it (with default_F);
+        without a table, a 3 x 3 x 3 one of default_F around it is made."""
+        with torch.no_grad():
+            f = self.default_F.detach().double()
+            if self.has_grid:
+                grid, lo = self.Fhkl.detach().double(), self.hkl_min.detach().cpu().long()
+            else:
+                grid, lo = f.expand(1, 1, 1).clone(), torch.zeros(3, dtype=torch.long)
+            new_lo = torch.minimum(lo, torch.full_like(lo, -1))
+            hi = lo + torch.tensor(grid.shape)
+            new_hi = torch.maximum(hi, torch.full_like(hi, 2))
+            full = f.expand(*(new_hi - new_lo).tolist()).clone()
+            at = (lo - new_lo).tolist()
+            full[at[0]:at[0] + grid.shape[0], at[1]:at[1] + grid.shape[1], at[2]:at[2] + grid.shape[2]] = grid
+            zero = (-new_lo).tolist()
+            full[zero[0], zero[1], zero[2]] = 0.0
+        lookup = self.lookup if self.has_grid else "nearest"
+        return StructureFactors(full, new_lo.tolist(), float(f), lookup, dtype=self.default_F.dtype,
+                                device=self.default_F.device)
+
     def amplitude_sq(self, hkl: torch.Tensor) -> torch.Tensor:
         """|F|^2 at fractional indices hkl (..., 3); a scalar without a grid."""
         if not self.has_grid:

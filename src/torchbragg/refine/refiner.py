@@ -49,6 +49,7 @@ from .fit import combine, goodness_of_fit
 from .losses import LOSSES
 from .parameters import Background, Group, make_group
 from .roi import mask_substitutions, roi_mask
+from .stages import STAGE_KINDS, still_strategy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
           torch.float64: torch.float64}
@@ -307,13 +308,17 @@ def resolve_stages(strategy, names, broaden, max_iter, default) -> list[dict]:
     """The stages of a fit: the `default` strategy, one stage of every group
     (None), or the caller's list, checked against the refined groups."""
     if isinstance(strategy, str):
+        if strategy == "still":
+            return still_strategy(names)
         if strategy != "default":
-            raise InputError(f"unknown strategy {strategy!r}; give 'default', None or a list of stages")
+            raise InputError(f"unknown strategy {strategy!r}; give 'default', 'still', None or a list of stages")
         return default(names, broaden, max_iter)
     if strategy is None:
         return [dict(groups=names, broaden=None, max_iter=max_iter)]
     stages = [dict(s) for s in strategy]
     for s in stages:
+        if s.get("kind") not in (None, "lbfgs", "centroids", "steps"):
+            raise InputError(f"unknown stage kind {s['kind']!r}; give lbfgs, centroids or steps")
         unknown = [g for g in s["groups"] if g not in names]
         if unknown:
             raise InputError(f"stage groups {unknown} are not among the refined groups {names}")
@@ -385,7 +390,7 @@ class Refiner:
         own = [b for b in self.bindings if b.prefix]
         self.entry_names = list(dict.fromkeys(b.group.name for b in own))
         self.entry_stages = []
-        if own and entry_strategy is not None:
+        if own and entry_strategy is not None and strategy != "still":  # "still" fits each image's own groups anyway
             if isinstance(entry_strategy, str) and entry_strategy == "single":
                 entry_strategy = "default"
                 default = default_strategy
@@ -668,10 +673,18 @@ class Refiner:
                 x, info = self._stage(lo, x, stage, masks, datas, dt, only=k)
                 stages.append(info)
         for stage in self.stages:
-            x, info = self._stage(lo, x, stage, masks, datas, dt)
+            if stage.get("kind") in STAGE_KINDS:  # second-order and centroid stages render in float64
+                if torch.float64 not in copies:
+                    copies[torch.float64] = self._copies(torch.float64)
+                x, info = STAGE_KINDS[stage["kind"]](self, copies[torch.float64], x, stage, masks,
+                                                     [d.to(device=dev, dtype=torch.float64) for d in self.datas])
+            else:
+                x, info = self._stage(lo, x, stage, masks, datas, dt)
             info["oversample"] = self._rederive_oversample(copies, x)
             stages.append(info)
-        if self.dtypes[-1] != self.dtypes[0] or not self.stages:
+        if self.stages and self.stages[-1].get("kind") == "steps":
+            pass  # the last stage ran in float64 already
+        elif self.dtypes[-1] != self.dtypes[0] or not self.stages:
             dt = self.dtypes[-1]
             last = dict(self.stages[-1]) if self.stages else dict(groups=sorted(set(self.group_of)))
             last["broaden"] = None

@@ -59,15 +59,31 @@ def _cut(a: np.ndarray, k: int, s: int, f: int, half: int) -> np.ndarray:
     return out
 
 
-def spots_figure(data, model, valid, roi, count: int = 12, half: int = 7) -> tuple[bytes, int]:
+def strongest_observed(data, valid, count: int) -> list[tuple[int, int, int]]:
+    """(panel, slow, fast) of the pixels holding the centroids of the
+    `count` brightest observed spots (centroids.observed_spots)."""
+    from .centroids import observed_spots
+    found = observed_spots(np.where(valid, data, 0.0), valid)
+    order = np.argsort(-found.intensity)[:count]
+    return [(int(found.panel[i]), int(found.xy[i, 1]), int(found.xy[i, 0])) for i in order]
+
+
+def spots_figure(data, model, valid, roi, count: int = 12, half: int = 7, label=None) -> tuple[bytes, int]:
     """Observed, model and residual (observed - model, masked pixels blank) in
-    small cut-outs around the strongest spots of the refined model."""
+    small cut-outs around the strongest observed spots (the model's where the
+    data show none), on one colour scale for every observed and model cut-out
+    and one for every residual. label(panel, slow, fast): a spot's title (its
+    Miller indices), default its pixel."""
     plt = _pyplot()
-    spots = strongest_spots(model, roi, count, half)
+    spots = strongest_observed(data, valid, count) or strongest_spots(model, roi, count, half)
     obs = np.where(valid, data, np.nan)
     resid = obs - model
     n = max(len(spots), 1)
-    fig, axes = plt.subplots(3, n, figsize=(1.4 * n + 0.8, 4.6), squeeze=False)
+    cuts = [[_cut(a, k, s, f, half) for a in (obs, model, resid)] for k, s, f in spots]
+    top = max([np.nanmax(c) for o, m, _ in cuts for c in (o, m) if np.isfinite(c).any()] + [1e-12])
+    lim = max([np.nanmax(np.abs(r)) for _, _, r in cuts if np.isfinite(r).any()] + [1e-12])
+    fig, axes = plt.subplots(3, n, figsize=(1.4 * n + 1.6, 4.6), squeeze=False)
+    image = residual = None
     for j in range(n):
         for i in range(3):
             axes[i, j].set_xticks([])
@@ -75,15 +91,16 @@ def spots_figure(data, model, valid, roi, count: int = 12, half: int = 7) -> tup
         if j >= len(spots):
             continue
         k, s, f = spots[j]
-        o, m, r = (_cut(a, k, s, f, half) for a in (obs, model, resid))
-        top = np.nanmax([np.nanmax(o) if np.isfinite(o).any() else 0.0, np.nanmax(m)])
-        axes[0, j].imshow(o, vmin=0, vmax=top, cmap="viridis", interpolation="nearest")
+        o, m, r = cuts[j]
+        image = axes[0, j].imshow(o, vmin=0, vmax=top, cmap="viridis", interpolation="nearest")
         axes[1, j].imshow(m, vmin=0, vmax=top, cmap="viridis", interpolation="nearest")
-        lim = np.nanmax(np.abs(r)) if np.isfinite(r).any() else 1.0
-        axes[2, j].imshow(r, vmin=-lim, vmax=lim, cmap="RdBu_r", interpolation="nearest")
-        axes[0, j].set_title(f"p{k} s{s} f{f}", fontsize=6)
+        residual = axes[2, j].imshow(r, vmin=-lim, vmax=lim, cmap="RdBu_r", interpolation="nearest")
+        axes[0, j].set_title(label(k, s, f) if label is not None else f"p{k} s{s} f{f}", fontsize=6)
     for i, name in enumerate(("observed", "model", "residual")):
         axes[i, 0].set_ylabel(name, fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes[:2, :].ravel().tolist(), shrink=0.8, label="photons")
+        fig.colorbar(residual, ax=axes[2, :].ravel().tolist(), shrink=0.8)
     if not spots:
         axes[0, 0].set_title("no spot in the region", fontsize=8)
     return _png(fig), len(spots)
@@ -184,7 +201,8 @@ def markdown(doc: dict, spots_shown: int) -> str:
     lines.append("## Spots")
     lines.append("")
     lines.append(f"Observed (top), refined model (middle) and residual (bottom) around the {spots_shown} "
-                 "strongest spots of the model; masked pixels are blank.")
+                 "strongest observed spots, titled with their Miller indices, on one colour scale (photons) "
+                 "for observed and model and one for the residuals; masked pixels are blank.")
     lines.append("")
     lines.append("![spots](spots.png)")
     lines.append("")
@@ -207,9 +225,10 @@ def markdown(doc: dict, spots_shown: int) -> str:
     return "\n".join(lines)
 
 
-def build_report(doc: dict, result, data, model, valid, roi, spots: int = 12) -> dict[str, bytes]:
-    """{file name: bytes}: report.md and its figures."""
-    spots_png, shown = spots_figure(data, model, valid, roi, max(spots, 1))
+def build_report(doc: dict, result, data, model, valid, roi, spots: int = 12, label=None) -> dict[str, bytes]:
+    """{file name: bytes}: report.md and its figures; label: titles of the
+    spot cut-outs (spots_figure)."""
+    spots_png, shown = spots_figure(data, model, valid, roi, max(spots, 1), label=label)
     files = {"spots.png": spots_png, "loss.png": loss_figure(doc["loss_history"]),
              "correlation.png": correlation_figure(list(result.labels), result.correlation.numpy())}
     files["report.md"] = markdown(doc, shown).encode()
@@ -270,8 +289,8 @@ def joint_markdown(doc: dict, figures: list[tuple[int, str, int]]) -> str:
         lines.append("Per-image values that a model shared by several images cannot hold (in refined.json only): "
                      + ", ".join(doc["not_written"]) + ".")
     lines += ["", "## Spots", ""]
-    lines.append("Observed (top), refined model (middle) and residual (bottom) around the strongest spots of the "
-                 "model; masked pixels are blank"
+    lines.append("Observed (top), refined model (middle) and residual (bottom) around the strongest observed "
+                 "spots, titled with their Miller indices, on one colour scale per image; masked pixels are blank"
                  + (f"; the first {len(figures)} of the {n} images." if len(figures) < n else "."))
     for j, name, shown in figures:
         im = doc["images"][j]
@@ -293,11 +312,11 @@ def joint_markdown(doc: dict, figures: list[tuple[int, str, int]]) -> str:
 
 def build_joint_report(doc: dict, result, shown, spots: int = 12) -> dict[str, bytes]:
     """{file name: bytes}: report.md and its figures for several images;
-    shown: (data, model, valid, roi) of the images given spot figures (the
-    first ones)."""
+    shown: (data, model, valid, roi, label) of the images given spot figures
+    (the first ones; label titles their cut-outs, see spots_figure)."""
     files, figures = {}, []
-    for j, (data, model, valid, roi) in enumerate(shown):
-        png, count = spots_figure(data, model, valid, roi, max(spots, 1))
+    for j, (data, model, valid, roi, label) in enumerate(shown):
+        png, count = spots_figure(data, model, valid, roi, max(spots, 1), label=label)
         name = f"spots_image{j}.png"
         files[name] = png
         figures.append((j, name, count))

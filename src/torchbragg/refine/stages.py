@@ -1,0 +1,96 @@
+"""Stages of the refinement engine beyond L-BFGS (stage dicts with a
+"kind"): "centroids", the geometric groups fitted to the observed spot
+centroids of each image (centroids.fit_centroids, no render), and "steps",
+Levenberg-Marquardt steps on the pixels (steps.levenberg_marquardt:
+Anscombe, then Poisson). `still_strategy` chains them: the engine's
+strategy="still"."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .centroids import GEOMETRY_GROUPS, fit_centroids
+from .steps import levenberg_marquardt
+
+
+def still_strategy(names, max_iter: int = 30) -> list[dict]:
+    """Centroids of the geometric groups (when any is refined), then every
+    group by Levenberg-Marquardt steps (Anscombe, then Poisson)."""
+    names = list(names)
+    geometric = [g for g in names if g in GEOMETRY_GROUPS]
+    stages = [dict(kind="centroids", groups=geometric)] if geometric else []
+    stages.append(dict(kind="steps", groups=names, max_iter=max_iter))
+    return stages
+
+
+def centroid_stage(engine, sims, x, stage, masks, datas):
+    """An engine stage of kind "centroids": each entry's geometric groups
+    fitted to its observed spot centroids (fit_centroids), added to `x`.
+    Groups shared by several entries are left to the pixel stages."""
+    t0 = time.perf_counter()
+    x_new = x.clone()
+    fits = []
+    for k, entry in enumerate(engine.entries):
+        bound = [b for b in engine.bound[k] if b.group.name in stage["groups"] and b.group.name in GEOMETRY_GROUPS
+                 and (len(b.entries) == 1 or len(engine.entries) == 1)]
+        if not bound:
+            continue
+        sim = sims[k]
+        valid = engine.valid[k]
+        fit = fit_centroids(sim, datas[k].double(), [b.group for b in bound], valid,
+                            image=None if entry.still else entry.image)
+        for b in bound:
+            for j, label in enumerate(b.group.labels):
+                x_new[b.offset + j] += float(fit.x[fit.labels.index(label)])
+        fits.append(dict(image=k, spots=fit.spots, rms_start_px=fit.rms_start, rms_px=fit.rms,
+                         iterations=fit.iterations))
+    ok = all(np.isfinite(f["rms_px"]) for f in fits)
+    info = dict(kind="centroids", groups=list(stage["groups"]), broaden=None, dtype="float64", renders=0,
+                iterations=sum(f["iterations"] for f in fits), loss=float("nan"), seconds=time.perf_counter() - t0,
+                converged=ok, images=fits)
+    return (x_new if ok else x), info
+
+
+def steps_stage(engine, sims, x, stage, masks, datas):
+    """An engine stage of kind "steps": the stage's groups by Levenberg-
+    Marquardt steps (Anscombe, then Poisson) over the entries they touch,
+    rendered in float64 (`sims`) over each entry's region; the priors are
+    Gaussian restraints, the bounds are not applied."""
+    t0 = time.perf_counter()
+    active, touched = engine._active(stage["groups"])
+    idx = torch.tensor(active, dtype=torch.long, device=x.device)
+    base = x.double()
+
+    def expected(v):
+        full = base.index_put((idx,), v.to(base))
+        return torch.cat([engine.model(k, sims[k], full, masks[k])[masks[k]] for k in touched])
+
+    measured = torch.cat([datas[k].double()[masks[k]] for k in touched])
+    prec = torch.zeros(len(active), dtype=torch.float64)
+    mean = torch.zeros(len(active), dtype=torch.float64)
+    for j, i in enumerate(active):
+        if i in engine.priors:
+            mean[j], prec[j] = engine.priors[i][0], 1.0 / engine.priors[i][1] ** 2
+
+    def progress(step):
+        if engine.progress is not None:
+            engine.progress(dict(stage=f"steps, {step['phase']}", image=None, evaluation=step["renders"],
+                                 loss=step["loss"], dtype="float64"))
+
+    res = levenberg_marquardt(expected, measured, base[idx].cpu(), phases=(("anscombe", 1.0), ("poisson", 1e-2)),
+                              max_iter=int(stage.get("max_iter", 30)), prior_precision=prec, prior_mean=mean,
+                              progress=progress)
+    engine.renders += res.renders * len(touched)
+    engine.history.extend(res.loss_history)
+    x_new = x.clone()
+    x_new[idx] = res.x.to(x)
+    info = dict(kind="steps", groups=list(stage["groups"]), broaden=None, dtype="float64",
+                iterations=res.iterations, renders=res.renders * len(touched), loss=res.loss,
+                seconds=time.perf_counter() - t0, converged=res.converged)
+    return x_new, info
+
+
+STAGE_KINDS = {"centroids": centroid_stage, "steps": steps_stage}
