@@ -184,6 +184,16 @@ def _allocation_failure(exc: BaseException) -> bool:
                                    "could not allocate", "failed to allocate"))
 
 
+def companion_main(prog: str, argv: list[str] | None, help_text, run) -> int:
+    """The entry point of a companion program (nonBragg, noisify): -h or no
+    arguments print the help, anything else runs guarded."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or any(a in ("-h", "--help", "-help") for a in argv):
+        print(help_text())
+        return 0 if argv else 2
+    return guarded(prog, lambda: run(argv))
+
+
 def guarded(prog: str, fn) -> int:
     """Run a command; bad input, memory and device failures become one line
     on stderr and an exit status."""

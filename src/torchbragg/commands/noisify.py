@@ -395,12 +395,8 @@ def split_response_flags(flags: list[str], command: str) -> tuple[list[str], dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .nanobragg import guarded
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(a in ("-h", "--help", "-help") for a in argv):
-        print(help_text())
-        return 0 if argv else 2
-    return guarded(PROG, lambda: run(argv))
+    from .nanobragg import companion_main
+    return companion_main(PROG, argv, help_text, run)
 
 
 if __name__ == "__main__":

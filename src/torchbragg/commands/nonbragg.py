@@ -703,12 +703,8 @@ def _solid_angle_sum(setup, frame, beam) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(a in ("-h", "--help", "-help") for a in argv):
-        print(help_text())
-        return 0 if argv else 2
-    from .nanobragg import guarded
-    return guarded(PROG, lambda: run(argv))
+    from .nanobragg import companion_main
+    return companion_main(PROG, argv, help_text, run)
 
 
 if __name__ == "__main__":
