@@ -140,8 +140,12 @@ class Simulator(nn.Module):
         return torch.nonzero(keep.flatten(), as_tuple=False).squeeze(1)
 
     # ------------------------------------------------------------------ render
-    def forward(self, image: int | None = None, *, still: bool = False, beam=None, progress=None) -> torch.Tensor:
-        return self.render(image, still=still, beam=beam, progress=progress)
+    def forward(self, image: int | None = None, *, still: bool = False, beam=None, progress=None,
+                detected: bool = False) -> torch.Tensor:
+        """`render`; with `detected`, what the detector reads on average
+        through `response` (blur, gain, offset), the photons without one."""
+        photons = self.render(image, still=still, beam=beam, progress=progress)
+        return self.detector_counts(photons, sample=False) if detected else photons
 
     def render(self, image: int | None = None, *, still: bool = False, beam=None, progress=None) -> torch.Tensor:
         """Photons per pixel of image `image` of the scan (default: the first),

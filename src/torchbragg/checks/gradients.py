@@ -564,6 +564,14 @@ def _frame_detector(sim):
     sim.detector = Detector([panel], dtype=torch.float64, device=DEVICE)
 
 
+def _with_amorphous(sim):
+    """A water-like amorphous background on the simulator (what 'amorphous' scales), about two
+    photons per pixel beside the spots."""
+    from torchbragg.models import Background
+    sim.background = Background([0.0, 0.2, 0.4, 0.6], [2.57, 2.2, 1.4, 0.9], thickness=0.1, scale=1e-11,
+                                dtype=torch.float64, device=DEVICE)
+
+
 # group -> (extra flags, setup applied to the built simulator)
 GROUP_CASES = {
     "orientation": ("", None),
@@ -578,6 +586,7 @@ GROUP_CASES = {
     "wavelength": ("", None),
     "spectrum": ("-dispersion 4 -dispsteps 3", None),
     "structure_factors": ("-hkl {friedel}", None),
+    "amorphous": ("", _with_amorphous),
 }
 
 

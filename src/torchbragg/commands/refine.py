@@ -65,7 +65,8 @@ options:
   --out DIR                 output folder (made if missing)
   --refine G,G,...          parameter groups: orientation, cell, N, mosaic, scale,
                             background, distance, beam_centre, panels, wavelength,
-                            spectrum, structure_factors
+                            spectrum, structure_factors, amorphous (the scale of
+                            --background's scattering)
                             (default: scale,background,orientation,cell,N)
   --experiment K[,K...]     the experiments to refine (0-based; default: every
                             experiment of the file)
@@ -76,6 +77,9 @@ options:
                             images written by nanoBragg and torchbragg carry 40)
   --loss poisson|gaussian   likelihood (default poisson)
   --read-noise R --gain G   the Gaussian likelihood's read noise (photons) and gain
+  --background FILE.stol    an amorphous background (as nonBragg computes it) in the
+                            model; the sample flags (-sample_thick, -density, -MW, ...)
+                            then describe that sample, as in torchbragg simulate
   --max-iter N              L-BFGS iterations per stage (default 60)
   --strategy default|still  default: L-BFGS stages, coarse to fine; still: spot
                             centroids first, then Levenberg-Marquardt steps on the
@@ -123,9 +127,9 @@ def parse(argv: list[str]) -> dict:
     from .options import refuse_geometry, split_options
     opts = dict(expt=None, images=None, out=None, refine=None, experiment=None, image=None, adc_offset="0",
                 loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[],
-                strategy="default", per_image=None)
+                strategy="default", per_image=None, background=None)
     valued = ("--out", "--refine", "--experiment", "--image", "--images", "--adc-offset", "--loss", "--read-noise",
-              "--gain", "--max-iter", "--spots", "--strategy", "--per-image")
+              "--gain", "--max-iter", "--spots", "--strategy", "--per-image", "--background")
     positionals = split_options(argv, opts, valued, ("--quiet",), "refine")
     opts["range"] = opts["images"]  # --images FIRST:LAST; "images" holds the files
     opts["expt"], opts["images"] = (positionals[0], positionals[1:]) if positionals else (None, [])
@@ -172,6 +176,11 @@ def parse(argv: list[str]) -> dict:
                              f"{','.join(opts['groups'])}")
         opts["per_image"] = per
     refuse_geometry(opts["flags"])
+    if opts["background"] is not None:  # the sample flags then describe the amorphous sample
+        from .nonbragg import background_sample
+        opts["background"], opts["flags"] = background_sample(opts["background"], opts["flags"])
+    elif "amorphous" in opts["groups"]:
+        raise InputError("--refine amorphous needs an amorphous background: --background FILE.stol")
     return opts
 
 
@@ -428,7 +437,7 @@ def _with_background(model, parameters) -> np.ndarray:
     return model + background.reshape(-1, 1, 1)
 
 
-def image_entries(experiments, shots, images, cfg) -> list:
+def image_entries(experiments, shots, images, cfg, background=None) -> list:
     """One refinement entry per image. One sweep: one simulator (every model
     shared), each entry its own scan image. Several experiments: each its own
     simulator (beams included, so each still keeps its own refined scale)."""
@@ -439,7 +448,8 @@ def image_entries(experiments, shots, images, cfg) -> list:
     sims, entries = {}, []
     for s, (data, valid) in zip(shots, images):
         if s.experiment not in sims:
-            sims[s.experiment] = build_from_experiment(experiments[s.experiment], cfg, direct_beam=False)[0]
+            sims[s.experiment] = build_from_experiment(experiments[s.experiment], cfg, direct_beam=False,
+                                                       background=background)[0]
         entries.append(Entry(sims[s.experiment], torch.as_tensor(data, dtype=torch.float64),
                              valid=torch.as_tensor(valid), image=s.number, still=s.number is None))
     return entries
@@ -466,7 +476,7 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
     else:
         per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
     shared = [g for g in groups if g not in per_image]
-    entries = image_entries(experiments, shots, images, cfg)
+    entries = image_entries(experiments, shots, images, cfg, opts["background"])
     starts = [_real(e.sim.crystal) for e in entries]
     try:
         refiner = Refiner(entries, shared, per_image, loss=opts["loss"], max_iter=opts["max_iter"],

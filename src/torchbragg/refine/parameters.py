@@ -637,6 +637,24 @@ class PsfWidth(LogGroup):
         return self
 
 
+class AmorphousScale(LogGroup):
+    """Scale of the simulator's amorphous background (`sim.background`, a
+    models.Background: solvent, air, ice from a .stol table): log, 1 % per
+    unit. Its photons are linear in the scale."""
+
+    name = "amorphous"
+    target = "background.scale"
+    labels = ["amorphous"]
+    physical_labels = ["amorphous_scale"]
+    units = [""]
+
+    def bind(self, sim):
+        if getattr(sim, "background", None) is None:
+            raise ValueError("the amorphous group needs an amorphous background (Simulator(..., background="
+                             "Background.from_stol(...)) or torchbragg refine --background FILE.stol)")
+        return self
+
+
 def _detector_kind(sim):
     frames = [p.frame for p in sim.detector.panels]
     if all(isinstance(f, DistanceMount) for f in frames):
@@ -784,6 +802,7 @@ GROUPS = {
     "spectrum": Spectrum,
     "structure_factors": StructureFactorGroup,
     "psf_width": PsfWidth,
+    "amorphous": AmorphousScale,
 }
 
 

@@ -77,7 +77,8 @@ class Entry:
     def render(self, sim, subs=None):
         """The expected photons of this entry from `sim` with parameters or
         buffers substituted by `subs`."""
-        return functional_call(sim, subs or {}, (self.image,), dict(still=self.still))
+        # with a detector response the model is its reading (blur, gain, offset)
+        return functional_call(sim, subs or {}, (self.image,), dict(still=self.still, detected=True))
 
 
 @dataclass
