@@ -17,6 +17,7 @@ import torch
 import torchbragg
 from torchbragg.io.dials import Experiment, experiments_from_dict
 from torchbragg.io.cbf import pilatus_header, write_minicbf
+from experiments import parse_minicbf_header as parse
 
 PX = 0.172
 ORIGIN = (-211.5, 219.4, -190.0)
@@ -52,20 +53,6 @@ def counts_for(shape, seed=0):
     c = rng.poisson(3.0, size=shape).astype(np.int32)
     c.flat[::997] = 1_500_000  # large values take the wide byte-offset codes
     return c
-
-
-def parse(header_contents: str) -> dict:
-    """The header dictionary as dxtbx's miniCBF reader builds it."""
-    out = {}
-    for record in header_contents.split("\n"):
-        if record[:1] != "#":
-            continue
-        if len(record[1:].split()) <= 2 and record.count(":") == 2:
-            out["timestamp"] = record[1:].strip()
-            continue
-        tokens = record.replace("=", "").replace(":", "").split()
-        out[tokens[1]] = " ".join(tokens[2:])
-    return out
 
 
 def read_back(path):

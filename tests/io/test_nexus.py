@@ -13,9 +13,10 @@ h5py = pytest.importorskip("h5py")
 nxmx = pytest.importorskip("nxmx")
 
 import torchbragg  # noqa: E402
-from torchbragg.io.dials import Experiment, experiments_from_dict  # noqa: E402
+from torchbragg.io.dials import Experiment  # noqa: E402
 from torchbragg.io.frames import reader_rotation  # noqa: E402
 from torchbragg.io.nexus import NXmxWriter, write_nxmx  # noqa: E402
+from experiments import experiment
 
 DIALS_TO_MCSTAS = np.diag([-1.0, 1.0, -1.0])
 
@@ -31,20 +32,6 @@ def panel(origin, fast, slow, size, pixel=0.1, **kw):
          "trusted_range": [-1.0, 1048575.0], "thickness": 0.32, "material": "Si", "mu": 3.96}
     d.update(kw)
     return d
-
-
-def experiment(detector, goniometer=None, scan=None, direction=(0.0, 0.0, 1.0)):
-    doc = {"experiment": [{"beam": 0, "detector": 0}],
-           "beam": [{"direction": list(direction), "wavelength": 0.9795, "polarization_normal": [0.0, 1.0, 0.0],
-                     "polarization_fraction": 0.999}],
-           "detector": [detector]}
-    if goniometer is not None:
-        doc["goniometer"] = [goniometer]
-        doc["experiment"][0]["goniometer"] = 0
-    if scan is not None:
-        doc["scan"] = [scan]
-        doc["experiment"][0]["scan"] = 0
-    return experiments_from_dict(doc)[0]
 
 
 def pilatus_rotation():

@@ -28,9 +28,10 @@ fabio = pytest.importorskip("fabio")
 import hdf5plugin  # noqa: E402,F401  (the bitshuffle filter)
 
 from torchbragg.io.cbf import pilatus_header, write_minicbf  # noqa: E402
-from torchbragg.io.dials import experiments_from_dict, read_experiments  # noqa: E402
+from torchbragg.io.dials import read_experiments  # noqa: E402
 from torchbragg.io.frames import as_written  # noqa: E402
 from torchbragg.io.nexus import NXmxWriter  # noqa: E402
+from experiments import experiment, parse_minicbf_header as parse_header
 
 MCSTAS_TO_IMGCIF = np.diag([-1.0, 1.0, -1.0])
 
@@ -55,18 +56,6 @@ def panel(origin, fast=(1.0, 0.0, 0.0), slow=(0.0, -1.0, 0.0), size=(40, 30), pi
          "mu": 3.9}
     d.update(kw)
     return d
-
-
-def experiment(detector, goniometer=None, scan=None, direction=(0.0, 0.0, 1.0)):
-    doc = {"experiment": [{"beam": 0, "detector": 0}],
-           "beam": [{"direction": list(direction), "wavelength": 0.9795, "polarization_normal": [0.0, 1.0, 0.0],
-                     "polarization_fraction": 0.999}],
-           "detector": [detector]}
-    if goniometer is not None:
-        doc["goniometer"], doc["experiment"][0]["goniometer"] = [goniometer], 0
-    if scan is not None:
-        doc["scan"], doc["experiment"][0]["scan"] = [scan], 0
-    return experiments_from_dict(doc)[0]
 
 
 SCAN = {"image_range": [1, 6], "properties": {"oscillation": [10.0 + 0.25 * i for i in range(6)],
@@ -313,19 +302,6 @@ def test_nxmx_geometry_is_the_truth(tmp_path, case):
 
 
 # ----------------------------------------------------------------------------- miniCBF, from the mini-header
-
-def parse_header(contents):
-    out = {}
-    for record in contents.replace("\r\n", "\n").split("\n"):
-        if record[:1] != "#":
-            continue
-        if len(record[1:].split()) <= 2 and record.count(":") == 2:
-            out["timestamp"] = record[1:].strip()
-            continue
-        tokens = record.replace("=", "").replace(":", "").split()
-        out[tokens[1]] = " ".join(tokens[2:])
-    return out
-
 
 def minicbf_models(path):
     """What dxtbx builds from a miniCBF: one panel (origin, fast, slow, pixel,
