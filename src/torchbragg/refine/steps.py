@@ -17,16 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-TINY = 1e-10  # photons: the expectation is clamped above this
+from . import fit
 
 
 def poisson_deviance(mu: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """Half the Poisson deviance sum(mu - d + d log(d / mu)): the negative
     log-likelihood up to a constant, near half the number of pixels at the
     minimum."""
-    mu = torch.clamp(mu, min=TINY)
-    return (mu - data + torch.where(data > 0, data * torch.log(torch.clamp(data, min=TINY) / mu),
-                                    torch.zeros_like(data))).sum()
+    return 0.5 * fit.poisson_deviance(mu, data).sum()
 
 
 ANSCOMBE = 3.0 / 8.0
