@@ -59,6 +59,7 @@ import torch
 
 from ..errors import InputError
 from ..units import HC_EV_ANGSTROM_CODATA
+from .frames import float64_array
 
 # Pilatus modules and the gaps between them, in pixels (fast, slow)
 MODULE = (487, 195)
@@ -68,12 +69,6 @@ SERIAL = "60-0000"
 INT32_MAX = 2**31 - 1
 MAX_ERROR_PX = 0.1  # largest misplacement (pixels) of a panel corner the header may imply
 GAP_VALUE, BAD_VALUE = -1, -2
-
-
-def _np(t) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        return t.detach().double().cpu().numpy()
-    return np.asarray(t, dtype=np.float64)
 
 
 def _module_count(n: int, module: int, gap: int) -> int | None:
@@ -102,8 +97,8 @@ def _frame(experiment):
     detector = experiment.detector
     panels = list(detector.panels)
     with torch.no_grad():
-        origin, fast, slow, _ = (_np(t) for t in detector.panel_frames(experiment.beam.incident()))
-    pixel = [_np(p.pixel_size).reshape(2) for p in panels]
+        origin, fast, slow, _ = (float64_array(t) for t in detector.panel_frames(experiment.beam.incident()))
+    pixel = [float64_array(p.pixel_size).reshape(2) for p in panels]
     if len(panels) == 1:
         offsets = [(0, 0)]
     else:
@@ -131,7 +126,7 @@ def _frame(experiment):
     first = panels[0]
     return dict(origin=origin, fast=fast, slow=slow, pixel=pixel[0], size=(int(size[0]), int(size[1])),
                 offsets=offsets, sizes=[p.image_size for p in panels], names=[p.name for p in panels],
-                thickness=float(_np(first.thickness)), material=first.material, trusted=first.trusted_range)
+                thickness=float(float64_array(first.thickness)), material=first.material, trusted=first.trusted_range)
 
 
 def _geometry(frame) -> tuple[float, float, float]:
@@ -193,7 +188,7 @@ def rotation_error(experiment, frame) -> float:
     gonio, scan = experiment.goniometer, experiment.scan
     if gonio is None or scan is None:
         return 0.0
-    start, width = (float(x) for x in _np(scan.oscillation).reshape(2))
+    start, width = (float(x) for x in float64_array(scan.oscillation).reshape(2))
     end = start + width * scan.num_images
     phis = np.linspace(start, end, 9)
     with torch.no_grad():
@@ -241,7 +236,7 @@ def _header(experiment, frame, image: int, bad_pixels: int = 0) -> tuple[str, st
         first, last = scan.image_range
         if not first <= image <= last:
             raise InputError(f"image {image} is outside the scan's images {first}..{last}")
-        s0, width = (float(x) for x in _np(scan.oscillation).reshape(2))
+        s0, width = (float(x) for x in float64_array(scan.oscillation).reshape(2))
         start = s0 + (image - first) * width  # from the scan, not accumulated
     distance, beam_x, beam_y = _geometry(frame)
     px_text = [_microns(p) for p in frame["pixel"]]
@@ -262,13 +257,13 @@ def _header(experiment, frame, image: int, bad_pixels: int = 0) -> tuple[str, st
     axis_err = rotation_error(experiment, frame)
     if axis_err > MAX_ERROR_PX:
         with torch.no_grad():
-            axis = _np(experiment.goniometer.rotation_axis)
+            axis = float64_array(experiment.goniometer.rotation_axis)
         raise InputError(f"a miniCBF header names one rotation axis, +x ('X, CW'), and turning the crystal about it "
                          f"instead of this goniometer's axes (rotation axis {np.round(axis, 6).tolist()} in the "
                          f"frame with the beam along -z) moves spots by up to {axis_err:.3g} px over the scan; "
                          "write NeXus instead")
     exposure, period, epoch = _timing(experiment, image)
-    wavelength = float(_np(experiment.beam.wavelength).reshape(-1)[0])
+    wavelength = float(float64_array(experiment.beam.wavelength).reshape(-1)[0])
     cutoff = frame["trusted"][1]
     cutoff = INT32_MAX if not math.isfinite(cutoff) else int(min(max(math.floor(cutoff), 0), INT32_MAX))
     model = pilatus_model(frame["size"])
@@ -294,7 +289,7 @@ def _header(experiment, frame, image: int, bad_pixels: int = 0) -> tuple[str, st
               f"Start_angle {start:.10f} deg.",
               f"Angle_increment {width:.10f} deg.",
               "Detector_2theta 0.0000 deg.",
-              f"Polarization {float(_np(experiment.beam.polarization_fraction).reshape(-1)[0]):.6f}",
+              f"Polarization {float(float64_array(experiment.beam.polarization_fraction).reshape(-1)[0]):.6f}",
               "Alpha 0.0000 deg.",
               "Kappa 0.0000 deg.",
               f"Phi {start:.10f} deg.",

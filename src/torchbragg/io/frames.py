@@ -27,14 +27,15 @@ import torch
 from ..errors import InputError
 
 
-def _np(t) -> np.ndarray:
+def float64_array(t) -> np.ndarray:
+    """A tensor (detached, on the CPU) or numbers as a float64 array."""
     if isinstance(t, torch.Tensor):
         t = t.detach().double().cpu().numpy()
     return np.asarray(t, dtype=np.float64)
 
 
 def _unit(v) -> np.ndarray:
-    v = _np(v).reshape(3)
+    v = float64_array(v).reshape(3)
     n = np.linalg.norm(v)
     if not n > 0:
         raise InputError(f"zero-length direction {tuple(v)}")

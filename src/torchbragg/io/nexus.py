@@ -74,18 +74,13 @@ import numpy as np
 
 from ..errors import InputError
 from ..units import unit_vector
+from .frames import float64_array
 
 DIALS_TO_MCSTAS = np.diag([-1.0, 1.0, -1.0])
 GAP = -1  # pixel value of gaps and padding
 MASK_GAP = 1  # pixel_mask bit 0: no sensor / do not use
 INT32_MAX = 2**31 - 1
 SERIAL = "TB-0000"  # serial_number of the simulated detector
-
-
-def _np(t) -> np.ndarray:
-    if hasattr(t, "detach"):
-        t = t.detach().double().cpu().numpy()
-    return np.asarray(t, dtype=np.float64)
 
 
 
@@ -214,7 +209,7 @@ class NXmxWriter:
                 raise InputError(f"images {lo}..{hi} are outside the scan's images {first}..{last}")
             self.truth = as_written(experiment, (lo, hi), renumber=True)
             exposure, epochs, period = scan_timing(self.truth.scan)
-            start, width = (float(x) for x in _np(self.truth.scan.oscillation).reshape(2))
+            start, width = (float(x) for x in float64_array(self.truth.scan.oscillation).reshape(2))
             self._angles = (start + np.arange(self.n_images) * width, width)
             self._timing = (exposure, epochs, period)
         else:
@@ -272,7 +267,7 @@ class NXmxWriter:
 
         beam = inst.create_group("beam")
         beam.attrs["NX_class"] = "NXbeam"
-        lam = beam.create_dataset("incident_wavelength", data=float(_np(e.beam.wavelength)))
+        lam = beam.create_dataset("incident_wavelength", data=float(float64_array(e.beam.wavelength)))
         lam.attrs["units"] = "angstrom"
         beam.create_dataset("incident_polarization_stokes", data=self._stokes(self.q))
 
@@ -283,15 +278,15 @@ class NXmxWriter:
         """[I, Q, U, V] with I = 1, in McStas x/y: Q = P cos 2psi, U = P sin 2psi,
         psi the E-vector's angle from +x towards +y, P = 2 f - 1."""
         beam = self.experiment.beam
-        p = 2.0 * float(_np(beam.polarization_fraction)) - 1.0
-        ev = q @ unit_vector(_np(beam.e_vector()))
+        p = 2.0 * float(float64_array(beam.polarization_fraction)) - 1.0
+        ev = q @ unit_vector(float64_array(beam.e_vector()))
         psi = np.arctan2(ev[1], ev[0])
         return np.array([1.0, p * np.cos(2 * psi), p * np.sin(2 * psi), 0.0])
 
     def _detector(self, inst, hdf5plugin):
         e, q, lay = self.experiment, self.q, self.layout
         det = e.detector
-        origin, fast, slow, normal = (_np(x) @ q.T for x in det.panel_frames(e.beam.incident()))
+        origin, fast, slow, normal = (float64_array(x) @ q.T for x in det.panel_frames(e.beam.incident()))
         self.mcstas_frames = dict(origin=origin, fast=fast, slow=slow, normal=normal)
         # distance: where the beam (+z from the sample) meets the first panel plane it crosses
         distance = 0.0
@@ -312,9 +307,9 @@ class NXmxWriter:
         d.create_dataset("serial_number", data=SERIAL)
         material = p0.material if p0.material in ("Si", "CdTe", "GaAs") else "Si"
         d.create_dataset("sensor_material", data=material)
-        th = d.create_dataset("sensor_thickness", data=float(_np(p0.thickness)))
+        th = d.create_dataset("sensor_thickness", data=float(float64_array(p0.thickness)))
         th.attrs["units"] = "mm"
-        mu = d.create_dataset("sensor_mu", data=float(_np(p0.mu)))
+        mu = d.create_dataset("sensor_mu", data=float(float64_array(p0.mu)))
         mu.attrs["units"] = "1/mm"
         dist = d.create_dataset("distance", data=distance)
         dist.attrs["units"] = "mm"
@@ -331,7 +326,7 @@ class NXmxWriter:
             ft.attrs["units"] = "s"
         if len(det.panels) == 1 and distance > 0:
             hit = np.array([0.0, 0.0, distance]) - origin[0]
-            px = _np(p0.pixel_size).reshape(2)
+            px = float64_array(p0.pixel_size).reshape(2)
             for key, axis, size in (("beam_center_x", fast[0], px[0]), ("beam_center_y", slow[0], px[1])):
                 ds = d.create_dataset(key, data=float(hit @ axis) / size)
                 ds.attrs["units"] = "pixel"
@@ -356,7 +351,7 @@ class NXmxWriter:
             m.attrs["NX_class"] = "NXdetector_module"
             m.create_dataset("data_origin", data=np.array(lay.data_origin(k), dtype=np.int64))
             m.create_dataset("data_size", data=np.array(lay.data_size(k), dtype=np.int64))
-            px = _np(panel.pixel_size).reshape(2)
+            px = float64_array(panel.pixel_size).reshape(2)
             if n == 1:
                 rel = origin[k] - np.array([0.0, 0.0, distance])
                 length = float(np.linalg.norm(rel))
@@ -407,7 +402,7 @@ class NXmxWriter:
 
         def lab_frame(frame, parent):
             """(origin, columns fast slow normal) in the reader frame."""
-            o, f, s, n = (_np(x) for x in frame)
+            o, f, s, n = (float64_array(x) for x in frame)
             if parent is not None:
                 po, pm = parent
                 o, f, s, n = po + pm @ o, pm @ f, pm @ s, pm @ n
@@ -463,13 +458,13 @@ class NXmxWriter:
             return
         tr = s.create_group("transformations")
         tr.attrs["NX_class"] = "NXtransformations"
-        axes = _np(gonio.axes).reshape(-1, 3)
-        angles = _np(gonio.angles).reshape(-1)
+        axes = float64_array(gonio.axes).reshape(-1, 3)
+        angles = float64_array(gonio.angles).reshape(-1)
         names = list(gonio.names)
         taken: set = set()
         # innermost first: fixed rotation, axes[0] .. axes[K-1], setting rotation
         chain = []
-        fixed, setting = _np(gonio.fixed_rotation).reshape(3, 3), _np(gonio.setting_rotation).reshape(3, 3)
+        fixed, setting = float64_array(gonio.fixed_rotation).reshape(3, 3), float64_array(gonio.setting_rotation).reshape(3, 3)
         a, ang = _axis_angle(fixed)
         if abs(ang) > 1e-12:
             chain.append(("fixed_rotation", a, np.full(self.n_images, ang), None))
@@ -489,7 +484,7 @@ class NXmxWriter:
         for i, (name, axis, values, width) in enumerate(chain):
             key = paths[i].rsplit("/", 1)[1]
             ds = tr.create_dataset(key, data=np.asarray(values, dtype=np.float64))
-            vec = q @ unit_vector(_np(axis))
+            vec = q @ unit_vector(float64_array(axis))
             ds.attrs.update(transformation_type="rotation", units="deg", vector=vec, offset=[0.0, 0.0, 0.0],
                             offset_units="mm", depends_on=paths[i + 1] if i + 1 < len(paths) else ".")
             if width is not None:
