@@ -141,11 +141,37 @@ class Simulator(nn.Module):
 
     # ------------------------------------------------------------------ render
     def forward(self, image: int | None = None, *, still: bool = False, beam=None, progress=None,
-                detected: bool = False) -> torch.Tensor:
+                detected: bool = False, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """`render`; with `detected`, what the detector reads on average
-        through `response` (blur, gain, offset), the photons without one."""
+        through `response` (blur, gain, offset), the photons without one.
+        `pixels`: a boolean (panels, slow, fast); then only those pixels are
+        rendered and returned, as image[pixels] (1-D)."""
+        if pixels is not None:
+            return self.render_pixels(pixels, image, still=still, beam=beam, detected=detected)
         photons = self.render(image, still=still, beam=beam, progress=progress)
         return self.detector_counts(photons, sample=False) if detected else photons
+
+    def render_pixels(self, pixels: torch.Tensor, image: int | None = None, *, still: bool = False, beam=None,
+                      detected: bool = False) -> torch.Tensor:
+        """image[pixels] (1-D) of image `image`, computing only the pixels of
+        the boolean `pixels` (panels, slow, fast): no full frame is made,
+        unless an amorphous background or a point-spread function (which
+        need every pixel) is part of the image."""
+        blurred = detected and self.response is not None and self.response.psf is not None
+        if self.background is not None or blurred:
+            return self.forward(image, still=still, beam=beam, detected=detected)[pixels.to(self.device)]
+        shared = self._shared(image, still, beam)
+        out = []
+        for k in range(len(self.detector.panels)):
+            idx = torch.nonzero(pixels[k].to(self.device).reshape(-1)).squeeze(1)
+            if idx.numel():
+                values = self._render_panel(k, shared, None, pixels=idx)
+                mask = self.detector.panels[k].mask
+                out.append(values if mask is None else values * mask.reshape(-1)[idx].to(values.dtype))
+        values = torch.cat(out) if out else torch.zeros(0, dtype=self.dtype, device=self.device)
+        if detected and self.response is not None:  # gain and offset, pixel by pixel
+            values = self.response.expectation(values, self.detector.panels[0].pixel_size)
+        return values
 
     def render(self, image: int | None = None, *, still: bool = False, beam=None, progress=None) -> torch.Tensor:
         """Photons per pixel of image `image` of the scan (default: the first),
@@ -239,14 +265,17 @@ class Simulator(nn.Module):
                           oversample_omega=opt.oversample_omega, dmin=float(opt.dmin), shape=self.crystal.shape,
                           lookup=self.crystal.structure_factors.lookup, weighted="weights" in t)
 
-    def _render_panel(self, k, shared, progress):
+    def _render_panel(self, k, shared, progress, pixels=None):
+        """Panel k's image (slow, fast); given `pixels` (flat indices), their
+        values only (1-D), the background and the mask left out."""
         panel = self.detector.panels[k]
         if self.device.type == "cpu":
             kernels.prime_allocator()
         t = {**shared["tensors"], **self._panel_geometry(k, shared)}
         plan = self._plan(k, t)
         per_pixel = plan.layers * self.oversample ** 2 * t["cells"].shape[0] * t["cells"].shape[1]
-        pixels = self.active_pixels(k)
+        compact = pixels is not None
+        pixels = self.active_pixels(k) if pixels is None else pixels
         n, size = pixels.numel(), panel.spixels * panel.fpixels
         grad = torch.is_grad_enabled() and any(v.requires_grad for v in t.values())
         values = None
@@ -254,7 +283,11 @@ class Simulator(nn.Module):
                                         per_pixel // (plan.layers * self.oversample ** 2)):
             values = self._compiled_chunks(plan.compiled(), pixels, t, per_pixel, grad, progress)
         if values is None:
-            values = self._eager_chunks(plan, pixels, t, per_pixel, grad, progress, size)
+            values = self._eager_chunks(plan, pixels, t, per_pixel, grad, progress, size, compact)
+        if compact:
+            if isinstance(values, torch.Tensor):
+                return values
+            return torch.cat(values) if values else torch.zeros(0, dtype=self.dtype, device=self.device)
         if isinstance(values, torch.Tensor):  # the chunks wrote the image themselves
             return self._add_background(k, values.reshape(panel.spixels, panel.fpixels), pixels)
         flat = torch.zeros(size, dtype=self.dtype, device=self.device)
@@ -279,10 +312,11 @@ class Simulator(nn.Module):
             extra = extra * keep.reshape(image.shape)
         return image + extra
 
-    def _eager_chunks(self, plan, pixels, t, per_pixel, grad, progress, size):
+    def _eager_chunks(self, plan, pixels, t, per_pixel, grad, progress, size, compact=False):
         """Chunks of at most chunk_elements grid elements and a few hundred
         thousand points; without gradients on the CPU they run side by side on
-        the threads (each single-threaded), writing into the image."""
+        the threads (each single-threaded), writing into the image (`compact`:
+        into the list of the pixels' values)."""
         n = pixels.numel()
         budget = self.chunk_elements // (16 if plan.lookup == "tricubic" else 1)
         chunk = max(1, budget // per_pixel)
@@ -298,8 +332,9 @@ class Simulator(nn.Module):
             chunk = min(chunk, max(-(-n // pool._max_workers), kernels.MIN_POINTS // points, 1))
         starts = range(0, n, chunk)
         if pool is not None:
-            whole = n == size  # then the pixels are 0 .. size-1 in order
-            flat = (torch.empty if whole else torch.zeros)(size, dtype=self.dtype, device=self.device)
+            whole = compact or n == size  # then the values go in the pixels' order
+            flat = (torch.empty if whole else torch.zeros)(n if compact else size, dtype=self.dtype,
+                                                           device=self.device)
 
             def fill(start):
                 idx = pixels[start:start + chunk]

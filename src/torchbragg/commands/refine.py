@@ -81,10 +81,16 @@ options:
                             model; the sample flags (-sample_thick, -density, -MW, ...)
                             then describe that sample, as in torchbragg simulate
   --max-iter N              L-BFGS iterations per stage (default 60)
-  --strategy default|still  default: L-BFGS stages, coarse to fine; still: spot
+  --strategy default|still|sweep
+                            default: L-BFGS stages, coarse to fine; still: spot
                             centroids first, then Levenberg-Marquardt steps on the
                             pixels (Anscombe, then Poisson), which holds from faint
-                            to bright images and takes far fewer renders
+                            to bright images and takes far fewer renders;
+                            sweep: the geometry (orientation, cell, detector)
+                            from the centroids of the spots observed over a
+                            rotation sweep's frames, as DIALS refines it, then
+                            the other groups by Levenberg-Marquardt steps on
+                            the pixels where the spots are
   --per-image G,G,...       groups refined per image (a sweep's scale: one per
                             frame); default: none for a sweep, the crystal groups
                             for several stills
@@ -157,8 +163,8 @@ def parse(argv: list[str]) -> dict:
                 raise InputError(f"--{key.replace('_', '-')} expects a number, got '{opts[key]}'") from None
             if not math.isfinite(opts[key]):
                 raise InputError(f"--{key.replace('_', '-')} must be finite")
-    if opts["strategy"] not in ("default", "still"):
-        raise InputError(f"unknown --strategy '{opts['strategy']}'; choose default or still")
+    if opts["strategy"] not in ("default", "still", "sweep"):
+        raise InputError(f"unknown --strategy '{opts['strategy']}'; choose default, still or sweep")
     if opts["loss"] not in ("poisson", "gaussian"):
         raise InputError(f"unknown --loss '{opts['loss']}'; choose poisson or gaussian")
     if opts["loss"] != "gaussian" and (opts["read_noise"] is not None or opts["gain"] is not None):
@@ -466,7 +472,8 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
 
     from ..refine.centroids import centroid_rms, miller_label
     from ..refine.refiner import Refiner
-    from ..refine.report import FIGURE_IMAGES, build_joint_report, build_report
+    from ..refine.report import FIGURE_IMAGES, build_joint_report, build_report, strongest_observed
+    from ..refine.roi import mask_substitutions
 
     one = len(shots) == 1
     sweep = len({s.experiment for s in shots}) == 1
@@ -498,8 +505,12 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
         finals = [_real(listed[s.experiment].crystal) for s in shots]
         shown = []
         for j, e in enumerate(entries[:FIGURE_IMAGES]):
+            # rendered where the figures look: the region and the cut-outs of the strongest spots
+            where = refiner.masks[j].clone()
+            for k, sl, f in strongest_observed(images[j][0], images[j][1], max(int(opts["spots"]), 1)):
+                where[k, max(sl - 7, 0):sl + 8, max(f - 7, 0):f + 8] = True
             with torch.no_grad():
-                model = e.render(e.sim).detach().double().cpu().numpy()
+                model = e.render(e.sim, mask_substitutions(where)).detach().double().cpu().numpy()
             model = _with_background(model, result.parameters + result.images[j])
             shown.append((images[j][0], model, images[j][1], refiner.masks[j].numpy(),
                           miller_label(e.sim, None if e.still else e.image)))

@@ -4,12 +4,14 @@ fast) photons with the mask of pixels to use."""
 from __future__ import annotations
 
 import base64
+import bz2
 import contextlib
 import hashlib
 import logging
 import os
 import re
 import sys
+import zlib
 
 import numpy as np
 
@@ -156,6 +158,27 @@ def check_cbf_binary(path: str, raw: bytes) -> tuple[int, int] | None:
     return slow, fast
 
 
+# compressed CBF files (as beamlines archive them, and dxtbx reads them): suffix -> decompressor
+CBF_COMPRESSIONS = {".bz2": lambda: bz2.BZ2Decompressor(), ".gz": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)}
+MAX_CBF_BYTES = 4 * 2 ** 30  # a decompressed CBF beyond any detector's (a compression bomb)
+
+
+def _decompressed(path: str, raw: bytes) -> bytes:
+    suffix = os.path.splitext(path.lower())[1]
+    if suffix not in CBF_COMPRESSIONS:
+        return raw
+    try:
+        d = CBF_COMPRESSIONS[suffix]()
+        out = d.decompress(raw, MAX_CBF_BYTES)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(f"cannot read CBF image {path}: not a valid {suffix[1:]} file ({exc})") from None
+    done = d.eof if hasattr(d, "eof") else False
+    if not done:
+        raise InputError(f"cannot read CBF image {path}: the {suffix[1:]} stream is cut short or decompresses beyond "
+                         f"{MAX_CBF_BYTES >> 30} GB")
+    return out
+
+
 def read_cbf(path):
     import fabio
     try:
@@ -163,6 +186,7 @@ def read_cbf(path):
             raw = fh.read()
     except OSError as exc:
         raise InputError(f"cannot read CBF image {path}: {exc.strerror}") from None
+    raw = _decompressed(path, raw)
     shape = check_cbf_binary(path, raw)
     try:
         with quiet_libraries():
@@ -225,12 +249,13 @@ def read_image(path: str, detector, index: int = 0, adc_offset: float = 0.0):
         raw, flags = read_npy(path)
     elif low.endswith((".img", ".smv")):
         raw, flags = read_smv_image(path)
-    elif low.endswith(".cbf"):
+    elif low.endswith(tuple(".cbf" + c for c in ("",) + tuple(CBF_COMPRESSIONS))):
         raw, flags = read_cbf(path)
     elif low.endswith(CONTAINERS):
         raw, flags = read_nexus(path, index)
     else:
-        raise InputError(f"cannot read image {path}: unknown format (use .npy, .img/.smv, .cbf or .nxs/.h5)")
+        raise InputError(f"cannot read image {path}: unknown format (use .npy, .img/.smv, .cbf (or .cbf.bz2, "
+                         ".cbf.gz) or .nxs/.h5)")
     raw = split_frame(raw, detector, path)
     data = raw.astype(np.float64) - float(adc_offset)
     valid = np.isfinite(data) & (raw.astype(np.float64) >= 0) & (data >= 0)

@@ -51,6 +51,19 @@ class Goniometer(Model):
             result = result @ ph.rotation_axis_angle(axes[k], angle)
         return result @ self.fixed_rotation.double()
 
+    def scan_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(after, axis, before), float64: rotation(phi) = after @ R(axis, phi) @ before,
+        so that many angles turn vectors without building a matrix for each."""
+        angles = self.angles.double() * DEG
+        axes = self.axes.double()
+        after = self.setting_rotation.double()
+        for k in range(axes.shape[0] - 1, self.scan_axis, -1):
+            after = after @ ph.rotation_axis_angle(axes[k], angles[k])
+        before = self.fixed_rotation.double()
+        for k in range(self.scan_axis - 1, -1, -1):
+            before = ph.rotation_axis_angle(axes[k], angles[k]) @ before
+        return after, axes[self.scan_axis], before
+
     @property
     def rotation_axis(self) -> torch.Tensor:
         """The scan axis in the lab frame at the datum (DIALS's 'rotation axis')."""

@@ -40,6 +40,7 @@ class RadialBackground(Group):
     the detector; `start`: their start values (a float or one per knot)."""
 
     name = "radial_background"
+    additive = True
 
     def __init__(self, knots: int = 8, start=0.0):
         if knots < 2:
@@ -91,6 +92,17 @@ class RadialBackground(Group):
     def image_term(self, sim, x, shape):
         values = x + self._start.to(x)
         idx, frac = self._index.to(x.device), self._frac.to(x)
+        return values[idx] * (1 - frac) + values[idx + 1] * frac
+
+    def region_term(self, sim, x, mask):
+        kept = self.__dict__.setdefault("_regions", {})  # the knots of each region's pixels
+        if id(mask) not in kept or kept[id(mask)][0] is not mask:
+            if len(kept) > 64:
+                kept.clear()
+            m = mask.to(self._index.device)
+            kept[id(mask)] = (mask, self._index[m], self._frac[m])
+        values = x + self._start.to(x)
+        idx, frac = kept[id(mask)][1].to(x.device), kept[id(mask)][2].to(x)
         return values[idx] * (1 - frac) + values[idx + 1] * frac
 
     def physical(self, sim, x):

@@ -22,6 +22,7 @@ from scipy import ndimage
 from torch import nn
 from torch.func import functional_call
 
+from ..units import DEG
 from .parameters import Parametrisation
 
 GEOMETRY_GROUPS = ("orientation", "cell", "beam_centre", "distance", "panels", "wavelength")
@@ -148,8 +149,11 @@ class _Sweep(nn.Module):
         sim = self.sim
         incident, lam = sim.beam.sources()
         q0 = hkl.to(torch.float64) @ torch.linalg.inv(sim.crystal.real_vectors().double()).T
-        rot = sim.goniometer.rotation(phi)  # (n, 3, 3)
-        s = incident[0].double() / lam[0].double() + (rot @ q0.unsqueeze(-1)).squeeze(-1)
+        after, e, before = sim.goniometer.scan_factors()
+        v = q0 @ before.T
+        c, sn = torch.cos(phi * DEG)[:, None], torch.sin(phi * DEG)[:, None]
+        turned = v * c + torch.linalg.cross(e.expand_as(v), v) * sn + e * (v @ e)[:, None] * (1 - c)  # Rodrigues
+        s = incident[0].double() / lam[0].double() + turned @ after.T
         return s, lam[0].double()
 
 
@@ -167,13 +171,14 @@ def predict_rotation(sim, subs: dict, hkl: torch.Tensor, panel: torch.Tensor, fr
     n_frames = last - first + 1
     hkl = torch.as_tensor(hkl)
 
-    def excitation(phi):
-        s, lam = functional_call(wrapped, params, (hkl, phi))
+    def excitation(phi, h=hkl):
+        s, lam = functional_call(wrapped, params, (h, phi))
         return torch.linalg.norm(s, dim=-1) - 1.0 / lam
 
     with torch.no_grad():
         grid = start + width * torch.arange(-8, 4 * n_frames + 9, dtype=torch.float64) / 4
-        f = torch.stack([excitation(torch.full((len(hkl),), float(p), dtype=torch.float64)) for p in grid], 1)
+        # every (grid angle, reflection) in one batch
+        f = excitation(grid.repeat_interleave(len(hkl)), hkl.repeat(len(grid), 1)).reshape(len(grid), -1).T
         cross = (f[:, :-1] * f[:, 1:] <= 0)
         t = f[:, :-1] / torch.where(cross, f[:, :-1] - f[:, 1:], torch.ones_like(f[:, 1:]))
         phis = grid[:-1] + t * (grid[1] - grid[0])
@@ -408,71 +413,6 @@ def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, i
         rms_eps = float(torch.sqrt((eps.double()[good] ** 2).mean()))
     return CentroidFit(x.detach(), list(param.labels), int(usable.sum()), float(rms_start or float("nan")), rms,
                        rms_eps, taken)
-
-
-@dataclass
-class SweepFit:
-    """What `fit_sweep_centroids` found: the internal vector of the groups
-    (labels), the reflections used, and the rms position residuals (px) and
-    rotation residuals (frames) at the start and at the end."""
-    x: torch.Tensor
-    labels: list
-    reflections: int
-    rms_px_start: float
-    rms_px: float
-    rms_frames_start: float
-    rms_frames: float
-    iterations: int
-
-
-def fit_sweep_centroids(sim, hkl, panel, xyz, groups, *, rounds: int = 4, iterations: int = 15,
-                        reject: float = 5.0) -> SweepFit:
-    """Fit the geometric groups among `groups` to observed centroids `xyz`
-    (n, 3: x, y pixels, z frames from the start of the scan's first image,
-    DIALS's xyzobs.px) of indexed reflections `hkl` (n, 3) on panels
-    `panel` (n,) of a rotation scan, as dials.refine does: the residuals are
-    the differences from where each reflection crosses the Ewald sphere
-    (predict_rotation), positions in pixels and angles in frames, each
-    scaled by its robust rms at the start of each round, when reflections
-    beyond `reject` of them are left out of the round."""
-    names = [g for g in groups if (g if isinstance(g, str) else g.name) in GEOMETRY_GROUPS]
-    param = Parametrisation(names, sim)
-    x = torch.zeros(param.size, dtype=torch.float64)
-    hkl = torch.as_tensor(np.asarray(hkl), dtype=torch.long)
-    panel = torch.as_tensor(np.asarray(panel), dtype=torch.long)
-    obs = torch.as_tensor(np.asarray(xyz), dtype=torch.float64)
-    keep = torch.ones(len(hkl), dtype=torch.bool)
-
-    def rms(d):
-        return float(torch.sqrt((d[:, :2] ** 2).sum(1).mean())), float(torch.sqrt((d[:, 2] ** 2).mean()))
-
-    with torch.no_grad():
-        pred, found = predict_rotation(sim, {}, hkl, panel, obs[:, 2])
-    keep &= found
-    start = rms((pred - obs)[keep])
-    taken = 0
-    for _ in range(rounds):
-        # every round judges every reflection afresh at the current model, so that
-        # fits from different starts end on the same reflections
-        with torch.no_grad():
-            pred, found = predict_rotation(sim, param.substitutions(sim, x), hkl, panel, obs[:, 2])
-        d = (pred - obs)[found]
-        scale = torch.tensor([max(_robust_rms(d[:, 0]), 0.05), max(_robust_rms(d[:, 1]), 0.05),
-                              max(_robust_rms(d[:, 2]), 0.01)], dtype=torch.float64)
-        keep = found & ~((pred - obs).abs() / scale > reject).any(1)
-        h, p, o, near = hkl[keep], panel[keep], obs[keep], obs[keep, 2]
-
-        def residual(v):
-            return ((predict_rotation(sim, param.substitutions(sim, v), h, p, near)[0] - o) / scale).reshape(-1)
-
-        x, steps = gauss_newton(residual, x, None, iterations)
-        taken += steps
-    with torch.no_grad():
-        pred, found = predict_rotation(sim, param.substitutions(sim, x), hkl, panel, obs[:, 2])
-    keep = keep & found
-    d = (pred - obs)[keep]
-    end = rms(d)
-    return SweepFit(x.detach(), list(param.labels), int(keep.sum()), start[0], end[0], start[1], end[1], taken)
 
 
 def miller_label(sim, image=None):

@@ -61,6 +61,7 @@ class Group:
     and `physical`. `image_term` (optional) adds photons to the model image."""
 
     name = "group"
+    additive = False  # adds photons through image_term only, substituting nothing of the render
     labels: list[str] = []
     physical_labels: list[str] = []
     units: list[str] = []
@@ -78,6 +79,11 @@ class Group:
 
     def image_term(self, sim, x, shape):
         return None
+
+    def region_term(self, sim, x, mask):
+        """image_term over the pixels of the boolean `mask` (1-D), or None."""
+        term = self.image_term(sim, x, mask.shape)
+        return None if term is None else term[mask]
 
     def physical(self, sim, x) -> torch.Tensor:
         raise NotImplementedError
@@ -562,6 +568,7 @@ class Background(Group):
     the constant starts at `start` (a float or one per panel, default 0)."""
 
     name = "background"
+    additive = True
 
     def __init__(self, linear: bool = False, start=0.0):
         self.linear = linear

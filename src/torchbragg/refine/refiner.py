@@ -49,7 +49,7 @@ from .fit import combine, goodness_of_fit
 from .losses import LOSSES
 from .parameters import Background, Group, make_group
 from .roi import mask_substitutions, roi_mask
-from .stages import STAGE_KINDS, still_strategy
+from .stages import STAGE_KINDS, still_strategy, sweep_regions, sweeps_of, sweep_strategy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
           torch.float64: torch.float64}
@@ -79,6 +79,10 @@ class Entry:
         buffers substituted by `subs`."""
         # with a detector response the model is its reading (blur, gain, offset)
         return functional_call(sim, subs or {}, (self.image,), dict(still=self.still, detected=True))
+
+    def render_pixels(self, sim, subs, pixels):
+        """The same, image[pixels] (1-D) only, computing just those pixels."""
+        return functional_call(sim, subs or {}, (self.image,), dict(still=self.still, detected=True, pixels=pixels))
 
 
 @dataclass
@@ -311,15 +315,18 @@ def resolve_stages(strategy, names, broaden, max_iter, default) -> list[dict]:
     if isinstance(strategy, str):
         if strategy == "still":
             return still_strategy(names)
+        if strategy == "sweep":
+            return sweep_strategy(names)
         if strategy != "default":
-            raise InputError(f"unknown strategy {strategy!r}; give 'default', 'still', None or a list of stages")
+            raise InputError(f"unknown strategy {strategy!r}; give 'default', 'still', 'sweep', None or a list of "
+                             "stages")
         return default(names, broaden, max_iter)
     if strategy is None:
         return [dict(groups=names, broaden=None, max_iter=max_iter)]
     stages = [dict(s) for s in strategy]
     for s in stages:
-        if s.get("kind") not in (None, "lbfgs", "centroids", "steps"):
-            raise InputError(f"unknown stage kind {s['kind']!r}; give lbfgs, centroids or steps")
+        if s.get("kind") not in (None, "lbfgs") and s.get("kind") not in STAGE_KINDS:
+            raise InputError(f"unknown stage kind {s['kind']!r}; give lbfgs, {', '.join(STAGE_KINDS)}")
         unknown = [g for g in s["groups"] if g not in names]
         if unknown:
             raise InputError(f"stage groups {unknown} are not among the refined groups {names}")
@@ -391,7 +398,7 @@ class Refiner:
         own = [b for b in self.bindings if b.prefix]
         self.entry_names = list(dict.fromkeys(b.group.name for b in own))
         self.entry_stages = []
-        if own and entry_strategy is not None and strategy != "still":  # "still" fits each image's own groups anyway
+        if own and entry_strategy is not None and strategy not in ("still", "sweep"):  # they fit own groups anyway
             if isinstance(entry_strategy, str) and entry_strategy == "single":
                 entry_strategy = "default"
                 default = default_strategy
@@ -414,6 +421,10 @@ class Refiner:
         self.history: list[float] = []
         self.image_history: list[list[float]] = [[] for _ in self.entries]
         self.oversample: list = [None] * n  # re-derived automatic oversampling, written back with the values
+        self.bragg: list = [None] * n  # where the Bragg term is rendered, when narrower than the region
+        self.held: dict = {}  # (internal elements): their covariance, for groups a stage fixed from centroids
+        self._inside: dict = {}  # entry -> which pixels of its region hold the Bragg term
+        self.fisher = None  # (elements, Fisher information, gradient) at the end of a steps stage
         self._scale = None
         self._check_data()
 
@@ -497,13 +508,44 @@ class Refiner:
             ratio = (n / nb).detach().prod()
             subs["crystal.N"] = nb
             subs["beam.fluence"] = subs.get("beam.fluence", sim.beam.fluence.to(x.dtype)) * ratio
-        subs.update(mask_substitutions(mask))
+        bragg = self.bragg[k]
+        subs.update(mask_substitutions(mask if bragg is None else mask & bragg.to(mask.device)))
         model = self.entries[k].render(sim, subs)
         for b in self.bound[k]:
             extra = b.group.image_term(sim, x[b.slice], model.shape)
             if extra is not None:
                 model = model + extra
         return model
+
+    def pixels(self, k: int, sim, x, mask) -> torch.Tensor:
+        """model(k, sim, x, mask)[mask] (1-D), rendering only the pixels of
+        the mask where the Bragg term is (engine.bragg), with no full frame."""
+        return self.rendered_pixels(k, sim, x, mask) + self.additive_pixels(k, sim, x, mask)
+
+    def additive_pixels(self, k: int, sim, x, mask):
+        """The additive groups' photons (backgrounds) over the pixels of the mask (1-D, or 0)."""
+        total = 0.0
+        for b in self.bound[k]:
+            extra = b.group.region_term(sim, x[b.slice], mask)
+            if extra is not None:
+                total = total + extra
+        return total
+
+    def rendered_pixels(self, k: int, sim, x, mask) -> torch.Tensor:
+        """The render's part of pixels(): what the simulator computes."""
+        subs = self.substitutions(k, sim, x)
+        bragg = self.bragg[k]
+        if bragg is None:
+            values = self.entries[k].render_pixels(sim, subs, mask)
+        else:
+            kept = self._inside.get(k)
+            if kept is None or kept[0] is not mask or kept[1] is not bragg:
+                kept = self._inside[k] = (mask, bragg, (mask & bragg.to(mask.device))[mask])
+            inside = kept[2]
+            rendered = self.entries[k].render_pixels(sim, subs, mask & bragg.to(mask.device))
+            values = torch.zeros(inside.shape, dtype=rendered.dtype, device=rendered.device)
+            values = values.masked_scatter(inside, rendered)
+        return values
 
     def _entry_loss(self, k, sim, x, mask, data, broaden=None):
         return self.loss_fn(self.model(k, sim, x, mask, broaden), data, mask, **self.loss_options)
@@ -642,6 +684,13 @@ class Refiner:
         """Each entry's region of interest: the one given, or roi_mask from
         the start model and the data; and-ed with its valid pixels."""
         masks = []
+        swept = {k for ks in sweeps_of(self, sims) for k in ks if self.masks[k] is None}
+        if swept:  # scan frames: where the start model predicts spots, without rendering whole frames
+            given = list(self.masks)
+            for ks in sweeps_of(self, sims):
+                ks = [k for k in ks if k in swept]
+                if ks:
+                    sweep_regions(self, sims, torch.zeros(self.size, dtype=torch.float64), ks, given)
         for k, (e, s) in enumerate(zip(self.entries, sims)):
             m = self.masks[k]
             if m is None:
@@ -693,6 +742,8 @@ class Refiner:
             x, info = self._stage(copies[dt], x, last, masks, datas, dt, reuse=True)
             stages.append(info)
         converged = stages[-1]["converged"]
+        if not (self.stages and self.stages[-1].get("kind") == "steps"):
+            self.fisher = None  # the information of an earlier steps stage is not that of the end
         result = self._result(copies[self.dtypes[-1]], x, masks, converged, stages)
         if write:
             result.not_written = self.write(x)
@@ -704,8 +755,9 @@ class Refiner:
         for b in self.bindings:
             if isinstance(b.group, Background):
                 k = b.entries[0]
+                rendered = masks[k] if self.bragg[k] is None else masks[k] & self.bragg[k].to(masks[k].device)
                 with torch.no_grad():
-                    model = self.entries[k].render(sims[k], mask_substitutions(masks[k])).double()
+                    model = self.entries[k].render(sims[k], mask_substitutions(rendered)).double()
                 b.group.start_from(self.datas[k].to(model), model, masks[k])
 
     def _rederive_oversample(self, copies, x):
@@ -738,7 +790,8 @@ class Refiner:
         H = torch.zeros(self.size, self.size, dtype=torch.float64)
         grad = torch.zeros(self.size, dtype=torch.float64)
         for k in range(len(self.entries)):
-            gi = [i for i, e in enumerate(self.entries_of) if k in e]
+            held = {i for block in self.held for i in block}
+            gi = [i for i, e in enumerate(self.entries_of) if k in e and i not in held]
             if not gi:
                 continue
             idx = torch.tensor(gi, dtype=torch.long, device=x.device)
@@ -814,17 +867,32 @@ class Refiner:
             if self.progress is not None:
                 self.progress(dict(stage="uncertainties", image=None, evaluation=0, loss=float("nan"),
                                    dtype=str(dt).replace("torch.", "")))
-            H, grad = self.hessian(sims, x.to(dt), masks, datas)
-            evals, evecs = torch.linalg.eigh(H)
-            top = float(evals.abs().max()) if n else 0.0
+            # elements a stage fixed from spot centroids keep the centroids' covariance
+            held = sorted(i for block in self.held for i in block)
+            free = torch.tensor([i for i in range(n) if i not in set(held)], dtype=torch.long)
+            if self.fisher is not None and set(free.tolist()) <= set(self.fisher[0]):
+                # the last steps stage's Fisher information at the end: no more renders
+                active, info, g = self.fisher
+                at = torch.tensor(active, dtype=torch.long)
+                H = torch.zeros(n, n, dtype=torch.float64)
+                grad = torch.zeros(n, dtype=torch.float64)
+                H[at[:, None], at[None, :]] = info.double().cpu()
+                grad[at] = g.double().cpu()
+            else:
+                H, grad = self.hessian(sims, x.to(dt), masks, datas)
+            evals, evecs = torch.linalg.eigh(H[free[:, None], free[None, :]])
+            top = float(evals.abs().max()) if len(free) else 0.0
             good = evals > 1e-10 * max(top, 1e-300)
             inv = torch.where(good, 1.0 / torch.where(good, evals, torch.ones_like(evals)), torch.zeros_like(evals))
-            cov = (evecs * inv) @ evecs.T
-            g = evecs.T @ grad
+            cov = torch.zeros(n, n, dtype=torch.float64)
+            cov[free[:, None], free[None, :]] = ((evecs * inv) @ evecs.T) * inflate ** 2
+            for block, c in self.held.items():
+                b = torch.tensor(block, dtype=torch.long)
+                cov[b[:, None], b[None, :]] = c.double().cpu()
+            g = evecs.T @ grad[free]
             decrement = float((g * g * inv).sum())
-            cov = cov * inflate ** 2
             for j in torch.nonzero(~good).flatten().tolist():
-                undetermined.update(torch.nonzero(evecs[:, j].abs() > 0.3).flatten().tolist())
+                undetermined.update(free[torch.nonzero(evecs[:, j].abs() > 0.3).flatten()].tolist())
             sigma = torch.sqrt(torch.clamp(torch.diagonal(cov), min=0.0))
             for i in range(n):
                 if not sigma[i] > 0 or sigma[i] > self.undetermined_sigma:
@@ -878,7 +946,22 @@ class Refiner:
             for k, f in enumerate(image_fit):
                 why += [f"image {k}: {w}" for w in self._rejections(f)]
         acceptable = not why
-        if why:
+        swept = [f for st in stages if st.get("kind") == "rotation_centroids" for f in st.get("sweeps", [])]
+        lost = [f for f in swept if not (f.get("rms_px", float("inf")) <= MAX_CENTROID_RMS_PX
+                                         and f.get("reflections", 0) >= 0.5 * max(f.get("indexed", 0), 3))]
+        if lost:
+            found = "; ".join(f"{f.get('reflections', 0)} of {f.get('indexed', 0)} indexed spots kept, "
+                              f"rms {f.get('rms_px', float('nan')):.3g} px" for f in lost)
+            warnings.insert(0, f"likely a wrong minimum: the geometry does not fit the observed spot centroids "
+                               f"({found})")
+            acceptable = False
+        elif why and swept:
+            # the geometry holds (centroids); what the pixels reject is the model of the spots' shapes and background
+            warnings.insert(0, "the model does not reproduce the measured pixels within photon noise: " + "; ".join(why)
+                            + ". The geometry comes from the observed spot centroids, which it fits (" + "; ".join(
+                                f"rms {f['rms_px']:.3g} px, {f['rms_frames']:.3g} frames over {f['reflections']} "
+                                "reflections" for f in swept) + "); the spot shapes and background are approximate")
+        elif why:
             warnings.insert(0, "likely a wrong minimum: " + "; ".join(why))
         if not gradient_ok:
             warnings.insert(0, "not converged: " + (
@@ -919,6 +1002,9 @@ class Refiner:
                     t.copy_(value.to(t))
         return sorted(conflicts)
 
+
+# a sweep's geometry fitted to its spot centroids with a larger rms has lost the spots (misindexed)
+MAX_CENTROID_RMS_PX = 2.0
 
 # groups of positive quantities: an uncertainty beyond the value is no determination
 POSITIVE_GROUPS = ("cell", "N", "scale", "mosaic", "wavelength", "structure_factors")
