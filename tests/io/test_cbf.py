@@ -255,3 +255,32 @@ def test_tilt_is_written_only_within_a_tenth_of_a_pixel(tmp_path, degrees, writt
         with pytest.raises(ValueError, match=r"misplace pixels of panel 0 \('Panel'\) by 0\.3\d+ px"):
             write_minicbf(tmp_path / "x.cbf", counts, expt, image=1)
         assert no_files(tmp_path)
+
+
+def test_compressed_cbf_frames_read_as_the_plain_file(tmp_path):
+    """Beamlines archive CBF frames bzip2- or gzip-compressed; they read as
+    the file inside. A cut or foreign stream is refused with one line."""
+    import bz2
+    import gzip
+
+    from golden import DATA
+    from torchbragg.errors import InputError
+    from torchbragg.io.dials import read_experiments
+    from torchbragg.io.images import read_image
+
+    e = read_experiments(str(DATA / "lcys_02" / "23_integrated.expt"))[0]
+    packed = DATA / "lcys_02" / "l-cyst_02_00004.cbf.bz2"
+    plain = tmp_path / "frame.cbf"
+    plain.write_bytes(bz2.decompress(packed.read_bytes()))
+    (tmp_path / "frame.cbf.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    want, valid = read_image(str(plain), e.detector)
+    for path in (packed, tmp_path / "frame.cbf.gz"):
+        got, ok = read_image(str(path), e.detector)
+        assert np.array_equal(got, want) and np.array_equal(ok, valid)
+    assert want.sum() > 0 and (~valid).any()  # photons, and the module gaps left out
+    (tmp_path / "cut.cbf.bz2").write_bytes(packed.read_bytes()[:20000])
+    with pytest.raises(InputError, match="cut short"):
+        read_image(str(tmp_path / "cut.cbf.bz2"), e.detector)
+    (tmp_path / "junk.cbf.gz").write_bytes(b"not a gzip stream")
+    with pytest.raises(InputError, match="not a valid gz file"):
+        read_image(str(tmp_path / "junk.cbf.gz"), e.detector)

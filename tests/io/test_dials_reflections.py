@@ -63,9 +63,32 @@ def test_json_export_of_the_measured_sweep():
     import json
     rows = json.loads((DATA / "23_integrated_refl.json").read_text())["reflections"]
     h, k, l = rows[1]["hkl"]
-    same = [r["I"] for r in rows if r["hkl"] == [h, k, l]]
+    # P 2 2 2 with Friedel mates: every sign change is the same reflection, averaged over its observations
+    same = [r["I"] for r in rows if [abs(v) for v in r["hkl"]] == [abs(h), abs(k), abs(l)]]
     assert value(t, h, k, l) == pytest.approx(np.sqrt(max(np.mean(same), 0.0)))
     assert value(t, -h, k, l) == value(t, h, k, l)  # a mirror of P 2 2 2
+
+
+def test_symmetry_mates_are_averaged_and_the_experiment_gives_the_group(tmp_path):
+    path = tmp_path / "integrated.refl"
+    # two observations of one P 2 2 2 reflection under different indices (and one negative)
+    write_refl(path, [[1, 2, 3], [-1, 2, -3], [0, 1, 1], [0, -1, -1]], [4.0, 16.0, 9.0, -1.0])
+    for symbol in ("P 2 2 2", " P 2 2"):  # a name, or a Hall symbol as experiment lists hold it
+        t = read_dials_reflections(path, space_group=symbol)
+        for hkl in ([1, 2, 3], [-1, 2, -3], [1, -2, -3], [-1, -2, 3], [-1, -2, -3]):
+            assert value(t, *hkl) == pytest.approx(np.sqrt(10.0))
+        assert value(t, 0, 1, 1) == pytest.approx(2.0) and value(t, 0, -1, 1) == pytest.approx(2.0)
+    with pytest.raises(InputError, match="unknown space group"):
+        read_dials_reflections(path, space_group="Q 9 9")
+    # the experiment's crystal symmetry expands the table, so its reflections refine as one each
+    from torchbragg.build.experiment import build_from_experiment, parse_experiment_flags
+    from torchbragg.io.dials import read_experiments
+    from torchbragg.refine.parameters import StructureFactorGroup
+    e = read_experiments(str(DATA / "23_integrated.expt"))[0]
+    sim = build_from_experiment(e, parse_experiment_flags(["-hkl", str(DATA / "23_integrated_refl.json"),
+                                                           "-default_F", "0"]), dtype=torch.float64)[0]
+    group = StructureFactorGroup().bind(sim)
+    assert len(group.reflections) > 20
 
 
 def test_hkl_flag_reads_a_reflection_table(tmp_path):

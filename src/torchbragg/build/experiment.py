@@ -87,7 +87,7 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     resolved = check_experiment_flags(experiment, cfg)
     dtype, device = resolve_device(cfg, dtype, device)
     info = BuildInfo(cfg, messages=list(cfg.notes))
-    table, sources, mask = read_inputs(cfg, info)
+    table, sources, mask = read_inputs(cfg, info, space_group=experiment.crystal.space_group)
     f64 = torch.float64
     src = experiment.beam
     with torch.no_grad():

@@ -184,9 +184,10 @@ def resolve_device(cfg, dtype=None, device=None):
     return dtype, device
 
 
-def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False):
+def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False, space_group: str | None = None):
     """(structure-factor table or None, source rows or None, mask or None) from
-    the files the configuration names."""
+    the files the configuration names. `space_group`: the crystal's, when an
+    experiment gives it: a DIALS reflection table is expanded over it."""
     c, b, d = cfg.crystal, cfg.beam, cfg.detector
     table = None
     given = [(flag, path) for flag, path in (("-hkl", c.hkl_file), ("-mtz", c.mtz_file), ("-model", c.model_file))
@@ -201,9 +202,10 @@ def read_inputs(cfg: SimulationConfig, info: BuildInfo, write_dump: bool = False
         from ..io.hkl import write_fdump
         if c.hkl_file is not None and c.hkl_file.lower().endswith((".refl", ".json")):
             from ..io.structure_factors import read_dials_reflections
-            table = read_dials_reflections(c.hkl_file, default_F=c.default_F)
+            table = read_dials_reflections(c.hkl_file, default_F=c.default_F, space_group=space_group)
             info.messages.append(f"reading {table.read} reflections from the DIALS table {c.hkl_file}, "
-                                 f"F = sqrt(<{table.columns[0]}>), {table.count} with Friedel mates")
+                                 f"F = sqrt(<{table.columns[0]}>), {table.count} with symmetry (space group "
+                                 f"{table.space_group}) and Friedel mates")
         elif c.hkl_file is not None:
             from ..io.hkl import read_hkl
             table = read_hkl(c.hkl_file, default_F=c.default_F)

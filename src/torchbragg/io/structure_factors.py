@@ -366,8 +366,8 @@ def _json_columns(path) -> dict:
 def read_dials_reflections(path, default_F: float = 0.0, space_group: str | None = None) -> StructureFactorTable:
     """Amplitudes sqrt(max(<I>, 0)) from a DIALS reflection table: the mean
     summation (else profile) intensity over every observation of a
-    reflection, expanded to P1 by `space_group` (a name gemmi knows; None:
-    P 1). Reflections indexed 0 0 0 are ignored; the rest keep `default_F`."""
+    reflection and (given `space_group`, a name or Hall symbol gemmi knows)
+    of its symmetry and Friedel mates, expanded to P1 (None: P 1). Reflections indexed 0 0 0 are ignored; the rest keep `default_F`."""
     path = os.fspath(path)
     _check_file(path, "reflection table")
     columns = _json_columns(path) if path.lower().endswith(".json") else _refl_columns(path)
@@ -379,15 +379,24 @@ def read_dials_reflections(path, default_F: float = 0.0, space_group: str | None
     keep = np.isfinite(intensity) & (np.abs(hkl).sum(1) > 0)
     if not keep.any():
         raise InputError(f"{path}: no indexed reflection with an intensity")
-    unique, inverse = np.unique(hkl[keep], axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    mean = np.bincount(inverse, weights=intensity[keep]) / np.bincount(inverse)
     sg = None
     if space_group is not None:
         gemmi = _gemmi()
-        sg = gemmi.find_spacegroup_by_name(space_group)
+        sg = gemmi.find_spacegroup_by_name(space_group.strip())
+        if sg is None:  # a Hall symbol, as crystals in experiment lists hold it
+            try:
+                sg = gemmi.find_spacegroup_by_ops(gemmi.symops_from_hall(space_group))
+            except (RuntimeError, ValueError):
+                sg = None
         if sg is None:
             raise InputError(f"unknown space group {space_group!r}")
+    merged = hkl[keep]
+    if sg is not None:  # symmetry and Friedel mates are one reflection: averaged together
+        asu, ops = gemmi.ReciprocalAsu(sg), sg.operations()
+        merged = np.array([asu.to_asu([int(v) for v in h], ops)[0] for h in merged], dtype=np.int64).reshape(-1, 3)
+    unique, inverse = np.unique(merged, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    mean = np.bincount(inverse, weights=intensity[keep]) / np.bincount(inverse)
     grid, lo, n = expand_to_p1(unique, np.sqrt(np.maximum(mean, 0.0)), sg, default_F=default_F,
                                source=f"reflection table {path}")
     return StructureFactorTable(grid, *lo, count=n, read=int(keep.sum()), space_group=sg.hm if sg else "P 1",

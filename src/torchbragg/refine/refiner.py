@@ -685,7 +685,9 @@ class Refiner:
         the start model and the data; and-ed with its valid pixels."""
         masks = []
         swept = {k for ks in sweeps_of(self, sims) for k in ks if self.masks[k] is None}
-        if swept:  # scan frames: where the start model predicts spots, without rendering whole frames
+        if not any(s.get("kind") == "rotation_centroids" for s in self.stages):
+            swept = set()
+        if swept:  # the sweep strategy's frames: where the start model predicts spots, rendering no whole frame
             given = list(self.masks)
             for ks in sweeps_of(self, sims):
                 ks = [k for k in ks if k in swept]
