@@ -24,6 +24,9 @@ DATA = DATA / "lcys_02"
 GROUPS = ["orientation", "cell"]
 
 
+
+
+
 def experiment():
     e = read_experiments(str(DATA / "23_integrated.expt"))[0]
     return build_from_experiment(e, parse_experiment_flags(["-default_F", "1"]), dtype=torch.float64)[0]

@@ -176,17 +176,17 @@ class RotationFit:
         return int(self.keep.sum())
 
 
-def fit_rotation_centroids(sim, subs_of, x0: torch.Tensor, hkl, panel, xyz, *, weights=None, rounds: int = 4,
-                           iterations: int = 15, reject: float = 5.0) -> RotationFit:
+def fit_rotation_centroids(sim, subs_of, x0: torch.Tensor, hkl, panel, xyz, *, weights=None, rounds: int = 6,
+                           iterations: int = 15, reject: float = 6.0) -> RotationFit:
     """Fit parameters `x0` (the model's substitutions are `subs_of(x)`) to
     observed centroids `xyz` (n, 3: x, y pixels, z frames) of reflections
     `hkl` (n, 3) on panels `panel` (n,) of a rotation scan, as dials.refine
     does: residuals from where each reflection crosses the Ewald sphere
     (predict_rotation), positions in pixels and angles in frames, each
     scaled by its robust rms at the start of each round, when reflections
-    beyond `reject` of them are left out of the round (every round judges
-    every reflection afresh, so fits from different starts end on the same
-    ones). `weights` (n, 3): per residual, 0 to leave one out (the angle of
+    beyond `reject` of them are left out of the round and the others
+    weighted by Tukey's biweight (every round judges every reflection
+    afresh, so fits from different starts end on the same ones). `weights` (n, 3): per residual, 0 to leave one out (the angle of
     a spot cut by the sweep's ends)."""
     hkl = torch.as_tensor(np.asarray(hkl), dtype=torch.long)
     panel = torch.as_tensor(np.asarray(panel), dtype=torch.long)
@@ -203,6 +203,7 @@ def fit_rotation_centroids(sim, subs_of, x0: torch.Tensor, hkl, panel, xyz, *, w
         pred, found = predict_rotation(sim, subs_of(x), hkl, panel, obs[:, 2])
     start = rms((pred - obs)[found], w[found])
     keep, taken, scale = found, 0, torch.ones(3, dtype=torch.float64)
+    tukey = torch.ones_like(obs)
     for _ in range(rounds):
         with torch.no_grad():
             pred, found = predict_rotation(sim, subs_of(x), hkl, panel, obs[:, 2])
@@ -210,10 +211,15 @@ def fit_rotation_centroids(sim, subs_of, x0: torch.Tensor, hkl, panel, xyz, *, w
         dz = d[:, 2][w[found][:, 2] > 0]
         scale = torch.tensor([max(_robust_rms(d[:, 0]), 0.05), max(_robust_rms(d[:, 1]), 0.05),
                               max(_robust_rms(dz), 0.01) if len(dz) else 1.0], dtype=torch.float64)
-        keep = found & ~((pred - obs).abs() * (w > 0) / scale > reject).any(1)
+        z = (pred - obs).abs() * (w > 0) / scale
+        keep = found & ~(z >= reject).any(1)
+        # Tukey's biweight: a residual weighs less the nearer it is to the rejection limit and
+        # nothing there, so that a reflection crossing it moves nothing and fits from
+        # different starts end alike
+        tukey = (1 - torch.clamp(z / reject, max=1.0) ** 2) ** 2
         if int(keep.sum()) < 3:
             break
-        h, p, o, near, wk = hkl[keep], panel[keep], obs[keep], obs[keep, 2], w[keep]
+        h, p, o, near, wk = hkl[keep], panel[keep], obs[keep], obs[keep, 2], w[keep] * tukey[keep]
 
         def residual(v):
             return ((predict_rotation(sim, subs_of(v), h, p, near)[0] - o) * wk / scale).reshape(-1)
@@ -226,7 +232,7 @@ def fit_rotation_centroids(sim, subs_of, x0: torch.Tensor, hkl, panel, xyz, *, w
     d = (pred - obs)[keep]
     end = rms(d, w[keep])
     covariance = _covariance(lambda v: ((predict_rotation(sim, subs_of(v), hkl[keep], panel[keep], obs[keep, 2])[0]
-                                         - obs[keep]) * w[keep] / scale).reshape(-1), x)
+                                         - obs[keep]) * w[keep] * tukey[keep] / scale).reshape(-1), x)
     return RotationFit(x.detach(), covariance, keep, start[0], end[0], start[1], end[1], taken)
 
 
