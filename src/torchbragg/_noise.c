@@ -548,3 +548,18 @@ TB_POISSON(tb_poisson_f64, double)
     }
 TB_READOUT(tb_readout_f32, float)
 TB_READOUT(tb_readout_f64, double)
+
+/* ---- nonBragg: the interval walk of a .stol table that goes back ------------------------ */
+
+/* For each of v[0..n) in turn, from the previous one's place in padded[0..m)
+   (the table with two guard points at each end): up while above the point
+   there, then down while below it; out[i] = where it stops. */
+void tb_stol_walk(const double *padded, long m, const double *v, long n, int64_t *out) {
+    long at = 0, top = m - 1;
+    for (long i = 0; i < n; i++) {
+        double x = v[i];
+        while (x > padded[at] && at < top) at++;
+        while (x < padded[at] && at >= 2) at--;
+        out[i] = at;
+    }
+}

@@ -426,9 +426,16 @@ def test_later_flags_win_as_in_the_original(argv, expect):
         assert got == (pytest.approx(value) if not isinstance(value, str) else value), key
 
 
-def test_walk_of_a_table_that_goes_back_is_the_original_search():
-    """Only points whose place in the table depends on the previous one are
-    walked one by one; the result is the sequential search's for every point."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_walk_of_a_table_that_goes_back_is_the_original_search(compiled, monkeypatch):
+    """The compiled walk, and without it only points whose place in the table
+    depends on the previous one walked one by one: the result is the
+    sequential search's for every point."""
+    from torchbragg.models import background
+    if compiled and background._C is None:
+        pytest.skip("_noise.c was not built")
+    if not compiled:
+        monkeypatch.setattr(background, "_C", None)
     rng = np.random.default_rng(1)
 
     def sequential(stol, values):

@@ -21,6 +21,21 @@ _MAX_CELLS = 1 << 18
 _BLOCK_BYTES = 1 << 17
 
 
+def _compiled():
+    """The walk of _noise.c, or None when not built."""
+    import ctypes as ct
+
+    from ..noise import LIBRARY as lib
+    if lib is None or not hasattr(lib, "tb_stol_walk"):
+        return None
+    lib.tb_stol_walk.restype = None
+    lib.tb_stol_walk.argtypes = [ct.c_void_p, ct.c_long, ct.c_void_p, ct.c_long, ct.c_void_p]
+    return lib
+
+
+_C = _compiled()
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Small tensor work on one thread: on a busy machine handing a tiny op to
@@ -170,7 +185,11 @@ class Background(Model):
         stops. Where the points at or below stol are a leading run of the
         table, every start stops at its end, so only the other points are walked."""
         padded = np.array([-1e99, -1e98, *self.stol.double().cpu().tolist(), 1e98, 1e99])
-        v = stol.detach().double().cpu().reshape(-1).numpy()
+        v = np.ascontiguousarray(stol.detach().double().cpu().reshape(-1).numpy())
+        if _C is not None:  # the walk itself, compiled
+            out = np.empty(v.size, dtype=np.int64)
+            _C.tb_stol_walk(padded.ctypes.data, padded.size, v.ctypes.data, v.size, out.ctypes.data)
+            return torch.as_tensor(out - 1, device=stol.device).reshape(stol.shape).clamp_(0, len(padded) - 4)
         top = len(padded) - 1
         rising = np.maximum.accumulate(padded)
         after = np.minimum.accumulate(padded[::-1])[::-1]  # smallest value from here on
@@ -211,9 +230,9 @@ class Background(Model):
         pool = self._pool()
         with _one_thread():
             frames = detector.panel_frames(beam.incident())
-            return torch.stack([self._render(beam, detector.panels[k], [t[k] for t in frames], oversample,
-                                             polarization, point_pixel, pool, sensor_depth, curved)
-                                for k in range(len(detector.panels))])
+            images = [self._render(beam, detector.panels[k], [t[k] for t in frames], oversample, polarization,
+                                   point_pixel, pool, sensor_depth, curved) for k in range(len(detector.panels))]
+            return images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
 
     def render_panel(self, beam, detector, panel: int, *, oversample: int = 1, polarization: bool = True,
                      point_pixel: bool = False, sensor_depth=None, curved: bool = False) -> torch.Tensor:
@@ -326,8 +345,13 @@ class Background(Model):
                 total = total * -torch.expm1(-absorbing / inv_r)
             if os_ > 1:
                 total = total.reshape(-1, os_ * os_, nf).sum(1)
-            return total
+            # the constants and the mask while the block is in cache
+            total = total * scale
+            return total if mask is None else total * mask[lo // os_:hi // os_]
 
+        omega = 1e6 if point_pixel else pf * ps * close  # pixel area x obliquity, and R^3 above
+        scale = omega * self.scale / (lam.numel() * os_ * os_)
+        mask = None if panel.mask is None else panel.mask.to(dtype)
         points = _BLOCK_BYTES // torch.finfo(dtype).bits * 8
         block = max(1, points // (nf * os_ * os_)) * os_
         starts = list(range(0, ns * os_, block))
@@ -349,8 +373,4 @@ class Background(Model):
                 kernels.pool_map(pool, fill, starts, lambda lo: None)
         else:
             image = torch.cat([rows(lo, min(lo + block, ns * os_)) for lo in starts])
-        omega = 1e6 if point_pixel else pf * ps * close  # pixel area x obliquity, and R^3 above
-        image = image * (omega * self.scale / (lam.numel() * os_ * os_))
-        if panel.mask is not None:
-            image = image * panel.mask.to(dtype)
         return image
