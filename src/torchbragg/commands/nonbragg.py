@@ -460,12 +460,8 @@ def build(setup: Setup, dtype=None, device=None):
                     source_positions=rows[:, :3], source_wavelengths=rows[:, 4] * 1e10, source_weights=rows[:, 3],
                     dtype=f64, device=device)
     else:
-        from types import SimpleNamespace
-
-        from ..resolve import dispersion, divergence
-        div, kept = divergence(cfg)
-        spectrum = SimpleNamespace(dispersion=dispersion(cfg), divergence=div, divergence_points=tuple(kept))
-        beam = make_beam(cfg, info, spectrum, None, travel, e_vector, setup.wavelength * 1e10, (1.0 + kahn) / 2.0,
+        from ..resolve import beam_sampling
+        beam = make_beam(cfg, info, beam_sampling(cfg), None, travel, e_vector, setup.wavelength * 1e10, (1.0 + kahn) / 2.0,
                          device)
     with torch.no_grad():
         ratio = float(mount.geometry(beam.incident())["ratio"])
