@@ -48,7 +48,7 @@ from ..errors import InputError
 from .fit import combine, goodness_of_fit
 from .losses import LOSSES
 from .parameters import Background, Group, make_group
-from .roi import mask_substitutions, roi_mask
+from .roi import mask_substitutions, render_mask, roi_mask
 from .stages import STAGE_KINDS, still_strategy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
@@ -497,7 +497,7 @@ class Refiner:
             ratio = (n / nb).detach().prod()
             subs["crystal.N"] = nb
             subs["beam.fluence"] = subs.get("beam.fluence", sim.beam.fluence.to(x.dtype)) * ratio
-        subs.update(mask_substitutions(mask))
+        subs.update(mask_substitutions(render_mask(sim, mask)))
         model = self.entries[k].render(sim, subs)
         for b in self.bound[k]:
             extra = b.group.image_term(sim, x[b.slice], model.shape)
@@ -705,7 +705,7 @@ class Refiner:
             if isinstance(b.group, Background):
                 k = b.entries[0]
                 with torch.no_grad():
-                    model = self.entries[k].render(sims[k], mask_substitutions(masks[k])).double()
+                    model = self.entries[k].render(sims[k], mask_substitutions(render_mask(sims[k], masks[k]))).double()
                 b.group.start_from(self.datas[k].to(model), model, masks[k])
 
     def _rederive_oversample(self, copies, x):
