@@ -315,13 +315,37 @@ class Background(Model):
             cos2t = along(k, s, where, incident, inc_s, inc_of)
             return cos2t, torch.sqrt((stol_scale[k] - stol_scale[k] * cos2t).clamp(min=0.0))
 
-        walked = None
+        points = _BLOCK_BYTES // torch.finfo(dtype).bits * 8
+        block = max(1, points // (nf * os_ * os_)) * os_
+        starts = list(range(0, ns * os_, block))
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights,
+                                                                           molecules, fluence))
+        from .. import kernels
+        pool = None if grad or device.type != "cpu" else pool
+
+        def each_block(fn):
+            """fn(lo) for every block, side by side on the pool's threads where there is one."""
+            if pool is None:
+                for lo in starts:
+                    fn(lo)
+            else:
+                kernels.pool_map(pool, fn, starts, lambda lo: None)
+
+        walked = every = None
         if not self.monotonic:  # the walk visits pixel, sub-pixel row, sub-pixel, source in turn
+            every = torch.empty(ns * os_, nf * os_, lam.numel(), dtype=dtype, device=device)
+
+            def stols(lo):
+                s = slice(lo, min(lo + block, ns * os_))
+                where = geometry(s)
+                for k in range(lam.numel()):
+                    every[s, :, k] = stol_of(k, s, where)[1]
             with torch.no_grad():
-                where = geometry(slice(None))
-                every = torch.stack([stol_of(k, slice(None), where)[1] for k in range(lam.numel())], -1)
+                each_block(stols)
                 order = every.reshape(ns, os_, os_, nf, -1).permute(0, 3, 1, 2, 4)
                 walked = self._walk(order.contiguous()).permute(0, 2, 3, 1, 4).reshape(every.shape)
+            if grad:
+                every = None  # the render's stol carries the gradient: computed again
 
         def rows(lo, hi):
             s = slice(lo, hi)
@@ -329,7 +353,10 @@ class Background(Model):
             inv_r = where[0]
             total = None
             for k in range(lam.numel()):
-                cos2t, x = stol_of(k, s, where)
+                if every is None:
+                    cos2t, x = stol_of(k, s, where)
+                else:  # the walk's values, the same operations
+                    cos2t, x = along(k, s, where, incident, inc_s, inc_of), every[s, :, k]
                 if grid is not None:
                     F = self._from_cells(x - shift if shift else x, grid)
                 elif walked is not None:
@@ -352,25 +379,14 @@ class Background(Model):
         omega = 1e6 if point_pixel else pf * ps * close  # pixel area x obliquity, and R^3 above
         scale = omega * self.scale / (lam.numel() * os_ * os_)
         mask = None if panel.mask is None else panel.mask.to(dtype)
-        points = _BLOCK_BYTES // torch.finfo(dtype).bits * 8
-        block = max(1, points // (nf * os_ * os_)) * os_
-        starts = list(range(0, ns * os_, block))
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights,
-                                                                           molecules, fluence))
-        from .. import kernels
-        pool = None if grad else pool
         if device.type != "cpu":
             image = rows(0, ns * os_)
-        elif pool is not None or not grad:
+        elif not grad:
             image = torch.empty(ns, nf, dtype=dtype, device=device)
 
             def fill(lo):
                 image[lo // os_:min(lo + block, ns * os_) // os_] = rows(lo, min(lo + block, ns * os_))
-            if pool is None:
-                for lo in starts:
-                    fill(lo)
-            else:
-                kernels.pool_map(pool, fill, starts, lambda lo: None)
+            each_block(fill)
         else:
             image = torch.cat([rows(lo, min(lo + block, ns * os_)) for lo in starts])
         return image
