@@ -315,7 +315,7 @@ void tb_noisify_psf_spread(const long *src, const double *vals, const long *radi
 #define TB_PRAGMA(x) _Pragma(#x)
 #define TB_PARALLEL(n) TB_PRAGMA(omp parallel for schedule(static) num_threads(n))
 #else
-#define TB_PARALLEL(threads)
+#define TB_PARALLEL(n) (void)threads; /* one thread */
 #endif
 
 #define TB_CHUNK 4096
