@@ -563,3 +563,28 @@ void tb_stol_walk(const double *padded, long m, const double *v, long n, int64_t
         out[i] = at;
     }
 }
+
+/* F of one molecule at cell positions y[0..n) of a Background's lookup grid
+   (models/background.py, _from_cells): the cell, the side of its table point,
+   that row's cubic in the offset from the cell, with the same operations
+   in the same order as the torch code, so the same values. */
+#define TB_CELLS(NAME, T, FLOOR)                                                                         \
+    void NAME(const T *y, long n, const T *knot_in, const T *packed, long cells, T *out) {                \
+        const T top = (T)(cells - 1);                                                                      \
+        for (long i = 0; i < n; i++) {                                                                     \
+            T v = y[i], c = v;                                                                             \
+            if (c < 0) c = 0;                                                                              \
+            if (c > top) c = top;                                                                          \
+            if (c != c) {                                                                                  \
+                out[i] = c;                                                                                \
+                continue;                                                                                  \
+            }                                                                                              \
+            c = FLOOR(c);                                                                                  \
+            long cell = (long)c;                                                                           \
+            const T *k = packed + 4 * (2 * cell + (v >= knot_in[cell]));                                   \
+            T u = v - c;                                                                                   \
+            out[i] = ((k[3] * u + k[2]) * u + k[1]) * u + k[0];                                            \
+        }                                                                                                  \
+    }
+TB_CELLS(tb_stol_cells_f32, float, floorf)
+TB_CELLS(tb_stol_cells_f64, double, floor)

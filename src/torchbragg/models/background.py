@@ -22,14 +22,18 @@ _BLOCK_BYTES = 1 << 17
 
 
 def _compiled():
-    """The walk of _noise.c, or None when not built."""
+    """The table lookups of _noise.c, or None when not built."""
     import ctypes as ct
 
     from ..noise import LIBRARY as lib
-    if lib is None or not hasattr(lib, "tb_stol_walk"):
+    if lib is None or not hasattr(lib, "tb_stol_cells_f64"):
         return None
+    p, lg = ct.c_void_p, ct.c_long
     lib.tb_stol_walk.restype = None
-    lib.tb_stol_walk.argtypes = [ct.c_void_p, ct.c_long, ct.c_void_p, ct.c_long, ct.c_void_p]
+    lib.tb_stol_walk.argtypes = [p, lg, p, lg, p]
+    for name in ("tb_stol_cells_f32", "tb_stol_cells_f64"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [p, lg, p, p, lg, p]
     return lib
 
 
@@ -171,6 +175,14 @@ class Background(Model):
         """F at cell positions `y` (see `_cell`). A point within rounding of a
         table point may take the cubic of the interval on its other side: both
         pass through that point."""
+        suffix = {torch.float32: "f32", torch.float64: "f64"}.get(y.dtype)
+        if _C is not None and suffix and y.device.type == "cpu" and not (y.requires_grad and torch.is_grad_enabled()):
+            # the same operations in one compiled pass (no gradient to carry)
+            y = y.contiguous()
+            out = torch.empty_like(y)
+            getattr(_C, "tb_stol_cells_" + suffix)(y.data_ptr(), y.numel(), grid["knot_in"].data_ptr(),
+                                                    grid["packed"].data_ptr(), self.cells, out.data_ptr())
+            return out
         c = y.detach().clamp(0, self.cells - 1).floor_()
         index = c.to(torch.int32).reshape(-1)
         side = y.detach().reshape(-1) >= grid["knot_in"].index_select(0, index)
