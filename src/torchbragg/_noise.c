@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define IA 16807
 #define IM 2147483647
@@ -303,3 +304,287 @@ void tb_noisify_psf_spread(const long *src, const double *vals, const long *radi
         }
     }
 }
+
+/* ---- detector sampling: independent streams, any thread count -------------------------- */
+
+/* DetectorResponse.sample's two per-pixel passes. Every chunk of TB_CHUNK
+   pixels draws from its own xoshiro256++ stream, keyed by (seed, pass,
+   chunk), so a reading depends on the seed only, not on the threads that
+   compute it. OpenMP runs the chunks in parallel when the build has it. */
+#ifdef _OPENMP
+#define TB_PRAGMA(x) _Pragma(#x)
+#define TB_PARALLEL(n) TB_PRAGMA(omp parallel for schedule(static) num_threads(n))
+#else
+#define TB_PARALLEL(n) (void)threads; /* one thread */
+#endif
+
+#define TB_CHUNK 4096
+
+typedef struct { uint64_t s[4]; } xo_t;
+
+static uint64_t splitmix(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static void xo_seed(xo_t *g, uint64_t seed, uint64_t stream) {
+    uint64_t x = stream;
+    uint64_t key = seed ^ splitmix(&x);
+    for (int i = 0; i < 4; i++) g->s[i] = splitmix(&key);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static inline uint64_t xo_next(xo_t *g) {
+    uint64_t *s = g->s;
+    uint64_t r = rotl(s[0] + s[3], 23) + s[0];
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+/* uniform on the open interval (0, 1) */
+static inline double xo_open(xo_t *g) { return ((double)(int64_t)(xo_next(g) >> 11) + 0.5) * 0x1.0p-53; }
+
+/* ln k!: a table below 16, Stirling's series above (error < 1e-12) */
+static double log_factorial(double k) {
+    static const double table[16] = {
+        0.0, 0.0, 0.69314718055994531, 1.7917594692280550, 3.1780538303479458, 4.7874917427820460,
+        6.5792512120101010, 8.5251613610654143, 10.604602902745251, 12.801827480081469, 15.104412573075516,
+        17.502307845873887, 19.987214495661886, 22.552163853123423, 25.191221182738683, 27.899271383840894};
+    if (k < 16.0) return table[(int)k];
+    double n = k + 1.0, r = 1.0 / n, r2 = r * r;
+    return (n - 0.5) * log(n) - n + 0.91893853320467274 + r * (1.0 / 12 - r2 * (1.0 / 360 - r2 / 1260));
+}
+
+static const double inverse_k[64] = {
+    0, 1.0 / 1, 1.0 / 2, 1.0 / 3, 1.0 / 4, 1.0 / 5, 1.0 / 6, 1.0 / 7, 1.0 / 8, 1.0 / 9, 1.0 / 10, 1.0 / 11,
+    1.0 / 12, 1.0 / 13, 1.0 / 14, 1.0 / 15, 1.0 / 16, 1.0 / 17, 1.0 / 18, 1.0 / 19, 1.0 / 20, 1.0 / 21, 1.0 / 22,
+    1.0 / 23, 1.0 / 24, 1.0 / 25, 1.0 / 26, 1.0 / 27, 1.0 / 28, 1.0 / 29, 1.0 / 30, 1.0 / 31, 1.0 / 32, 1.0 / 33,
+    1.0 / 34, 1.0 / 35, 1.0 / 36, 1.0 / 37, 1.0 / 38, 1.0 / 39, 1.0 / 40, 1.0 / 41, 1.0 / 42, 1.0 / 43, 1.0 / 44,
+    1.0 / 45, 1.0 / 46, 1.0 / 47, 1.0 / 48, 1.0 / 49, 1.0 / 50, 1.0 / 51, 1.0 / 52, 1.0 / 53, 1.0 / 54, 1.0 / 55,
+    1.0 / 56, 1.0 / 57, 1.0 / 58, 1.0 / 59, 1.0 / 60, 1.0 / 61, 1.0 / 62, 1.0 / 63};
+
+/* One Poisson deviate of mean lam. Below 10: inversion, walking up the
+   cumulative distribution (about lam + 1 steps). From 10: Hormann's
+   transformed rejection with squeeze (PTRS, 1993), about 1.15 tries. */
+static double poisson_fast(double lam, xo_t *g) {
+    if (!(lam > 0.0)) return lam != lam ? lam : 0.0;
+    if (lam < 10.0) {
+        double u = xo_open(g), p = exp(-lam), cdf = p;
+        int k = 0;
+        if (lam < 2.5) {
+            /* the first 8 steps without branches (no mispredictions): P(k >= 8) < 0.0012 */
+            for (int j = 1; j <= 8; j++) {
+                k += u > cdf;
+                p *= lam * inverse_k[j];
+                cdf += p;
+            }
+            if (k < 8) return k;
+        }
+        /* P(k >= 63) < 1e-30 at lam < 10 */
+        while (u > cdf && k < 63) {
+            k++;
+            p *= lam * inverse_k[k];
+            cdf += p;
+        }
+        return k;
+    }
+    if (isinf(lam)) return lam;
+    double slam = sqrt(lam), loglam = log(lam);
+    double b = 0.931 + 2.53 * slam, a = -0.059 + 0.02483 * b;
+    double log_alpha = log(1.1239 + 1.1328 / (b - 3.4)), vr = 0.9277 - 3.6224 / (b - 2.0);
+    for (;;) {
+        double u = xo_open(g) - 0.5, v = xo_open(g);
+        double us = 0.5 - fabs(u);
+        double k = floor((2.0 * a / us + b) * u + lam + 0.43);
+        if (us >= 0.07 && v <= vr) return k;
+        if (k < 0.0 || (us < 0.013 && v > us)) continue;
+        if (log(v) + log_alpha - log(a / (us * us) + b) <= -lam + k * loglam - log_factorial(k)) return k;
+    }
+}
+
+/* Standard normal deviates: Marsaglia and Tsang's ziggurat, 256 layers. */
+#define ZIG_R 3.6541528853610088
+#define ZIG_V 0.00492867323399
+static double zig_x[257], zig_f[257];
+
+/* the layer edges, computed once when the library is loaded */
+__attribute__((constructor)) static void zig_init(void) {
+    zig_x[0] = ZIG_V / exp(-0.5 * ZIG_R * ZIG_R);
+    zig_x[1] = ZIG_R;
+    for (int i = 1; i < 256; i++) {
+        double f = exp(-0.5 * zig_x[i] * zig_x[i]);
+        double y = ZIG_V / zig_x[i] + f;
+        zig_x[i + 1] = (i == 255 || y >= 1.0) ? 0.0 : sqrt(-2.0 * log(y));
+    }
+    zig_x[256] = 0.0;
+    for (int i = 0; i <= 256; i++) zig_f[i] = exp(-0.5 * zig_x[i] * zig_x[i]);
+}
+
+static inline double with_sign(double x, uint64_t bit) {
+    /* x with its sign bit flipped when bit (a random bit) is set: no branch to mispredict */
+    uint64_t u;
+    memcpy(&u, &x, 8);
+    u ^= bit;
+    memcpy(&x, &u, 8);
+    return x;
+}
+
+static inline double normal_fast(xo_t *g) {
+    for (;;) {
+        uint64_t r = xo_next(g);
+        int i = (int)(r & 255);
+        uint64_t sign = (r & 256) << 55;
+        double x = (double)(int64_t)(r >> 11) * 0x1.0p-53 * zig_x[i];
+        if (x < zig_x[i + 1]) return with_sign(x, sign);
+        if (i == 0) {
+            /* the tail beyond R */
+            double a, b;
+            do {
+                a = -log(xo_open(g)) / ZIG_R;
+                b = -log(xo_open(g));
+            } while (b + b < a * a);
+            return with_sign(ZIG_R + a, sign);
+        }
+        double y = zig_f[i] + xo_open(g) * (zig_f[i + 1] - zig_f[i]);
+        if (y < exp(-0.5 * x * x)) return with_sign(x, sign);
+    }
+}
+
+#ifdef _OPENMP
+static int threads_for(long chunks, int threads) {
+    if (threads < 1) threads = 1;
+    return chunks < threads ? (int)(chunks > 0 ? chunks : 1) : threads;
+}
+#endif
+
+/* counts[i] = Poisson(max(photons[i], 0) * factor[i]) (factor NULL: 1),
+   for i < n, stream pass 0. */
+#define TB_POISSON(NAME, T)                                                                              \
+    void NAME(const T *photons, const T *factor, long n, uint64_t seed, int threads, T *counts) {        \
+        long chunks = (n + TB_CHUNK - 1) / TB_CHUNK;                                                       \
+        TB_PARALLEL(threads_for(chunks, threads))                                                          \
+        for (long c = 0; c < chunks; c++) {                                                                \
+            xo_t g;                                                                                        \
+            xo_seed(&g, seed, (uint64_t)c << 1);                                                           \
+            long end = (c + 1) * TB_CHUNK < n ? (c + 1) * TB_CHUNK : n;                                    \
+            for (long i = c * TB_CHUNK; i < end; i++) {                                                    \
+                double lam = photons[i];                                                                   \
+                if (factor) lam *= factor[i];                                                              \
+                counts[i] = (T)poisson_fast(lam, &g);                                                      \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+TB_POISSON(tb_poisson_f32, float)
+TB_POISSON(tb_poisson_f64, double)
+
+/* out = min(gain * blur(in) + offset + readout * N(0, 1), overload) over a
+   view of `batches` blocks `bstride` values apart of `rows` rows `stride`
+   values apart of `cols` contiguous values, packed in `out`; stream pass 1,
+   one stream per chunk of TB_CHUNK output values. readout 0: no deviates;
+   overload NAN: no clamp. radius 0: no blur; otherwise the separable kernel
+   taps_s (x) taps_f, each 2 radius + 1 long, with zeros beyond the edges
+   (the FFT's linear convolution), through `tmp` (batches * rows * cols). */
+#define TB_READOUT(NAME, T)                                                                              \
+    void NAME(const T *in, long batches, long rows, long cols, long bstride, long stride, const T *taps_s, \
+              const T *taps_f, int radius, double gain, double offset, double readout, double overload,    \
+              uint64_t seed, int threads, T *tmp, T *out) {                                                \
+        long n = batches * rows * cols, chunks = (n + TB_CHUNK - 1) / TB_CHUNK;                            \
+        int clamp = overload == overload;                                                                  \
+        if (radius > 0) {                                                                                  \
+            /* the fast direction first, row by row */                                                    \
+            TB_PARALLEL(threads_for(batches * rows, threads))                                              \
+            for (long r = 0; r < batches * rows; r++) {                                                    \
+                const T *src = in + (r / rows) * bstride + (r % rows) * stride;                            \
+                T *dst = tmp + r * cols;                                                                   \
+                for (long c = 0; c < cols; c++) dst[c] = 0;                                                \
+                for (int t = -radius; t <= radius; t++) {                                                  \
+                    T w = taps_f[t + radius];                                                              \
+                    long lo = t < 0 ? -t : 0, hi = t > 0 ? cols - t : cols;                                \
+                    for (long c = lo; c < hi; c++) dst[c] += w * src[c + t];                               \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        TB_PARALLEL(threads_for(chunks, threads))                                                          \
+        for (long c = 0; c < chunks; c++) {                                                                \
+            xo_t g;                                                                                        \
+            T seg[TB_CHUNK];                                                                               \
+            xo_seed(&g, seed, ((uint64_t)c << 1) | 1);                                                     \
+            long i = c * TB_CHUNK, end = i + TB_CHUNK < n ? i + TB_CHUNK : n;                              \
+            while (i < end) {                                                                              \
+                long b = i / (rows * cols), row = i / cols % rows, col = i % cols;                         \
+                long len = end - i < cols - col ? end - i : cols - col;                                    \
+                const T *v;                                                                                \
+                if (radius > 0) {                                                                          \
+                    /* then the slow direction, a row segment at a time */                                \
+                    for (long j = 0; j < len; j++) seg[j] = 0;                                             \
+                    for (int t = -radius; t <= radius; t++) {                                              \
+                        if (row + t < 0 || row + t >= rows) continue;                                      \
+                        const T *src = tmp + (b * rows + row + t) * cols + col;                            \
+                        T w = taps_s[t + radius];                                                          \
+                        for (long j = 0; j < len; j++) seg[j] += w * src[j];                               \
+                    }                                                                                      \
+                    v = seg;                                                                               \
+                } else {                                                                                   \
+                    v = in + b * bstride + row * stride + col;                                             \
+                }                                                                                          \
+                for (long j = 0; j < len; j++) {                                                           \
+                    double x = gain * v[j] + offset;                                                       \
+                    if (readout > 0.0) x += readout * normal_fast(&g);                                     \
+                    if (clamp && x > overload) x = overload;                                               \
+                    out[i + j] = (T)x;                                                                     \
+                }                                                                                          \
+                i += len;                                                                                  \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+TB_READOUT(tb_readout_f32, float)
+TB_READOUT(tb_readout_f64, double)
+
+/* ---- nonBragg: the interval walk of a .stol table that goes back ------------------------ */
+
+/* For each of v[0..n) in turn, from the previous one's place in padded[0..m)
+   (the table with two guard points at each end): up while above the point
+   there, then down while below it; out[i] = where it stops. */
+void tb_stol_walk(const double *padded, long m, const double *v, long n, int64_t *out) {
+    long at = 0, top = m - 1;
+    for (long i = 0; i < n; i++) {
+        double x = v[i];
+        while (x > padded[at] && at < top) at++;
+        while (x < padded[at] && at >= 2) at--;
+        out[i] = at;
+    }
+}
+
+/* F of one molecule at cell positions y[0..n) of a Background's lookup grid
+   (models/background.py, _from_cells): the cell, the side of its table point,
+   that row's cubic in the offset from the cell, with the same operations
+   in the same order as the torch code, so the same values. */
+#define TB_CELLS(NAME, T, FLOOR)                                                                         \
+    void NAME(const T *y, long n, const T *knot_in, const T *packed, long cells, T *out) {                \
+        const T top = (T)(cells - 1);                                                                      \
+        for (long i = 0; i < n; i++) {                                                                     \
+            T v = y[i], c = v;                                                                             \
+            if (c < 0) c = 0;                                                                              \
+            if (c > top) c = top;                                                                          \
+            if (c != c) {                                                                                  \
+                out[i] = c;                                                                                \
+                continue;                                                                                  \
+            }                                                                                              \
+            c = FLOOR(c);                                                                                  \
+            long cell = (long)c;                                                                           \
+            const T *k = packed + 4 * (2 * cell + (v >= knot_in[cell]));                                   \
+            T u = v - c;                                                                                   \
+            out[i] = ((k[3] * u + k[2]) * u + k[1]) * u + k[0];                                            \
+        }                                                                                                  \
+    }
+TB_CELLS(tb_stol_cells_f32, float, floorf)
+TB_CELLS(tb_stol_cells_f64, double, floor)

@@ -1,6 +1,8 @@
-"""The nanoBragg command line: every flag, its values, units and default, and
-how it lands in a SimulationConfig. Flags are matched by exact name (plus the
-original's documented synonyms); anything else is an error.
+"""The command lines of nanoBragg and its companions nonBragg and noisify:
+every flag, its values, units and default, and (nanoBragg) how it lands in a
+SimulationConfig. Flags are matched by exact name (plus the originals'
+documented synonyms); anything else is an error. One Flag type and one
+number reader serve the three commands (`REGISTRY`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from .units import HC_EV_ANGSTROM
 class Flag:
     names: tuple[str, ...]
     nargs: int  # number of values; -1: the -cell rule (1 to 6 numbers)
-    kind: str  # "float", "int", "str", "switch", "misset"
-    apply: Callable
+    kind: str  # "float", "int", "str", "switch", "misset", "psf"
+    apply: Callable | None  # nanoBragg: how the value lands in a SimulationConfig
     help: str
     group: str
     # (config section, attribute[, index of a component]) this flag sets, to name it in messages
     sets: tuple[tuple, ...] = ()
+    unit: str = ""  # where the help shows it apart from the text (noisify)
+    default: str = ""
+    key: str = ""  # noisify: the option the value sets
+    scale: float = 1.0  # noisify: value * scale is stored
 
 
 FLAGS: list[Flag] = []
@@ -441,12 +447,178 @@ def _device(cfg, v):
     cfg.device = v
 
 
-FLAG_BY_NAME: dict[str, Flag] = {n: f for f in FLAGS for n in f.names}
+def by_name(flags) -> dict[str, Flag]:
+    """Every name and synonym of a command's flags -> its Flag."""
+    return {n: f for f in flags for n in f.names}
+
+
+FLAG_BY_NAME: dict[str, Flag] = by_name(FLAGS)
 # (config section, attribute) -> the first flag registered for it, to name it in messages
 FIELD_FLAGS: dict[tuple[str, str], str] = {}
 for _f in FLAGS:
     for _field in _f.sets:
         FIELD_FLAGS.setdefault(_field[:2], _f.names[0])
+
+
+# ----------------------------------------------------------------------------- nonBragg
+
+def _nb(names, help_, nargs=1, kind="float"):
+    return Flag(tuple(names.split()), nargs, kind, None, help_, "nonBragg")
+
+
+NONBRAGG_FLAGS: list[Flag] = [
+    _nb("-stol", "FILE: table 'stol F', sin(theta)/lambda (1/A) and the structure factor of one molecule", kind="str"),
+    _nb("-4stol", "FILE: the same with 4 sin(theta)/lambda (= 2/d) in the first column", kind="str"),
+    _nb("-Q", "FILE: the same with Q = 4 pi sin(theta)/lambda in the first column", kind="str"),
+    _nb("-thickness -thick -sample_thick -sample_x", "sample thickness along the beam (mm, default 0.1)"),
+    _nb("-samplesize -sample_size", "edge of a cube-shaped sample (mm, default 0.1)"),
+    _nb("-width -sample_width -sample_y", "sample width across the beam (mm, default 0.1)"),
+    _nb("-height -sample_height -sample_z", "sample height across the beam (mm, default 0.1)"),
+    _nb("-density -sample_density", "sample density (g/cm^3, default 1)"),
+    _nb("-molecules -sample_molecules", "number of molecules in the beam, instead of size and density"),
+    _nb("-MW -molecular_weight", "molecular weight of the sample material (g/mol, default 18)"),
+    _nb("-lambda -wave -wavelength", "X-ray wavelength (Angstrom, default 1)"),
+    _nb("-energy", "X-ray photon energy (eV), instead of -lambda"),
+    _nb("-fluence", "integrated beam intensity (photons/m^2, default 1.25932e29)"),
+    _nb("-flux", "beam intensity (photons/s); with -exposure and -beamsize sets the fluence"),
+    _nb("-exposure", "exposure time (s, default 1)"),
+    _nb("-beamsize", "edge of the square beam (mm, default 0.1); clips the sample's height and width"),
+    _nb("-dispersion", "spectral dispersion delta-lambda/lambda (percent, default 0)"),
+    _nb("-dispsteps", "number of wavelengths over the dispersion", kind="int"),
+    _nb("-divergence", "horizontal and vertical beam divergence (mrad, default 0)"),
+    _nb("-hdivrange", "horizontal divergence (mrad)"),
+    _nb("-vdivrange", "vertical divergence (mrad)"),
+    _nb("-hdivstep", "horizontal divergence step (mrad)"),
+    _nb("-vdivstep", "vertical divergence step (mrad)"),
+    _nb("-hdivsteps", "number of horizontal divergence steps", kind="int"),
+    _nb("-vdivsteps", "number of vertical divergence steps", kind="int"),
+    _nb("-divsteps", "number of divergence steps in both directions", kind="int"),
+    _nb("-round_div", "keep the divergence points inside an ellipse (default)", 0, "switch"),
+    _nb("-square_div", "keep the whole divergence grid", 0, "switch"),
+    _nb("-sourcefile", "FILE: sources, one a line 'X Y Z I lambda' (m, relative intensity, m)", kind="str"),
+    _nb("-source_distance", "distance of the generated sources from the sample (mm, default 10000)"),
+    _nb("-distance", "sample to direct-beam spot distance (mm, default 100); pivots about the beam spot"),
+    _nb("-close_distance", "sample to nearest detector point (mm, default from -distance); pivots about the sample"),
+    _nb("-Xbeam", "direct-beam position along the fast axis (mm, default (detsize_x - pixel)/2)"),
+    _nb("-Ybeam", "direct-beam position along the slow axis (mm, default (detsize_y + pixel)/2)"),
+    _nb("-Xclose", "nearest point to the sample along fast (mm, default (detsize_x - pixel)/2); pivots about it"),
+    _nb("-Yclose", "nearest point to the sample along slow (mm, default (detsize_y + pixel)/2); pivots about it"),
+    _nb("-ORGX", "nearest point along the fast axis (pixels); pivots about the sample"),
+    _nb("-ORGY", "nearest point along the slow axis (pixels); pivots about the sample"),
+    _nb("-pivot", "detector rotation pivot: beam or sample (default beam)", kind="str"),
+    _nb("-detector_rotx", "detector rotation about x (degrees, default 0)"),
+    _nb("-detector_roty", "detector rotation about y (degrees, default 0)"),
+    _nb("-detector_rotz", "detector rotation about z (degrees, default 0)"),
+    _nb("-twotheta", "detector swing about the two-theta axis (degrees, default 0); pivots about the sample"),
+    _nb("-twotheta_axis", "two-theta axis x y z (default 0 1 0)", 3),
+    _nb("-fdet_vector", "fast detector axis x y z (default 0 0 1)", 3),
+    _nb("-sdet_vector", "slow detector axis x y z (default 0 -1 0)", 3),
+    _nb("-odet_vector", "ignored as in the original: the normal is always fast x slow", 3),
+    _nb("-beam_vector", "direction the beam travels x y z (default 1 0 0)", 3),
+    _nb("-polar_vector", "E-vector of the beam x y z (default 0 0 1)", 3),
+    _nb("-spindle_axis", "spindle axis x y z (no effect on the image)", 3),
+    _nb("-pix0_vector", "no effect, as in the original (the origin follows from beam centre and distance)", 3),
+    _nb("-detsize", "detector edge (mm, default 102.4)"),
+    _nb("-detsize_x -detsize_f", "detector size along the fast axis (mm)"),
+    _nb("-detsize_y -detsize_s", "detector size along the slow axis (mm)"),
+    _nb("-detpixels", "pixels along each edge (default: detsize / pixel)", kind="int"),
+    _nb("-detpixels_x -detpixels_f", "pixels along the fast axis", kind="int"),
+    _nb("-detpixels_y -detpixels_s", "pixels along the slow axis", kind="int"),
+    _nb("-pixel", "pixel size (mm, default 0.1)"),
+    _nb("-oversample", "sub-pixels per pixel edge (default 1)", kind="int"),
+    _nb("-point_pixel", "solid angle 1/R^2 (R in m), no pixel area or obliquity", 0, "switch"),
+    _nb("-curved_det", "curved detector: every pixel at the beam distance, flat coordinates as angles", 0, "switch"),
+    _nb("-Fmap", "write the structure factor at each pixel instead of photons (for absorption masks)", 0, "switch"),
+    _nb("-polar", "Kahn polarization factor (default 0: unpolarized)"),
+    _nb("-nopolar", "no polarization factor", 0, "switch"),
+    _nb("-roi", "render only pixels xmin xmax ymin ymax (inclusive, default all; others are 0)", 4, "int"),
+    _nb("-phi", "spindle start (degrees, header only, default 0)"),
+    _nb("-osc", "oscillation range (degrees, header only, default 0)"),
+    _nb("-phistep", "spindle step (degrees, header only, default none)"),
+    _nb("-phisteps", "number of spindle steps (header only, default 1)", kind="int"),
+    _nb("-floatfile -floatimage", "FILE: float image, photons/pixel, 4-byte floats (default floatimage.bin)",
+       kind="str"),
+    _nb("-intfile -intimage", "FILE: SMV image, scaled photons + ADC offset (default intimage.img)", kind="str"),
+    _nb("-pgmfile -pgmimage", "FILE: 8-bit PGM preview (default image.pgm)", kind="str"),
+    _nb("-noisefile -noiseimage", "FILE: SMV image of Poisson photon counts + ADC offset (default noiseimage.img)",
+       kind="str"),
+    _nb("-nonoise", "do not write the noise image", 0, "switch"),
+    _nb("-nopgm", "do not write the PGM image (the original ignores this flag)", 0, "switch"),
+    _nb("-scale", "scale of the SMV int image (default 55000 / maximum)"),
+    _nb("-pgmscale", "scale of the PGM image (default 50 / rms deviation)"),
+    _nb("-adc", "ADC offset added to the SMV images (default 40)"),
+    _nb("-gain", "quantum gain (no effect: the original uses it only with -img)"),
+    _nb("-seed", "seed of the noise image (default: the clock)", kind="int"),
+    _nb("-coherent", "no effect, as in the original", 0, "switch"),
+    _nb("-noreject", "no effect, as in the original", 0, "switch"),
+    _nb("-printout", "print every pixel value", 0, "switch"),
+    _nb("-printout_pixel", "print only pixel FAST SLOW", 2, "int"),
+    _nb("-noprogress", "no progress meter (default)", 0, "switch"),
+    _nb("-progress", "progress meter", 0, "switch"),
+    _nb("-dtype", "float64 (default: the original's files bit for bit) or float32 (faster) arithmetic", kind="str"),
+    _nb("-device", "cpu (default), cuda, cuda:N or mps (torchbragg)", kind="str"),
+]
+
+
+# ----------------------------------------------------------------------------- noisify
+
+def _nz(names, key, kind, unit, default, help_, scale=1.0):
+    return Flag(tuple(names), 0 if kind == "switch" else 1, kind, None, help_, "noisify", unit=unit, default=default,
+                key=key, scale=scale)
+
+
+NOISIFY_FLAGS: list[Flag] = [
+    _nz(("-floatfile", "-floatimage", "-bin"), "floatfile", "str", "", "",
+         "input image (required; also accepted as the one positional argument): little-endian float32 photons "
+         "per pixel, fast index contiguous"),
+    _nz(("-scale",), "scale", "float", "", "1", "factor applied to the input to make photons per pixel"),
+    _nz(("-fluence",), "fluence", "float", "photons/m^2", "1.25932e+29",
+         "incident fluence; photons = fluence * r_e^2 * scale * input"),
+    _nz(("-gain",), "gain", "float", "ADU/photon", "1", "quantum gain"),
+    _nz(("-adc", "-adc_offset"), "adc", "float", "ADU", "40", "offset added to every pixel"),
+    _nz(("-readout", "-readout_noise", "-readnoise"), "readout", "float", "ADU", "0",
+         "rms Gaussian read-out noise added to every pixel"),
+    _nz(("-flicker",), "flicker", "float", "fraction", "0", "rms beam flicker, a Gaussian factor per pixel"),
+    _nz(("-calibration", "-calibration_noise"), "calibration", "float", "fraction", "0.03",
+         "rms static per-pixel calibration error (a photon-loss factor)"),
+    _nz(("-seed",), "seed", "int", "", "from the clock", "seed of the photon, flicker and read-out noise"),
+    _nz(("-calib_seed",), "calib_seed", "int", "", "the word 123456789, not negated as given seeds are",
+         "seed of the calibration error (the same seed gives the same detector)"),
+    _nz(("-psf",), "psf", "psf", "", "none", "point-spread function: gauss or fiber"),
+    _nz(("-psf_fwhm", "-psf_width", "-psf_sigma"), "psf_fwhm", "float", "um", "46",
+         "full width at half maximum of the PSF (-psf_sigma is the original's synonym: also a FWHM)", 1e-6),
+    _nz(("-psf_radius",), "psf_radius", "int", "pixels", "0 (per pixel, from its photons)",
+         "radius of the PSF disc"),
+    _nz(("-nonoise",), "nonoise", "switch", "", "off",
+         "no noise: the PSF goes on the noiseless image and no noise image is written"),
+    _nz(("-distance",), "distance", "float", "mm", "100", "sample to detector distance (header only)", 1e-3),
+    _nz(("-pixel",), "pixel", "float", "mm", "0.1", "pixel size", 1e-3),
+    _nz(("-detpixels",), "detpixels", "int", "pixels", "from the file size", "pixels along both edges"),
+    _nz(("-detpixels_x", "-detpixels_f"), "xpixels", "int", "pixels", "from the file size", "fast pixels"),
+    _nz(("-detpixels_y", "-detpixels_s"), "ypixels", "int", "pixels", "from the file size", "slow pixels"),
+    _nz(("-detsize",), "detsize", "float", "mm", "pixels x pixel size",
+         "accepted as the original does; the size always follows from the pixels", 1e-3),
+    _nz(("-detsize_x", "-detsize_f"), "detsize_x", "float", "mm", "pixels x pixel size", "as -detsize, fast", 1e-3),
+    _nz(("-detsize_y", "-detsize_s"), "detsize_y", "float", "mm", "pixels x pixel size", "as -detsize, slow", 1e-3),
+    _nz(("-Xbeam",), "Xbeam", "float", "mm", "detector centre", "beam centre, fast (header only)", 1e-3),
+    _nz(("-Ybeam",), "Ybeam", "float", "mm", "detector centre", "beam centre, slow (header only)", 1e-3),
+    _nz(("-lambda", "-wavelength"), "lambda", "float", "A", "1", "wavelength (header only)"),
+    _nz(("-phi",), "phi", "float", "deg", "0", "spindle angle (header only)"),
+    _nz(("-osc",), "osc", "float", "deg", "1", "oscillation range (header only)"),
+    _nz(("-header",), "header", "str", "", "none",
+         "copy the header (and size, pixel, beam centre) of this SMV file into the outputs"),
+    _nz(("-noisefile", "-noiseimage"), "noisefile", "str", "", "noiseimage.img", "SMV image with noise"),
+    _nz(("-intfile", "-intimage"), "intfile", "str", "", "intimage.img", "SMV image of the noiseless ADU"),
+    _nz(("-pgmfile", "-pgmimage"), "pgmfile", "str", "", "image.pgm", "8-bit PGM of the noiseless ADU"),
+    _nz(("-nopgm",), "nopgm", "switch", "", "off", "do not write the PGM"),
+    _nz(("-bits",), "bits", "int", "", "16", "integer images: 16 (unsigned short) or 32 (long_integer)"),
+    _nz(("-noprogress",), "noprogress", "switch", "", "", "accepted for compatibility (no progress meter)"),
+    _nz(("-badpix_seed",), "badpix_seed", "int", "", "", "accepted; unused, as in the original"),
+    _nz(("-hotpix_seed",), "hotpix_seed", "int", "", "", "accepted; unused, as in the original"),
+]
+
+# every command's flags
+REGISTRY = {"nanoBragg": FLAGS, "nonBragg": NONBRAGG_FLAGS, "noisify": NOISIFY_FLAGS}
 
 
 # Flags whose values the experiment file holds: refused, so a run never mixes two geometries.
@@ -486,7 +658,8 @@ def flag_of(section: str, attr: str) -> str:
     return FIELD_FLAGS.get((section, attr)) or f"-{attr}"
 
 
-def _number(text: str, kind: str, name: str):
+def number(text: str, kind: str, name: str):
+    """A flag's value as an int or finite float; InputError (one line) otherwise."""
     try:
         if kind == "int":
             val = float(text)
@@ -531,13 +704,13 @@ def parse_args(argv: list[str], cfg: SimulationConfig | None = None) -> Simulati
                 continue
             if len(values) < 3:
                 raise InputError(f"{name} expects three angles (deg) or 'random'")
-            spec.apply(cfg, tuple(_number(t, "float", name) for t in values[:3]))
+            spec.apply(cfg, tuple(number(t, "float", name) for t in values[:3]))
             i += 4
             continue
         if spec.nargs == -1:
             taken = []
             while len(taken) < 6 and len(values) > len(taken) and _is_number(values[len(taken)]):
-                taken.append(_number(values[len(taken)], "float", name))
+                taken.append(number(values[len(taken)], "float", name))
             if not taken:
                 raise InputError(f"{name} expects 1 to 6 numbers")
             spec.apply(cfg, taken)
@@ -555,7 +728,7 @@ def parse_args(argv: list[str], cfg: SimulationConfig | None = None) -> Simulati
                 raise InputError(f"{name} expects a value, got the flag '{raw[0]}'")
             parsed = raw[0] if spec.nargs == 1 else tuple(raw)
         else:
-            nums = tuple(_number(t, spec.kind, name) for t in raw)
+            nums = tuple(number(t, spec.kind, name) for t in raw)
             parsed = nums[0] if spec.nargs == 1 else nums
             _check_values(name, spec, nums)
         spec.apply(cfg, parsed)

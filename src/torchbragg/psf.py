@@ -54,6 +54,16 @@ def _fiber_corner(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Te
     return torch.atan(x * y / (g * torch.sqrt(g * g + x * x + y * y))) / (2.0 * math.pi)
 
 
+def gauss_taps(fwhm, pixel_size, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian kernel's two factors, (slow, fast), each 2R+1 long and
+    summing to one: ``psf_kernel("gauss", ...)`` is their outer product."""
+    fwhm = torch.as_tensor(fwhm, dtype=torch.get_default_dtype() if not torch.is_tensor(fwhm) else None)
+    pixel_size = torch.as_tensor(pixel_size, dtype=fwhm.dtype, device=fwhm.device)
+    d = torch.arange(-radius, radius + 2, dtype=fwhm.dtype, device=fwhm.device) - 0.5  # pixel edges
+    ts, tf = _gauss_1d(d * pixel_size[1], fwhm), _gauss_1d(d * pixel_size[0], fwhm)
+    return ts / ts.sum(), tf / tf.sum()
+
+
 def psf_kernel(kind: str, fwhm, pixel_size, radius: int, normalize: bool = True) -> torch.Tensor:
     """Fraction of a pixel's photons landing in each pixel around it.
 

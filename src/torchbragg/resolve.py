@@ -106,15 +106,21 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class BeamSampling:
+    """The beam's wavelengths and divergence grid as the original samples them."""
+    dispersion: tuple[int, float]  # (wavelength steps, full width as a fraction)
+    divergence: dict  # per axis 'h', 'v': n, range, step (radians), step_given
+    divergence_points: tuple[tuple[int, int], ...]  # grid points kept inside the ellipse
+
+
+@dataclass(frozen=True)
 class Resolved:
     panels: tuple[tuple[int, int], ...]  # (fast, slow) pixels of every panel
     placement: Placement | None  # the nanoBragg detector; None for an experiment's own
     n_cells: tuple[float, float, float]
     mosaic_spread: float  # degrees
     mosaic_domains: int
-    dispersion: tuple[int, float]  # (wavelength steps, full width as a fraction)
-    divergence: dict  # per axis 'h', 'v': n, range, step (radians), step_given
-    divergence_points: tuple[tuple[int, int], ...]  # grid points kept inside the ellipse
+    beam: BeamSampling
     phi: tuple[int, float, float]  # (steps, width covered, osc reported) in degrees
     sampling: Sampling
     parallax: str = "original"  # the sensor depth rule (parallax_rule)
@@ -234,6 +240,11 @@ def dispersion(cfg: SimulationConfig) -> tuple[int, float]:
     return n, disp
 
 
+def beam_sampling(cfg: SimulationConfig) -> BeamSampling:
+    div, kept = divergence(cfg)
+    return BeamSampling(dispersion(cfg), div, kept)
+
+
 def divergence(cfg: SimulationConfig) -> tuple[dict, tuple]:
     """Per-axis (n, range, step) in radians and the grid points the original
     keeps after trimming the grid to an ellipse."""
@@ -314,8 +325,7 @@ def _resolved(cfg, panels, placement, lengths, wavelength, nearest, has_sensor, 
     finest sampling; `phi`: (steps, width, osc)."""
     d = cfg.detector
     spread, domains = mosaic(cfg)
-    disp = dispersion(cfg)
-    div, kept = divergence(cfg)
+    beam = beam_sampling(cfg)
     n_cells = crystal_cells(cfg, lengths)
     rule = parallax_rule(cfg, default_parallax)
     layers, divisor = sensor_sampling(d.thicksteps, has_sensor, rule != "original", optical_depth, rule == "dials")
@@ -323,10 +333,10 @@ def _resolved(cfg, panels, placement, lengths, wavelength, nearest, has_sensor, 
     oversample = d.oversample if given else automatic_oversample(crystal_extent(lengths, n_cells), wavelength,
                                                                  *nearest)
     sampling = Sampling(pixels=rendered_pixels(cfg, panels), oversample=oversample, oversample_auto=not given,
-                        layers=layers, layer_divisor=divisor, sources=source_count(cfg, len(kept), disp[0]),
+                        layers=layers, layer_divisor=divisor, sources=source_count(cfg, len(beam.divergence_points), beam.dispersion[0]),
                         phisteps=max(phi[0], 1), domains=domains)
     return Resolved(panels=tuple(panels), placement=placement, n_cells=n_cells, mosaic_spread=spread,
-                    mosaic_domains=domains, dispersion=disp, divergence=div, divergence_points=kept, phi=phi,
+                    mosaic_domains=domains, beam=beam, phi=phi,
                     sampling=sampling, parallax=rule)
 
 

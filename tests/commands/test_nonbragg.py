@@ -426,9 +426,16 @@ def test_later_flags_win_as_in_the_original(argv, expect):
         assert got == (pytest.approx(value) if not isinstance(value, str) else value), key
 
 
-def test_walk_of_a_table_that_goes_back_is_the_original_search():
-    """Only points whose place in the table depends on the previous one are
-    walked one by one; the result is the sequential search's for every point."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_walk_of_a_table_that_goes_back_is_the_original_search(compiled, monkeypatch):
+    """The compiled walk, and without it only points whose place in the table
+    depends on the previous one walked one by one: the result is the
+    sequential search's for every point."""
+    from torchbragg.models import background
+    if compiled and background._C is None:
+        pytest.skip("_noise.c was not built")
+    if not compiled:
+        monkeypatch.setattr(background, "_C", None)
     rng = np.random.default_rng(1)
 
     def sequential(stol, values):
@@ -453,6 +460,26 @@ def test_walk_of_a_table_that_goes_back_is_the_original_search():
         np.testing.assert_array_equal(bg._walk(torch.as_tensor(values)).numpy(), sequential(s, values))
         checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_table_lookup_is_the_torch_lookup(dtype, monkeypatch):
+    """The compiled pass of the cell-grid lookup gives the torch code's values
+    bit for bit: at random points, at the table points themselves (either
+    side's cubic) and beyond both ends."""
+    from torchbragg.models import background
+    if background._C is None:
+        pytest.skip("_noise.c was not built")
+    rng = np.random.default_rng(3)
+    s = np.sort(np.concatenate([[0.0], rng.random(40) * 0.5, [0.5]]))
+    s = s[np.r_[True, np.diff(s) > 1e-4]]
+    bg = Background(s, rng.random(len(s)) * 3, dtype=dtype)
+    grid = bg._grid(dtype, torch.device("cpu"))
+    stol = torch.cat([torch.as_tensor(rng.random(5000) * 0.6 - 0.05), torch.as_tensor(s)]).to(dtype)
+    y = bg._cell(stol)
+    fast = bg._from_cells(y, grid)
+    monkeypatch.setattr(background, "_C", None)
+    assert torch.equal(fast, bg._from_cells(y, grid))
 
 
 def test_background_in_a_thick_sensor_counts_the_absorbed_photons(tmp_path):

@@ -90,3 +90,24 @@ def test_psf_width_is_refined_through_the_engine():
     res = refine(sim, data, ["psf_width", "background"])
     p = next(q for q in res.parameters if q.group == "psf_width")
     assert p.value == pytest.approx(0.3, rel=0.05) and abs(p.value - 0.3) < 4 * p.sigma
+
+
+def test_psf_width_on_a_small_region_beside_a_spot():
+    """A region next to a spot, not on it: much of its light is what the PSF
+    spreads in from the spot outside. The engine renders the region grown by
+    the kernel's radius before blurring, so the exact reading's width comes
+    back (rendering the region alone, it came back 7 % wide)."""
+    from torchbragg.models import DetectorResponse
+    sim = Simulator.from_args(ARGS, dtype=torch.float64)
+    sim.response = DetectorResponse(psf="gauss", psf_fwhm=0.6, dtype=torch.float64)
+    with torch.no_grad():
+        photons = sim.render()
+        data = sim(detected=True) + 2.0
+    s, f = divmod(int(torch.argmax(photons[0])), photons.shape[-1])
+    roi = torch.zeros(data.shape, dtype=torch.bool)
+    roi[0, s - 5:s + 6, f - 9:f - 1] = True  # beside the brightest spot, its centre and next pixel outside
+    assert not bool(roi[0, s, f]) and float(photons[0, s, f]) > 10 * float(photons[roi].max())
+    sim.response.psf_fwhm.data.fill_(0.4)
+    res = refine(sim, data, ["psf_width", "background"], roi=roi)
+    p = next(q for q in res.parameters if q.group == "psf_width")
+    assert p.value == pytest.approx(0.6, rel=2e-3)

@@ -93,7 +93,7 @@ def build_from_experiment(experiment, cfg: SimulationConfig | None = None, dtype
     with torch.no_grad():
         travel, e_vector = src.incident().cpu().numpy(), src.e_vector().cpu().numpy()
         fraction = float(src.polarization_fraction)
-    beam = make_beam(cfg, info, resolved, sources, travel, e_vector, float(src.wavelength), fraction, device)
+    beam = make_beam(cfg, info, resolved.beam, sources, travel, e_vector, float(src.wavelength), fraction, device)
     given = experiment.crystal
     probe = Crystal(given.cell, given.U, misset=given.misset, space_group=given.space_group, setting=given.setting,
                     dtype=f64, device=device)

@@ -17,7 +17,7 @@ from ..config import SimulationConfig
 from ..errors import InputError
 from ..flags import parse_args
 from ..models import Beam, Crystal, Detector, DistanceMount, Goniometer, Panel, Scan, StructureFactors
-from ..resolve import Placement, RenderOptions, Resolved, clipped_sizes, crystal_cells
+from ..resolve import BeamSampling, Placement, RenderOptions, Resolved, clipped_sizes, crystal_cells
 from ..units import DEG, unit_vector
 from ..validate import check_config, check_device
 
@@ -141,14 +141,14 @@ def make_detector(cfg: SimulationConfig, info: BuildInfo, placement: Placement, 
     return Detector([panel], dtype=dtype, device=device)
 
 
-def make_beam(cfg: SimulationConfig, info: BuildInfo, resolved: Resolved, sources, travel, e_vector,
+def make_beam(cfg: SimulationConfig, info: BuildInfo, sampling: BeamSampling, sources, travel, e_vector,
               wavelength: float, polarization_fraction: float, device) -> Beam:
     """A beam travelling along `travel` with E-vector `e_vector`, with the
     resolved spectrum and divergence and the configuration's fluence and
     water (float64)."""
     b = cfg.beam
-    n, disp = resolved.dispersion
-    div, kept = resolved.divergence, list(resolved.divergence_points)
+    n, disp = sampling.dispersion
+    div, kept = sampling.divergence, list(sampling.divergence_points)
     info.divergence = div
     info.n_divergence = -1 if sources is not None else len(kept)
     fluence = b.fluence
@@ -344,7 +344,7 @@ def models_from_config(cfg: SimulationConfig, dtype=None, device=None, chunk_ele
     detector = make_detector(cfg, info, placement, mask, f64, device)
     vecs = placement.vectors
     travel, e_vector = unit_vector(vecs["beam"]), unit_vector(vecs["pol"])
-    beam = make_beam(cfg, info, resolved, sources, travel, e_vector, b.wavelength, (1.0 + b.polarization) / 2.0,
+    beam = make_beam(cfg, info, resolved.beam, sources, travel, e_vector, b.wavelength, (1.0 + b.polarization) / 2.0,
                      device)
     spindle = vecs["spindle"]
     _, width, osc = resolved.phi

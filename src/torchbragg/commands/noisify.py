@@ -14,79 +14,19 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
+from ..flags import NOISIFY_FLAGS, by_name, number
 
 PROG = "noisify"
 R_E_SQR = 7.94079248018965e-30  # Thomson cross section, m^2
 # the fluence at which the input is read as photons per pixel
 UNIT_FLUENCE = 125932015286227086360700780544.0
 
-
-@dataclass(frozen=True)
-class Flag:
-    names: tuple
-    key: str
-    kind: str  # float, int, str, psf, switch
-    unit: str
-    default: str
-    help: str
-    scale: float = 1.0  # value * scale is stored
-
-
-FLAGS = [
-    Flag(("-floatfile", "-floatimage", "-bin"), "floatfile", "str", "", "",
-         "input image (required; also accepted as the one positional argument): little-endian float32 photons "
-         "per pixel, fast index contiguous"),
-    Flag(("-scale",), "scale", "float", "", "1", "factor applied to the input to make photons per pixel"),
-    Flag(("-fluence",), "fluence", "float", "photons/m^2", "1.25932e+29",
-         "incident fluence; photons = fluence * r_e^2 * scale * input"),
-    Flag(("-gain",), "gain", "float", "ADU/photon", "1", "quantum gain"),
-    Flag(("-adc", "-adc_offset"), "adc", "float", "ADU", "40", "offset added to every pixel"),
-    Flag(("-readout", "-readout_noise", "-readnoise"), "readout", "float", "ADU", "0",
-         "rms Gaussian read-out noise added to every pixel"),
-    Flag(("-flicker",), "flicker", "float", "fraction", "0", "rms beam flicker, a Gaussian factor per pixel"),
-    Flag(("-calibration", "-calibration_noise"), "calibration", "float", "fraction", "0.03",
-         "rms static per-pixel calibration error (a photon-loss factor)"),
-    Flag(("-seed",), "seed", "int", "", "from the clock", "seed of the photon, flicker and read-out noise"),
-    Flag(("-calib_seed",), "calib_seed", "int", "", "the word 123456789, not negated as given seeds are",
-         "seed of the calibration error (the same seed gives the same detector)"),
-    Flag(("-psf",), "psf", "psf", "", "none", "point-spread function: gauss or fiber"),
-    Flag(("-psf_fwhm", "-psf_width", "-psf_sigma"), "psf_fwhm", "float", "um", "46",
-         "full width at half maximum of the PSF (-psf_sigma is the original's synonym: also a FWHM)", 1e-6),
-    Flag(("-psf_radius",), "psf_radius", "int", "pixels", "0 (per pixel, from its photons)",
-         "radius of the PSF disc"),
-    Flag(("-nonoise",), "nonoise", "switch", "", "off",
-         "no noise: the PSF goes on the noiseless image and no noise image is written"),
-    Flag(("-distance",), "distance", "float", "mm", "100", "sample to detector distance (header only)", 1e-3),
-    Flag(("-pixel",), "pixel", "float", "mm", "0.1", "pixel size", 1e-3),
-    Flag(("-detpixels",), "detpixels", "int", "pixels", "from the file size", "pixels along both edges"),
-    Flag(("-detpixels_x", "-detpixels_f"), "xpixels", "int", "pixels", "from the file size", "fast pixels"),
-    Flag(("-detpixels_y", "-detpixels_s"), "ypixels", "int", "pixels", "from the file size", "slow pixels"),
-    Flag(("-detsize",), "detsize", "float", "mm", "pixels x pixel size",
-         "accepted as the original does; the size always follows from the pixels", 1e-3),
-    Flag(("-detsize_x", "-detsize_f"), "detsize_x", "float", "mm", "pixels x pixel size", "as -detsize, fast", 1e-3),
-    Flag(("-detsize_y", "-detsize_s"), "detsize_y", "float", "mm", "pixels x pixel size", "as -detsize, slow", 1e-3),
-    Flag(("-Xbeam",), "Xbeam", "float", "mm", "detector centre", "beam centre, fast (header only)", 1e-3),
-    Flag(("-Ybeam",), "Ybeam", "float", "mm", "detector centre", "beam centre, slow (header only)", 1e-3),
-    Flag(("-lambda", "-wavelength"), "lambda", "float", "A", "1", "wavelength (header only)"),
-    Flag(("-phi",), "phi", "float", "deg", "0", "spindle angle (header only)"),
-    Flag(("-osc",), "osc", "float", "deg", "1", "oscillation range (header only)"),
-    Flag(("-header",), "header", "str", "", "none",
-         "copy the header (and size, pixel, beam centre) of this SMV file into the outputs"),
-    Flag(("-noisefile", "-noiseimage"), "noisefile", "str", "", "noiseimage.img", "SMV image with noise"),
-    Flag(("-intfile", "-intimage"), "intfile", "str", "", "intimage.img", "SMV image of the noiseless ADU"),
-    Flag(("-pgmfile", "-pgmimage"), "pgmfile", "str", "", "image.pgm", "8-bit PGM of the noiseless ADU"),
-    Flag(("-nopgm",), "nopgm", "switch", "", "off", "do not write the PGM"),
-    Flag(("-bits",), "bits", "int", "", "16", "integer images: 16 (unsigned short) or 32 (long_integer)"),
-    Flag(("-noprogress",), "noprogress", "switch", "", "", "accepted for compatibility (no progress meter)"),
-    Flag(("-badpix_seed",), "badpix_seed", "int", "", "", "accepted; unused, as in the original"),
-    Flag(("-hotpix_seed",), "hotpix_seed", "int", "", "", "accepted; unused, as in the original"),
-]
-_BY_NAME = {n: f for f in FLAGS for n in f.names}
+FLAGS = NOISIFY_FLAGS  # this command's part of flags.REGISTRY
+_BY_NAME = by_name(FLAGS)
 DEFAULTS = dict(floatfile=None, scale=1.0, fluence=UNIT_FLUENCE, gain=1.0, adc=40.0, readout=0.0, flicker=0.0,
                 calibration=0.03, seed=None, calib_seed=123456789, psf=None, psf_fwhm=float(np.float32(46e-6)),
                 psf_radius=0, nonoise=False, distance=0.1, pixel=1e-4, detpixels=None, xpixels=None,
@@ -107,16 +47,6 @@ def help_text() -> str:
         lines.append(f"  {' '.join(f.names) + arg:<44s} {f.help}{unit}{dflt}")
     lines.append("  -h, --help                                   this text")
     return "\n".join(lines)
-
-
-def _number(flag: str, text: str, kind: str) -> float:
-    try:
-        v = int(text) if kind == "int" else float(text)
-    except ValueError:
-        raise InputError(f"{flag} expects {'an integer' if kind == 'int' else 'a number'}, got '{text}'") from None
-    if kind == "float" and not math.isfinite(v):
-        raise InputError(f"{flag} must be finite, got '{text}'")
-    return v
 
 
 def parse(argv: list[str]) -> dict:
@@ -147,11 +77,11 @@ def parse(argv: list[str]) -> dict:
                 raise InputError(f"-psf expects gauss or fiber, got '{text}'")
             opts["psf"] = "fiber" if text == "fibre" else text
         elif f.key in ("seed", "calib_seed"):
-            opts[f.key] = -int(_number(a, text, "int"))  # the original stores the negated seed
+            opts[f.key] = -int(number(text, "int", a))  # the original stores the negated seed
         elif f.key == "psf_fwhm":
-            opts[f.key] = float(np.float32(_number(a, text, "float") / 1e6))  # a float in the original
+            opts[f.key] = float(np.float32(number(text, "float", a) / 1e6))  # a float in the original
         else:
-            v = _number(a, text, f.kind)
+            v = number(text, f.kind, a)
             opts[f.key] = v * f.scale if f.kind == "float" else v
         i += 2
     _check(opts)
@@ -376,7 +306,7 @@ def split_response_flags(flags: list[str], command: str) -> tuple[list[str], dic
             kw["psf"] = text
         else:
             key, factor = RESPONSE_FLAGS[a]
-            v = _number(a, text, "int" if factor is None else "float")
+            v = number(text, "int" if factor is None else "float", a)
             if v < 0 or (a in ("-gain", "-overload") and v == 0):
                 raise InputError(f"{a} must be {'positive' if a in ('-gain', '-overload') else 'non-negative'}")
             kw[key] = v if factor is None else v * factor

@@ -14,117 +14,14 @@ import time
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..flags import NONBRAGG_FLAGS, by_name, number
 
 PROG = "nonBragg"
 RTD = 180.0 * (1.0 / math.pi)
 DEFAULT_FLUENCE = 125932015286227086360700780544.0
 
-
-@dataclass(frozen=True)
-class Flag:
-    names: tuple
-    nargs: int  # values after the flag
-    kind: str  # float, int, str, switch
-    help: str
-
-
-def _f(names, help_, nargs=1, kind="float"):
-    return Flag(tuple(names.split()), nargs, kind, help_)
-
-
-FLAGS = [
-    _f("-stol", "FILE: table 'stol F', sin(theta)/lambda (1/A) and the structure factor of one molecule", kind="str"),
-    _f("-4stol", "FILE: the same with 4 sin(theta)/lambda (= 2/d) in the first column", kind="str"),
-    _f("-Q", "FILE: the same with Q = 4 pi sin(theta)/lambda in the first column", kind="str"),
-    _f("-thickness -thick -sample_thick -sample_x", "sample thickness along the beam (mm, default 0.1)"),
-    _f("-samplesize -sample_size", "edge of a cube-shaped sample (mm, default 0.1)"),
-    _f("-width -sample_width -sample_y", "sample width across the beam (mm, default 0.1)"),
-    _f("-height -sample_height -sample_z", "sample height across the beam (mm, default 0.1)"),
-    _f("-density -sample_density", "sample density (g/cm^3, default 1)"),
-    _f("-molecules -sample_molecules", "number of molecules in the beam, instead of size and density"),
-    _f("-MW -molecular_weight", "molecular weight of the sample material (g/mol, default 18)"),
-    _f("-lambda -wave -wavelength", "X-ray wavelength (Angstrom, default 1)"),
-    _f("-energy", "X-ray photon energy (eV), instead of -lambda"),
-    _f("-fluence", "integrated beam intensity (photons/m^2, default 1.25932e29)"),
-    _f("-flux", "beam intensity (photons/s); with -exposure and -beamsize sets the fluence"),
-    _f("-exposure", "exposure time (s, default 1)"),
-    _f("-beamsize", "edge of the square beam (mm, default 0.1); clips the sample's height and width"),
-    _f("-dispersion", "spectral dispersion delta-lambda/lambda (percent, default 0)"),
-    _f("-dispsteps", "number of wavelengths over the dispersion", kind="int"),
-    _f("-divergence", "horizontal and vertical beam divergence (mrad, default 0)"),
-    _f("-hdivrange", "horizontal divergence (mrad)"),
-    _f("-vdivrange", "vertical divergence (mrad)"),
-    _f("-hdivstep", "horizontal divergence step (mrad)"),
-    _f("-vdivstep", "vertical divergence step (mrad)"),
-    _f("-hdivsteps", "number of horizontal divergence steps", kind="int"),
-    _f("-vdivsteps", "number of vertical divergence steps", kind="int"),
-    _f("-divsteps", "number of divergence steps in both directions", kind="int"),
-    _f("-round_div", "keep the divergence points inside an ellipse (default)", 0, "switch"),
-    _f("-square_div", "keep the whole divergence grid", 0, "switch"),
-    _f("-sourcefile", "FILE: sources, one a line 'X Y Z I lambda' (m, relative intensity, m)", kind="str"),
-    _f("-source_distance", "distance of the generated sources from the sample (mm, default 10000)"),
-    _f("-distance", "sample to direct-beam spot distance (mm, default 100); pivots about the beam spot"),
-    _f("-close_distance", "sample to nearest detector point (mm, default from -distance); pivots about the sample"),
-    _f("-Xbeam", "direct-beam position along the fast axis (mm, default (detsize_x - pixel)/2)"),
-    _f("-Ybeam", "direct-beam position along the slow axis (mm, default (detsize_y + pixel)/2)"),
-    _f("-Xclose", "nearest point to the sample along fast (mm, default (detsize_x - pixel)/2); pivots about it"),
-    _f("-Yclose", "nearest point to the sample along slow (mm, default (detsize_y + pixel)/2); pivots about it"),
-    _f("-ORGX", "nearest point along the fast axis (pixels); pivots about the sample"),
-    _f("-ORGY", "nearest point along the slow axis (pixels); pivots about the sample"),
-    _f("-pivot", "detector rotation pivot: beam or sample (default beam)", kind="str"),
-    _f("-detector_rotx", "detector rotation about x (degrees, default 0)"),
-    _f("-detector_roty", "detector rotation about y (degrees, default 0)"),
-    _f("-detector_rotz", "detector rotation about z (degrees, default 0)"),
-    _f("-twotheta", "detector swing about the two-theta axis (degrees, default 0); pivots about the sample"),
-    _f("-twotheta_axis", "two-theta axis x y z (default 0 1 0)", 3),
-    _f("-fdet_vector", "fast detector axis x y z (default 0 0 1)", 3),
-    _f("-sdet_vector", "slow detector axis x y z (default 0 -1 0)", 3),
-    _f("-odet_vector", "ignored as in the original: the normal is always fast x slow", 3),
-    _f("-beam_vector", "direction the beam travels x y z (default 1 0 0)", 3),
-    _f("-polar_vector", "E-vector of the beam x y z (default 0 0 1)", 3),
-    _f("-spindle_axis", "spindle axis x y z (no effect on the image)", 3),
-    _f("-pix0_vector", "no effect, as in the original (the origin follows from beam centre and distance)", 3),
-    _f("-detsize", "detector edge (mm, default 102.4)"),
-    _f("-detsize_x -detsize_f", "detector size along the fast axis (mm)"),
-    _f("-detsize_y -detsize_s", "detector size along the slow axis (mm)"),
-    _f("-detpixels", "pixels along each edge (default: detsize / pixel)", kind="int"),
-    _f("-detpixels_x -detpixels_f", "pixels along the fast axis", kind="int"),
-    _f("-detpixels_y -detpixels_s", "pixels along the slow axis", kind="int"),
-    _f("-pixel", "pixel size (mm, default 0.1)"),
-    _f("-oversample", "sub-pixels per pixel edge (default 1)", kind="int"),
-    _f("-point_pixel", "solid angle 1/R^2 (R in m), no pixel area or obliquity", 0, "switch"),
-    _f("-curved_det", "curved detector: every pixel at the beam distance, flat coordinates as angles", 0, "switch"),
-    _f("-Fmap", "write the structure factor at each pixel instead of photons (for absorption masks)", 0, "switch"),
-    _f("-polar", "Kahn polarization factor (default 0: unpolarized)"),
-    _f("-nopolar", "no polarization factor", 0, "switch"),
-    _f("-roi", "render only pixels xmin xmax ymin ymax (inclusive, default all; others are 0)", 4, "int"),
-    _f("-phi", "spindle start (degrees, header only, default 0)"),
-    _f("-osc", "oscillation range (degrees, header only, default 0)"),
-    _f("-phistep", "spindle step (degrees, header only, default none)"),
-    _f("-phisteps", "number of spindle steps (header only, default 1)", kind="int"),
-    _f("-floatfile -floatimage", "FILE: float image, photons/pixel, 4-byte floats (default floatimage.bin)",
-       kind="str"),
-    _f("-intfile -intimage", "FILE: SMV image, scaled photons + ADC offset (default intimage.img)", kind="str"),
-    _f("-pgmfile -pgmimage", "FILE: 8-bit PGM preview (default image.pgm)", kind="str"),
-    _f("-noisefile -noiseimage", "FILE: SMV image of Poisson photon counts + ADC offset (default noiseimage.img)",
-       kind="str"),
-    _f("-nonoise", "do not write the noise image", 0, "switch"),
-    _f("-nopgm", "do not write the PGM image (the original ignores this flag)", 0, "switch"),
-    _f("-scale", "scale of the SMV int image (default 55000 / maximum)"),
-    _f("-pgmscale", "scale of the PGM image (default 50 / rms deviation)"),
-    _f("-adc", "ADC offset added to the SMV images (default 40)"),
-    _f("-gain", "quantum gain (no effect: the original uses it only with -img)"),
-    _f("-seed", "seed of the noise image (default: the clock)", kind="int"),
-    _f("-coherent", "no effect, as in the original", 0, "switch"),
-    _f("-noreject", "no effect, as in the original", 0, "switch"),
-    _f("-printout", "print every pixel value", 0, "switch"),
-    _f("-printout_pixel", "print only pixel FAST SLOW", 2, "int"),
-    _f("-noprogress", "no progress meter (default)", 0, "switch"),
-    _f("-progress", "progress meter", 0, "switch"),
-    _f("-dtype", "float64 (default: the original's files bit for bit) or float32 (faster) arithmetic", kind="str"),
-    _f("-device", "cpu (default), cuda, cuda:N or mps (torchbragg)", kind="str"),
-]
-BY_NAME = {name: f for f in FLAGS for name in f.names}
+FLAGS = NONBRAGG_FLAGS  # this command's part of flags.REGISTRY
+BY_NAME = by_name(FLAGS)
 # flags of the original that torchbragg does not offer, and why
 REFUSED = {
     "-img": "reading an image back into a .stol table (-img, -stolout, -ignore) is not supported",
@@ -153,7 +50,7 @@ def background_sample(path: str, flags: list[str]) -> tuple[dict, list[str]]:
             continue
         if i + 1 >= len(flags):
             raise InputError(f"{flags[i]} expects 1 value")
-        value = _number(flag, flags[i + 1])
+        value = number(flags[i + 1], flag.kind, flag.names[0])
         if not value > 0:
             raise InputError(f"{flags[i]} must be positive, got {value:g}")
         sample.update(dict.fromkeys(("thickness", "width", "height"), value) if key == "samplesize" else {key: value})
@@ -188,17 +85,6 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def _number(flag: Flag, word: str):
-    try:
-        v = int(word) if flag.kind == "int" else float(word)
-    except ValueError:
-        raise InputError(f"{flag.names[0]} expects {'an integer' if flag.kind == 'int' else 'a number'}, "
-                         f"got '{word}'") from None
-    if flag.kind == "float" and not math.isfinite(v):
-        raise InputError(f"{flag.names[0]} expects a finite number, got '{word}'")
-    return v
-
-
 # flags that set several values at once: each value is then the last flag's that set it, as in the original
 EXPANDS = {"-detsize": ("-detsize_x", "-detsize_y"), "-detpixels": ("-detpixels_x", "-detpixels_y"),
            "-samplesize": ("-thickness", "-width", "-height"), "-divergence": ("-hdivrange", "-vdivrange"),
@@ -228,9 +114,9 @@ def parse(argv: list[str]) -> dict:
         elif flag.kind == "str":
             opts[key] = values[0]
         elif flag.nargs == 1:
-            opts[key] = _number(flag, values[0])
+            opts[key] = number(values[0], flag.kind, flag.names[0])
         else:
-            opts[key] = tuple(_number(flag, w) for w in values)
+            opts[key] = tuple(number(w, flag.kind, flag.names[0]) for w in values)
         for part in EXPANDS.get(key, ()):
             opts[part] = opts[key]
         opts.pop(OVERRIDES.get(key), None)
@@ -460,12 +346,8 @@ def build(setup: Setup, dtype=None, device=None):
                     source_positions=rows[:, :3], source_wavelengths=rows[:, 4] * 1e10, source_weights=rows[:, 3],
                     dtype=f64, device=device)
     else:
-        from types import SimpleNamespace
-
-        from ..resolve import dispersion, divergence
-        div, kept = divergence(cfg)
-        spectrum = SimpleNamespace(dispersion=dispersion(cfg), divergence=div, divergence_points=tuple(kept))
-        beam = make_beam(cfg, info, spectrum, None, travel, e_vector, setup.wavelength * 1e10, (1.0 + kahn) / 2.0,
+        from ..resolve import beam_sampling
+        beam = make_beam(cfg, info, beam_sampling(cfg), None, travel, e_vector, setup.wavelength * 1e10, (1.0 + kahn) / 2.0,
                          device)
     with torch.no_grad():
         ratio = float(mount.geometry(beam.incident())["ratio"])

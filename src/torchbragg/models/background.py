@@ -21,6 +21,25 @@ _MAX_CELLS = 1 << 18
 _BLOCK_BYTES = 1 << 17
 
 
+def _compiled():
+    """The table lookups of _noise.c, or None when not built."""
+    import ctypes as ct
+
+    from ..noise import LIBRARY as lib
+    if lib is None or not hasattr(lib, "tb_stol_cells_f64"):
+        return None
+    p, lg = ct.c_void_p, ct.c_long
+    lib.tb_stol_walk.restype = None
+    lib.tb_stol_walk.argtypes = [p, lg, p, lg, p]
+    for name in ("tb_stol_cells_f32", "tb_stol_cells_f64"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [p, lg, p, p, lg, p]
+    return lib
+
+
+_C = _compiled()
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Small tensor work on one thread: on a busy machine handing a tiny op to
@@ -156,6 +175,14 @@ class Background(Model):
         """F at cell positions `y` (see `_cell`). A point within rounding of a
         table point may take the cubic of the interval on its other side: both
         pass through that point."""
+        suffix = {torch.float32: "f32", torch.float64: "f64"}.get(y.dtype)
+        if _C is not None and suffix and y.device.type == "cpu" and not (y.requires_grad and torch.is_grad_enabled()):
+            # the same operations in one compiled pass (no gradient to carry)
+            y = y.contiguous()
+            out = torch.empty_like(y)
+            getattr(_C, "tb_stol_cells_" + suffix)(y.data_ptr(), y.numel(), grid["knot_in"].data_ptr(),
+                                                    grid["packed"].data_ptr(), self.cells, out.data_ptr())
+            return out
         c = y.detach().clamp(0, self.cells - 1).floor_()
         index = c.to(torch.int32).reshape(-1)
         side = y.detach().reshape(-1) >= grid["knot_in"].index_select(0, index)
@@ -170,7 +197,11 @@ class Background(Model):
         stops. Where the points at or below stol are a leading run of the
         table, every start stops at its end, so only the other points are walked."""
         padded = np.array([-1e99, -1e98, *self.stol.double().cpu().tolist(), 1e98, 1e99])
-        v = stol.detach().double().cpu().reshape(-1).numpy()
+        v = np.ascontiguousarray(stol.detach().double().cpu().reshape(-1).numpy())
+        if _C is not None:  # the walk itself, compiled
+            out = np.empty(v.size, dtype=np.int64)
+            _C.tb_stol_walk(padded.ctypes.data, padded.size, v.ctypes.data, v.size, out.ctypes.data)
+            return torch.as_tensor(out - 1, device=stol.device).reshape(stol.shape).clamp_(0, len(padded) - 4)
         top = len(padded) - 1
         rising = np.maximum.accumulate(padded)
         after = np.minimum.accumulate(padded[::-1])[::-1]  # smallest value from here on
@@ -211,9 +242,9 @@ class Background(Model):
         pool = self._pool()
         with _one_thread():
             frames = detector.panel_frames(beam.incident())
-            return torch.stack([self._render(beam, detector.panels[k], [t[k] for t in frames], oversample,
-                                             polarization, point_pixel, pool, sensor_depth, curved)
-                                for k in range(len(detector.panels))])
+            images = [self._render(beam, detector.panels[k], [t[k] for t in frames], oversample, polarization,
+                                   point_pixel, pool, sensor_depth, curved) for k in range(len(detector.panels))]
+            return images[0].unsqueeze(0) if len(images) == 1 else torch.stack(images)
 
     def render_panel(self, beam, detector, panel: int, *, oversample: int = 1, polarization: bool = True,
                      point_pixel: bool = False, sensor_depth=None, curved: bool = False) -> torch.Tensor:
@@ -296,13 +327,37 @@ class Background(Model):
             cos2t = along(k, s, where, incident, inc_s, inc_of)
             return cos2t, torch.sqrt((stol_scale[k] - stol_scale[k] * cos2t).clamp(min=0.0))
 
-        walked = None
+        points = _BLOCK_BYTES // torch.finfo(dtype).bits * 8
+        block = max(1, points // (nf * os_ * os_)) * os_
+        starts = list(range(0, ns * os_, block))
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights,
+                                                                           molecules, fluence))
+        from .. import kernels
+        pool = None if grad or device.type != "cpu" else pool
+
+        def each_block(fn):
+            """fn(lo) for every block, side by side on the pool's threads where there is one."""
+            if pool is None:
+                for lo in starts:
+                    fn(lo)
+            else:
+                kernels.pool_map(pool, fn, starts, lambda lo: None)
+
+        walked = every = None
         if not self.monotonic:  # the walk visits pixel, sub-pixel row, sub-pixel, source in turn
+            every = torch.empty(ns * os_, nf * os_, lam.numel(), dtype=dtype, device=device)
+
+            def stols(lo):
+                s = slice(lo, min(lo + block, ns * os_))
+                where = geometry(s)
+                for k in range(lam.numel()):
+                    every[s, :, k] = stol_of(k, s, where)[1]
             with torch.no_grad():
-                where = geometry(slice(None))
-                every = torch.stack([stol_of(k, slice(None), where)[1] for k in range(lam.numel())], -1)
+                each_block(stols)
                 order = every.reshape(ns, os_, os_, nf, -1).permute(0, 3, 1, 2, 4)
                 walked = self._walk(order.contiguous()).permute(0, 2, 3, 1, 4).reshape(every.shape)
+            if grad:
+                every = None  # the render's stol carries the gradient: computed again
 
         def rows(lo, hi):
             s = slice(lo, hi)
@@ -310,7 +365,10 @@ class Background(Model):
             inv_r = where[0]
             total = None
             for k in range(lam.numel()):
-                cos2t, x = stol_of(k, s, where)
+                if every is None:
+                    cos2t, x = stol_of(k, s, where)
+                else:  # the walk's values, the same operations
+                    cos2t, x = along(k, s, where, incident, inc_s, inc_of), every[s, :, k]
                 if grid is not None:
                     F = self._from_cells(x - shift if shift else x, grid)
                 elif walked is not None:
@@ -326,31 +384,21 @@ class Background(Model):
                 total = total * -torch.expm1(-absorbing / inv_r)
             if os_ > 1:
                 total = total.reshape(-1, os_ * os_, nf).sum(1)
-            return total
+            # the constants and the mask while the block is in cache
+            total = total * scale
+            return total if mask is None else total * mask[lo // os_:hi // os_]
 
-        points = _BLOCK_BYTES // torch.finfo(dtype).bits * 8
-        block = max(1, points // (nf * os_ * os_)) * os_
-        starts = list(range(0, ns * os_, block))
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights,
-                                                                           molecules, fluence))
-        from .. import kernels
-        pool = None if grad else pool
+        omega = 1e6 if point_pixel else pf * ps * close  # pixel area x obliquity, and R^3 above
+        scale = omega * self.scale / (lam.numel() * os_ * os_)
+        mask = None if panel.mask is None else panel.mask.to(dtype)
         if device.type != "cpu":
             image = rows(0, ns * os_)
-        elif pool is not None or not grad:
+        elif not grad:
             image = torch.empty(ns, nf, dtype=dtype, device=device)
 
             def fill(lo):
                 image[lo // os_:min(lo + block, ns * os_) // os_] = rows(lo, min(lo + block, ns * os_))
-            if pool is None:
-                for lo in starts:
-                    fill(lo)
-            else:
-                kernels.pool_map(pool, fill, starts, lambda lo: None)
+            each_block(fill)
         else:
             image = torch.cat([rows(lo, min(lo + block, ns * os_)) for lo in starts])
-        omega = 1e6 if point_pixel else pf * ps * close  # pixel area x obliquity, and R^3 above
-        image = image * (omega * self.scale / (lam.numel() * os_ * os_))
-        if panel.mask is not None:
-            image = image * panel.mask.to(dtype)
         return image

@@ -7,14 +7,83 @@ gain and the offset; ``sample`` draws one reading in the order nanoBragg's
 noisify uses: calibration factor, Poisson photons, PSF on the photon counts,
 gain, offset, read-out noise, overload. Readings and expectations are in ADU
 (the offset included), as the image files hold them.
+
+On the CPU in float32/float64 ``sample`` runs its per-pixel steps in two
+compiled passes of _noise.c (calibration and Poisson photons; gain, offset,
+read-out noise and overload after the blur), on torch's thread count, with
+streams seeded from the caller's generator: the same reading for any number
+of threads. Other devices, or a checkout without the compiled helpers, take
+the same steps in torch (statistically the same, other draws).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..psf import PSF_KINDS, convolve_psf, kernel_spectrum, padded_shape, psf_kernel, psf_radius_for
+from ..psf import PSF_KINDS, convolve_psf, gauss_taps, kernel_spectrum, padded_shape, psf_kernel, psf_radius_for
 from ._base import Model
+
+
+def _compiled():
+    """The sampling passes of _noise.c, or None when not built."""
+    import ctypes as ct
+
+    from ..noise import LIBRARY as lib
+    if lib is None or not hasattr(lib, "tb_readout_f64"):
+        return None
+    p, lg, d, i, u = ct.c_void_p, ct.c_long, ct.c_double, ct.c_int, ct.c_uint64
+    for name in ("tb_poisson_f32", "tb_poisson_f64"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [p, p, lg, u, i, p]
+    for name in ("tb_readout_f32", "tb_readout_f64"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [p, lg, lg, lg, lg, lg, p, p, i, d, d, d, d, u, i, p, p]
+    return lib
+
+
+_C = _compiled()
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# Gaussian PSFs up to this radius blur in the compiled pass, one direction
+# after the other (2 (2R+1) products a pixel): below ~16 faster than the FFT
+_DIRECT_RADIUS = 12
+
+
+def _pixel_pair(pixel_size) -> tuple[float, float]:
+    return tuple(float(v) for v in torch.as_tensor(pixel_size, dtype=torch.float64).reshape(-1).expand(2))
+
+
+def _seed(generator) -> int:
+    # one 64-bit word from the caller's generator (torch's default one without)
+    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=generator, dtype=torch.int64)) % 2 ** 64
+
+
+def _poisson_compiled(p: torch.Tensor, factor, seed: int) -> torch.Tensor:
+    p = p.contiguous()
+    counts = torch.empty_like(p)
+    fn = getattr(_C, "tb_poisson_" + _SUFFIX[p.dtype])
+    fn(p.data_ptr(), None if factor is None else factor.contiguous().data_ptr(), p.numel(), seed,
+       torch.get_num_threads(), counts.data_ptr())
+    return counts
+
+
+def _readout_compiled(x: torch.Tensor, gain: float, offset: float, readout: float, overload, seed: int,
+                      taps=None):
+    # taps: (slow, fast) factors of a separable kernel to blur ``x`` with first
+    S, F = x.shape[-2:]
+    v = x.reshape((-1, S, F))  # a view: the leading dims of a crop are contiguous
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    radius, ts, tf, tmp = 0, None, None, None
+    if taps is not None:
+        ts, tf = (t.to(x.dtype).contiguous() for t in taps)
+        radius, tmp = ts.numel() // 2, torch.empty_like(out)
+    fn = getattr(_C, "tb_readout_" + _SUFFIX[x.dtype])
+    fn(v.data_ptr(), v.shape[0], S, F, v.stride(0), v.stride(1), None if ts is None else ts.data_ptr(),
+       None if tf is None else tf.data_ptr(), radius, gain, offset, readout,
+       float("nan") if overload is None else overload, seed, torch.get_num_threads(),
+       None if tmp is None else tmp.data_ptr(), out.data_ptr())
+    return out
 
 
 class DetectorResponse(Model):
@@ -66,7 +135,7 @@ class DetectorResponse(Model):
         # sampling only (no gradient): the kernel's spectrum is kept between calls
         if self.psf is None or self.psf_radius == 0:
             return counts
-        pix = tuple(float(v) for v in torch.as_tensor(pixel_size, dtype=torch.float64).reshape(-1).expand(2))
+        pix = _pixel_pair(pixel_size)
         n = 2 * self.psf_radius + 1
         fs, ff = padded_shape(counts.shape, (n, n))
         key = (self.psf, self.psf_radius, float(self.psf_fwhm), pix, fs, ff, counts.dtype, counts.device)
@@ -110,15 +179,31 @@ class DetectorResponse(Model):
     def sample(self, photons: torch.Tensor, pixel_size, generator: torch.Generator | None = None) -> torch.Tensor:
         """One reading (ADU, float, not yet rounded) of expected ``photons``.
         ``generator`` (on the photons' device) makes it repeatable."""
-        p = torch.clamp(photons.detach(), min=0.0)
-        if self.calibration_noise > 0.0:
-            p.mul_(self.calibration(p.shape, p.dtype, p.device))
-        counts = torch.poisson(p, generator=generator)
+        p = photons.detach()
+        factor = self.calibration(p.shape, p.dtype, p.device) if self.calibration_noise > 0.0 else None
+        compiled = _C is not None and p.device.type == "cpu" and p.dtype in _SUFFIX
+        if compiled:
+            counts = _poisson_compiled(p, factor, _seed(generator))
+        else:
+            p = torch.clamp(p, min=0.0)
+            if factor is not None:
+                p.mul_(factor)
+            counts = torch.poisson(p, generator=generator)
+        readout = float(self.readout_noise)
+        if compiled and self.gain.numel() == 1 and self.adc_offset.numel() == 1:
+            taps = None
+            if self.psf == "gauss" and 0 < self.psf_radius <= _DIRECT_RADIUS:
+                taps = gauss_taps(self.psf_fwhm.detach().double(), _pixel_pair(pixel_size), self.psf_radius)
+            else:
+                counts = self._fixed_blur(counts, pixel_size)
+            return _readout_compiled(counts, float(self.gain), float(self.adc_offset), readout, self.overload,
+                                     _seed(generator), taps)
+        blurred = self._fixed_blur(counts, pixel_size)
         # in place from here: one pass per step over a large frame
-        adu = self._fixed_blur(counts, pixel_size).mul_(self.gain.to(p.dtype)).add_(self.adc_offset.to(p.dtype))
-        if float(self.readout_noise) > 0.0:
+        adu = blurred.mul_(self.gain.to(p.dtype)).add_(self.adc_offset.to(p.dtype))
+        if readout > 0.0:
             noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-            adu.add_(noise, alpha=float(self.readout_noise))
+            adu.add_(noise, alpha=readout)
         if self.overload is not None:
             adu.clamp_(max=self.overload)
         return adu

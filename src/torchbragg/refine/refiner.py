@@ -48,7 +48,7 @@ from ..errors import InputError
 from .fit import combine, goodness_of_fit
 from .losses import LOSSES
 from .parameters import Background, Group, make_group
-from .roi import mask_substitutions, roi_mask
+from .roi import mask_substitutions, render_mask, roi_mask
 from .stages import STAGE_KINDS, still_strategy, sweep_regions, sweeps_of, sweep_strategy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
@@ -508,14 +508,20 @@ class Refiner:
             ratio = (n / nb).detach().prod()
             subs["crystal.N"] = nb
             subs["beam.fluence"] = subs.get("beam.fluence", sim.beam.fluence.to(x.dtype)) * ratio
-        bragg = self.bragg[k]
-        subs.update(mask_substitutions(mask if bragg is None else mask & bragg.to(mask.device)))
+        subs.update(mask_substitutions(self.rendered_mask(k, sim, mask)))
         model = self.entries[k].render(sim, subs)
         for b in self.bound[k]:
             extra = b.group.image_term(sim, x[b.slice], model.shape)
             if extra is not None:
                 model = model + extra
         return model
+
+    def rendered_mask(self, k: int, sim, mask) -> torch.Tensor:
+        """The pixels a render for region `mask` of entry k computes: those of
+        the region where the Bragg term is (engine.bragg), grown by a
+        detector PSF's radius (roi.render_mask)."""
+        bragg = self.bragg[k]
+        return render_mask(sim, mask if bragg is None else mask & bragg.to(mask.device))
 
     def pixels(self, k: int, sim, x, mask) -> torch.Tensor:
         """model(k, sim, x, mask)[mask] (1-D), rendering only the pixels of
@@ -535,6 +541,9 @@ class Refiner:
         """The render's part of pixels(): what the simulator computes."""
         subs = self.substitutions(k, sim, x)
         bragg = self.bragg[k]
+        if sim.response is not None and sim.response.psf is not None:  # the blur needs the neighbours
+            subs.update(mask_substitutions(self.rendered_mask(k, sim, mask)))
+            return self.entries[k].render(sim, subs)[mask]
         if bragg is None:
             values = self.entries[k].render_pixels(sim, subs, mask)
         else:
@@ -757,9 +766,9 @@ class Refiner:
         for b in self.bindings:
             if isinstance(b.group, Background):
                 k = b.entries[0]
-                rendered = masks[k] if self.bragg[k] is None else masks[k] & self.bragg[k].to(masks[k].device)
                 with torch.no_grad():
-                    model = self.entries[k].render(sims[k], mask_substitutions(rendered)).double()
+                    model = self.entries[k].render(sims[k], mask_substitutions(self.rendered_mask(k, sims[k],
+                                                                                                  masks[k]))).double()
                 b.group.start_from(self.datas[k].to(model), model, masks[k])
 
     def _rederive_oversample(self, copies, x):

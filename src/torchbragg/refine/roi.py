@@ -89,3 +89,15 @@ def mask_substitutions(mask: torch.Tensor) -> dict:
     """Panel masks {name: (slow, fast) bool} that make a render compute only
     the pixels of `mask` (for torch.func.functional_call)."""
     return {f"detector.panels.{k}.mask": mask[k] for k in range(mask.shape[0])}
+
+
+def render_mask(sim, mask: torch.Tensor) -> torch.Tensor:
+    """The pixels to render for the region `mask` (panels, slow, fast): with
+    a detector PSF, the region grown by the kernel's radius, so that the
+    light its neighbours spread into it is in the blurred model."""
+    response = getattr(sim, "response", None)
+    radius = 0 if response is None or response.psf is None else int(response.psf_radius)
+    if radius == 0:
+        return mask
+    grown = F.max_pool2d(mask.to(torch.float32).unsqueeze(1), 2 * radius + 1, stride=1, padding=radius)
+    return grown.squeeze(1) > 0
