@@ -87,7 +87,7 @@ def test_thirty_degrees_off_on_noise_free_data_is_not_converged():
     res = refine(sim, clean, ["scale", "orientation"])
     assert misorientation(sim, simulator(SMALL)) > 5  # it did land in a wrong minimum
     assert not res.converged and not res.fit_acceptable
-    assert res.warnings[0].startswith("likely a wrong minimum: the deviance is")
+    assert any(w.startswith("likely a wrong minimum: the deviance is") for w in res.warnings)
     assert res.fit["deviance_ratio"] > 10 and res.fit["shifted_fraction"] > 0.2
     assert "NOT converged" in res.summary() and "likely a wrong minimum" in res.summary()
 
@@ -205,7 +205,7 @@ def test_command_reports_a_wrong_minimum(experiment, capsys):
     assert "torchbragg refine: " in err and "evaluation" in err and "loss" in err  # progress
     doc = json.loads((out / "refined.json").read_text())
     assert doc["converged"] is False and doc["fit_acceptable"] is False
-    assert doc["fit"]["deviance_ratio"] > 10 and doc["warnings"][0].startswith("likely a wrong minimum")
+    assert doc["fit"]["deviance_ratio"] > 10 and any(w.startswith("likely a wrong minimum") for w in doc["warnings"])
     report = (out / "report.md").read_text()
     assert "converged: NO" in report and "**warning: likely a wrong minimum" in report
     assert "## Goodness of fit" in report

@@ -81,10 +81,15 @@ options:
                             model; the sample flags (-sample_thick, -density, -MW, ...)
                             then describe that sample, as in torchbragg simulate
   --max-iter N              L-BFGS iterations per stage (default 60)
-  --strategy default|still  default: L-BFGS stages, coarse to fine; still: spot
-                            centroids first, then Levenberg-Marquardt steps on the
-                            pixels (Anscombe, then Poisson), which holds from faint
-                            to bright images and takes far fewer renders
+  --strategy auto|still|lbfgs
+                            still: spot centroids first, then Levenberg-Marquardt
+                            steps on the pixels (Anscombe, then Poisson), which holds
+                            from faint to bright images in few renders; it fits several
+                            stills together (each image's own groups by its centroids,
+                            then every group's steps, a shared detector included);
+                            lbfgs: L-BFGS stages, coarse to fine, with broadened spots;
+                            auto (default): still when every image is a still and the
+                            loss is poisson (the steps are Poisson's), else lbfgs
   --per-image G,G,...       groups refined per image (a sweep's scale: one per
                             frame); default: none for a sweep, the crystal groups
                             for several stills
@@ -127,7 +132,7 @@ def parse(argv: list[str]) -> dict:
     from .options import refuse_geometry, split_options
     opts = dict(expt=None, images=None, out=None, refine=None, experiment=None, image=None, adc_offset="0",
                 loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[],
-                strategy="default", per_image=None, background=None)
+                strategy="auto", per_image=None, background=None)
     valued = ("--out", "--refine", "--experiment", "--image", "--images", "--adc-offset", "--loss", "--read-noise",
               "--gain", "--max-iter", "--spots", "--strategy", "--per-image", "--background")
     positionals = split_options(argv, opts, valued, ("--quiet",), "refine")
@@ -157,8 +162,9 @@ def parse(argv: list[str]) -> dict:
                 raise InputError(f"--{key.replace('_', '-')} expects a number, got '{opts[key]}'") from None
             if not math.isfinite(opts[key]):
                 raise InputError(f"--{key.replace('_', '-')} must be finite")
-    if opts["strategy"] not in ("default", "still"):
-        raise InputError(f"unknown --strategy '{opts['strategy']}'; choose default or still")
+    from ..refine.refiner import STRATEGIES
+    if opts["strategy"] not in STRATEGIES:
+        raise InputError(f"unknown --strategy '{opts['strategy']}'; choose {', '.join(STRATEGIES)}")
     if opts["loss"] not in ("poisson", "gaussian"):
         raise InputError(f"unknown --loss '{opts['loss']}'; choose poisson or gaussian")
     if opts["loss"] != "gaussian" and (opts["read_noise"] is not None or opts["gain"] is not None):

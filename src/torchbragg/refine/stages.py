@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .centroids import GEOMETRY_GROUPS, fit_centroids
-from .steps import levenberg_marquardt
+from .parameters import Background, Group, Scale
+from .steps import levenberg_marquardt, poisson_deviance
 
 
 def still_strategy(names, max_iter: int = 30) -> list[dict]:
@@ -57,16 +58,22 @@ def centroid_stage(engine, sims, x, stage, masks, datas):
 def steps_stage(engine, sims, x, stage, masks, datas):
     """An engine stage of kind "steps": the stage's groups by Levenberg-
     Marquardt steps (Anscombe, then Poisson) over the entries they touch,
-    rendered in float64 (`sims`) over each entry's region; the priors are
-    Gaussian restraints, the bounds are not applied."""
+    rendered in float64 (`sims`) over each entry's region, each parameter's
+    Jacobian column from the entries it moves alone; the priors are
+    Gaussian restraints, the bounds are not applied. The Fisher information
+    and gradient at the end are kept (engine.information) for the
+    uncertainties."""
     t0 = time.perf_counter()
     active, touched = engine._active(stage["groups"])
     idx = torch.tensor(active, dtype=torch.long, device=x.device)
     base = x.double()
+    column = {i: j for j, i in enumerate(active)}
 
-    def expected(v):
-        full = base.index_put((idx,), v.to(base))
-        return torch.cat([engine.model(k, sims[k], full, masks[k])[masks[k]] for k in touched])
+    def part(k):
+        def expected(v):
+            full = base.index_put((idx,), v.to(base))
+            return engine.model(k, sims[k], full, masks[k])[masks[k]]
+        return expected, [column[i] for i in active if k in engine.entries_of[i]]
 
     measured = torch.cat([datas[k].double()[masks[k]] for k in touched])
     prec = torch.zeros(len(active), dtype=torch.float64)
@@ -80,17 +87,70 @@ def steps_stage(engine, sims, x, stage, masks, datas):
             engine.progress(dict(stage=f"steps, {step['phase']}", image=None, evaluation=step["renders"],
                                  loss=step["loss"], dtype="float64"))
 
-    res = levenberg_marquardt(expected, measured, base[idx].cpu(), phases=(("anscombe", 1.0), ("poisson", 1e-2)),
+    res = levenberg_marquardt(None, measured, base[idx].cpu(), phases=(("anscombe", 1.0), ("poisson", 1e-2)),
                               max_iter=int(stage.get("max_iter", 30)), prior_precision=prec, prior_mean=mean,
-                              progress=progress)
-    engine.renders += res.renders * len(touched)
+                              progress=progress, parts=[part(k) for k in touched],
+                              known=linear_columns(engine, sims, base, idx, touched, masks))
+    engine.renders += res.renders
     engine.history.extend(res.loss_history)
+    sizes = [int(masks[k].sum()) for k in touched]
+    for k, mu, d in zip(touched, torch.split(res.expected, sizes), torch.split(measured, sizes)):
+        engine.image_history[k].append(float(poisson_deviance(mu, d)))
     x_new = x.clone()
     x_new[idx] = res.x.to(x)
+    engine.information = (active, res.fisher, res.gradient)
     info = dict(kind="steps", groups=list(stage["groups"]), broaden=None, dtype="float64",
-                iterations=res.iterations, renders=res.renders * len(touched), loss=res.loss,
+                iterations=res.iterations, renders=res.renders, loss=res.loss,
                 seconds=time.perf_counter() - t0, converged=res.converged)
     return x_new, info
+
+
+def linear_columns(engine, sims, base, idx, touched, masks):
+    """known(v, mu) for levenberg_marquardt: the Jacobian columns that need
+    no render: a constant background's (one on its panel's pixels of its
+    entries) and the scale's where the render is proportional to the
+    fluence (no detector response, no added term but backgrounds): the step
+    times the photons without the backgrounds."""
+    sizes = [int(masks[k].sum()) for k in touched]
+    rows = dict(zip(touched, np.cumsum([0] + sizes[:-1]).tolist()))
+    panel = {k: torch.nonzero(masks[k])[:, 0].cpu() for k in touched}
+    total = sum(sizes)
+    column = {i: j for j, i in enumerate(idx.tolist())}
+
+    def proportional(k):
+        return sims[k].response is None and all(
+            isinstance(b.group, Background) or type(b.group).image_term is Group.image_term for b in engine.bound[k])
+
+    def known(v, mu):
+        full = base.index_put((idx,), v.to(base))
+        cols = {}
+        for b in engine.bindings:
+            g = b.group
+            linear = isinstance(g, Background) and not g.linear
+            if not (linear or isinstance(g, Scale)) or b.offset not in column:
+                continue
+            for j in range(g.size):
+                cols[column[b.offset + j]] = torch.zeros(total, dtype=torch.float64)
+            for k in b.entries:
+                if k not in rows:
+                    continue
+                sl = slice(rows[k], rows[k] + int(masks[k].sum()))
+                if linear:
+                    for p in range(g.size):
+                        cols[column[b.offset + p]][sl] = (panel[k] == p).double()
+                elif proportional(k):
+                    extra = torch.zeros_like(mu[sl])
+                    for other in engine.bound[k]:
+                        term = other.group.image_term(sims[k], full[other.slice], masks[k].shape)
+                        if term is not None:
+                            extra = extra + term[masks[k]].double().cpu()
+                    cols[column[b.offset]][sl] = g.step * (mu[sl] - extra)
+                else:  # rendered
+                    cols.pop(column[b.offset], None)
+                    break
+        return cols
+
+    return known
 
 
 STAGE_KINDS = {"centroids": centroid_stage, "steps": steps_stage}
