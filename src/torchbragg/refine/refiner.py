@@ -701,8 +701,10 @@ class Refiner:
 
     def run(self, write: bool = True) -> RefinementResult:
         t_start = time.perf_counter()
-        copies = {dt: self._copies(dt) for dt in dict.fromkeys(self.dtypes)}
-        lo = copies[self.dtypes[0]]
+        # stages of kind "centroids" and "steps" alone render in float64 only
+        dtypes = [torch.float64] if self.spot_regions else self.dtypes
+        copies = {dt: self._copies(dt) for dt in dict.fromkeys(dtypes)}
+        lo = copies[dtypes[0]]
         dev = lo[0].device  # the internal vector lives with the models
         x = torch.zeros(self.size, dtype=torch.float64, device=dev)
         stages, plan = [], list(self.stages)
@@ -714,30 +716,36 @@ class Refiner:
         masks = self._regions(lo, x)
         self.masks = [m.cpu() for m in masks]
         self._start_backgrounds(lo, masks, x)
-        dt = self.dtypes[0]
+        dt = dtypes[0]
         datas = [d.to(device=dev, dtype=dt) for d in self.datas]
         for k in range(len(self.entries)) if self.entry_stages else ():  # each entry alone
             for stage in self.entry_stages:
                 x, info = self._stage(lo, x, stage, masks, datas, dt, only=k)
                 stages.append(info)
-        for stage in plan:
+        for i, stage in enumerate(plan):
+            sampled = [s.oversample for s in lo]
             if stage.get("kind") in STAGE_KINDS:
                 x, info = self._second_order(copies, x, stage, masks)
             else:
                 x, info = self._stage(lo, x, stage, masks, datas, dt)
             info["oversample"] = self._rederive_oversample(copies, x)
             stages.append(info)
+            if stage.get("kind") == "steps" and i + 1 == len(plan) and [s.oversample for s in lo] != sampled:
+                # the last steps sampled the spots for the start's crystal: again, as re-derived
+                x, info = self._second_order(copies, x, stage, masks)
+                info["oversample"] = self._rederive_oversample(copies, x)
+                stages.append(info)
         if self.stages and self.stages[-1].get("kind") == "steps":
             pass  # the last stage ran in float64 already
-        elif self.dtypes[-1] != self.dtypes[0] or not self.stages:
-            dt = self.dtypes[-1]
+        elif dtypes[-1] != dtypes[0] or not self.stages:
+            dt = dtypes[-1]
             last = dict(self.stages[-1]) if self.stages else dict(groups=sorted(set(self.group_of)))
             last["broaden"] = None
             datas = [d.to(device=dev, dtype=dt) for d in self.datas]
             x, info = self._stage(copies[dt], x, last, masks, datas, dt, reuse=True)
             stages.append(info)
         converged = stages[-1]["converged"]
-        result = self._result(copies[self.dtypes[-1]], x, masks, converged, stages)
+        result = self._result(copies[dtypes[-1]], x, masks, converged, stages)
         if write:
             result.not_written = self.write(x)
         result.seconds = time.perf_counter() - t_start

@@ -156,6 +156,10 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
         return out
 
     def loss_of(mu, v):
+        # an expectation below zero has no likelihood (a background driven
+        # under zero where the data are empty): such a step fails
+        if bool((mu < 0).any()):
+            return math.inf
         return float(objective(mu, data)) + 0.5 * float((prec * (v - mean) ** 2).sum())
 
     def information(mu):
