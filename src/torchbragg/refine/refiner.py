@@ -419,7 +419,6 @@ class Refiner:
         self.entry_stages = []
         if isinstance(strategy, str) and strategy == "auto":
             strategy = choose_strategy(self.entries, self.loss_name if isinstance(loss, str) else None)
-        self.strategy = strategy if isinstance(strategy, str) or strategy is None else "stages"
         if own and entry_strategy is not None and strategy != "still":  # "still" fits each image's own groups anyway
             if isinstance(entry_strategy, str) and entry_strategy == "single":
                 entry_strategy = "lbfgs"
@@ -847,11 +846,15 @@ class Refiner:
         of a last steps stage over every element (the same Poisson
         likelihood, from the Jacobian it took there: no render more), else
         `hessian`."""
-        if self.information is not None and self.stages and self.stages[-1].get("kind") == "steps" \
-                and self.information[0] == list(range(self.size)) and self.loss_name == "poisson":
+        if self._steps_curvature():
             _, fisher, grad = self.information
             return fisher.clone(), grad.clone()
         return self.hessian(sims, x, masks, datas)
+
+    def _steps_curvature(self) -> bool:
+        """Whether the last stage, of kind "steps", left the Fisher information of every element."""
+        return self.information is not None and bool(self.stages) and self.stages[-1].get("kind") == "steps" \
+            and self.information[0] == list(range(self.size)) and self.loss_name == "poisson"
 
     def _fit(self, sims, x, masks):
         """Goodness of fit of every entry at x, and all together. The
@@ -954,7 +957,10 @@ class Refiner:
         undetermined = [labels[i] for i in sorted(undetermined)]
         if undetermined:
             warnings.insert(0, "undetermined by the data: " + ", ".join(undetermined))
-        gradient_ok = stopped and (not self.uncertainties or decrement < 1.0)
+        # a Newton step would gain decrement / 2 of log-likelihood; the steps stage
+        # ends where none under one unit is realised (its differences' own error)
+        limit = 2.0 if self._steps_curvature() else 1.0
+        gradient_ok = stopped and (not self.uncertainties or decrement < limit)
         why = self._rejections(fit)
         if len(image_fit) > 1:  # one image in a wrong minimum among many is not diluted
             for k, f in enumerate(image_fit):
