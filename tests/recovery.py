@@ -76,13 +76,6 @@ def rotation_vector_deg(r: np.ndarray) -> np.ndarray:
     return math.degrees(angle) * axis / (2 * math.sin(angle))
 
 
-def sigmas(fit) -> dict:
-    """{physical label: reported uncertainty} of a RefinementResult or a
-    strategy.StillFit."""
-    return {p["name"]: p["sigma"] for p in fit.parameters} if fit.parameters and isinstance(fit.parameters[0], dict) \
-        else {p.name: p.sigma for p in fit.parameters}
-
-
 def assess(truth, sim, fit) -> dict:
     """Errors of the refined `sim` from `truth` and pulls (error / reported
     uncertainty) of the orientation (about lab x, y, z, the cell held at the
@@ -97,7 +90,7 @@ def assess(truth, sim, fit) -> dict:
     b = truth.crystal.real_vectors().detach().numpy()
     u, _, vt = np.linalg.svd(np.linalg.solve(a, b))
     rot = -rotation_vector_deg((u @ vt).T)  # refined minus truth, lab frame
-    sig = sigmas(fit)
+    sig = {p.name: p.sigma for p in fit.parameters}
     pixel = float(truth.detector.panels[0].pixel_size[0])
     pulls = {f"rotation.{ax}": rot[i] / sig[f"rotation.{ax}"] for i, ax in enumerate("xyz")}
     rel = (sim.crystal.cell[:3] / truth.crystal.cell[:3] - 1).detach().numpy()

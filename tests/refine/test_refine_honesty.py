@@ -93,15 +93,19 @@ def test_thirty_degrees_off_on_noise_free_data_is_not_converged():
 
 
 def test_start_outside_the_basin_is_not_converged():
-    """Sharp spots, a start 1.5 degrees off: the fit ends in a wrong minimum
-    (0.2 degree off) and says so; from the truth the same data converge."""
+    """Sharp spots, few of them (96 x 96 pixels), a start 1.5 degrees off:
+    the fit ends in a wrong minimum and says so, by the spots the model
+    misses (the deviance over the pixels the model picks need not show a
+    crystal whose spots it does not predict); from the truth the same data
+    converge."""
     truth = simulator(SHARP)
     _, data = observed(SHARP)
     sim = simulator(SHARP, 1.5)
     res = refine(sim, data, ["scale", "background", "orientation"])
     assert misorientation(sim, truth) > 0.05
     assert not res.converged and res.gradient_converged and not res.fit_acceptable
-    assert res.fit["deviance_z"] > 10 and res.fit["shifted_spots"] >= 3
+    assert res.fit["shifted_fraction"] > 0.2 and res.fit["shifted_spots"] >= 3
+    assert res.stages[-1]["restarts"] == 6  # the steps' restarts did not find the basin either
     assert any(w.startswith("likely a wrong minimum") for w in res.warnings)
     home = simulator(SHARP)
     ok = refine(home, data, ["scale", "background", "orientation"], strategy=None, max_iter=20)

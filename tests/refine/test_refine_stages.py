@@ -23,8 +23,7 @@ def test_engine_still_strategy_recovers_a_still():
     assert kinds == ["centroids", "steps"]
     assert result.converged and result.fit_acceptable
     assert result.hessian_renders == 0
-    sigma = {p.name: p.sigma for p in result.parameters}
-    errors = assess(truth, sim, type("Fit", (), {"parameters": [dict(name=k, sigma=v) for k, v in sigma.items()]}))
+    errors = assess(truth, sim, result)
     assert errors["ok"], errors
     assert result.renders < 150
 
@@ -85,3 +84,9 @@ def test_engine_start_outside_the_basin_is_not_converged():
     assert not result.converged and not result.fit_acceptable
     assert result.fit["deviance_z"] > 100
     assert any(w.startswith("likely a wrong minimum") for w in result.warnings)
+    assert result.stages[-1]["restarts"] == 0
+    # with restarts from the six neighbours of the start: tried, kept only if better, still honest
+    again = refine(sim, data, groups, strategy=[dict(kind="steps", groups=groups, max_iter=4, restarts=True)],
+                   write=False)
+    assert again.stages[-1]["restarts"] == 6 and again.renders > 6 * 13
+    assert not again.converged and again.fit["deviance_z"] > 100

@@ -17,13 +17,18 @@ from .parameters import Background, Group, Scale
 from .steps import levenberg_marquardt, poisson_deviance
 
 
+# degree: the restarts' turn of the orientation, under a spot's angular width
+RESTART_TURN = 0.05
+
+
 def still_strategy(names, max_iter: int = 30) -> list[dict]:
     """Centroids of the geometric groups (when any is refined), then every
-    group by Levenberg-Marquardt steps (Anscombe, then Poisson)."""
+    group by Levenberg-Marquardt steps (Anscombe, then Poisson), restarted
+    from the neighbours of their start when they end in a wrong minimum."""
     names = list(names)
     geometric = [g for g in names if g in GEOMETRY_GROUPS]
     stages = [dict(kind="centroids", groups=geometric)] if geometric else []
-    stages.append(dict(kind="steps", groups=names, max_iter=max_iter))
+    stages.append(dict(kind="steps", groups=names, max_iter=max_iter, restarts=True))
     return stages
 
 
@@ -87,11 +92,39 @@ def steps_stage(engine, sims, x, stage, masks, datas):
             engine.progress(dict(stage=f"steps, {step['phase']}", image=None, evaluation=step["renders"],
                                  loss=step["loss"], dtype="float64"))
 
-    res = levenberg_marquardt(None, measured, base[idx].cpu(), phases=(("anscombe", 1.0), ("poisson", 1e-2)),
-                              max_iter=int(stage.get("max_iter", 30)), prior_precision=prec, prior_mean=mean,
-                              progress=progress, parts=[part(k) for k in touched],
-                              known=linear_columns(engine, sims, base, idx, touched, masks))
-    engine.renders += res.renders
+    def steps(v0):
+        return levenberg_marquardt(None, measured, v0, phases=(("anscombe", 1.0), ("poisson", 1e-2)),
+                                   max_iter=int(stage.get("max_iter", 30)), prior_precision=prec, prior_mean=mean,
+                                   progress=progress, parts=[part(k) for k in touched],
+                                   known=linear_columns(engine, sims, base, idx, touched, masks))
+
+    def wrong(res):
+        """Whether the data reject the fit in any of its entries (the
+        engine's test: the deviance over the pixels its model picks, the
+        spots shifted from the model's)."""
+        full = x.clone()
+        full[idx] = res.x.to(x)
+        fit, parts = engine._fit(sims, full, masks)
+        return any(engine._rejections(f) for f in parts)
+
+    start = base[idx].cpu()
+    res = steps(start)
+    renders, tried = res.renders, 0
+    turns = [j for b in engine.bindings if b.group.name == "orientation" for j in range(b.offset, b.offset + 3)]
+    if stage.get("restarts") and any(i in column for i in turns) and wrong(res):
+        # a wrong minimum: from the neighbours of the start, turned about each lab
+        # axis by a fraction of a spot's angular width (all orientations alike), the best
+        for axis in range(3):
+            for sign in (1.0, -1.0):
+                v0 = start.clone()
+                for b in engine.bindings:
+                    if b.group.name == "orientation" and b.offset + axis in column:
+                        v0[column[b.offset + axis]] += sign * RESTART_TURN / 0.01
+                other = steps(v0)
+                renders, tried = renders + other.renders, tried + 1
+                if other.loss < res.loss:
+                    res = other
+    engine.renders += renders
     engine.history.extend(res.loss_history)
     sizes = [int(masks[k].sum()) for k in touched]
     for k, mu, d in zip(touched, torch.split(res.expected, sizes), torch.split(measured, sizes)):
@@ -100,7 +133,7 @@ def steps_stage(engine, sims, x, stage, masks, datas):
     x_new[idx] = res.x.to(x)
     engine.information = (active, res.fisher, res.gradient)
     info = dict(kind="steps", groups=list(stage["groups"]), broaden=None, dtype="float64",
-                iterations=res.iterations, renders=res.renders, loss=res.loss,
+                iterations=res.iterations, renders=renders, loss=res.loss, restarts=tried,
                 seconds=time.perf_counter() - t0, converged=res.converged)
     return x_new, info
 
