@@ -5,9 +5,9 @@ K noisy stills (Poisson counts on a constant background) of a triclinic
 crystal in random orientations are rendered, each start is drawn at random
 within the errors of indexing (START: misset per axis, cell lengths, N, beam
 centre, scale), and scale, background, orientation, cell, N and beam_centre
-are refined with the default strategy (torchbragg.refine.refine). The case,
-the starts and the success criteria are those of the recovery trials in
-tests/test_refine_recovery.py.
+are refined with the default strategy (torchbragg.refine.refine, "auto":
+for a still, the still strategy) on 0.2 mm pixels at 1 A, the geometry of
+the L-BFGS recovery trials in tests/refine/test_refine_recovery.py.
 
   per still    seconds of the refinement, renders of the fit and of the
                curvature (Hessian), errors from the truth and success
@@ -21,16 +21,18 @@ tests/test_refine_recovery.py.
 With --levels, the recovery trials of tests/recovery.py instead (512 x 512
 stills, 0.1 mm pixels, 1.1 A, starts 0.1-0.3 degree off) at the chosen
 signal levels (faint: peak ~30 photons over 3 of background, medium: ~300
-over 3, bright: ~3e4 without background), refined with the still strategy
-(torchbragg.refine.strategy.refine_still: centroids, then Levenberg-
-Marquardt on the pixels): per level and cell, seconds, renders, successes
-(each error within its limit or within 3 reported uncertainties) and the
-standard deviation of the pulls.
+over 3, bright: ~3e4 without background), refined through the engine as
+`torchbragg refine` does (torchbragg.refine.refine with --strategy, default
+auto: for a still, centroids, then Levenberg-Marquardt on the pixels): per
+level and cell, wall and CPU seconds, renders (fit and curvature),
+converged fits, successes (each error within its limit or within 3
+reported uncertainties) and the standard deviation of the pulls.
 
 Usage: python scripts/bench_refine.py [--stills K] [--detpixels N] [--device cuda] [--threads T]
                                       [--max-iter N] [--repeat R] [--seed S] [--json out.json]
        python scripts/bench_refine.py --levels faint,medium,bright [--systems triclinic,tetragonal]
-                                      [--trials 20] [--json out.json]
+                                      [--trials 20] [--strategy auto|still|lbfgs] [--threads 2]
+                                      [--json out.json]
 """
 
 from __future__ import annotations
@@ -270,7 +272,7 @@ def run_levels(opts) -> int:
     import numpy as np
     from recovery import CELLS, LEVELS, assess, groups_for, trial_case
 
-    from torchbragg.refine.strategy import refine_still
+    from torchbragg.refine import refine
     levels, systems = opts.levels.split(","), opts.systems.split(",")
     for name, known, given in (("--levels", LEVELS, levels), ("--systems", CELLS, systems)):
         bad = [g for g in given if g not in known]
@@ -279,34 +281,46 @@ def run_levels(opts) -> int:
                   file=sys.stderr)
             return 2
     report = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-              "threads": __import__("torch").get_num_threads(), "cases": []}
+              "threads": __import__("torch").get_num_threads(), "strategy": opts.strategy, "cases": []}
     rows = []
+    warm = trial_case(systems[0], levels[0], opts.trials)  # imports and first-use set-up, outside the timings
+    refine(warm[1], warm[2], groups_for(levels[0]), strategy=opts.strategy)
     for system in systems:
         for level in levels:
             trials = []
             for k in range(opts.trials):
                 truth, sim, data = trial_case(system, level, k)
-                fit = refine_still(sim, data, groups_for(level))
+                t0, c0 = time.perf_counter(), time.process_time()
+                fit = refine(sim, data, groups_for(level), strategy=opts.strategy)
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                 a = assess(truth, sim, fit)
-                trials.append(dict(trial=k, seconds=fit.seconds, renders=fit.renders, converged=fit.converged,
-                                   pixels=fit.pixels, errors=a["errors"], pulls=a["pulls"], success=a["ok"],
-                                   stages=fit.stages))
-                print(f"{system} {level} {k}: {fit.seconds:.1f} s, {fit.renders} renders, "
+                trials.append(dict(trial=k, seconds=seconds, cpu_seconds=cpu, renders=fit.renders,
+                                   hessian_renders=fit.hessian_renders, converged=fit.converged,
+                                   deviance_z=fit.fit["deviance_z"], pixels=fit.pixels, errors=a["errors"],
+                                   pulls=a["pulls"], success=a["ok"], stages=fit.stages))
+                print(f"{system} {level} {k}: {seconds:.2f} s ({cpu:.2f} s CPU), {fit.renders} + "
+                      f"{fit.hessian_renders} renders, "
                       f"rotation {a['errors']['rotation_deg']:.4f} deg, cell {100 * a['errors']['cell_rel']:.4f} %, "
-                      f"beam centre {a['errors']['beam_centre_px']:.3f} px, "
+                      f"beam centre {a['errors']['beam_centre_px']:.3f} px, deviance z {fit.fit['deviance_z']:.2f}, "
+                      f"{'converged' if fit.converged else 'NOT converged'}, "
                       f"{'success' if a['ok'] else 'no success'}", flush=True)
             pulls = [v for t in trials for v in t["pulls"].values()]
             case = dict(system=system, level=level, peak_background=LEVELS[level], trials=trials,
                         seconds_median=statistics.median(t["seconds"] for t in trials),
-                        renders_median=statistics.median(t["renders"] for t in trials),
+                        seconds_max=max(t["seconds"] for t in trials),
+                        cpu_seconds_median=statistics.median(t["cpu_seconds"] for t in trials),
+                        renders_median=statistics.median(t["renders"] + t["hessian_renders"] for t in trials),
+                        converged=sum(t["converged"] for t in trials),
                         successes=sum(t["success"] for t in trials), pull_std=float(np.std(pulls)))
             report["cases"].append(case)
-            rows.append([system, level, f"{LEVELS[level][0]:g}/{LEVELS[level][1]:g}", fmt(case["seconds_median"], ".1f"),
-                         fmt(case["renders_median"], ".0f"), f"{case['successes']}/{len(trials)}",
-                         fmt(case["pull_std"], ".2f")])
+            rows.append([system, level, f"{LEVELS[level][0]:g}/{LEVELS[level][1]:g}", fmt(case["seconds_median"], ".2f"),
+                         fmt(case["seconds_max"], ".1f"), fmt(case["cpu_seconds_median"], ".2f"),
+                         fmt(case["renders_median"], ".0f"), f"{case['converged']}/{len(trials)}",
+                         f"{case['successes']}/{len(trials)}", fmt(case["pull_std"], ".2f")])
     print()
-    print("\n".join(table(["cell", "level", "peak/background", "s/shot (median)", "renders/shot (median)",
-                            "success", "pull std"], rows)))
+    print("\n".join(table(["cell", "level", "peak/background", "s/shot (median)", "s/shot (max)", "CPU s/shot (median)",
+                            "renders/shot (median)", "converged", "success", "pull std"], rows)))
+    print(f"(strategy {opts.strategy}, {report['threads']} threads; renders: the fit's and the curvature's)")
     if opts.json:
         Path(opts.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
         print(f"wrote {opts.json}")
@@ -328,6 +342,8 @@ def main(argv=None) -> int:
                    "(comma-separated: faint, medium, bright) instead")
     p.add_argument("--systems", default="triclinic,tetragonal", help="cells of the --levels trials")
     p.add_argument("--trials", type=int, default=20, help="trials per level and cell (default 20)")
+    p.add_argument("--strategy", default="auto", choices=("auto", "still", "lbfgs"),
+                   help="refinement strategy of the --levels trials (default auto)")
     opts = p.parse_args(argv)
     for name in ("stills", "detpixels", "max_iter", "repeat", "threads", "trials"):
         if getattr(opts, name) is not None and getattr(opts, name) < 1:

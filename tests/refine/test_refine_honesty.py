@@ -87,21 +87,25 @@ def test_thirty_degrees_off_on_noise_free_data_is_not_converged():
     res = refine(sim, clean, ["scale", "orientation"])
     assert misorientation(sim, simulator(SMALL)) > 5  # it did land in a wrong minimum
     assert not res.converged and not res.fit_acceptable
-    assert res.warnings[0].startswith("likely a wrong minimum: the deviance is")
+    assert any(w.startswith("likely a wrong minimum: the deviance is") for w in res.warnings)
     assert res.fit["deviance_ratio"] > 10 and res.fit["shifted_fraction"] > 0.2
     assert "NOT converged" in res.summary() and "likely a wrong minimum" in res.summary()
 
 
 def test_start_outside_the_basin_is_not_converged():
-    """Sharp spots, a start 1.5 degrees off: the fit ends in a wrong minimum
-    (0.2 degree off) and says so; from the truth the same data converge."""
+    """Sharp spots, few of them (96 x 96 pixels), a start 1.5 degrees off:
+    the fit ends in a wrong minimum and says so, by the spots the model
+    misses (the deviance over the pixels the model picks need not show a
+    crystal whose spots it does not predict); from the truth the same data
+    converge."""
     truth = simulator(SHARP)
     _, data = observed(SHARP)
     sim = simulator(SHARP, 1.5)
     res = refine(sim, data, ["scale", "background", "orientation"])
     assert misorientation(sim, truth) > 0.05
     assert not res.converged and res.gradient_converged and not res.fit_acceptable
-    assert res.fit["deviance_z"] > 10 and res.fit["shifted_spots"] >= 3
+    assert res.fit["shifted_fraction"] > 0.2 and res.fit["shifted_spots"] >= 3
+    assert res.stages[-1]["restarts"] == 6  # the steps' restarts did not find the basin either
     assert any(w.startswith("likely a wrong minimum") for w in res.warnings)
     home = simulator(SHARP)
     ok = refine(home, data, ["scale", "background", "orientation"], strategy=None, max_iter=20)
@@ -205,7 +209,7 @@ def test_command_reports_a_wrong_minimum(experiment, capsys):
     assert "torchbragg refine: " in err and "evaluation" in err and "loss" in err  # progress
     doc = json.loads((out / "refined.json").read_text())
     assert doc["converged"] is False and doc["fit_acceptable"] is False
-    assert doc["fit"]["deviance_ratio"] > 10 and doc["warnings"][0].startswith("likely a wrong minimum")
+    assert doc["fit"]["deviance_ratio"] > 10 and any(w.startswith("likely a wrong minimum") for w in doc["warnings"])
     report = (out / "report.md").read_text()
     assert "converged: NO" in report and "**warning: likely a wrong minimum" in report
     assert "## Goodness of fit" in report

@@ -81,19 +81,23 @@ options:
                             model; the sample flags (-sample_thick, -density, -MW, ...)
                             then describe that sample, as in torchbragg simulate
   --max-iter N              L-BFGS iterations per stage (default 60)
-  --strategy default|still|sweep
-                            default: L-BFGS stages, coarse to fine; still: spot
-                            centroids first, then Levenberg-Marquardt steps on the
-                            pixels (Anscombe, then Poisson), which holds from faint
-                            to bright images and takes far fewer renders;
-                            sweep: the geometry (orientation, cell, detector)
-                            from the centroids of the spots observed over a
-                            rotation sweep's frames, as DIALS refines it, then
-                            the other groups by Levenberg-Marquardt steps on
-                            the pixels where the spots are
-  --per-image G,G,...       groups refined per image (a sweep's scale: one per
-                            frame); default: none for a sweep, the crystal groups
-                            for several stills
+  --strategy auto|still|sweep|lbfgs
+                            still: spot centroids first, then Levenberg-Marquardt
+                            steps on the pixels (Anscombe, then Poisson), which holds
+                            from faint to bright images in few renders; it fits several
+                            stills together (each image's own groups by its centroids,
+                            then every group's steps, a shared detector included);
+                            sweep: the geometry (orientation, cell, detector) from
+                            the centroids of the spots observed over a rotation
+                            sweep's frames, as DIALS refines it, then the other
+                            groups by Levenberg-Marquardt steps on the pixels where
+                            the spots are; lbfgs: L-BFGS stages, coarse to fine, with
+                            broadened spots; auto (default): still when every image
+                            is a still, sweep when every image is a frame of a
+                            rotation scan, else lbfgs (still and sweep need the
+                            poisson loss: their steps are Poisson's)
+  --per-image G,G,...       groups refined per image; default: a sweep's scale
+                            (one per frame), the crystal groups for several stills
   --spots K                 cut-outs of the K strongest spots in the report (default 12)
   --quiet                   no summary on stdout and no progress on stderr
 
@@ -133,7 +137,7 @@ def parse(argv: list[str]) -> dict:
     from .options import refuse_geometry, split_options
     opts = dict(expt=None, images=None, out=None, refine=None, experiment=None, image=None, adc_offset="0",
                 loss="poisson", read_noise=None, gain=None, max_iter="60", spots="12", quiet=False, flags=[],
-                strategy="default", per_image=None, background=None)
+                strategy="auto", per_image=None, background=None)
     valued = ("--out", "--refine", "--experiment", "--image", "--images", "--adc-offset", "--loss", "--read-noise",
               "--gain", "--max-iter", "--spots", "--strategy", "--per-image", "--background")
     positionals = split_options(argv, opts, valued, ("--quiet",), "refine")
@@ -163,8 +167,9 @@ def parse(argv: list[str]) -> dict:
                 raise InputError(f"--{key.replace('_', '-')} expects a number, got '{opts[key]}'") from None
             if not math.isfinite(opts[key]):
                 raise InputError(f"--{key.replace('_', '-')} must be finite")
-    if opts["strategy"] not in ("default", "still", "sweep"):
-        raise InputError(f"unknown --strategy '{opts['strategy']}'; choose default, still or sweep")
+    from ..refine.refiner import STRATEGIES
+    if opts["strategy"] not in STRATEGIES:
+        raise InputError(f"unknown --strategy '{opts['strategy']}'; choose {', '.join(STRATEGIES)}")
     if opts["loss"] not in ("poisson", "gaussian"):
         raise InputError(f"unknown --loss '{opts['loss']}'; choose poisson or gaussian")
     if opts["loss"] != "gaussian" and (opts["read_noise"] is not None or opts["gain"] is not None):
@@ -481,7 +486,9 @@ def refine_shots(opts, cfg, experiments, shots, images, argv, out) -> int:
     if opts.get("per_image") is not None:
         per_image = list(opts["per_image"])
     else:
-        per_image = [] if sweep else [g for g in groups if g in PER_IMAGE_GROUPS]
+        # a sweep's frames: one scale each (the beam and the exposure vary), all else shared
+        per_image = [g for g in groups if g == "scale" and not one] if sweep else \
+            [g for g in groups if g in PER_IMAGE_GROUPS]
     shared = [g for g in groups if g not in per_image]
     entries = image_entries(experiments, shots, images, cfg, opts["background"])
     starts = [_real(e.sim.crystal) for e in entries]

@@ -289,35 +289,36 @@ def _robust_rms(v: torch.Tensor) -> float:
     return float(1.4826 * v.abs().median()) if v.numel() else float("nan")
 
 
-def _jacobian(residual, x: torch.Tensor, free: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
-    """Central differences of `residual` (smooth geometry, float64) for the
-    `free` parameters (zero columns for the others): two evaluations per
-    parameter, cheaper here than forward-mode autograd, whose first use
-    costs seconds of set-up."""
+def _jacobian(residual, x: torch.Tensor, free: torch.Tensor, r0: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
+    """Forward differences of `residual` (smooth geometry, float64; `r0` its
+    value at x) for the `free` parameters (zero columns for the others):
+    one evaluation per parameter, cheaper here than forward-mode autograd,
+    whose first use costs seconds of set-up; the error, step times the
+    curvature, is far below what a Gauss-Newton step needs."""
     cols = []
     with torch.no_grad():
-        r0 = None
         for i in range(x.numel()):
             if not bool(free[i]):
-                r0 = residual(x) if r0 is None else r0
                 cols.append(torch.zeros_like(r0))
                 continue
             e = torch.zeros_like(x)
             e[i] = step
-            cols.append((residual(x + e) - residual(x - e)) / (2 * step))
+            cols.append((residual(x + e) - r0) / step)
     return torch.stack(cols, 1)
 
 
-def gauss_newton(residual, x: torch.Tensor, free: torch.Tensor | None = None, iterations: int = 10):
+def gauss_newton(residual, x: torch.Tensor, free: torch.Tensor | None = None, iterations: int = 10,
+                 tolerance: float = 1e-6):
     """Damped Gauss-Newton (Levenberg-Marquardt) on the sum of squares of
-    `residual(x)`; only the elements of `free` move. Returns (x, iterations
-    taken)."""
+    `residual(x)`; only the elements of `free` move; it stops when a step
+    gains less than `tolerance` of the sum. Returns (x, iterations taken)."""
     free = torch.ones(x.numel(), dtype=torch.bool) if free is None else free
     damp, taken = 1e-3, 0
+    with torch.no_grad():
+        res = residual(x)
     for _ in range(iterations):
-        res = residual(x).detach()
         chi2 = float((res * res).sum())
-        J = _jacobian(residual, x, free)
+        J = _jacobian(residual, x, free, res)
         JTJ, g = J.T @ J, J.T @ res
         improved, chi2_new = False, chi2
         for _ in range(8):
@@ -327,18 +328,18 @@ def gauss_newton(residual, x: torch.Tensor, free: torch.Tensor | None = None, it
                 r_new = residual(trial)
             chi2_new = float((r_new * r_new).sum())
             if np.isfinite(chi2_new) and chi2_new < chi2:
-                x, damp, improved = trial.detach(), max(damp / 10, 1e-7), True
+                x, res, damp, improved = trial.detach(), r_new, max(damp / 10, 1e-7), True
                 break
             damp *= 10
         taken += 1
-        if not improved or chi2 - chi2_new < 1e-6 * chi2:
+        if not improved or chi2 - chi2_new < tolerance * chi2:
             break
     return x, taken
 
 
 def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, image=None, rounds: int = 4,
                   iterations: int = 10, tolerance: float = 0.3, reject: float = 5.0,
-                  strongest: float = 0.25) -> CentroidFit:
+                  strongest: float = 0.25, stop_gain: float = 1e-3) -> CentroidFit:
     """Fit the geometric groups among `groups` (orientation, cell, beam
     centre, distance, panels, wavelength) to the observed spots of `data`.
 
@@ -350,8 +351,9 @@ def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, i
     each at the current model (a spot's centroid also moves with how it is
     cut by the sphere; the excitation error's at least EXCITATION_SCALE).
     Each round indexes with the current model, takes
-    damped Gauss-Newton steps and rejects outliers beyond `reject` robust
-    deviations.
+    damped Gauss-Newton steps (until one gains under `stop_gain` of the sum
+    of squares: the fit is the start of the pixels', and such a step moves
+    no spot by much) and rejects outliers beyond `reject` robust deviations.
 
     Only spots of at least `strongest` times the 95th percentile of the
     spots' photons take part: the bright ones are the nearly fully excited
@@ -399,7 +401,7 @@ def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, i
             xy, eps = predict(sim, param.substitutions(sim, w.to(sim.dtype)), hkl, panel, image)
             return torch.cat([((xy.to(dtype) - o) / sig).reshape(-1), eps.to(dtype) / eps_scale])
 
-        x, steps = gauss_newton(residual, x, free, iterations)
+        x, steps = gauss_newton(residual, x, free, iterations, stop_gain)
         taken += steps
         with torch.no_grad():
             xy, eps = predict(sim, param.substitutions(sim, x.to(sim.dtype)), hkl, panel, image)

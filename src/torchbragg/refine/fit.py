@@ -137,22 +137,25 @@ def spot_statistics(model: torch.Tensor, data: torch.Tensor, mask: torch.Tensor,
 
 
 def goodness_of_fit(model: torch.Tensor, data: torch.Tensor, mask: torch.Tensor, loss: str = "poisson",
-                    read_noise=0.0, gain=1.0) -> dict:
+                    read_noise=0.0, gain=1.0, pixels: torch.Tensor | None = None) -> dict:
     """The fit of expected photons `model` to `data` over `mask` (all
     (panels, slow, fast)): the Poisson deviance (for the Gaussian
-    likelihood, chi-square) summed over the pixels against its expectation
-    and variance under photon noise for this model, their ratio, the
-    standard score of the excess, and the spot statistics."""
+    likelihood, chi-square) summed over the pixels (`pixels`, default the
+    mask: pixels chosen by the data's own noise bias it upwards) against
+    its expectation and variance under photon noise for this model, their
+    ratio, the standard score of the excess; and the spot statistics over
+    the mask."""
     model = model.detach().double().cpu()
     data = data.detach().double().cpu().to(model)
     mask = mask.detach().bool().cpu()
-    m, d = model[mask], data[mask]
+    summed = mask if pixels is None else pixels.detach().bool().cpu() & mask
+    m, d = model[summed], data[summed]
     n = int(m.numel())
     if loss == "gaussian":
         g = torch.as_tensor(gain, dtype=torch.float64)
         rn = torch.as_tensor(read_noise, dtype=torch.float64)
         variance = torch.clamp(g * torch.clamp(model, min=0.0) + rn * rn, min=TINY)
-        dev = float(((d - m) ** 2 / variance[mask]).sum())
+        dev = float(((d - m) ** 2 / variance[summed]).sum())
         mean, var = float(n), 2.0 * n
     else:
         variance = torch.clamp(model, min=0.1)  # a Pearson residual's scale, bounded where the model is ~0

@@ -48,7 +48,7 @@ from ..errors import InputError
 from .fit import combine, goodness_of_fit
 from .losses import LOSSES
 from .parameters import Background, Group, make_group
-from .roi import mask_substitutions, render_mask, roi_mask
+from .roi import mask_substitutions, render_mask, roi_mask, spot_region
 from .stages import STAGE_KINDS, still_strategy, sweep_regions, sweeps_of, sweep_strategy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
@@ -73,6 +73,13 @@ class Entry:
     valid: Any = None
     image: int | None = None
     still: bool = False
+
+    @property
+    def is_still(self) -> bool:
+        """Rendered without rotation: marked a still, or its simulator has
+        no goniometer or a scan of zero oscillation."""
+        sim = self.sim
+        return self.still or sim.goniometer is None or sim.scan is None or float(sim.scan.oscillation[1]) == 0.0
 
     def render(self, sim, subs=None):
         """The expected photons of this entry from `sim` with parameters or
@@ -309,18 +316,35 @@ def default_entry_strategy(names, broaden: float = 0.5, max_iter: int = 30) -> l
     return stages
 
 
-def resolve_stages(strategy, names, broaden, max_iter, default) -> list[dict]:
-    """The stages of a fit: the `default` strategy, one stage of every group
-    (None), or the caller's list, checked against the refined groups."""
+STRATEGIES = ("auto", "lbfgs", "still", "sweep")
+
+
+def choose_strategy(entries, loss: str = "poisson") -> str:
+    """The strategy "auto" picks for `entries` and the loss: centroids and
+    second-order steps (which are Poisson's) when every entry is a still,
+    or every entry a frame of a rotation scan; the L-BFGS stages otherwise."""
+    if loss == "poisson" and all(e.is_still for e in entries):
+        return "still"
+    if loss == "poisson" and all(not e.is_still and e.sim.scan is not None and e.sim.goniometer is not None
+                                 for e in entries):
+        return "sweep"
+    return "lbfgs"
+
+
+def resolve_stages(strategy, names, broaden, max_iter, lbfgs) -> list[dict]:
+    """The stages of a fit: "still" (`still_strategy`), "lbfgs" (the
+    L-BFGS plan `lbfgs`), one stage of every group (None), or the caller's
+    list, checked against the refined groups ("auto" is resolved by the
+    Refiner, which knows the entries)."""
     if isinstance(strategy, str):
         if strategy == "still":
             return still_strategy(names)
         if strategy == "sweep":
             return sweep_strategy(names)
-        if strategy != "default":
-            raise InputError(f"unknown strategy {strategy!r}; give 'default', 'still', 'sweep', None or a list of "
-                             "stages")
-        return default(names, broaden, max_iter)
+        if strategy != "lbfgs":
+            raise InputError(f"unknown strategy {strategy!r}; give {', '.join(map(repr, STRATEGIES))}, None or a "
+                             "list of stages")
+        return lbfgs(names, broaden, max_iter)
     if strategy is None:
         return [dict(groups=names, broaden=None, max_iter=max_iter)]
     stages = [dict(s) for s in strategy]
@@ -352,16 +376,20 @@ class Refiner:
     callable loss(model, data, mask). priors: {internal label: (mean,
     sigma)} Gaussian restraints in internal units. bounds: {internal label:
     (low, high)} soft bounds in internal units (a steep quadratic penalty
-    outside). strategy: "default", None (one stage of every group) or a list
-    of stage dicts (groups, broaden, max_iter); entry_strategy: the entries'
-    own stage ("default": default_entry_strategy; "single": default_strategy;
-    a list; None: skip it). max_iter / entry_max_iter: L-BFGS iterations per
+    outside). strategy: "auto" (`choose_strategy`: "still" when every entry
+    is a still, else "lbfgs"), "still" (spot centroids, then Levenberg-
+    Marquardt steps on the pixels), "lbfgs" (L-BFGS stages, coarse to fine),
+    None (one L-BFGS stage of every group) or a list of stage dicts (groups,
+    broaden, max_iter, kind); entry_strategy: with the L-BFGS stages, the
+    entries' own stage first ("lbfgs": default_entry_strategy; "single":
+    default_strategy; a list; None: skip it; the still strategy fits each
+    entry's own groups in its centroid stage). max_iter / entry_max_iter: L-BFGS iterations per
     stage. dtype_schedule: stages in the first dtype, the last repeated in
     the last. undetermined_sigma: an internal uncertainty beyond it is
     undetermined."""
 
     def __init__(self, entries, groups=(), per_entry=(), *, loss="poisson", priors=None, bounds=None, max_iter=60,
-                 dtype_schedule=("float32", "float64"), strategy="default", entry_strategy="default",
+                 dtype_schedule=("float32", "float64"), strategy="auto", entry_strategy="lbfgs",
                  entry_max_iter=30, loss_options=None, broaden=0.5, uncertainties=True, undetermined_sigma=1e4,
                  precondition=True, verbose=False, max_deviance_ratio=1.05, max_deviance_z=5.0,
                  max_shifted_fraction=0.2,
@@ -398,15 +426,19 @@ class Refiner:
         own = [b for b in self.bindings if b.prefix]
         self.entry_names = list(dict.fromkeys(b.group.name for b in own))
         self.entry_stages = []
+        if isinstance(strategy, str) and strategy == "auto":
+            strategy = choose_strategy(self.entries, self.loss_name if isinstance(loss, str) else None)
         if own and entry_strategy is not None and strategy not in ("still", "sweep"):  # they fit own groups anyway
             if isinstance(entry_strategy, str) and entry_strategy == "single":
-                entry_strategy = "default"
-                default = default_strategy
+                entry_strategy = "lbfgs"
+                plan = default_strategy
             else:
-                default = default_entry_strategy
-            self.entry_stages = resolve_stages(entry_strategy, self.entry_names, broaden, entry_max_iter, default)
+                plan = default_entry_strategy
+            self.entry_stages = resolve_stages(entry_strategy, self.entry_names, broaden, entry_max_iter, plan)
         self.stages = resolve_stages(strategy, names, broaden, max_iter,
                                      default_joint_strategy if own else default_strategy)
+        # stages without broadened spots fit the spots' own pixels (roi.spot_region)
+        self.spot_regions = bool(self.stages) and all(s.get("kind") in STAGE_KINDS for s in self.stages)
         self.uncertainties = uncertainties
         self.undetermined_sigma = undetermined_sigma
         self.max_deviance_ratio = max_deviance_ratio
@@ -418,13 +450,14 @@ class Refiner:
         self.progress = progress
         self.renders = 0
         self.hessian_renders = 0
+        self.information = None  # (indices, Fisher information, gradient) where a steps stage ended
+        self._fit_at = None  # (internal vector, goodness of fit there)
         self.history: list[float] = []
         self.image_history: list[list[float]] = [[] for _ in self.entries]
         self.oversample: list = [None] * n  # re-derived automatic oversampling, written back with the values
         self.bragg: list = [None] * n  # where the Bragg term is rendered, when narrower than the region
         self.held: dict = {}  # (internal elements): their covariance, for groups a stage fixed from centroids
         self._inside: dict = {}  # entry -> which pixels of its region hold the Bragg term
-        self.fisher = None  # (elements, Fisher information, gradient) at the end of a steps stage
         self._scale = None
         self._check_data()
 
@@ -689,9 +722,12 @@ class Refiner:
             s.to(dtype)
         return copies
 
-    def _regions(self, sims):
-        """Each entry's region of interest: the one given, or roi_mask from
-        the start model and the data; and-ed with its valid pixels."""
+    def _regions(self, sims, x):
+        """Each entry's region of interest: the one given, or one from the
+        model at internal vector `x` and the data (roi_mask, with room for
+        broadened spots; for stages that never broaden them spot_region,
+        which leaves out the faint tails of bright spots); and-ed with its
+        valid pixels."""
         masks = []
         swept = {k for ks in sweeps_of(self, sims) for k in ks if self.masks[k] is None}
         if not any(s.get("kind") == "rotation_centroids" for s in self.stages):
@@ -701,13 +737,20 @@ class Refiner:
             for ks in sweeps_of(self, sims):
                 ks = [k for k in ks if k in swept]
                 if ks:
-                    sweep_regions(self, sims, torch.zeros(self.size, dtype=torch.float64), ks, given)
+                    sweep_regions(self, sims, x, ks, given)
         for k, (e, s) in enumerate(zip(self.entries, sims)):
             m = self.masks[k]
             if m is None:
                 with torch.no_grad():
-                    model = e.render(s)
-                m = roi_mask(s, self.datas[k].to(model), model=model, render=e.render)
+                    model = e.render(s, self.substitutions(k, s, x.to(s.dtype)))
+                data = self.datas[k].to(model)
+                if self.spot_regions:
+                    m = spot_region(model, data, self.valid[k])
+                    for j, p in enumerate(s.detector.panels):
+                        if p.mask is not None:
+                            m[j] &= p.mask.to(m.device)
+                else:
+                    m = roi_mask(s, data, model=model, render=e.render)
             m = m.to(s.device)
             if self.valid[k] is not None:
                 m = m & self.valid[k].to(s.device)
@@ -719,56 +762,74 @@ class Refiner:
 
     def run(self, write: bool = True) -> RefinementResult:
         t_start = time.perf_counter()
-        copies = {dt: self._copies(dt) for dt in dict.fromkeys(self.dtypes)}
-        lo = copies[self.dtypes[0]]
+        # stages of kind "centroids" and "steps" alone render in float64 only
+        dtypes = [torch.float64] if self.spot_regions else self.dtypes
+        copies = {dt: self._copies(dt) for dt in dict.fromkeys(dtypes)}
+        lo = copies[dtypes[0]]
         dev = lo[0].device  # the internal vector lives with the models
-        masks = self._regions(lo)
-        self.masks = [m.cpu() for m in masks]
-        self._start_backgrounds(lo, masks)
         x = torch.zeros(self.size, dtype=torch.float64, device=dev)
-        stages = []
-        dt = self.dtypes[0]
+        stages, plan = [], list(self.stages)
+        if not self.entry_stages and plan and plan[0].get("kind") == "centroids":
+            # the centroids need no region; the spots' region follows where they put them
+            x, info = self._second_order(copies, x, plan.pop(0), None)
+            info["oversample"] = self._rederive_oversample(copies, x)
+            stages.append(info)
+        masks = self._regions(lo, x)
+        self.masks = [m.cpu() for m in masks]
+        self._start_backgrounds(lo, masks, x)
+        dt = dtypes[0]
         datas = [d.to(device=dev, dtype=dt) for d in self.datas]
         for k in range(len(self.entries)) if self.entry_stages else ():  # each entry alone
             for stage in self.entry_stages:
                 x, info = self._stage(lo, x, stage, masks, datas, dt, only=k)
                 stages.append(info)
-        for stage in self.stages:
-            if stage.get("kind") in STAGE_KINDS:  # second-order and centroid stages render in float64
-                if torch.float64 not in copies:
-                    copies[torch.float64] = self._copies(torch.float64)
-                x, info = STAGE_KINDS[stage["kind"]](self, copies[torch.float64], x, stage, masks,
-                                                     [d.to(device=dev, dtype=torch.float64) for d in self.datas])
+        for i, stage in enumerate(plan):
+            sampled = [s.oversample for s in lo]
+            if stage.get("kind") in STAGE_KINDS:
+                x, info = self._second_order(copies, x, stage, masks)
             else:
                 x, info = self._stage(lo, x, stage, masks, datas, dt)
             info["oversample"] = self._rederive_oversample(copies, x)
             stages.append(info)
+            if stage.get("kind") == "steps" and i + 1 == len(plan) and [s.oversample for s in lo] != sampled:
+                # the last steps sampled the spots for the start's crystal: again, as re-derived
+                x, info = self._second_order(copies, x, stage, masks)
+                info["oversample"] = self._rederive_oversample(copies, x)
+                stages.append(info)
         if self.stages and self.stages[-1].get("kind") == "steps":
             pass  # the last stage ran in float64 already
-        elif self.dtypes[-1] != self.dtypes[0] or not self.stages:
-            dt = self.dtypes[-1]
+        elif dtypes[-1] != dtypes[0] or not self.stages:
+            dt = dtypes[-1]
             last = dict(self.stages[-1]) if self.stages else dict(groups=sorted(set(self.group_of)))
             last["broaden"] = None
             datas = [d.to(device=dev, dtype=dt) for d in self.datas]
             x, info = self._stage(copies[dt], x, last, masks, datas, dt, reuse=True)
             stages.append(info)
         converged = stages[-1]["converged"]
-        if not (self.stages and self.stages[-1].get("kind") == "steps"):
-            self.fisher = None  # the information of an earlier steps stage is not that of the end
-        result = self._result(copies[self.dtypes[-1]], x, masks, converged, stages)
+        result = self._result(copies[dtypes[-1]], x, masks, converged, stages)
         if write:
             result.not_written = self.write(x)
         result.seconds = time.perf_counter() - t_start
         return result
 
-    def _start_backgrounds(self, sims, masks):
+    def _second_order(self, copies, x, stage, masks):
+        """A stage of kind "centroids" or "steps", in float64 (their
+        differences and Fisher information need it)."""
+        if torch.float64 not in copies:
+            copies[torch.float64] = self._copies(torch.float64)
+        dev = x.device
+        return STAGE_KINDS[stage["kind"]](self, copies[torch.float64], x, stage, masks,
+                                          [d.to(device=dev, dtype=torch.float64) for d in self.datas])
+
+    def _start_backgrounds(self, sims, masks, x):
         """A background group starts from its first entry's data (unless a start was given)."""
         for b in self.bindings:
             if isinstance(b.group, Background):
                 k = b.entries[0]
                 with torch.no_grad():
-                    model = self.entries[k].render(sims[k], mask_substitutions(self.rendered_mask(k, sims[k],
-                                                                                                  masks[k]))).double()
+                    subs = self.substitutions(k, sims[k], x.to(sims[k].dtype))
+                    subs.update(mask_substitutions(self.rendered_mask(k, sims[k], masks[k])))
+                    model = self.entries[k].render(sims[k], subs).double()
                 b.group.start_from(self.datas[k].to(model), model, masks[k])
 
     def _rederive_oversample(self, copies, x):
@@ -843,14 +904,52 @@ class Refiner:
                 grad[i] += 2e4 * (float(xc[i]) - (lo if float(xc[i]) < lo else hi))
         return H, grad
 
+    def _curvature(self, sims, x, masks, datas):
+        """(Hessian, gradient) at the end: the Fisher information and gradient
+        of a last steps stage over every element (the same Poisson
+        likelihood, from the Jacobian it took there: no render more), else
+        `hessian`."""
+        if self._steps_curvature():
+            active, fisher, g = self.information
+            at = torch.tensor(active, dtype=torch.long)
+            H = torch.zeros(self.size, self.size, dtype=torch.float64)
+            grad = torch.zeros(self.size, dtype=torch.float64)
+            H[at[:, None], at[None, :]] = fisher.double().cpu()
+            grad[at] = g.double().cpu()
+            return H, grad
+        return self.hessian(sims, x, masks, datas)
+
+    def _steps_curvature(self) -> bool:
+        """Whether the last stage, of kind "steps", left the Fisher information of every element (but
+        those held from centroids)."""
+        held = {i for block in self.held for i in block}
+        return self.information is not None and bool(self.stages) and self.stages[-1].get("kind") == "steps" \
+            and set(self.information[0]) >= set(range(self.size)) - held and self.loss_name == "poisson"
+
     def _fit(self, sims, x, masks):
-        """Goodness of fit of every entry at x, and all together."""
+        """Goodness of fit of every entry at x, and all together. The
+        deviance is summed over the region's pixels that the refined model
+        picks (roi.spot_region of its full render, and the region's random
+        background pixels): those the data picked are biased upwards by the
+        noise that picked them. The spot statistics use the whole region.
+        The last one is kept (a steps stage's restarts judge it too)."""
+        key = x.detach().double().cpu()
+        if self._fit_at is not None and torch.equal(self._fit_at[0], key):
+            return self._fit_at[1]
         parts = []
         with torch.no_grad():
             for k, sim in enumerate(sims):
-                model = self.model(k, sim, x.to(sim.dtype), masks[k])
-                parts.append(goodness_of_fit(model, self.datas[k], masks[k], self.loss_name, **self.loss_options))
-        return combine(parts), parts
+                xk = x.to(sim.dtype)
+                model = self.model(k, sim, xk, masks[k])
+                subs = self.substitutions(k, sim, xk)
+                if self.bragg[k] is not None:  # beyond the predicted spots the Bragg term is nothing
+                    subs.update(mask_substitutions(self.rendered_mask(k, sim, masks[k])))
+                bragg = self.entries[k].render(sim, subs)
+                picked = masks[k] & spot_region(bragg, None, self.valid[k]).to(masks[k].device)
+                parts.append(goodness_of_fit(model, self.datas[k], masks[k], self.loss_name, pixels=picked,
+                                             **self.loss_options))
+        self._fit_at = (key, (combine(parts), parts))
+        return self._fit_at[1]
 
     def _rejections(self, fit) -> list[str]:
         """Why the data do not accept a fit (empty when they do)."""
@@ -881,16 +980,7 @@ class Refiner:
             # elements a stage fixed from spot centroids keep the centroids' covariance
             held = sorted(i for block in self.held for i in block)
             free = torch.tensor([i for i in range(n) if i not in set(held)], dtype=torch.long)
-            if self.fisher is not None and set(free.tolist()) <= set(self.fisher[0]):
-                # the last steps stage's Fisher information at the end: no more renders
-                active, info, g = self.fisher
-                at = torch.tensor(active, dtype=torch.long)
-                H = torch.zeros(n, n, dtype=torch.float64)
-                grad = torch.zeros(n, dtype=torch.float64)
-                H[at[:, None], at[None, :]] = info.double().cpu()
-                grad[at] = g.double().cpu()
-            else:
-                H, grad = self.hessian(sims, x.to(dt), masks, datas)
+            H, grad = self._curvature(sims, x.to(dt), masks, datas)
             evals, evecs = torch.linalg.eigh(H[free[:, None], free[None, :]])
             top = float(evals.abs().max()) if len(free) else 0.0
             good = evals > 1e-10 * max(top, 1e-300)
@@ -951,7 +1041,10 @@ class Refiner:
         undetermined = [labels[i] for i in sorted(undetermined)]
         if undetermined:
             warnings.insert(0, "undetermined by the data: " + ", ".join(undetermined))
-        gradient_ok = stopped and (not self.uncertainties or decrement < 1.0)
+        # a Newton step would gain decrement / 2 of log-likelihood; the steps stage
+        # ends where none under one unit is realised (its differences' own error)
+        limit = 2.0 if self._steps_curvature() else 1.0
+        gradient_ok = stopped and (not self.uncertainties or decrement < limit)
         why = self._rejections(fit)
         if len(image_fit) > 1:  # one image in a wrong minimum among many is not diluted
             for k, f in enumerate(image_fit):
@@ -1075,7 +1168,7 @@ def refine(sim, data, groups, *, roi=None, write=True, image=None, still=False, 
 
 
 def refine_joint(sims, datas, shared=(), per_image=("scale", "orientation"), *, rois=None, write=True,
-                 image_strategy="default", image_max_iter=30, **kw) -> RefinementResult:
+                 image_strategy="lbfgs", image_max_iter=30, **kw) -> RefinementResult:
     """Refine `shared` groups (one value for every image: distance,
     beam_centre, panels, wavelength, ...) and `per_image` groups
     (orientation, scale, N, background, cell, ...) of simulators `sims`

@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch.func import functional_call
+
+from .centroids import local_background
 
 
 def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -72,6 +75,42 @@ def roi_mask(sim, data=None, *, fraction: float = 0.05, dilate: int = 3, backgro
         if p.mask is not None:
             mask[k] &= p.mask.to(mask.device)
     return mask
+
+
+def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | None = None, *,
+                fraction: float = 0.05, faintest: float = 0.02, sigmas: float = 3.0, dilate: int = 2,
+                window: int = 9,
+                background_fraction: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """Boolean (panels, slow, fast) region to fit: the pixels of spots of
+    the starting `model` and of the measured `data` above `fraction` of
+    their spot's peak (within `window`), the data's also `sigmas` Poisson
+    deviations above the local background, of spots whose peak reaches
+    `faintest` of the brightest, dilated by `dilate` pixels; and
+    a random `background_fraction` of the rest (seeded), for the background.
+    The faint tails of bright spots are left out: they cost renders and
+    carry little of the spots' position. Without `data`, the model's part
+    alone (pixels not chosen by the data's noise, for judging a fit)."""
+    m = model.detach().double().cpu().numpy()
+    ok = np.ones(m.shape, bool) if valid is None else np.asarray(valid.cpu(), bool)
+    out = np.zeros(m.shape, bool)
+    for k in range(m.shape[0]):
+        if data is not None:
+            d = data[k].detach().double().cpu().numpy()
+            bg = local_background(d, ok[k])
+            excess = d - bg
+            peak = ndimage.maximum_filter(excess, size=window)
+            out[k] = (excess > np.maximum(sigmas * np.sqrt(bg + 1.0), fraction * peak)) & ok[k] \
+                & (peak >= faintest * float(peak[ok[k]].max() if ok[k].any() else 0.0))
+        mk = m[k] - np.median(m[k])
+        mpeak = ndimage.maximum_filter(mk, size=window)
+        out[k] |= (mk >= fraction * mpeak) & (mpeak >= faintest * max(float(mk.max()), 1e-300)) & (mk > 0)
+    region = torch.as_tensor(out)
+    if dilate > 0:
+        region = F.max_pool2d(region.double().unsqueeze(1), 2 * dilate + 1, stride=1, padding=dilate).squeeze(1) > 0
+    if background_fraction > 0:
+        rng = np.random.default_rng(seed)
+        region |= torch.as_tensor(rng.random(m.shape) < background_fraction)
+    return region & torch.as_tensor(ok)
 
 
 def roi_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:

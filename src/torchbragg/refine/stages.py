@@ -19,18 +19,22 @@ import torch
 
 from .centroids import GEOMETRY_GROUPS, fit_centroids
 from .parameters import Scale
-from .steps import levenberg_marquardt
+from .steps import levenberg_marquardt, poisson_deviance
 from .sweep import fit_rotation_centroids, index_sweep, predicted_positions, predicted_region, reflections_of, \
     rocking_frames, sweep_spots
+
+# degree: the restarts' turn of the orientation, under a spot's angular width
+RESTART_TURN = 0.05
 
 
 def still_strategy(names, max_iter: int = 30) -> list[dict]:
     """Centroids of the geometric groups (when any is refined), then every
-    group by Levenberg-Marquardt steps (Anscombe, then Poisson)."""
+    group by Levenberg-Marquardt steps (Anscombe, then Poisson), restarted
+    from the neighbours of their start when they end in a wrong minimum."""
     names = list(names)
     geometric = [g for g in names if g in GEOMETRY_GROUPS]
     stages = [dict(kind="centroids", groups=geometric)] if geometric else []
-    stages.append(dict(kind="steps", groups=names, max_iter=max_iter))
+    stages.append(dict(kind="steps", groups=names, max_iter=max_iter, restarts=True))
     return stages
 
 
@@ -196,7 +200,7 @@ def _known_columns(engine, sims, touched, active, masks, base, idx):
     return known
 
 
-def _scale_start(engine, sims, base, active, touched, masks, datas, entry):
+def _scale_start(engine, sims, base, active, touched, masks, datas):
     """The stage's start with each refined scale put where the photons say
     (the model is proportional to it: sum of data less background over sum
     of the render), so that steps start near the right magnitude."""
@@ -221,36 +225,34 @@ def _scale_start(engine, sims, base, active, touched, masks, datas, entry):
 def steps_stage(engine, sims, x, stage, masks, datas):
     """An engine stage of kind "steps": the stage's groups by Levenberg-
     Marquardt steps (Anscombe, then Poisson) over the entries they touch,
-    rendered in float64 (`sims`) over each entry's region; the priors are
-    Gaussian restraints, the bounds are not applied."""
+    rendered in float64 (`sims`) over each entry's region, each parameter's
+    Jacobian column from the entries it moves alone; the priors are
+    Gaussian restraints, the bounds are not applied. The Fisher information
+    and gradient at the end are kept (engine.information) for the
+    uncertainties."""
     t0 = time.perf_counter()
     active, touched = engine._active(stage["groups"])
     idx = torch.tensor(active, dtype=torch.long, device=x.device)
     base = x.double()
+    column = {i: j for j, i in enumerate(active)}
 
-    # an entry is rendered again only when an element its render depends on
-    # changed: a difference in one frame's own scale re-renders that frame
-    # alone, one in a background none
+    # an entry's render is made again only when an element it depends on changed: a
+    # background's change none (it is added), and the pixels are those of its region
     additive = {i for b in engine.bindings if b.group.additive for i in range(b.offset, b.offset + b.group.size)}
-    depends = {k: torch.tensor([j for j, i in enumerate(active) if k in engine.entries_of[i] and i not in additive],
-                               dtype=torch.long) for k in touched}
-    cache: dict = {}
-    rendered = 0
 
-    def entry(k, full, v):
-        nonlocal rendered
-        key = tuple(v[depends[k]].tolist())
-        if cache.get(k, (None,))[0] != key:
-            cache[k] = (key, engine.rendered_pixels(k, sims[k], full, masks[k]))
-            rendered += 1
-        return cache[k][1] + engine.additive_pixels(k, sims[k], full, masks[k])
+    def part(k):
+        renders = [j for j, i in enumerate(active) if k in engine.entries_of[i] and i not in additive]
+        kept = {}
 
-    def expected(v):
-        full = base.index_put((idx,), v.to(base))
-        return torch.cat([entry(k, full, v) for k in touched])
+        def expected(v):
+            full = base.index_put((idx,), v.to(base))
+            key = tuple(v[renders].tolist())
+            if kept.get("key") != key:
+                kept["key"], kept["value"] = key, engine.rendered_pixels(k, sims[k], full, masks[k])
+            return kept["value"] + engine.additive_pixels(k, sims[k], full, masks[k])
+        return expected, [column[i] for i in active if k in engine.entries_of[i]]
 
     measured = torch.cat([datas[k].double()[masks[k]] for k in touched])
-    v0 = _scale_start(engine, sims, base, active, touched, masks, datas, entry)
     prec = torch.zeros(len(active), dtype=torch.float64)
     mean = torch.zeros(len(active), dtype=torch.float64)
     for j, i in enumerate(active):
@@ -262,16 +264,48 @@ def steps_stage(engine, sims, x, stage, masks, datas):
             engine.progress(dict(stage=f"steps, {step['phase']}", image=None, evaluation=step["renders"],
                                  loss=step["loss"], dtype="float64"))
 
-    res = levenberg_marquardt(expected, measured, v0, phases=(("anscombe", 1.0), ("poisson", 1e-2)),
-                              max_iter=int(stage.get("max_iter", 30)), prior_precision=prec, prior_mean=mean,
-                              progress=progress, known=_known_columns(engine, sims, touched, active, masks, base, idx))
-    engine.renders += rendered
-    engine.fisher = (list(active), res.fisher, res.gradient)
+    def steps(v0):
+        return levenberg_marquardt(None, measured, v0, phases=(("anscombe", 1.0), ("poisson", 1e-2)),
+                                   max_iter=int(stage.get("max_iter", 30)), prior_precision=prec, prior_mean=mean,
+                                   progress=progress, parts=[part(k) for k in touched],
+                                   known=_known_columns(engine, sims, touched, active, masks, base, idx))
+
+    def wrong(res):
+        """Whether the data reject the fit in any of its entries (the
+        engine's test: the deviance over the pixels its model picks, the
+        spots shifted from the model's)."""
+        full = x.clone()
+        full[idx] = res.x.to(x)
+        fit, parts = engine._fit(sims, full, masks)
+        return any(engine._rejections(f) for f in parts)
+
+    start = _scale_start(engine, sims, base, active, touched, masks, datas)
+    res = steps(start)
+    renders, tried = res.renders, 0
+    turns = [j for b in engine.bindings if b.group.name == "orientation" for j in range(b.offset, b.offset + 3)]
+    if stage.get("restarts") and any(i in column for i in turns) and wrong(res):
+        # a wrong minimum: from the neighbours of the start, turned about each lab
+        # axis by a fraction of a spot's angular width (all orientations alike), the best
+        for axis in range(3):
+            for sign in (1.0, -1.0):
+                v0 = start.clone()
+                for b in engine.bindings:
+                    if b.group.name == "orientation" and b.offset + axis in column:
+                        v0[column[b.offset + axis]] += sign * RESTART_TURN / 0.01
+                other = steps(v0)
+                renders, tried = renders + other.renders, tried + 1
+                if other.loss < res.loss:
+                    res = other
+    engine.renders += renders
     engine.history.extend(res.loss_history)
+    sizes = [int(masks[k].sum()) for k in touched]
+    for k, mu, d in zip(touched, torch.split(res.expected, sizes), torch.split(measured, sizes)):
+        engine.image_history[k].append(float(poisson_deviance(mu, d)))
     x_new = x.clone()
     x_new[idx] = res.x.to(x)
+    engine.information = (active, res.fisher, res.gradient)
     info = dict(kind="steps", groups=list(stage["groups"]), broaden=None, dtype="float64",
-                iterations=res.iterations, renders=rendered, loss=res.loss,
+                iterations=res.iterations, renders=renders, loss=res.loss, restarts=tried,
                 seconds=time.perf_counter() - t0, converged=res.converged)
     return x_new, info
 

@@ -60,7 +60,7 @@ class StepResult:
     priors' information); loss: half the deviance; renders: images
     rendered; iterations: steps taken; converged: the last step's expected
     decrease of the loss was below the tolerance; loss_history: the loss
-    after every accepted step."""
+    after every accepted step; expected: the expectation at x."""
     x: torch.Tensor
     fisher: torch.Tensor
     gradient: torch.Tensor
@@ -69,11 +69,12 @@ class StepResult:
     iterations: int
     converged: bool
     loss_history: list
+    expected: torch.Tensor
 
 
 def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phases=(("poisson", 1e-2),),
                         steps=None, max_iter: int = 30, damping: float = 1e-3, prior_precision=None,
-                        prior_mean=None, progress=None, known=None) -> StepResult:
+                        prior_mean=None, progress=None, known=None, parts=None) -> StepResult:
     """Minimise a loss of counts `data` (1-D) given `expected(x)` (1-D
     photons, rendered without a graph), in `phases` of (loss, tolerance):
     each loss of LIKELIHOODS in turn (the Jacobian, of the expectation, is
@@ -89,7 +90,12 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
     progress: called after every iteration with a dict (phase, iteration,
     loss, expected_gain, renders). known:
     known(x, mu) -> {parameter index: column d mu / d x_i} for parameters
-    whose derivative needs no render (a scale, an additive background)."""
+    whose derivative needs no render (a scale, an additive background).
+    parts: [(expected_j, indices_j)], the expectation in parts (their
+    outputs concatenated are `expected`'s), each depending only on the
+    parameters `indices_j` (several stills: each image's own crystal and
+    the shared detector); a Jacobian column then renders only the parts its
+    parameter moves, and `renders` counts part renders."""
     x = x0.detach().double().clone()
     n = x.numel()
     data = data.detach().double()
@@ -98,19 +104,31 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
         torch.as_tensor(prior_precision, dtype=torch.float64)
     mean = torch.zeros(n, dtype=torch.float64) if prior_mean is None else torch.as_tensor(prior_mean, dtype=torch.float64)
     renders = 0
+    if parts is None:
+        parts = [(expected, range(n))]
+    moves = [torch.zeros(n, dtype=torch.bool) for _ in parts]  # moves[j][i]: parameter i moves part j
+    for m, (_, ids) in zip(moves, parts):
+        m[list(ids)] = True
 
-    def render(v):
+    def render_part(j, v):
         nonlocal renders
         renders += 1
         with torch.no_grad():
-            return expected(v.to(x0)).double()
+            return parts[j][0](v.to(x0)).double()
+
+    def render(v):
+        return torch.cat([render_part(j, v) for j in range(len(parts))])
 
     def jacobian(v):
-        # central differences: a forward difference at a node of a bright spot's
-        # shape transform (expectation near zero, derivative zero) is half the
-        # curvature times the step, and over the tiny expectation there it
-        # inflates the information and skews the gradient
+        # the last phase's by central differences: a forward difference at a node
+        # of a bright spot's shape transform (expectation near zero, derivative
+        # zero) is half the curvature times the step, and over the tiny
+        # expectation there the Poisson weight inflates the information and
+        # skews the gradient; the phases before (Anscombe: weights bounded by
+        # 8/3) take forward differences, at half the renders
+        central = phase + 1 == len(phases)
         given = {} if known is None else known(v, mu)
+        at = torch.split(mu, sizes)
         cols = []
         for i in range(n):
             if i in given:
@@ -118,20 +136,41 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
                 continue
             e = torch.zeros(n, dtype=torch.float64)
             e[i] = h[i]
-            cols.append((render(v + e) - render(v - e)) / (2 * h[i]))
+            cols.append(torch.cat([
+                ((render_part(j, v + e) - render_part(j, v - e)) / (2 * h[i]) if central
+                 else (render_part(j, v + e) - at[j]) / h[i]) if moves[j][i]
+                else torch.zeros(size, dtype=torch.float64) for j, size in enumerate(sizes)]))
         return torch.stack(cols, 1)
 
-    phase = 0
-    objective, terms = LIKELIHOODS[phases[0][0]]
+    def broyden(J, change, delta):
+        # the secant of a step corrects J along it, part by part, leaving the
+        # columns of parameters that do not move a part zero there
+        out, row = J.clone(), 0
+        for m, size in zip(moves, sizes):
+            d = torch.where(m, delta, torch.zeros_like(delta))
+            norm = float(d @ d)
+            if norm > 0:
+                rows = slice(row, row + size)
+                out[rows] += torch.outer(change[rows] - J[rows] @ delta, d) / norm
+            row += size
+        return out
 
     def loss_of(mu, v):
+        # an expectation below zero has no likelihood (a background driven
+        # under zero where the data are empty): such a step fails
+        if bool((mu < 0).any()):
+            return math.inf
         return float(objective(mu, data)) + 0.5 * float((prec * (v - mean) ** 2).sum())
 
     def information(mu):
         dl, w = terms(mu, data)
         return (J * w[:, None]).T @ J + torch.diag(prec), J.T @ dl + prec * (x - mean)
 
-    mu = render(x)
+    pieces = [render_part(j, x) for j in range(len(parts))]
+    sizes = [p.numel() for p in pieces]
+    mu = torch.cat(pieces)
+    phase = 0
+    objective, terms = LIKELIHOODS[phases[0][0]]
     loss = loss_of(mu, x)
     history = [loss]
     J = jacobian(x)
@@ -146,8 +185,10 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
             progress(dict(phase=phases[phase][0], iteration=it, loss=loss, expected_gain=gain_expected,
                           renders=renders))
         # no step gains with a fresh Jacobian while under one unit is expected: the
-        # rest is the differences' own error, the minimum is reached within it
-        if gain_expected < phases[phase][1] or (stalled and gain_expected < 1.0):
+        # rest is the differences' own error, the minimum is reached within it; a
+        # phase before the last (forward differences) ends where its steps stop gaining
+        last = phase + 1 == len(phases)
+        if gain_expected < phases[phase][1] or (stalled and (gain_expected < 1.0 or not last)):
             stalled = False
             if not fresh:
                 J, fresh = jacobian(x), True
@@ -158,6 +199,9 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
                 damping = 1e-3
                 loss = loss_of(mu, x)
                 history.append(loss)
+                # the forward differences' Jacobian serves the last phase's first step;
+                # the next one fresh is by central differences
+                fresh = False
                 continue
             converged = True
             break
@@ -172,9 +216,19 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
             ratio = (loss - loss_new) / predicted if predicted > 0 else -1.0
             if math.isfinite(loss_new) and loss_new < loss:
                 # Broyden: the secant of this step corrects J along delta
-                J = J + torch.outer(mu_new - mu - J @ delta, delta) / float(delta @ delta)
+                J = broyden(J, mu_new - mu, delta)
                 gain = loss - loss_new
                 x, mu, loss = trial, mu_new, loss_new
+                while ratio > 1.5:
+                    # the loss fell far more than its quadratic model said (far from
+                    # the minimum, up a steep wall): the same step again is worth a render
+                    mu_new = render(x + delta)
+                    loss_new = loss_of(mu_new, x + delta)
+                    if not (math.isfinite(loss_new) and loss_new < loss):
+                        break
+                    J = broyden(J, mu_new - mu, delta)
+                    gain += loss - loss_new
+                    x, mu, loss = x + delta, mu_new, loss_new
                 damping = damping * max(1 / 3, 1 - (2 * ratio - 1) ** 3) if ratio > 0 else damping * 2
                 accepted, fresh = True, False
                 # far from the minimum the curvature changes with every step and a secant
@@ -188,11 +242,11 @@ def levenberg_marquardt(expected, data: torch.Tensor, x0: torch.Tensor, *, phase
             damping *= 4
         history.append(loss)
         if not accepted and fresh:
-            if gain_expected < 1.0:
+            if gain_expected < 1.0 or phase + 1 < len(phases):
                 stalled = True
             elif damping > 1e8:
                 break
     if not fresh:  # the information at the end from a Jacobian of its own, for the covariance
         J = jacobian(x)
     F, g = information(mu)
-    return StepResult(x, F, g, loss, renders, it, converged, history)
+    return StepResult(x, F, g, loss, renders, it, converged, history, mu)

@@ -253,7 +253,7 @@ def _covariance(residual, x: torch.Tensor) -> torch.Tensor:
     from .centroids import _jacobian
     with torch.no_grad():
         r = residual(x)
-    J = _jacobian(residual, x, torch.ones(x.numel(), dtype=torch.bool))
+    J = _jacobian(residual, x, torch.ones(x.numel(), dtype=torch.bool), r)
     dof = max(r.numel() - x.numel(), 1)
     return torch.linalg.pinv(J.T @ J) * float((r * r).sum()) / dof
 
