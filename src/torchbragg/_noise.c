@@ -310,10 +310,11 @@ void tb_noisify_psf_spread(const long *src, const double *vals, const long *radi
 /* DetectorResponse.sample's two per-pixel passes. Every chunk of TB_CHUNK
    pixels draws from its own xoshiro256++ stream, keyed by (seed, pass,
    chunk), so a reading depends on the seed only, not on the threads that
-   compute it. OpenMP runs the chunks in parallel when the build has it. */
+   compute it. OpenMP runs the chunks in parallel when the build has it,
+   handed out in turn (a thread slowed by other work takes fewer). */
 #ifdef _OPENMP
 #define TB_PRAGMA(x) _Pragma(#x)
-#define TB_PARALLEL(n) TB_PRAGMA(omp parallel for schedule(static) num_threads(n))
+#define TB_PARALLEL(n) TB_PRAGMA(omp parallel for schedule(dynamic, 16) num_threads(n))
 #else
 #define TB_PARALLEL(n) (void)threads; /* one thread */
 #endif
