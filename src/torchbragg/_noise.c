@@ -310,10 +310,11 @@ void tb_noisify_psf_spread(const long *src, const double *vals, const long *radi
 /* DetectorResponse.sample's two per-pixel passes. Every chunk of TB_CHUNK
    pixels draws from its own xoshiro256++ stream, keyed by (seed, pass,
    chunk), so a reading depends on the seed only, not on the threads that
-   compute it. OpenMP runs the chunks in parallel when the build has it. */
+   compute it. OpenMP runs the chunks in parallel when the build has it,
+   handed out in turn (a thread slowed by other work takes fewer). */
 #ifdef _OPENMP
 #define TB_PRAGMA(x) _Pragma(#x)
-#define TB_PARALLEL(n) TB_PRAGMA(omp parallel for schedule(static) num_threads(n))
+#define TB_PARALLEL(n) TB_PRAGMA(omp parallel for schedule(dynamic, 16) num_threads(n))
 #else
 #define TB_PARALLEL(n) (void)threads; /* one thread */
 #endif
@@ -588,3 +589,17 @@ void tb_stol_walk(const double *padded, long m, const double *v, long n, int64_t
     }
 TB_CELLS(tb_stol_cells_f32, float, floorf)
 TB_CELLS(tb_stol_cells_f64, double, floor)
+
+/* The same at stol values x[0..n) whose table intervals are known (a table
+   that goes back: the walk's): the interval's cubic in x - its origin. */
+#define TB_INTERVALS(NAME, T)                                                                            \
+    void NAME(const T *x, long n, const int64_t *interval, const T *origins, const T *coeffs, T *out) {   \
+        for (long i = 0; i < n; i++) {                                                                     \
+            int64_t j = interval[i];                                                                       \
+            const T *k = coeffs + 4 * j;                                                                   \
+            T u = x[i] - origins[j];                                                                       \
+            out[i] = ((k[3] * u + k[2]) * u + k[1]) * u + k[0];                                            \
+        }                                                                                                  \
+    }
+TB_INTERVALS(tb_stol_intervals_f32, float)
+TB_INTERVALS(tb_stol_intervals_f64, double)

@@ -464,9 +464,9 @@ def test_walk_of_a_table_that_goes_back_is_the_original_search(compiled, monkeyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_table_lookup_is_the_torch_lookup(dtype, monkeypatch):
-    """The compiled pass of the cell-grid lookup gives the torch code's values
-    bit for bit: at random points, at the table points themselves (either
-    side's cubic) and beyond both ends."""
+    """The compiled passes of the table lookups (cell grid, known intervals)
+    give the torch code's values bit for bit: at random points, at the table
+    points themselves (either side's cubic) and beyond both ends."""
     from torchbragg.models import background
     if background._C is None:
         pytest.skip("_noise.c was not built")
@@ -477,9 +477,14 @@ def test_compiled_table_lookup_is_the_torch_lookup(dtype, monkeypatch):
     grid = bg._grid(dtype, torch.device("cpu"))
     stol = torch.cat([torch.as_tensor(rng.random(5000) * 0.6 - 0.05), torch.as_tensor(s)]).to(dtype)
     y = bg._cell(stol)
-    fast = bg._from_cells(y, grid)
+    back = Background(np.r_[s[:5], s[3] - 1e-3, s[5:]], rng.random(len(s) + 1) * 3, dtype=dtype)  # goes back
+    fast = [bg._from_cells(y, grid), bg._from_intervals(stol, bg.interval(stol)),
+            back._from_intervals(stol, back.interval(stol))]
     monkeypatch.setattr(background, "_C", None)
-    assert torch.equal(fast, bg._from_cells(y, grid))
+    slow = [bg._from_cells(y, grid), bg._from_intervals(stol, bg.interval(stol)),
+            back._from_intervals(stol, back.interval(stol))]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
 
 
 def test_background_in_a_thick_sensor_counts_the_absorbed_photons(tmp_path):

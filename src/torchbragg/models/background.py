@@ -26,7 +26,7 @@ def _compiled():
     import ctypes as ct
 
     from ..noise import LIBRARY as lib
-    if lib is None or not hasattr(lib, "tb_stol_cells_f64"):
+    if lib is None or not hasattr(lib, "tb_stol_intervals_f64"):
         return None
     p, lg = ct.c_void_p, ct.c_long
     lib.tb_stol_walk.restype = None
@@ -34,7 +34,21 @@ def _compiled():
     for name in ("tb_stol_cells_f32", "tb_stol_cells_f64"):
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = [p, lg, p, p, lg, p]
+    for name in ("tb_stol_intervals_f32", "tb_stol_intervals_f64"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [p, lg, p, p, p, p]
     return lib
+
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _compiled_for(t: torch.Tensor) -> str | None:
+    """The suffix of the compiled lookup for `t`, or None where the torch code runs
+    (no helpers, another device or dtype, or a gradient to carry)."""
+    if _C is None or t.device.type != "cpu" or (t.requires_grad and torch.is_grad_enabled()):
+        return None
+    return _SUFFIX.get(t.dtype)
 
 
 _C = _compiled()
@@ -167,6 +181,14 @@ class Background(Model):
         return self._from_cells(self._cell(stol), grid)
 
     def _from_intervals(self, stol, interval):
+        suffix = _compiled_for(stol)
+        if suffix:  # the same operations in one compiled pass
+            x, j = stol.contiguous(), interval.to(torch.int64).contiguous()
+            origins, coeffs = self.origins.to(stol).contiguous(), self.coeffs.to(stol).contiguous()
+            out = torch.empty_like(x)
+            getattr(_C, "tb_stol_intervals_" + suffix)(x.data_ptr(), x.numel(), j.data_ptr(), origins.data_ptr(),
+                                                        coeffs.data_ptr(), out.data_ptr())
+            return out
         j = interval.reshape(-1)
         u = stol - self.origins.to(stol).index_select(0, j).reshape(stol.shape)
         return ph.amorphous_structure_factor(u, self.coeffs.to(stol).index_select(0, j).reshape(*stol.shape, 4))
@@ -175,9 +197,8 @@ class Background(Model):
         """F at cell positions `y` (see `_cell`). A point within rounding of a
         table point may take the cubic of the interval on its other side: both
         pass through that point."""
-        suffix = {torch.float32: "f32", torch.float64: "f64"}.get(y.dtype)
-        if _C is not None and suffix and y.device.type == "cpu" and not (y.requires_grad and torch.is_grad_enabled()):
-            # the same operations in one compiled pass (no gradient to carry)
+        suffix = _compiled_for(y)
+        if suffix:  # the same operations in one compiled pass
             y = y.contiguous()
             out = torch.empty_like(y)
             getattr(_C, "tb_stol_cells_" + suffix)(y.data_ptr(), y.numel(), grid["knot_in"].data_ptr(),
