@@ -33,7 +33,7 @@ if (ROOT / "src" / "torchbragg").is_dir():
     sys.path.insert(0, str(ROOT / "src"))
 DATA = ROOT / "tests" / "data" / "lcys_02"
 PHYSICS = "-default_F 0 -N 30"
-GROUPS = "orientation,cell,scale,background"
+GROUPS = "orientation,cell,scale,radial_background"
 
 
 def turned_experiment(folder: Path, axis, degrees: float, lengths) -> Path:
@@ -80,8 +80,8 @@ def centroid_rms(expt: Path) -> tuple[float, float]:
 def fit(start: Path, out: Path, physics: str) -> dict:
     from torchbragg.commands.tool import main as tool
     t0 = time.perf_counter()
-    rc = tool(["refine", str(start), "--images", "1:10", "--out", str(out), "--strategy", "sweep", "--refine", GROUPS,
-               "--per-image", "scale", "--quiet", "-hkl", str(DATA / "23_integrated_refl.json")] + physics.split())
+    rc = tool(["refine", str(start), "--images", "1:10", "--out", str(out), "--refine", GROUPS,
+               "--quiet", "-hkl", str(DATA / "23_integrated_refl.json")] + physics.split())
     wall = time.perf_counter() - t0
     doc = json.loads((out / "refined.json").read_text())
     ours, dials = centroid_rms(out / "refined.expt")

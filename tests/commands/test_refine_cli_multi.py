@@ -178,10 +178,10 @@ def test_sweep_refines_one_crystal_over_its_images(sweep, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "scan image 3" in printed and "rotation.x" in printed
     doc = json.loads((out / "refined.json").read_text())
-    assert doc["mode"] == "sweep" and doc["per_image_groups"] == []
+    assert doc["mode"] == "sweep" and doc["per_image_groups"] == ["scale"]  # a scale per frame by default
     assert [im["image"] for im in doc["images"]] == [1, 2, 3]
-    assert all(im["parameters"] == [] and im["loss_history"] for im in doc["images"])
-    assert {p["group"] for p in doc["parameters"]} == {"scale", "orientation"}
+    assert all([p["group"] for p in im["parameters"]] == ["scale"] and im["loss_history"] for im in doc["images"])
+    assert {p["group"] for p in doc["parameters"]} == {"orientation"}
     (truth,), (start,), (final,) = crystals(sweep / "truth.expt"), crystals(sweep / "start.expt"), \
         crystals(out / "refined.expt")
     assert misorientation(truth, start) == pytest.approx(TURN, abs=1e-6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchbragg.refine.background import RadialBackground, pixel_two_theta
+from torchbragg.refine.parameters import RadialBackground, pixel_two_theta
 from torchbragg.refine.steps import levenberg_marquardt
 from torchbragg.simulator import Simulator
 from golden import DATA

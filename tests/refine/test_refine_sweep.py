@@ -1,4 +1,5 @@
-"""`torchbragg refine --strategy sweep` on ten measured PILATUS 2M frames of
+"""`torchbragg refine` (the sweep strategy, its default for the frames of a
+rotation scan) on ten measured PILATUS 2M frames of
 an L-cysteine rotation sweep (DLS I19-1; tests/data/lcys_02, the CBF files
 bzip2-compressed as beamlines archive them) with DIALS's integrated
 experiment: from DIALS's model, and from it turned 0.2 degree with its cell
@@ -77,7 +78,7 @@ def fits(tmp_path_factory):
     for turned in (False, True):
         folder = tmp_path_factory.mktemp("turned" if turned else "dials")
         rc = tool(["refine", str(experiment_file(folder, turned)), "--images", "1:10", "--out", str(folder / "out"),
-                   "--strategy", "sweep", "--refine", "orientation,cell,scale,background", "--per-image", "scale",
+                   "--refine", "orientation,cell,scale,radial_background",
                    "--quiet"] + PHYSICS)
         doc = json.loads((folder / "out" / "refined.json").read_text())
         out[turned] = (rc, doc, real(folder / "out" / "refined.expt"), (folder / "out" / "report.md").read_text())
@@ -138,6 +139,9 @@ def test_report_says_how_the_pixels_fit(fits):
     assert not any(w.startswith("likely a wrong minimum") for w in doc["warnings"])
     assert doc["fit"]["deviance_ratio"] > 1.05
     assert "Spot centroids" in report and "deviance" in report
-    # the per-frame scales and the background are refined and determined
+    # a scale per frame by default, and a background that follows the scattering angle
     names = [p["name"] for img in doc["images"] for p in img["parameters"]]
     assert sum(n == "fluence" for n in names) == 10
+    knots = [p["value"] for p in doc["parameters"] if p["group"] == "radial_background"]
+    assert len(knots) == 8 and max(knots) > 2 * max(min(knots), 1e-3)  # not one constant
+    assert [s["kind"] for s in doc["stages"]] == ["rotation_centroids", "steps"]  # auto: the sweep strategy

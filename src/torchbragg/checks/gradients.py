@@ -580,6 +580,8 @@ GROUP_CASES = {
     "scale": ("", None),
     "mosaic": ("-mosaic 0.5 -mosaic_dom 4 -mosaic_seed 3", None),
     "background": ("", None),
+    "background_plane": ("", None),
+    "radial_background": ("", None),
     "distance": ("", None),
     "beam_centre": ("", None),
     "panels": ("", _frame_detector),

@@ -64,7 +64,9 @@ torchbragg simulate and dials.import write them):
 options:
   --out DIR                 output folder (made if missing)
   --refine G,G,...          parameter groups: orientation, cell, N, mosaic, scale,
-                            background, distance, beam_centre, panels, wavelength,
+                            background (a constant per panel), background_plane (and
+                            slopes along fast and slow), radial_background (8 knots
+                            in 2theta), distance, beam_centre, panels, wavelength,
                             spectrum, structure_factors, amorphous (the scale of
                             --background's scattering)
                             (default: scale,background,orientation,cell,N)
@@ -94,8 +96,9 @@ options:
                             the spots are; lbfgs: L-BFGS stages, coarse to fine, with
                             broadened spots; auto (default): still when every image
                             is a still, sweep when every image is a frame of a
-                            rotation scan, else lbfgs (still and sweep need the
-                            poisson loss: their steps are Poisson's)
+                            rotation scan (5 frames or more), else lbfgs (still
+                            and sweep need the poisson loss: their steps are
+                            Poisson's)
   --per-image G,G,...       groups refined per image; default: a sweep's scale
                             (one per frame), the crystal groups for several stills
   --spots K                 cut-outs of the K strongest spots in the report (default 12)
@@ -124,7 +127,7 @@ NOT_TRUSTED = 4  # exit status: outputs written, but the fit is not trusted
 DEFAULT_GROUPS = ("scale", "background", "orientation", "cell", "N")
 DETECTOR_GROUPS = ("distance", "beam_centre", "panels")
 # several experiments: these follow each experiment's crystal (and shot); every other group is shared
-PER_IMAGE_GROUPS = ("orientation", "cell", "N", "mosaic", "scale", "background")
+PER_IMAGE_GROUPS = ("orientation", "cell", "N", "mosaic", "scale", "background", "background_plane", "radial_background")
 OUTPUTS = ("refined.expt", "refined.json", "report.md")
 
 # one image to refine against: experiment index, file, image index in the file, scan image (None: a still)

@@ -351,8 +351,9 @@ class Background(Model):
         points = _BLOCK_BYTES // torch.finfo(dtype).bits * 8
         block = max(1, points // (nf * os_ * os_)) * os_
         starts = list(range(0, ns * os_, block))
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights,
-                                                                           molecules, fluence))
+        grad = torch.is_grad_enabled() and (any(t.requires_grad for t in (origin, fast, slow, lam, kahn, weights,
+                                                                            molecules, fluence))
+                                            or any(p.requires_grad for p in self.parameters()))
         from .. import kernels
         pool = None if grad or device.type != "cpu" else pool
 

@@ -285,11 +285,11 @@ class CentroidFit:
     iterations: int
 
 
-def _robust_rms(v: torch.Tensor) -> float:
+def robust_rms(v: torch.Tensor) -> float:
     return float(1.4826 * v.abs().median()) if v.numel() else float("nan")
 
 
-def _jacobian(residual, x: torch.Tensor, free: torch.Tensor, r0: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
+def forward_jacobian(residual, x: torch.Tensor, free: torch.Tensor, r0: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
     """Forward differences of `residual` (smooth geometry, float64; `r0` its
     value at x) for the `free` parameters (zero columns for the others):
     one evaluation per parameter, cheaper here than forward-mode autograd,
@@ -318,7 +318,7 @@ def gauss_newton(residual, x: torch.Tensor, free: torch.Tensor | None = None, it
         res = residual(x)
     for _ in range(iterations):
         chi2 = float((res * res).sum())
-        J = _jacobian(residual, x, free, res)
+        J = forward_jacobian(residual, x, free, res)
         JTJ, g = J.T @ J, J.T @ res
         improved, chi2_new = False, chi2
         for _ in range(8):
@@ -391,8 +391,8 @@ def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, i
         with torch.no_grad():
             xy, eps = predict(sim, subs, hkl, panel, image)
             d = (xy.to(dtype) - o)
-        pos_scale = max(_robust_rms(d), 0.05)
-        eps_scale = max(_robust_rms(eps.to(dtype)), EXCITATION_SCALE)
+        pos_scale = max(robust_rms(d), 0.05)
+        eps_scale = max(robust_rms(eps.to(dtype)), EXCITATION_SCALE)
         if rms_start is None:
             rms_start = float(torch.sqrt((d * d).sum(1).mean()))
         sig = torch.sqrt(v + pos_scale ** 2)
@@ -407,7 +407,7 @@ def fit_centroids(sim, data, groups, mask=None, *, spots: Spots | None = None, i
             xy, eps = predict(sim, param.substitutions(sim, x.to(sim.dtype)), hkl, panel, image)
             d = xy.to(dtype) - o
         norm = torch.sqrt((d * d).sum(1)).numpy()
-        bad = (norm > reject * max(_robust_rms(torch.as_tensor(norm)), 0.05)) | \
+        bad = (norm > reject * max(robust_rms(torch.as_tensor(norm)), 0.05)) | \
             (np.abs(eps.double().numpy()) > reject * eps_scale)
         usable[np.nonzero(ok)[0][bad]] = False
         good = torch.as_tensor(~bad)

@@ -545,14 +545,12 @@ def reflections_in_view(sim, mask=None, fraction: float = 1e-3, space_group: str
     group's `reflections`."""
     from torch.func import functional_call
 
-    from .roi import mask_substitutions
     g = StructureFactorGroup(space_group=space_group).bind(sim)
     x = torch.zeros(g.size, dtype=sim.dtype, device=sim.device, requires_grad=True)
     subs = {}
     g.substitute(sim, x, subs)
-    if mask is not None:
-        subs.update(mask_substitutions(torch.as_tensor(mask, dtype=torch.bool, device=sim.device)))
-    (grad,) = torch.autograd.grad(functional_call(sim, subs, ()).sum(), x)
+    pixels = None if mask is None else torch.as_tensor(mask, dtype=torch.bool, device=sim.device)
+    (grad,) = torch.autograd.grad(functional_call(sim, subs, (), dict(pixels=pixels)).sum(), x)
     sens = grad.detach().abs().double().cpu()
     order = torch.argsort(sens, descending=True).tolist()
     top = float(sens.max()) if len(order) else 0.0
@@ -620,6 +618,103 @@ class Background(Group):
         c = x.reshape(self.panels, per).clone()
         c[:, 0] = c[:, 0] + self._start.to(x)
         return c.reshape(-1)
+
+
+# A smooth background for measured frames: air, solvent and sample-holder
+# scatter fall off with the scattering angle, so on a real detector the
+# background varies several times from the beam to the corners, and one
+# constant per panel leaves the spots on a tilted floor.
+
+def pixel_two_theta(sim) -> torch.Tensor:
+    """Scattering angle (radians) of every pixel centre, (panels, slow, fast),
+    from the simulator's current geometry (no gradient)."""
+    with torch.no_grad():
+        inc = sim.beam.incident().double()
+        origin, fast, slow, _ = (t.double() for t in sim.detector.panel_frames(sim.beam.incident()))
+        out = []
+        for k, panel in enumerate(sim.detector.panels):
+            pixel = panel.pixel_size.double()
+            f = (torch.arange(panel.fpixels, dtype=torch.float64) + 0.5) * pixel[0]
+            s = (torch.arange(panel.spixels, dtype=torch.float64) + 0.5) * pixel[1]
+            pos = origin[k] + s[:, None, None] * slow[k] + f[None, :, None] * fast[k]
+            cos = (pos @ inc) / torch.linalg.norm(pos, dim=-1)
+            out.append(torch.arccos(torch.clamp(cos, -1.0, 1.0)))
+        return torch.stack(out)
+
+
+class RadialBackground(Group):
+    """Photons per pixel as a piecewise-linear function of 2theta: `knots`
+    values (at least 2) at angles from the smallest to the largest 2theta of
+    the detector; `start`: their start values (a float or one per knot)."""
+
+    name = "radial_background"
+    additive = True
+
+    def __init__(self, knots: int = 8, start=0.0):
+        if knots < 2:
+            raise ValueError("a radial background needs at least 2 knots")
+        self.knots = int(knots)
+        self.start = start
+        self.labels = [f"radial_background.{i}" for i in range(self.knots)]
+        self.units = ["photons"] * self.knots
+
+    def bind(self, sim):
+        tth = pixel_two_theta(sim)
+        lo, hi = float(tth.min()), float(tth.max())
+        self.angles = torch.linspace(lo, hi * (1 + 1e-9) + 1e-12, self.knots, dtype=torch.float64)
+        step = float(self.angles[1] - self.angles[0])
+        pos = (tth - lo) / step
+        self._index = torch.clamp(pos.floor().long(), 0, self.knots - 2)
+        self._frac = torch.clamp(pos - self._index, 0.0, 1.0)
+        self.physical_labels = [f"radial_background.{d:.2f}deg" for d in torch.rad2deg(self.angles).tolist()]
+        start = torch.as_tensor(self.start, dtype=torch.float64).reshape(-1)
+        self._start = start.expand(self.knots).clone() if start.numel() == 1 else start.clone()
+        if self._start.numel() != self.knots:
+            raise ValueError(f"radial background start has {self._start.numel()} values for {self.knots} knots")
+        return self
+
+    def start_from(self, data, model, mask) -> None:
+        """Start each knot at the median of data minus model over the faint
+        half of the pixels of `mask` nearest to it (all (panels, slow, fast))."""
+        d = (torch.as_tensor(data).double() - torch.as_tensor(model).double())
+        nearest = torch.where(self._frac < 0.5, self._index, self._index + 1)
+        faint = mask & (torch.as_tensor(model).double() <= torch.quantile(torch.as_tensor(model).double()[mask], 0.5))
+        values = []
+        for i in range(self.knots):
+            sel = faint & (nearest == i)
+            values.append(float(d[sel].median()) if bool(sel.any()) else float("nan"))
+        v = torch.tensor(values, dtype=torch.float64)
+        if bool(torch.isnan(v).all()):
+            return
+        known = ~torch.isnan(v)
+        # knots without pixels take their nearest known neighbour's value
+        idx = torch.arange(self.knots)
+        for i in torch.nonzero(~known).flatten().tolist():
+            j = idx[known][torch.argmin((idx[known] - i).abs())]
+            v[i] = v[j]
+        self._start = torch.clamp(v, min=0.0)
+
+    def substitute(self, sim, x, subs):
+        pass
+
+    def image_term(self, sim, x, shape):
+        values = x + self._start.to(x)
+        idx, frac = self._index.to(x.device), self._frac.to(x)
+        return values[idx] * (1 - frac) + values[idx + 1] * frac
+
+    def region_term(self, sim, x, mask):
+        kept = self.__dict__.setdefault("_regions", {})  # the knots of each region's pixels
+        if id(mask) not in kept or kept[id(mask)][0] is not mask:
+            if len(kept) > 64:
+                kept.clear()
+            m = mask.to(self._index.device)
+            kept[id(mask)] = (mask, self._index[m], self._frac[m])
+        values = x + self._start.to(x)
+        idx, frac = kept[id(mask)][1].to(x.device), kept[id(mask)][2].to(x)
+        return values[idx] * (1 - frac) + values[idx + 1] * frac
+
+    def physical(self, sim, x):
+        return x + self._start.to(x)
 
 
 # ----------------------------------------------------------------------------- detector
@@ -795,6 +890,10 @@ class Panels(Group):
         return torch.cat([x[:, :3] * self.shift_step, x[:, 3:] * self.angle_step], 1).reshape(-1)
 
 
+def _background_plane():
+    return Background(linear=True)
+
+
 GROUPS = {
     "orientation": Orientation,
     "cell": Cell,
@@ -802,6 +901,8 @@ GROUPS = {
     "scale": Scale,
     "mosaic": Mosaic,
     "background": Background,
+    "background_plane": _background_plane,
+    "radial_background": RadialBackground,
     "distance": Distance,
     "beam_centre": BeamCentre,
     "panels": Panels,

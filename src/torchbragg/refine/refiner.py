@@ -322,13 +322,18 @@ STRATEGIES = ("auto", "lbfgs", "still", "sweep")
 def choose_strategy(entries, loss: str = "poisson") -> str:
     """The strategy "auto" picks for `entries` and the loss: centroids and
     second-order steps (which are Poisson's) when every entry is a still,
-    or every entry a frame of a rotation scan; the L-BFGS stages otherwise."""
+    or every entry a frame of a rotation scan (at least SWEEP_FRAMES of
+    them); the L-BFGS stages otherwise."""
     if loss == "poisson" and all(e.is_still for e in entries):
         return "still"
-    if loss == "poisson" and all(not e.is_still and e.sim.scan is not None and e.sim.goniometer is not None
-                                 for e in entries):
+    if loss == "poisson" and len(entries) >= SWEEP_FRAMES and all(not e.is_still for e in entries):
         return "sweep"
     return "lbfgs"
+
+
+# frames of a sweep for its spots' centroids in angle: over fewer, most spots are cut by the
+# sweep's ends (their centroids biased), and the L-BFGS stages fit the pixels instead
+SWEEP_FRAMES = 5
 
 
 def resolve_stages(strategy, names, broaden, max_iter, lbfgs) -> list[dict]:
@@ -1059,12 +1064,13 @@ class Refiner:
             warnings.insert(0, f"likely a wrong minimum: the geometry does not fit the observed spot centroids "
                                f"({found})")
             acceptable = False
-        elif why and swept:
+        elif why and any(f.get("held") for f in swept):
             # the geometry holds (centroids); what the pixels reject is the model of the spots' shapes and background
             warnings.insert(0, "the model does not reproduce the measured pixels within photon noise: " + "; ".join(why)
                             + ". The geometry comes from the observed spot centroids, which it fits (" + "; ".join(
                                 f"rms {f['rms_px']:.3g} px, {f['rms_frames']:.3g} frames over {f['reflections']} "
-                                "reflections" for f in swept) + "); the spot shapes and background are approximate")
+                                "reflections" for f in swept if f.get("held")) + "); the spot shapes and background "
+                            "are approximate")
         elif why:
             warnings.insert(0, "likely a wrong minimum: " + "; ".join(why))
         if not gradient_ok:

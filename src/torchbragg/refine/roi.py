@@ -12,7 +12,7 @@ from torch.func import functional_call
 from .centroids import local_background
 
 
-def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+def grow(mask: torch.Tensor, radius: int) -> torch.Tensor:
     if radius <= 0:
         return mask
     k = 2 * radius + 1
@@ -66,7 +66,7 @@ def roi_mask(sim, data=None, *, fraction: float = 0.05, dilate: int = 3, backgro
             if d.shape != image.shape:
                 raise ValueError(f"data shape {tuple(d.shape)} differs from the image shape {tuple(image.shape)}")
             spots |= bright_pixels(d).to(spots.device)
-    mask = _dilate(spots, dilate)
+    mask = grow(spots, dilate)
     if background_fraction > 0:
         rng = np.random.default_rng(seed)
         sample = torch.as_tensor(rng.random(tuple(mask.shape)) < background_fraction, device=mask.device)
@@ -105,8 +105,7 @@ def spot_region(model: torch.Tensor, data: torch.Tensor, valid: torch.Tensor | N
         mpeak = ndimage.maximum_filter(mk, size=window)
         out[k] |= (mk >= fraction * mpeak) & (mpeak >= faintest * max(float(mk.max()), 1e-300)) & (mk > 0)
     region = torch.as_tensor(out)
-    if dilate > 0:
-        region = F.max_pool2d(region.double().unsqueeze(1), 2 * dilate + 1, stride=1, padding=dilate).squeeze(1) > 0
+    region = grow(region, dilate)
     if background_fraction > 0:
         rng = np.random.default_rng(seed)
         region |= torch.as_tensor(rng.random(m.shape) < background_fraction)

@@ -40,16 +40,19 @@ def still_strategy(names, max_iter: int = 30) -> list[dict]:
 
 def sweep_strategy(names, max_iter: int = 30) -> list[dict]:
     """The geometric groups from the spots' centroids in x, y and angle
-    (held from then on, as their centroids determine them), then the other
-    groups (scales, background, spot shapes) by Levenberg-Marquardt steps on
-    the pixels."""
+    (held from then on where their centroids determine them well), then the
+    other groups (scales, background, spot shapes, and the geometry the
+    centroids left loose) by Levenberg-Marquardt steps on the pixels."""
     names = list(names)
     geometric = [g for g in names if g in GEOMETRY_GROUPS]
-    rest = [g for g in names if g not in GEOMETRY_GROUPS]
     stages = [dict(kind="rotation_centroids", groups=geometric)] if geometric else []
-    if rest:
-        stages.append(dict(kind="steps", groups=rest, max_iter=max_iter))
+    stages.append(dict(kind="steps", groups=names, max_iter=max_iter))
     return stages
+
+
+# internal units (0.01 degree, 0.1 % of a cell length, 0.01 px, ...): a
+# geometry the centroids determine better than this is held for the pixels
+HOLD_SIGMA = 0.5
 
 
 def centroid_stage(engine, sims, x, stage, masks, datas):
@@ -151,13 +154,18 @@ def rotation_centroid_stage(engine, sims, x, stage, masks, datas):
             fits.append(dict(images=[engine.entries[k].image for k in ks], spots=len(spots),
                              indexed=int(ok.sum()) if ok is not None else 0, rms_px=float("nan")))
             continue
-        x_new[where.to(x.device)] = v.to(x)
-        engine.held[tuple(idx)] = fit.covariance
+        # held where the centroids pin it down (enough spots seen whole in angle); otherwise
+        # (spots cut by the sweep's ends, few frames) the pixels refine it from the start
+        held = bool(torch.sqrt(torch.diagonal(fit.covariance)).max() <= HOLD_SIGMA)
+        if held:
+            x_new[where.to(x.device)] = v.to(x)
+            engine.held[tuple(idx)] = fit.covariance
         sweep_regions(engine, sims, x_new, ks, masks, hkl[ok])
         fits.append(dict(images=[engine.entries[k].image for k in ks], spots=len(spots), indexed=int(ok.sum()),
                          reflections=fit.reflections, rms_start_px=fit.rms_px_start, rms_px=fit.rms_px,
                          rms_start_frames=fit.rms_frames_start, rms_frames=fit.rms_frames,
-                         iterations=fit.iterations))
+                         iterations=fit.iterations, held=held,
+                         sigma=torch.sqrt(torch.diagonal(fit.covariance)).tolist()))
     ok = bool(fits) and all(np.isfinite(f["rms_px"]) for f in fits)
     info = dict(kind="rotation_centroids", groups=list(stage["groups"]), broaden=None, dtype="float64", renders=0,
                 iterations=sum(f.get("iterations", 0) for f in fits), loss=float("nan"),
@@ -232,6 +240,9 @@ def steps_stage(engine, sims, x, stage, masks, datas):
     uncertainties."""
     t0 = time.perf_counter()
     active, touched = engine._active(stage["groups"])
+    held = {i for block in engine.held for i in block}  # fixed by a centroid stage
+    active = [i for i in active if i not in held]
+    touched = sorted({k for i in active for k in engine.entries_of[i]})
     idx = torch.tensor(active, dtype=torch.long, device=x.device)
     base = x.double()
     column = {i: j for j, i in enumerate(active)}

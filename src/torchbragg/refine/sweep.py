@@ -33,7 +33,7 @@ from scipy.spatial import cKDTree
 from torch import nn
 from torch.func import functional_call
 
-from .centroids import GEOMETRY_GROUPS, _robust_rms, gauss_newton, observed_spots, predict_rotation
+from .centroids import GEOMETRY_GROUPS, gauss_newton, observed_spots, predict_rotation, robust_rms
 from .parameters import Parametrisation
 
 
@@ -209,8 +209,8 @@ def fit_rotation_centroids(sim, subs_of, x0: torch.Tensor, hkl, panel, xyz, *, w
             pred, found = predict_rotation(sim, subs_of(x), hkl, panel, obs[:, 2])
         d = (pred - obs)[found]
         dz = d[:, 2][w[found][:, 2] > 0]
-        scale = torch.tensor([max(_robust_rms(d[:, 0]), 0.05), max(_robust_rms(d[:, 1]), 0.05),
-                              max(_robust_rms(dz), 0.01) if len(dz) else 1.0], dtype=torch.float64)
+        scale = torch.tensor([max(robust_rms(d[:, 0]), 0.05), max(robust_rms(d[:, 1]), 0.05),
+                              max(robust_rms(dz), 0.01) if len(dz) else 1.0], dtype=torch.float64)
         z = (pred - obs).abs() * (w > 0) / scale
         keep = found & ~(z >= reject).any(1)
         # Tukey's biweight: a residual weighs less the nearer it is to the rejection limit and
@@ -250,10 +250,10 @@ def fit_sweep_centroids(sim, hkl, panel, xyz, groups, **kw) -> tuple[RotationFit
 def _covariance(residual, x: torch.Tensor) -> torch.Tensor:
     """(J^T J)^-1 times the residuals' variance per degree of freedom: the
     least-squares covariance with weights scaled by the scatter found."""
-    from .centroids import _jacobian
+    from .centroids import forward_jacobian
     with torch.no_grad():
         r = residual(x)
-    J = _jacobian(residual, x, torch.ones(x.numel(), dtype=torch.bool), r)
+    J = forward_jacobian(residual, x, torch.ones(x.numel(), dtype=torch.bool), r)
     dof = max(r.numel() - x.numel(), 1)
     return torch.linalg.pinv(J.T @ J) * float((r * r).sum()) / dof
 
@@ -341,8 +341,8 @@ def predicted_region(sim, xyz: torch.Tensor, panel: torch.Tensor, found: torch.T
         if -radius <= f0 < shape[2] + radius and -radius <= s0 < shape[1] + radius:
             bragg[k, max(s0 - radius, 0):s0 + radius + 1, max(f0 - radius, 0):f0 + radius + 1] = True
     if data is not None:
-        from .roi import _dilate, bright_pixels
-        bragg |= _dilate(bright_pixels(torch.as_tensor(data)).cpu(), 2)
+        from .roi import bright_pixels, grow
+        bragg |= grow(bright_pixels(torch.as_tensor(data)).cpu(), 2)
     ok = torch.ones(shape, dtype=torch.bool) if valid is None else torch.as_tensor(valid).cpu().bool()
     bragg &= ok
     rest = torch.nonzero((ok & ~bragg).reshape(-1)).flatten()
