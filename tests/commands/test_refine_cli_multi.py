@@ -315,3 +315,27 @@ def test_bad_input(stills, sweep, tmp_path, capsys, case, pattern):
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("torchbragg refine: error: ") and re.search(pattern, err), err
     assert not out.exists()
+
+
+def test_sweep_strategy_leaves_geometry_loose_when_the_centroids_do(sweep, tmp_path, capsys):
+    """Three 0.5 degree frames: most spots are cut by the sweep's ends, so
+    their centroids in angle pin the orientation down poorly; the sweep
+    strategy does not hold it then (the pixels refine it), and auto takes
+    the L-BFGS stages for so few frames."""
+    out = tmp_path / "out"
+    files = [str(sweep / f"truth_{k:05d}.cbf") for k in (1, 2, 3)]
+    rc = tool(["refine", str(sweep / "start.expt")] + files + ["--out", str(out), "--refine", "scale,orientation",
+                                                              "--strategy", "sweep", "--spots", "4"] + SWEEP_PHYSICS)
+    capsys.readouterr()
+    doc = json.loads((out / "refined.json").read_text())
+    first, steps = doc["stages"][0], doc["stages"][-1]
+    assert first["kind"] == "rotation_centroids" and first["sweeps"][0]["held"] is False
+    assert max(first["sweeps"][0]["sigma"]) > 3.0
+    assert steps["kind"] == "steps" and "orientation" in steps["groups"]
+    assert rc in (0, 4) and (rc == 0) == doc["converged"]
+    assert not any("geometry comes from the observed spot centroids" in w for w in doc["warnings"])
+    rc = tool(["refine", str(sweep / "start.expt")] + files + ["--out", str(tmp_path / "auto"), "--refine",
+                                                              "scale,orientation", "--max-iter", "8", "--spots", "4",
+                                                              "--quiet"] + SWEEP_PHYSICS)
+    doc = json.loads((tmp_path / "auto" / "refined.json").read_text())
+    assert all(s.get("kind") in (None, "lbfgs") for s in doc["stages"])

@@ -52,7 +52,7 @@ def sweep_strategy(names, max_iter: int = 30) -> list[dict]:
 
 # internal units (0.01 degree, 0.1 % of a cell length, 0.01 px, ...): a
 # geometry the centroids determine better than this is held for the pixels
-HOLD_SIGMA = 0.5
+HOLD_SIGMA = 3.0
 
 
 def centroid_stage(engine, sims, x, stage, masks, datas):
