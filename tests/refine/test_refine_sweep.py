@@ -145,3 +145,34 @@ def test_report_says_how_the_pixels_fit(fits):
     knots = [p["value"] for p in doc["parameters"] if p["group"] == "radial_background"]
     assert len(knots) == 8 and max(knots) > 2 * max(min(knots), 1e-3)  # not one constant
     assert [s["kind"] for s in doc["stages"]] == ["rotation_centroids", "steps"]  # auto: the sweep strategy
+
+
+def test_predicted_spots_land_on_the_panel_their_ray_meets(tmp_path):
+    """The same detector as two panels (its slow halves): every reflection
+    predicted on the whole panel is predicted at the same place on the half
+    its ray meets."""
+    from torchbragg.refine.sweep import predicted_positions, reflections_of
+    doc = json.loads((DATA / "23_integrated.expt").read_text())
+    det = doc["detector"][0]
+    whole = det["panels"][0]
+    half = whole["image_size"][1] // 2
+    top, bottom = json.loads(json.dumps(whole)), json.loads(json.dumps(whole))
+    for p in (top, bottom):
+        p.pop("mask", None)
+    top["image_size"] = [whole["image_size"][0], half]
+    bottom["image_size"] = [whole["image_size"][0], whole["image_size"][1] - half]
+    bottom["origin"] = list(np.array(whole["origin"]) + half * whole["pixel_size"][1] * np.array(whole["slow_axis"]))
+    det["panels"] = [top, bottom]
+    det["hierarchy"]["children"] = [{"panel": 0}, {"panel": 1}]
+    (tmp_path / "two.expt").write_text(json.dumps(doc))
+    flags = parse_experiment_flags(PHYSICS)
+    one = build_from_experiment(real(DATA / "23_integrated.expt"), flags, dtype=torch.float64)[0]
+    two = build_from_experiment(real(tmp_path / "two.expt"), flags, dtype=torch.float64)[0]
+    hkl = reflections_of(one)
+    for (xyz1, p1, f1), (xyz2, p2, f2) in zip(predicted_positions(one, {}, hkl, [0, 5, 9], margin=0),
+                                              predicted_positions(two, {}, hkl, [0, 5, 9], margin=0)):
+        assert bool(f1.any()) and torch.equal(f1, f2) and bool((p1 == 0).all())
+        assert bool((p2[f2] == (xyz1[f2, 1] >= half).long()).all()) and bool((p2[f2] == 1).any())
+        moved = xyz2[f2].clone()
+        moved[:, 1] += torch.where(p2[f2] == 1, float(half), 0.0)
+        torch.testing.assert_close(moved, xyz1[f1], atol=1e-6, rtol=0)

@@ -866,8 +866,8 @@ class Refiner:
         backward fails), assembled; plus the priors' and bounds' terms."""
         H = torch.zeros(self.size, self.size, dtype=torch.float64)
         grad = torch.zeros(self.size, dtype=torch.float64)
+        held = self.held_elements
         for k in range(len(self.entries)):
-            held = {i for block in self.held for i in block}
             gi = [i for i, e in enumerate(self.entries_of) if k in e and i not in held]
             if not gi:
                 continue
@@ -924,12 +924,16 @@ class Refiner:
             return H, grad
         return self.hessian(sims, x, masks, datas)
 
+    @property
+    def held_elements(self) -> set:
+        """Internal elements a centroid stage fixed (engine.held's blocks)."""
+        return {i for block in self.held for i in block}
+
     def _steps_curvature(self) -> bool:
         """Whether the last stage, of kind "steps", left the Fisher information of every element (but
         those held from centroids)."""
-        held = {i for block in self.held for i in block}
         return self.information is not None and bool(self.stages) and self.stages[-1].get("kind") == "steps" \
-            and set(self.information[0]) >= set(range(self.size)) - held and self.loss_name == "poisson"
+            and set(self.information[0]) >= set(range(self.size)) - self.held_elements and self.loss_name == "poisson"
 
     def _fit(self, sims, x, masks):
         """Goodness of fit of every entry at x, and all together. The
@@ -983,8 +987,8 @@ class Refiner:
                 self.progress(dict(stage="uncertainties", image=None, evaluation=0, loss=float("nan"),
                                    dtype=str(dt).replace("torch.", "")))
             # elements a stage fixed from spot centroids keep the centroids' covariance
-            held = sorted(i for block in self.held for i in block)
-            free = torch.tensor([i for i in range(n) if i not in set(held)], dtype=torch.long)
+            held = self.held_elements
+            free = torch.tensor([i for i in range(n) if i not in held], dtype=torch.long)
             H, grad = self._curvature(sims, x.to(dt), masks, datas)
             evals, evecs = torch.linalg.eigh(H[free[:, None], free[None, :]])
             top = float(evals.abs().max()) if len(free) else 0.0

@@ -240,7 +240,7 @@ def steps_stage(engine, sims, x, stage, masks, datas):
     uncertainties."""
     t0 = time.perf_counter()
     active, touched = engine._active(stage["groups"])
-    held = {i for block in engine.held for i in block}  # fixed by a centroid stage
+    held = engine.held_elements  # fixed by a centroid stage
     active = [i for i in active if i not in held]
     touched = sorted({k for i in active for k in engine.entries_of[i]})
     idx = torch.tensor(active, dtype=torch.long, device=x.device)

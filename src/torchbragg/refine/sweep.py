@@ -52,9 +52,6 @@ class SweepSpots:
     def __len__(self) -> int:
         return len(self.panel)
 
-    def select(self, keep) -> "SweepSpots":
-        return SweepSpots(self.panel[keep], self.xyz[keep], self.intensity[keep], self.first[keep], self.last[keep])
-
 
 def sweep_spots(images, frames, valids=None, *, link: float = 5.0) -> SweepSpots:
     """Spots of measured frames `images` (each (panels, slow, fast) photons)
@@ -310,16 +307,27 @@ def rocking_frames(sim) -> float:
     return 1.0 + 3.0 * math.hypot(spread, divergence) / max(width, 1e-9)
 
 
-def predicted_positions(sim, subs: dict, hkl: torch.Tensor, frames) -> tuple:
+def predicted_positions(sim, subs: dict, hkl: torch.Tensor, frames, margin: int = 7) -> tuple:
     """For each frame f (from the scan's start) of `frames`: the predicted
     centroids (x, y pixels, z frames) and panels of the reflections `hkl`
-    crossing nearest to the frame's middle, as (xyz, panel, found) lists."""
+    crossing nearest to the frame's middle, as (xyz, panel, found) lists;
+    a reflection's panel is the first whose pixels, grown by `margin`, its
+    ray meets (found: it crosses the sphere and meets one)."""
     out = []
+    n = len(hkl)
     with torch.no_grad():
         for f in frames:
-            panel = torch.zeros(len(hkl), dtype=torch.long)
-            xyz, found = predict_rotation(sim, subs, hkl, panel, torch.full((len(hkl),), f + 0.5,
-                                                                           dtype=torch.float64))
+            near = torch.full((n,), f + 0.5, dtype=torch.float64)
+            xyz = torch.zeros(n, 3, dtype=torch.float64)
+            panel = torch.zeros(n, dtype=torch.long)
+            found = torch.zeros(n, dtype=torch.bool)
+            for k, p in enumerate(sim.detector.panels):
+                at, crossed = predict_rotation(sim, subs, hkl, torch.full((n,), k, dtype=torch.long), near)
+                on = crossed & ~found & (at[:, 0] >= -margin) & (at[:, 0] < p.fpixels + margin) & \
+                    (at[:, 1] >= -margin) & (at[:, 1] < p.spixels + margin)
+                xyz[on] = at[on]
+                panel[on] = k
+                found |= on
             out.append((xyz, panel, found))
     return out
 
