@@ -734,9 +734,9 @@ class Refiner:
         which leaves out the faint tails of bright spots); and-ed with its
         valid pixels."""
         masks = []
-        swept = {k for ks in sweeps_of(self, sims) for k in ks if self.masks[k] is None}
-        if not any(s.get("kind") == "rotation_centroids" for s in self.stages):
-            swept = set()
+        swept = set()
+        if any(s.get("kind") == "rotation_centroids" for s in self.stages):
+            swept = {k for ks in sweeps_of(self, sims) for k in ks if self.masks[k] is None}
         if swept:  # the sweep strategy's frames: where the start model predicts spots, rendering no whole frame
             given = list(self.masks)
             for ks in sweeps_of(self, sims):

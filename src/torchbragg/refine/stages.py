@@ -212,7 +212,9 @@ def _scale_start(engine, sims, base, active, touched, masks, datas):
     """The stage's start with each refined scale put where the photons say
     (the model is proportional to it: sum of data less background over sum
     of the render), so that steps start near the right magnitude."""
-    v = base[torch.tensor(active, dtype=torch.long, device=base.device)].cpu().clone()
+    where = torch.tensor(active, dtype=torch.long, device=base.device)
+    v = base[where].cpu().clone()
+    full = base  # an entry depends on its own scale only: the others' new starts change nothing
     for b in engine.bindings:
         if not isinstance(b.group, Scale) or b.offset not in active:
             continue
@@ -220,7 +222,6 @@ def _scale_start(engine, sims, base, active, touched, masks, datas):
         for k in b.entries:
             if k not in touched:
                 continue
-            full = base.index_put((torch.tensor(active, device=base.device),), v.to(base))
             mu = engine.rendered_pixels(k, sims[k], full, masks[k]).double()
             extra = engine.additive_pixels(k, sims[k], full, masks[k])
             signal += float((datas[k].double()[masks[k]] - extra).sum())
